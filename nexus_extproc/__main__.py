@@ -1,0 +1,3 @@
+from nexus_extproc.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,180 @@
+"""Wiring: build the components from config and run the gRPC server, the admin listener and the chores.
+
+With `--workers N`, the parent process runs the admin listener and supervises N children, each serving
+ext_proc on its own port (grpc_port + i). One port with SO_REUSEPORT does not spread Envoy's load (it keeps
+one long-lived HTTP/2 connection per worker thread), so Envoy lists every port as an endpoint instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from nexus_extproc.admin import build_admin_app
+from nexus_extproc.budget import BudgetService
+from nexus_extproc.config import NexusConfig
+from nexus_extproc.ledger import Ledger, open_ledger
+from nexus_extproc.pricing import PriceBook
+from nexus_extproc.processor import Processor
+from nexus_extproc.router import Router
+from nexus_extproc.server import ExternalProcessor
+from nexus_extproc.tokenizers import TokenCounter
+
+log = logging.getLogger("nexus_extproc")
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+def open_store(config: NexusConfig) -> Ledger | None:
+    if config.budget is None:
+        return None
+    s = config.store
+    if s.kind == "sqlite":
+        return open_ledger("sqlite", path=s.path, timeout_ms=s.timeout_ms)
+    return open_ledger("redis", url=s.url, key_prefix=s.key_prefix, timeout_ms=s.timeout_ms)
+
+
+@dataclass
+class Components:
+    processor: Processor
+    budget: BudgetService
+    prices: PriceBook
+
+
+def build(config: NexusConfig, counter: TokenCounter | None = None) -> Components:
+    counter = counter or TokenCounter(config.estimation.approximation_factor)
+    prices = PriceBook(config)
+    missing = prices.check_configured(config)
+    if missing:
+        action = "rejected" if config.unpriced_model_action == "reject" else "charged the fallback price"
+        log.warning("configured models without a known price will be %s", action,
+                    extra={"models": ",".join(missing)})
+    budget = BudgetService(config, open_store(config))
+    return Components(Processor(config, counter, prices, budget, Router(config)), budget, prices)
+
+
+async def start_grpc(servicer: ExternalProcessor, host: str, port: int) -> tuple[grpc.aio.Server, int,
+                                                                                   health.aio.HealthServicer]:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)])
+    ep_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
+    hs = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC on {host}:{port}")
+    await server.start()
+    await hs.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    await hs.set("", health_pb2.HealthCheckResponse.SERVING)
+    return server, bound, hs
+
+
+async def start_admin(budget: BudgetService, host: str, port: int, ready) -> web.AppRunner:  # type: ignore[no-untyped-def]
+    runner = web.AppRunner(build_admin_app(budget, ready), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+def _install_stop(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+async def serve_single(config: NexusConfig, worker_index: int | None = None) -> int:
+    """One process: gRPC ext_proc (+ admin unless it is a child of a multi-worker parent)."""
+    comps = build(config)
+    servicer = ExternalProcessor(comps.processor, config.server.stream_idle_timeout_secs)
+    port = config.server.grpc_port + (worker_index or 0)
+    server, bound, hs = await start_grpc(servicer, config.server.grpc_host, port)
+    runner = None
+    ready = True
+
+    async def is_ready() -> bool:
+        return ready
+
+    if worker_index is None:
+        runner = await start_admin(comps.budget, config.server.admin_host, config.server.admin_port, is_ready)
+    chores = asyncio.create_task(comps.budget.run_reconciler(
+        config.budget.reconciliation_interval_secs if config.budget else 60))
+    log.info("nexus-extproc serving", extra={"grpc_port": bound, "admin_port": config.server.admin_port
+                                             if runner else None, "worker": worker_index})
+    stop = asyncio.Event()
+    _install_stop(stop)
+    await stop.wait()
+    log.info("draining", extra={"active_streams": servicer.active})
+    ready = False
+    await hs.enter_graceful_shutdown()
+    shutdown = asyncio.create_task(server.stop(config.server.grace_period_secs))
+    await servicer.drain(config.server.grace_period_secs)
+    await shutdown
+    chores.cancel()
+    if runner:
+        await runner.cleanup()
+    if comps.budget.ledger:
+        await comps.budget.ledger.close()
+    log.info("stopped")
+    return 0
+
+
+async def _grpc_serving(host: str, port: int) -> bool:
+    try:
+        async with grpc.aio.insecure_channel(f"{host}:{port}") as ch:
+            resp = await health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=0.5)
+            return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+    except grpc.RpcError:
+        return False
+
+
+async def serve_workers(config: NexusConfig, config_path: str, workers: int) -> int:
+    """Parent of N workers: admin listener here, ext_proc in the children, metrics summed across them."""
+    mp_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="nexus-prom-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
+    env = dict(os.environ)
+    children = [subprocess.Popen([sys.executable, "-m", "nexus_extproc", "serve", "--config", config_path,
+                                  "--worker-index", str(i)], env=env) for i in range(workers)]
+    budget = BudgetService(config, open_store(config))
+    host, base = config.server.grpc_host, config.server.grpc_port
+
+    async def is_ready() -> bool:
+        if any(c.poll() is not None for c in children):
+            return False
+        return all([await _grpc_serving(host, base + i) for i in range(workers)])
+
+    runner = await start_admin(budget, config.server.admin_host, config.server.admin_port, is_ready)
+    stop = asyncio.Event()
+    _install_stop(stop)
+    rc = 0
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.5)
+        dead = [c for c in children if c.poll() is not None]
+        if dead and not stop.is_set():
+            log.error("a worker exited; stopping", extra={"exit_code": dead[0].returncode})
+            rc = 1
+            break
+    for c in children:
+        if c.poll() is None:
+            c.send_signal(signal.SIGTERM)
+    for c in children:
+        try:
+            await asyncio.to_thread(c.wait, config.server.grace_period_secs + 5)
+        except subprocess.TimeoutExpired:
+            c.kill()
+    await runner.cleanup()
+    if budget.ledger:
+        await budget.ledger.close()
+    return rc

@@ -1,0 +1,214 @@
+"""Budget service: the policy decision made safe by the ledger, plus the periodic chores.
+
+`admit` reads the period's totals, asks the pure policy, and reserves the chosen target's estimate, with a
+cap when the decision depends on room being left. If another request took that room in between, the capped
+reservation is refused atomically by the store and the policy is asked again as at the hard limit. So two
+requests never both see room for one, on one worker or many.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from nexus_extproc import metrics
+from nexus_extproc.config import NexusConfig
+from nexus_extproc.errors import budget_exceeded, store_unavailable
+from nexus_extproc.ledger import Ledger, ReserveItem, SpendRecord, StoreUnavailable, Totals
+from nexus_extproc.money import usd_to_micros
+from nexus_extproc.periods import Period, month_period
+from nexus_extproc.policy import Action, BudgetView, Decision, PolicyInput, Target, decide
+
+log = logging.getLogger("nexus_extproc.budget")
+
+GLOBAL_BUDGET = "global"
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class Admission:
+    decision: Decision
+    view: BudgetView | None
+    items: list[tuple[str, str]] = field(default_factory=list)  # (budget, period) reserved against
+    reserved: int = 0
+    outbox: bool = False  # store was down and store_failure=open: settle into the outbox
+
+
+class Outbox:
+    """Settlements that could not reach the store (store_failure=open), fsynced to a local file and
+    replayed in order when the store is back: settled spend is never dropped."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def append(self, entry: dict[str, object]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry, separators=(",", ":")) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    async def replay(self, ledger: Ledger) -> int:
+        if not self.path.exists():
+            return 0
+        claimed = self.path.with_suffix(f".replay-{os.getpid()}")
+        try:
+            os.replace(self.path, claimed)  # atomic claim: one process replays a given batch
+        except FileNotFoundError:
+            return 0
+        lines = claimed.read_text(encoding="utf-8").splitlines()
+        done = 0
+        try:
+            for line in lines:
+                e = json.loads(line)
+                rec = SpendRecord(**e["record"])
+                await ledger.settle(e["req_id"], [tuple(i) for i in e["items"]], int(e["cost"]), rec)
+                done += 1
+        except StoreUnavailable:
+            with self.path.open("a", encoding="utf-8") as f:  # put the rest back
+                for line in lines[done:]:
+                    f.write(line + "\n")
+        claimed.unlink(missing_ok=True)
+        return done
+
+
+class BudgetService:
+    def __init__(self, config: NexusConfig, ledger: Ledger | None, clock: Clock = utc_now) -> None:
+        self.config = config
+        self.budget = config.budget
+        self.ledger = ledger
+        self.clock = clock
+        self.outbox = Outbox(config.store.outbox_path)
+        self._limit = usd_to_micros(self.budget.monthly_limit_usd) if self.budget else 0
+        self._period_key: str | None = None
+        self.last_totals = Totals(0, 0)
+        self.last_status = "Normal"
+
+    @property
+    def enabled(self) -> bool:
+        return self.budget is not None and self.ledger is not None
+
+    def period(self) -> Period:
+        return month_period(self.clock())
+
+    def view_of(self, t: Totals) -> BudgetView:
+        assert self.budget is not None
+        return BudgetView(self._limit, t.settled, t.reserved, self.budget.soft_limit_percent,
+                          self.budget.hard_limit_action)
+
+    async def _observe_period(self, period: Period) -> None:
+        """Rollover happens once across every process: the store decides who saw the new period first."""
+        if period.key == self._period_key or self.ledger is None:
+            return
+        if await self.ledger.first_seen(GLOBAL_BUDGET, period.key, time.time()):
+            previous = await self.ledger.get_meta("global:last_period")
+            await self.ledger.set_meta("global:last_period", period.key)
+            if previous is not None and previous != period.key:
+                metrics.budget_events.labels("month_rollover").inc()
+                log.info("budget period rolled over", extra={"from_period": previous, "to_period": period.key})
+        self._period_key = period.key
+
+    async def current_view(self) -> BudgetView | None:
+        if not self.enabled:
+            return None
+        assert self.ledger is not None
+        period = self.period()
+        await self._observe_period(period)
+        self.last_totals = await self.ledger.totals(GLOBAL_BUDGET, period.key)
+        return self.view_of(self.last_totals)
+
+    async def admit(self, req_id: str, requested: Target, equivalent: Target | None) -> Admission:
+        if not self.enabled:
+            return Admission(decide(PolicyInput(requested, equivalent, None)), None)
+        assert self.ledger is not None
+        period = self.period()
+        ttl = self.config.store.reservation_ttl_secs
+        try:
+            view = await self.current_view()
+            assert view is not None
+            decision = decide(PolicyInput(requested, equivalent, view))
+            for force_hard in (False, True):
+                if decision.action is Action.REJECT:
+                    break
+                assert decision.target is not None
+                amount = decision.target.estimate_micros
+                cap = self._limit if decision.must_fit else None
+                res = await self.ledger.reserve(
+                    req_id, [ReserveItem(GLOBAL_BUDGET, period.key, amount, cap)], time.time() + ttl)
+                self.last_totals = res.totals[0]
+                if res.admitted:
+                    self._note_status(decision.status)
+                    return Admission(decision, view, [(GLOBAL_BUDGET, period.key)], amount)
+                view = self.view_of(res.totals[0])
+                decision = decide(PolicyInput(requested, equivalent, view), force_hard=not force_hard)
+            self._note_status(decision.status)
+            return Admission(decision, view)
+        except StoreUnavailable:
+            metrics.store_failures.labels("reserve").inc()
+            if self.config.store_failure == "closed":
+                raise store_unavailable() from None
+            log.warning("budget store unavailable; admitting with store_failure=open")
+            return Admission(decide(PolicyInput(requested, equivalent, None)), None,
+                             [(GLOBAL_BUDGET, period.key)], outbox=True)
+
+    def reject_error(self, decision: Decision) -> Exception:
+        return budget_exceeded(decision.reason or "budget exhausted",
+                               self.period().seconds_until_reset(self.clock()))
+
+    def _note_status(self, status: str) -> None:
+        if status != self.last_status:
+            log.info("budget status changed", extra={"from_status": self.last_status, "to_status": status})
+            metrics.budget_events.labels(f"status_{status.lower()}").inc()
+            self.last_status = status
+
+    async def settle(self, req_id: str, adm: Admission, cost: int, record: SpendRecord) -> None:
+        if self.ledger is None or not adm.items:
+            return
+        if not adm.outbox:
+            try:
+                await self.ledger.settle(req_id, adm.items, cost, record)
+                return
+            except StoreUnavailable:
+                metrics.store_failures.labels("settle").inc()
+        self.outbox.append({"req_id": req_id, "items": adm.items, "cost": cost,
+                            "record": {k: getattr(record, k) for k in record.__slots__}})
+
+    async def release(self, req_id: str, adm: Admission) -> None:
+        if self.ledger is None or not adm.reserved:
+            return
+        try:
+            await self.ledger.release(req_id)
+        except StoreUnavailable:
+            metrics.store_failures.labels("release").inc()  # the reservation expires by its TTL
+
+    async def reconcile_once(self) -> None:
+        if self.ledger is None:
+            return
+        try:
+            reaped = await self.ledger.reap(time.time())
+            if reaped:
+                metrics.budget_events.labels("reservations_reaped").inc(reaped)
+                log.warning("reaped expired reservations", extra={"count": reaped})
+            await self.outbox.replay(self.ledger)
+            if self.enabled:
+                await self.current_view()
+            await self.ledger.set_meta("last_reconciliation",
+                                       self.clock().strftime("%Y-%m-%dT%H:%M:%SZ"))
+        except StoreUnavailable:
+            metrics.store_failures.labels("reconcile").inc()
+
+    async def run_reconciler(self, interval: float) -> None:
+        while True:
+            await self.reconcile_once()
+            await asyncio.sleep(interval)

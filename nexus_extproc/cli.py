@@ -1,0 +1,77 @@
+"""Command line: `serve` (default), `check-config`, `demo`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from nexus_extproc.config import ConfigError, load_config, parse_config
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from nexus_extproc.app import serve_single, serve_workers
+    from nexus_extproc.logs import setup_logging
+
+    try:
+        config = load_config(args.config) if args.config else parse_config(
+            {"backends": {"openai": {"cluster": "openai", "type": "cloud", "provider": "openai"}}})
+    except ConfigError as e:
+        print(f"nexus-extproc: {e}", file=sys.stderr)
+        return 2
+    overrides = {k: v for k, v in (("grpc_port", args.grpc_port), ("admin_port", args.admin_port),
+                                   ("workers", args.workers)) if v is not None}
+    if overrides:
+        config = config.model_copy(update={"server": config.server.model_copy(update=overrides)})
+    setup_logging(config.server.log_level, config.server.log_json)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    if args.worker_index is None and config.server.workers > 1:
+        return asyncio.run(serve_workers(config, args.config, config.server.workers))
+    return asyncio.run(serve_single(config, args.worker_index))
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"nexus-extproc: {e}", file=sys.stderr)
+        return 2
+    from nexus_extproc.pricing import PriceBook
+
+    missing = PriceBook(config).check_configured(config)
+    for m in missing:
+        print(f"warning: model {m!r} has no known price ({config.unpriced_model_action})", file=sys.stderr)
+    print(f"{args.config}: OK")
+    return 0
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--grpc-port", type=int)
+    p.add_argument("--admin-port", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nexus-extproc", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd")
+    _add_serve_args(sub.add_parser("serve", help="run the ext_proc server"))
+    c = sub.add_parser("check-config", help="validate a config file and exit")
+    c.add_argument("config")
+    d = sub.add_parser("demo", help="fake upstreams + ext_proc + Envoy, in the foreground")
+    from nexus_extproc.demo import add_demo_args, run_demo
+
+    add_demo_args(d)
+    _add_serve_args(parser)
+    args = parser.parse_args(argv)
+    if args.cmd == "check-config":
+        return _check(args)
+    if args.cmd == "demo":
+        return run_demo(args)
+    return _serve(args)

@@ -1,0 +1,175 @@
+"""Configuration: one YAML file validated at start-up, then `NEXUS_…` environment overrides.
+
+A bad file must stop the server with the offending key named: a budget service that starts on a
+half-understood config enforces the wrong limits silently.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "NEXUS_"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BudgetConfig(_Strict):
+    monthly_limit_usd: Decimal = Field(gt=0)
+    soft_limit_percent: Decimal = Field(default=Decimal(80), gt=0, le=100)
+    hard_limit_action: Literal["warn", "block_cloud", "block_all"] = "warn"
+    reconciliation_interval_secs: int = Field(default=60, ge=1)
+    always_send_status_headers: bool = False
+
+
+class StoreConfig(_Strict):
+    kind: Literal["sqlite", "redis"] = "sqlite"
+    path: str = "./nexus-ledger.db"
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "nexus"
+    timeout_ms: int = Field(default=250, ge=10)
+    reservation_ttl_secs: int = Field(default=900, ge=5)
+    outbox_path: str = "./nexus-outbox.jsonl"
+
+
+class BackendConfig(_Strict):
+    cluster: str
+    type: Literal["cloud", "local"]
+    provider: Literal["openai", "anthropic"]
+    models: list[str] = Field(default_factory=list)
+    default: bool = False
+
+    def serves(self, model: str) -> bool:
+        return any(fnmatch.fnmatchcase(model, pat) for pat in self.models)
+
+
+class PriceOverride(_Strict):
+    input_per_mtok: Decimal = Field(ge=0)
+    output_per_mtok: Decimal = Field(ge=0)
+    cache_read_per_mtok: Decimal | None = Field(default=None, ge=0)
+    cache_write_per_mtok: Decimal | None = Field(default=None, ge=0)
+
+
+class ServerConfig(_Strict):
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    admin_host: str = "127.0.0.1"
+    admin_port: int = Field(default=9090, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    grace_period_secs: float = Field(default=20.0, ge=0)
+    # Requests whose text exceeds this many bytes are tokenized in a worker thread (tiktoken releases the GIL)
+    # so one huge prompt does not stall every other stream on the event loop.
+    thread_tokenize_bytes: int = Field(default=32_768, ge=0)
+    max_request_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # Own deadline for a stream: Envoy runs no timer in some modes, and a half-open stream must not hold a
+    # reservation forever.
+    stream_idle_timeout_secs: float = Field(default=300.0, gt=0)
+    log_json: bool = False
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class EstimationConfig(_Strict):
+    default_output_tokens: int = Field(default=512, ge=0)
+    # Anthropic and other non-OpenAI families are counted with cl100k and scaled by this factor.
+    approximation_factor: Decimal = Field(default=Decimal("1.10"), gt=0)
+    p95_window: int = Field(default=200, ge=10)
+
+
+class NexusConfig(_Strict):
+    budget: BudgetConfig | None = None
+    store: StoreConfig = StoreConfig()
+    store_failure: Literal["closed", "open"] = "closed"
+    backends: dict[str, BackendConfig]
+    equivalents: dict[str, str] = Field(default_factory=dict)
+    prices: dict[str, PriceOverride] = Field(default_factory=dict)
+    unpriced_model_action: Literal["charge_fallback", "reject"] = "charge_fallback"
+    fallback_price: PriceOverride = PriceOverride(input_per_mtok=Decimal(15), output_per_mtok=Decimal(75))
+    estimation: EstimationConfig = EstimationConfig()
+    server: ServerConfig = ServerConfig()
+
+    @field_validator("backends")
+    @classmethod
+    def _non_empty(cls, v: dict[str, BackendConfig]) -> dict[str, BackendConfig]:
+        if not v:
+            raise ValueError("at least one backend is required")
+        return v
+
+    @model_validator(mode="after")
+    def _equivalents_point_at_local_backends(self) -> NexusConfig:
+        for src, target in self.equivalents.items():
+            backend, sep, model = target.partition("/")
+            if not sep or not model:
+                raise ValueError(f"equivalents.{src}: expected 'backend/model', got {target!r}")
+            if backend not in self.backends:
+                raise ValueError(f"equivalents.{src}: unknown backend {backend!r}")
+            if self.backends[backend].type != "local":
+                raise ValueError(f"equivalents.{src}: backend {backend!r} is not local")
+        return self
+
+    def configured_models(self) -> set[str]:
+        """Every concrete model id the config names: each must have a price at start-up (SPEC §2.3)."""
+        names = set(self.equivalents) | set(self.prices)
+        names |= {t.partition("/")[2] for t in self.equivalents.values()}
+        for b in self.backends.values():
+            names |= {m for m in b.models if not any(ch in m for ch in "*?[")}
+        return names
+
+
+class ConfigError(Exception):
+    """Carries a message naming the key; the CLI prints it and exits non-zero."""
+
+
+def _apply_env(doc: dict[str, Any], environ: dict[str, str]) -> None:
+    """`NEXUS_BUDGET__MONTHLY_LIMIT_USD=50` sets budget.monthly_limit_usd (values parsed as YAML scalars)."""
+    for key, raw in sorted(environ.items()):
+        if not key.startswith(ENV_PREFIX) or "__" not in key[len(ENV_PREFIX):]:
+            continue
+        path = [p.lower() for p in key[len(ENV_PREFIX):].split("__")]
+        node: dict[str, Any] = doc
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = yaml.safe_load(raw)
+
+
+def _format_validation(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def parse_config(doc: Any, environ: dict[str, str] | None = None) -> NexusConfig:
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError("invalid configuration: top level must be a mapping")
+    _apply_env(doc, dict(os.environ) if environ is None else environ)
+    try:
+        return NexusConfig.model_validate(doc)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(e)) from None
+
+
+def load_config(path: str | Path, environ: dict[str, str] | None = None) -> NexusConfig:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+    return parse_config(doc, environ)

@@ -1,0 +1,18 @@
+"""Header names and metadata namespaces: the public contract (SPEC §5, §2.6) in one place."""
+
+UPSTREAM_HEADER = "x-nexus-upstream"
+CLIENT_HEADER_PREFIX = "x-nexus-"
+
+H_COST_ESTIMATED = "x-nexus-cost-estimated"
+H_BUDGET_STATUS = "x-nexus-budget-status"
+H_BUDGET_UTILIZATION = "x-nexus-budget-utilization"
+H_BUDGET_REMAINING = "x-nexus-budget-remaining"
+H_BACKEND_TYPE = "x-nexus-backend-type"
+H_ROUTE_REASON = "x-nexus-route-reason"
+H_TOKEN_TIER = "x-nexus-token-tier"
+H_REQUEST_ID = "x-nexus-request-id"
+
+METADATA_NAMESPACE = "nexus.extproc"
+
+# Credentials a cloud provider issued must not travel to a local model after a reroute.
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key")

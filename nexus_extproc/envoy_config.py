@@ -1,0 +1,174 @@
+"""The Envoy config, generated from one source: `envoy/nexus.yaml` (production shape) and the demo's and
+tests' configs differ only in addresses, so what the tests run is what ships.
+
+Run `python -m nexus_extproc.envoy_config > envoy/nexus.yaml` to regenerate; a test checks it is fresh.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+BODY_LIMIT = 8 * 1024 * 1024  # buffered request/response bodies; keep in step with max_request_body_bytes
+ACCESS_LOG_FORMAT = (
+    "[%START_TIME%] \"%REQ(:METHOD)% %REQ(:PATH)%\" %RESPONSE_CODE% %RESPONSE_FLAGS% "
+    "upstream=%UPSTREAM_CLUSTER% dur_ms=%DURATION% "
+    "model=%DYNAMIC_METADATA(nexus.extproc:model)% decision=%DYNAMIC_METADATA(nexus.extproc:decision)% "
+    "cost_est=%DYNAMIC_METADATA(nexus.extproc:cost_estimated_usd)% cost=%DYNAMIC_METADATA(nexus.extproc:cost_usd)% "
+    "tokens_in=%DYNAMIC_METADATA(nexus.extproc:tokens_in)% tokens_out=%DYNAMIC_METADATA(nexus.extproc:tokens_out)% "
+    "settlement=%DYNAMIC_METADATA(nexus.extproc:settlement)%\n"
+)
+
+
+@dataclass
+class Upstream:
+    name: str
+    host: str
+    port: int
+    tls: bool = False
+    local: bool = False
+
+
+@dataclass
+class EnvoyParams:
+    listen_address: str = "0.0.0.0"
+    listen_port: int = 10000
+    admin_port: int = 9901
+    extproc_host: str = "127.0.0.1"
+    extproc_ports: list[int] = field(default_factory=lambda: [50051])
+    upstreams: list[Upstream] = field(default_factory=lambda: [
+        Upstream("openai", "api.openai.com", 443, tls=True),
+        Upstream("anthropic", "api.anthropic.com", 443, tls=True),
+        Upstream("ollama", "127.0.0.1", 11434, local=True),
+        Upstream("vllm", "127.0.0.1", 8000, local=True),
+    ])
+    message_timeout: str = "5s"
+    failure_mode_allow: bool = False
+    access_log_path: str = "/dev/stdout"
+
+
+def _h2_options() -> dict[str, Any]:
+    return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}}}}
+
+
+def _endpoints(name: str, host: str, ports: list[int]) -> dict[str, Any]:
+    return {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+        {"endpoint": {"address": {"socket_address": {"address": host, "port_value": p}}}} for p in ports]}]}
+
+
+_THRESHOLDS = {"thresholds": [{"max_connections": 100000, "max_pending_requests": 100000,
+                               "max_requests": 100000, "max_retries": 3}]}
+
+
+def _upstream_cluster(u: Upstream) -> dict[str, Any]:
+    is_ip = u.host.replace(".", "").isdigit()
+    c: dict[str, Any] = {
+        "name": u.name,
+        "type": "STATIC" if is_ip else "LOGICAL_DNS",
+        "connect_timeout": "5s",
+        "per_connection_buffer_limit_bytes": BODY_LIMIT,
+        "circuit_breakers": _THRESHOLDS,
+        "load_assignment": _endpoints(u.name, u.host, [u.port]),
+    }
+    if not is_ip:
+        c["dns_lookup_family"] = "V4_PREFERRED"
+    if u.tls:
+        c["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": u.host}}
+    if u.local:
+        # Envoy's own view of the local model's health; the ext_proc server reads it before rerouting.
+        c["health_checks"] = [{"timeout": "1s", "interval": "5s", "unhealthy_threshold": 2,
+                               "healthy_threshold": 1, "http_health_check": {"path": "/v1/models"}}]
+        c["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
+    return c
+
+
+def build_config(p: EnvoyParams) -> dict[str, Any]:
+    ext_proc = {
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "nexus_extproc"}, "timeout": "10s"},
+            # Fail closed: with `true`, an ext_proc outage would pass requests unpriced and unbilled.
+            "failure_mode_allow": p.failure_mode_allow,
+            # Default 200 ms fails 100 KB prompts under load; counting them takes a few ms plus queueing.
+            "message_timeout": p.message_timeout,
+            "max_message_timeout": "30s",
+            "allow_mode_override": True,
+            "processing_mode": {
+                "request_header_mode": "SEND", "request_body_mode": "BUFFERED",
+                "response_header_mode": "SEND", "response_body_mode": "BUFFERED",
+                "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
+            },
+        },
+    }
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+                 ".HttpConnectionManager",
+        "stat_prefix": "llm",
+        "codec_type": "AUTO",
+        "stream_idle_timeout": "300s",
+        "request_timeout": "0s",
+        "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": p.access_log_path, "log_format": {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}}}}],
+        "route_config": {"name": "llm", "virtual_hosts": [{
+            "name": "llm", "domains": ["*"],
+            "routes": [{"match": {"prefix": "/"},
+                        "route": {"cluster_header": "x-nexus-upstream", "timeout": "600s",
+                                  "auto_host_rewrite": True}}],
+        }]},
+        "http_filters": [ext_proc, {"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+    }
+    extproc_cluster = {
+        "name": "nexus_extproc",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "lb_policy": "LEAST_REQUEST",
+        "typed_extension_protocol_options": _h2_options(),
+        "circuit_breakers": _THRESHOLDS,
+        "load_assignment": _endpoints("nexus_extproc", p.extproc_host, p.extproc_ports),
+        "health_checks": [{"timeout": "1s", "interval": "2s", "unhealthy_threshold": 2, "healthy_threshold": 1,
+                           "grpc_health_check": {"service_name": "envoy.service.ext_proc.v3.ExternalProcessor"}}],
+    }
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p.admin_port}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "llm",
+                "address": {"socket_address": {"address": p.listen_address, "port_value": p.listen_port}},
+                "per_connection_buffer_limit_bytes": BODY_LIMIT,
+                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                                "typed_config": hcm}]}],
+            }],
+            "clusters": [extproc_cluster, *(_upstream_cluster(u) for u in p.upstreams)],
+        },
+    }
+
+
+def plain_config(listen_port: int, admin_port: int, upstream_port: int) -> dict[str, Any]:
+    """The same listener with the ext_proc filter removed: the benchmark's baseline."""
+    cfg = build_config(EnvoyParams(listen_address="127.0.0.1", listen_port=listen_port, admin_port=admin_port,
+                                   upstreams=[Upstream("openai", "127.0.0.1", upstream_port)],
+                                   access_log_path="/dev/null"))
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"] = hcm["http_filters"][1:]
+    hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"] = {"cluster": "openai", "timeout": "600s"}
+    cfg["static_resources"]["clusters"] = cfg["static_resources"]["clusters"][1:]
+    return cfg
+
+
+def dump(cfg: dict[str, Any]) -> str:
+    header = "# Generated by `python -m nexus_extproc.envoy_config`; edit nexus_extproc/envoy_config.py instead.\n"
+    return header + yaml.safe_dump(cfg, sort_keys=False, width=120)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(dump(build_config(EnvoyParams())))

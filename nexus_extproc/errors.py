@@ -1,0 +1,50 @@
+"""User-facing errors, rendered in the calling provider's own error shape.
+
+SDKs parse error bodies; a 503 in the wrong shape surfaces as an opaque exception in the client, so every
+rejection we originate speaks the API the client called (SPEC §3).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class NexusError(Exception):
+    status: int
+    code: str
+    message: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}: {self.message}"
+
+
+def render_error(api_family: str, err: NexusError) -> bytes:
+    """Body for an immediate response: OpenAI and Anthropic clients each parse their own shape."""
+    if api_family == "anthropic":
+        doc: dict[str, object] = {"type": "error", "error": {"type": err.code, "message": err.message}}
+    else:
+        doc = {"error": {"message": err.message, "type": err.code, "code": err.code, "param": None}}
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def bad_request(message: str, code: str = "invalid_request_error") -> NexusError:
+    return NexusError(400, code, message)
+
+
+def not_found(message: str) -> NexusError:
+    return NexusError(404, "not_found_error", message)
+
+
+def budget_exceeded(message: str, retry_after_s: int) -> NexusError:
+    return NexusError(503, "budget_exceeded", message, {"retry-after": str(max(1, retry_after_s))})
+
+
+def store_unavailable() -> NexusError:
+    return NexusError(503, "budget_store_unavailable", "budget store unavailable; request not admitted")
+
+
+def payload_too_large(limit: int) -> NexusError:
+    return NexusError(413, "request_too_large", f"request body exceeds the {limit}-byte limit")

@@ -1,0 +1,17 @@
+"""Durable spend ledger: atomic reserve → settle/release, shared by every worker and replica."""
+
+from nexus_extproc.ledger.base import Ledger, ReserveItem, SpendRecord, StoreUnavailable, Totals
+
+__all__ = ["Ledger", "ReserveItem", "SpendRecord", "StoreUnavailable", "Totals", "open_ledger"]
+
+
+def open_ledger(kind: str, **kwargs: object) -> Ledger:
+    if kind == "sqlite":
+        from nexus_extproc.ledger.sqlite import SqliteLedger
+
+        return SqliteLedger(**kwargs)  # type: ignore[arg-type]
+    if kind == "redis":
+        from nexus_extproc.ledger.redis import RedisLedger
+
+        return RedisLedger(**kwargs)  # type: ignore[arg-type]
+    raise ValueError(f"unknown store kind {kind!r}")

@@ -1,0 +1,88 @@
+"""The ledger interface both stores implement and one test suite checks.
+
+Amounts are integer micro-dollars. A request reserves its estimate against every budget it falls under,
+all or nothing, and later settles to its actual cost (or releases). Settlement is keyed by a server-made
+request id and idempotent, so a retried settle never charges twice; reservations carry an expiry so a
+crashed process cannot pin budget forever.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+
+class StoreUnavailable(Exception):
+    """The store did not answer in time or refused: the caller applies `store_failure`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    settled: int
+    reserved: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveItem:
+    budget: str
+    period: str
+    amount: int
+    cap: int | None = None  # admit only if settled + reserved + amount <= cap
+
+
+@dataclass(frozen=True, slots=True)
+class SpendRecord:
+    """What a settlement leaves behind for reports: no prompt text, no identities."""
+
+    ts: float
+    model: str
+    backend: str
+    input_tokens: int
+    output_tokens: int
+    estimate: int
+    source: str  # "usage" | "estimated" | "released"
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    admitted: bool
+    totals: list[Totals]  # per item, after the reservation (or as seen when refused)
+
+
+class Ledger(abc.ABC):
+    @abc.abstractmethod
+    async def totals(self, budget: str, period: str) -> Totals: ...
+
+    @abc.abstractmethod
+    async def reserve(self, req_id: str, items: list[ReserveItem], expires_at: float) -> ReserveResult: ...
+
+    @abc.abstractmethod
+    async def settle(self, req_id: str, items: list[tuple[str, str]], cost: int, record: SpendRecord) -> bool:
+        """Replace the request's reservations with `cost`; False if this id was already settled."""
+
+    @abc.abstractmethod
+    async def release(self, req_id: str) -> int:
+        """Drop the request's reservations unsettled; returns how many were dropped."""
+
+    @abc.abstractmethod
+    async def reap(self, now: float) -> int:
+        """Release reservations past their expiry (left by crashed processes)."""
+
+    @abc.abstractmethod
+    async def first_seen(self, budget: str, period: str, now: float) -> bool:
+        """True for exactly one caller across every process: drives the once-only rollover event."""
+
+    @abc.abstractmethod
+    async def set_meta(self, key: str, value: str) -> None: ...
+
+    @abc.abstractmethod
+    async def get_meta(self, key: str) -> str | None: ...
+
+    @abc.abstractmethod
+    async def settlement_count(self) -> int: ...
+
+    @abc.abstractmethod
+    async def ping(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...

@@ -1,0 +1,173 @@
+"""Redis ledger: one shared budget for many replicas.
+
+Every mutation is a Lua script, so the limit check and the reservation are one atomic step on the server,
+and money moves with `HINCRBY` on integers (never `INCRBYFLOAT`, whose 17-digit floats drift). Keys:
+`{p}:t:{budget}:{period}` totals hash, `{p}:r:{req}` the request's reservations, `{p}:rexp` expiry index,
+`{p}:s:{req}` settled marker (idempotence), `{p}:period:{budget}:{period}` rollover marker. Scripts build
+totals keys from the prefix, so use a single Redis (or Sentinel) rather than Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from nexus_extproc.ledger.base import Ledger, ReserveItem, ReserveResult, SpendRecord, StoreUnavailable, Totals
+
+_RESERVE = """
+local n = #KEYS - 2
+local seen = {}
+for i = 1, n do
+  local t = redis.call('HMGET', KEYS[i + 2], 'settled', 'reserved')
+  seen[i] = {tonumber(t[1]) or 0, tonumber(t[2]) or 0}
+end
+local ok = 1
+for i = 1, n do
+  local amt = tonumber(ARGV[2 + (i - 1) * 3 + 2])
+  local cap = tonumber(ARGV[2 + (i - 1) * 3 + 3])
+  if cap >= 0 and seen[i][1] + seen[i][2] + amt > cap then ok = 0 end
+end
+local out = {ok}
+for i = 1, n do
+  local field = ARGV[2 + (i - 1) * 3 + 1]
+  local amt = tonumber(ARGV[2 + (i - 1) * 3 + 2])
+  if ok == 1 then
+    redis.call('HINCRBY', KEYS[i + 2], 'reserved', amt)
+    redis.call('HSET', KEYS[1], field, amt)
+    seen[i][2] = seen[i][2] + amt
+  end
+  table.insert(out, seen[i][1])
+  table.insert(out, seen[i][2])
+end
+if ok == 1 then redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1]) end
+return out
+"""
+
+# Shared by settle, release and reap: move one request's reservations out of the totals.
+_UNRESERVE_FN = """
+local function unreserve(prefix, rkey, settle_cost, extra)
+  local held = redis.call('HGETALL', rkey)
+  local targets = {}
+  for i = 1, #extra do
+    local f = extra[i]
+    local sep = string.find(f, '\\t', 1, true)
+    targets[string.sub(f, 1, sep - 1)] = {string.sub(f, sep + 1), 0}
+  end
+  for i = 1, #held, 2 do
+    local f = held[i]
+    local sep = string.find(f, '\\t', 1, true)
+    targets[string.sub(f, 1, sep - 1)] = {string.sub(f, sep + 1), tonumber(held[i + 1])}
+  end
+  for budget, pa in pairs(targets) do
+    local key = prefix .. ':t:' .. budget .. ':' .. pa[1]
+    if settle_cost ~= nil then redis.call('HINCRBY', key, 'settled', settle_cost) end
+    if pa[2] ~= 0 then redis.call('HINCRBY', key, 'reserved', -pa[2]) end
+  end
+  redis.call('DEL', rkey)
+  return #held / 2
+end
+"""
+
+_SETTLE = _UNRESERVE_FN + """
+-- KEYS: r, rexp, settled-marker, count, day ; ARGV: req, cost, prefix, marker_ttl, record_json, field...
+if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[4]) then return 0 end
+local extra = {}
+for i = 6, #ARGV do table.insert(extra, ARGV[i]) end
+unreserve(ARGV[3], KEYS[1], tonumber(ARGV[2]), extra)
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('INCR', KEYS[4])
+redis.call('RPUSH', KEYS[5], ARGV[5])
+return 1
+"""
+
+_RELEASE = _UNRESERVE_FN + """
+redis.call('ZREM', KEYS[2], ARGV[1])
+return unreserve(ARGV[2], KEYS[1], nil, {})
+"""
+
+_REAP = _UNRESERVE_FN + """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1000)
+local n = 0
+for _, id in ipairs(ids) do
+  n = n + unreserve(ARGV[2], ARGV[2] .. ':r:' .. id, nil, {})
+  redis.call('ZREM', KEYS[1], id)
+end
+return n
+"""
+
+SETTLED_MARKER_TTL_S = 40 * 86400
+
+
+class RedisLedger(Ledger):
+    def __init__(self, url: str, key_prefix: str = "nexus", timeout_ms: int = 250) -> None:
+        self._timeout = timeout_ms / 1000
+        self._r = aioredis.Redis.from_url(url, socket_timeout=self._timeout,
+                                          socket_connect_timeout=self._timeout, decode_responses=True)
+        self._p = key_prefix
+        self._reserve = self._r.register_script(_RESERVE)
+        self._settle = self._r.register_script(_SETTLE)
+        self._release = self._r.register_script(_RELEASE)
+        self._reap = self._r.register_script(_REAP)
+
+    async def _call(self, coro):  # type: ignore[no-untyped-def]
+        try:
+            return await asyncio.wait_for(coro, self._timeout)
+        except (RedisError, OSError, TimeoutError) as e:
+            raise StoreUnavailable(f"redis: {type(e).__name__}") from None
+
+    def _tkey(self, budget: str, period: str) -> str:
+        return f"{self._p}:t:{budget}:{period}"
+
+    async def totals(self, budget: str, period: str) -> Totals:
+        s, r = await self._call(self._r.hmget(self._tkey(budget, period), "settled", "reserved"))
+        return Totals(int(s or 0), int(r or 0))
+
+    async def reserve(self, req_id: str, items: list[ReserveItem], expires_at: float) -> ReserveResult:
+        keys = [f"{self._p}:r:{req_id}", f"{self._p}:rexp"] + [self._tkey(i.budget, i.period) for i in items]
+        args: list[str | int | float] = [req_id, expires_at]
+        for it in items:
+            args += [f"{it.budget}\t{it.period}", it.amount, -1 if it.cap is None else it.cap]
+        out = await self._call(self._reserve(keys=keys, args=args))
+        totals = [Totals(int(out[1 + 2 * i]), int(out[2 + 2 * i])) for i in range(len(items))]
+        return ReserveResult(bool(int(out[0])), totals)
+
+    async def settle(self, req_id: str, items: list[tuple[str, str]], cost: int, record: SpendRecord) -> bool:
+        day = record.ts // 86400
+        keys = [f"{self._p}:r:{req_id}", f"{self._p}:rexp", f"{self._p}:s:{req_id}",
+                f"{self._p}:settlement_count", f"{self._p}:log:{int(day)}"]
+        doc = json.dumps({"req": req_id, "ts": record.ts, "model": record.model, "backend": record.backend,
+                          "in": record.input_tokens, "out": record.output_tokens, "cost": cost,
+                          "estimate": record.estimate, "source": record.source}, separators=(",", ":"))
+        args: list[str | int] = [req_id, cost, self._p, SETTLED_MARKER_TTL_S, doc]
+        args += [f"{b}\t{p}" for b, p in items]
+        return bool(int(await self._call(self._settle(keys=keys, args=args))))
+
+    async def release(self, req_id: str) -> int:
+        keys = [f"{self._p}:r:{req_id}", f"{self._p}:rexp"]
+        return int(await self._call(self._release(keys=keys, args=[req_id, self._p])))
+
+    async def reap(self, now: float) -> int:
+        return int(await self._call(self._reap(keys=[f"{self._p}:rexp"], args=[now, self._p])))
+
+    async def first_seen(self, budget: str, period: str, now: float) -> bool:
+        key = f"{self._p}:period:{budget}:{period}"
+        return bool(await self._call(self._r.set(key, str(now), nx=True)))
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self._call(self._r.hset(f"{self._p}:meta", key, value))
+
+    async def get_meta(self, key: str) -> str | None:
+        v = await self._call(self._r.hget(f"{self._p}:meta", key))
+        return None if v is None else str(v)
+
+    async def settlement_count(self) -> int:
+        return int(await self._call(self._r.get(f"{self._p}:settlement_count")) or 0)
+
+    async def ping(self) -> None:
+        await self._call(self._r.ping())
+
+    async def close(self) -> None:
+        await self._r.aclose()

@@ -1,0 +1,178 @@
+"""SQLite ledger: the embedded default, safe for several `--workers` processes on one machine.
+
+WAL mode lets readers run beside the single writer; every mutation is one `BEGIN IMMEDIATE` transaction,
+which takes the write lock up front, so the limit check and the reservation cannot interleave with another
+process's. `synchronous=NORMAL` (default) makes a committed settle survive a crash of the process (kill -9);
+an OS crash or power loss can lose the last transactions since the WAL was synced. `FULL` syncs every commit.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from pathlib import Path
+
+from nexus_extproc.ledger.base import Ledger, ReserveItem, ReserveResult, SpendRecord, StoreUnavailable, Totals
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS totals (
+  budget TEXT NOT NULL, period TEXT NOT NULL,
+  settled INTEGER NOT NULL DEFAULT 0, reserved INTEGER NOT NULL DEFAULT 0,
+  PRIMARY KEY (budget, period));
+CREATE TABLE IF NOT EXISTS reservations (
+  req_id TEXT NOT NULL, budget TEXT NOT NULL, period TEXT NOT NULL,
+  amount INTEGER NOT NULL, expires_at REAL NOT NULL,
+  PRIMARY KEY (req_id, budget));
+CREATE INDEX IF NOT EXISTS reservations_expiry ON reservations (expires_at);
+CREATE TABLE IF NOT EXISTS settlements (
+  req_id TEXT PRIMARY KEY, ts REAL NOT NULL, model TEXT NOT NULL, backend TEXT NOT NULL,
+  input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
+  cost INTEGER NOT NULL, estimate INTEGER NOT NULL, source TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS settlement_budgets (
+  req_id TEXT NOT NULL, budget TEXT NOT NULL, period TEXT NOT NULL, cost INTEGER NOT NULL,
+  PRIMARY KEY (req_id, budget));
+CREATE TABLE IF NOT EXISTS periods (
+  budget TEXT NOT NULL, period TEXT NOT NULL, first_seen REAL NOT NULL, PRIMARY KEY (budget, period));
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class SqliteLedger(Ledger):
+    def __init__(self, path: str, timeout_ms: int = 250, synchronous: str = "NORMAL") -> None:
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, timeout=timeout_ms / 1000, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous.upper() == 'FULL' else 'NORMAL'}")
+        self._db.execute(f"PRAGMA busy_timeout={int(timeout_ms)}")
+        self._write(lambda c: c.executescript(SCHEMA) and None, begin=False)
+
+    def _write(self, fn, begin: bool = True):  # type: ignore[no-untyped-def]
+        """Run `fn(cursor)` in one immediate transaction; a busy or broken store becomes StoreUnavailable."""
+        cur = self._db.cursor()
+        try:
+            if begin:
+                cur.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(cur)
+            except BaseException:
+                if begin:
+                    cur.execute("ROLLBACK")
+                raise
+            if begin:
+                cur.execute("COMMIT")
+            return result
+        except sqlite3.OperationalError as e:
+            raise StoreUnavailable(f"sqlite: {e}") from None
+        finally:
+            cur.close()
+
+    async def totals(self, budget: str, period: str) -> Totals:
+        try:
+            row = self._db.execute("SELECT settled, reserved FROM totals WHERE budget=? AND period=?",
+                                   (budget, period)).fetchone()
+        except sqlite3.OperationalError as e:
+            raise StoreUnavailable(f"sqlite: {e}") from None
+        return Totals(*row) if row else Totals(0, 0)
+
+    async def reserve(self, req_id: str, items: list[ReserveItem], expires_at: float) -> ReserveResult:
+        def tx(c: sqlite3.Cursor) -> ReserveResult:
+            seen = []
+            for it in items:
+                row = c.execute("SELECT settled, reserved FROM totals WHERE budget=? AND period=?",
+                                (it.budget, it.period)).fetchone()
+                seen.append(Totals(*row) if row else Totals(0, 0))
+            for it, t in zip(items, seen, strict=True):
+                if it.cap is not None and t.settled + t.reserved + it.amount > it.cap:
+                    return ReserveResult(False, seen)
+            after = []
+            for it, t in zip(items, seen, strict=True):
+                c.execute("INSERT INTO totals (budget, period, settled, reserved) VALUES (?,?,0,?) "
+                          "ON CONFLICT (budget, period) DO UPDATE SET reserved = reserved + excluded.reserved",
+                          (it.budget, it.period, it.amount))
+                c.execute("INSERT OR REPLACE INTO reservations VALUES (?,?,?,?,?)",
+                          (req_id, it.budget, it.period, it.amount, expires_at))
+                after.append(Totals(t.settled, t.reserved + it.amount))
+            return ReserveResult(True, after)
+
+        result: ReserveResult = self._write(tx)
+        return result
+
+    async def settle(self, req_id: str, items: list[tuple[str, str]], cost: int, record: SpendRecord) -> bool:
+        def tx(c: sqlite3.Cursor) -> bool:
+            if c.execute("SELECT 1 FROM settlements WHERE req_id=?", (req_id,)).fetchone():
+                return False
+            held = {b: (p, amt) for b, p, amt in c.execute(
+                "SELECT budget, period, amount FROM reservations WHERE req_id=?", (req_id,))}
+            c.execute("DELETE FROM reservations WHERE req_id=?", (req_id,))
+            targets = {b: p for b, p in items}
+            targets.update({b: p for b, (p, _) in held.items()})  # settle into the period it was reserved in
+            for budget, period in targets.items():
+                amount = held.get(budget, (period, 0))[1]
+                c.execute("INSERT INTO totals (budget, period, settled, reserved) VALUES (?,?,?,0) "
+                          "ON CONFLICT (budget, period) DO UPDATE SET settled = settled + excluded.settled, "
+                          "reserved = reserved - ?", (budget, period, cost, amount))
+                c.execute("INSERT INTO settlement_budgets VALUES (?,?,?,?)", (req_id, budget, period, cost))
+            c.execute("INSERT INTO settlements VALUES (?,?,?,?,?,?,?,?,?)",
+                      (req_id, record.ts, record.model, record.backend, record.input_tokens,
+                       record.output_tokens, cost, record.estimate, record.source))
+            return True
+
+        applied: bool = self._write(tx)
+        return applied
+
+    async def release(self, req_id: str) -> int:
+        def tx(c: sqlite3.Cursor) -> int:
+            rows = c.execute("SELECT budget, period, amount FROM reservations WHERE req_id=?",
+                             (req_id,)).fetchall()
+            for budget, period, amount in rows:
+                c.execute("UPDATE totals SET reserved = reserved - ? WHERE budget=? AND period=?",
+                          (amount, budget, period))
+            c.execute("DELETE FROM reservations WHERE req_id=?", (req_id,))
+            return len(rows)
+
+        n: int = self._write(tx)
+        return n
+
+    async def reap(self, now: float) -> int:
+        def tx(c: sqlite3.Cursor) -> int:
+            rows = c.execute("SELECT req_id, budget, period, amount FROM reservations WHERE expires_at < ?",
+                             (now,)).fetchall()
+            for req_id, budget, period, amount in rows:
+                c.execute("UPDATE totals SET reserved = reserved - ? WHERE budget=? AND period=?",
+                          (amount, budget, period))
+                c.execute("DELETE FROM reservations WHERE req_id=? AND budget=?", (req_id, budget))
+            return len(rows)
+
+        n: int = self._write(tx)
+        return n
+
+    async def first_seen(self, budget: str, period: str, now: float) -> bool:
+        def tx(c: sqlite3.Cursor) -> bool:
+            c.execute("INSERT OR IGNORE INTO periods VALUES (?,?,?)", (budget, period, now))
+            return c.rowcount == 1
+
+        first: bool = self._write(tx)
+        return first
+
+    async def set_meta(self, key: str, value: str) -> None:
+        self._write(lambda c: c.execute("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, value)) and None)
+
+    async def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    async def settlement_count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM settlements").fetchone()[0])
+
+    async def ping(self) -> None:
+        try:
+            self._db.execute("SELECT 1").fetchone()
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"sqlite: {e}") from None
+
+    async def close(self) -> None:
+        self._db.close()
+
+

@@ -1,0 +1,29 @@
+"""Prometheus metrics (SPEC §7). Label values come from bounded sets only: `model` is a configured or
+price-database model id, else `other`; no user, key or prompt data ever becomes a label.
+
+With `--workers N` each process writes prometheus-client's multiprocess files and the admin endpoint
+sums them; the budget gauges are read from the shared ledger at scrape time instead, so they are the
+same whichever process answers.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+COST_BUCKETS = (0.00001, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+COUNT_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+requests_total = Counter("nexus_requests_total", "Requests by policy decision", ["decision"])
+cost_per_request = Histogram("nexus_cost_per_request_usd", "Settled cost per request (USD)",
+                             ["model", "backend_type"], buckets=COST_BUCKETS)
+token_count_duration = Histogram("nexus_token_count_duration_seconds", "Prompt token counting time",
+                                 buckets=COUNT_BUCKETS)
+token_count_tier = Counter("nexus_token_count_tier_total", "Prompt counts by tier", ["tier", "model"])
+budget_events = Counter("nexus_budget_events_total", "Budget events", ["event_type"])
+settlements = Counter("nexus_settlements_total", "Settlements by source of the usage", ["source"])
+unpriced_requests = Counter("nexus_unpriced_requests_total", "Requests for a model with no known price")
+store_failures = Counter("nexus_store_failures_total", "Ledger store failures", ["operation"])
+bad_requests = Counter("nexus_bad_requests_total", "Requests answered with a 4xx by the filter", ["reason"])
+streams_active = Gauge("nexus_streams_active", "Open ext_proc streams", multiprocess_mode="livesum")
+stream_errors = Counter("nexus_stream_errors_total", "ext_proc streams that ended in an error", ["phase"])
+sse_bad_events = Counter("nexus_sse_bad_events_total", "SSE data lines that were not JSON (skipped)")

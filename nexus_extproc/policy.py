@@ -1,0 +1,113 @@
+"""The budget policy: a pure function from request facts and budget totals to a decision (SPEC §3).
+
+No I/O and no clock here, so every status × action × equivalent combination is a plain table test. The
+ledger makes the decision safe under concurrency: a decision that needs room reserves with a cap, and a
+reservation that loses the race comes back here with `force_hard=True`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Literal
+
+BudgetStatus = Literal["Normal", "SoftLimit", "HardLimit"]
+STATUS_CODE: dict[BudgetStatus, int] = {"Normal": 0, "SoftLimit": 1, "HardLimit": 2}
+HardAction = Literal["warn", "block_cloud", "block_all"]
+
+
+class Action(enum.Enum):
+    ALLOW = "allowed"
+    REROUTE = "rerouted"
+    REJECT = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    backend: str
+    backend_type: Literal["cloud", "local"]
+    model: str
+    estimate_micros: int
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetView:
+    limit_micros: int
+    settled_micros: int
+    reserved_micros: int
+    soft_limit_percent: Decimal
+    hard_limit_action: HardAction
+
+    @property
+    def used_micros(self) -> int:
+        return self.settled_micros + self.reserved_micros
+
+    def utilization(self, extra: int = 0) -> Decimal:
+        return Decimal(self.used_micros + extra) * 100 / Decimal(self.limit_micros)
+
+    def status(self, extra: int = 0) -> BudgetStatus:
+        u = self.utilization(extra)
+        if u >= 100:
+            return "HardLimit"
+        if u >= self.soft_limit_percent:
+            return "SoftLimit"
+        return "Normal"
+
+    @property
+    def remaining_micros(self) -> int:
+        return max(0, self.limit_micros - self.used_micros)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyInput:
+    requested: Target
+    equivalent: Target | None  # a configured local equivalent, only if its backend is healthy
+    budget: BudgetView | None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    target: Target | None
+    status: BudgetStatus
+    reason: str | None = None  # X-Nexus-Route-Reason, or why a request was rejected
+    # Reserve with a cap at the limit: the admission is only valid if the estimate still fits.
+    must_fit: bool = False
+
+
+def decide(inp: PolicyInput, *, force_hard: bool = False) -> Decision:
+    b = inp.budget
+    req = inp.requested
+    if b is None:
+        return Decision(Action.ALLOW, req, "Normal")
+    status = b.status()
+    action = b.hard_limit_action
+    # A request that would carry spend past the limit is treated as at the limit when the action blocks:
+    # otherwise concurrent requests each "fit" and together overshoot.
+    crosses = b.status(req.estimate_micros) == "HardLimit" and req.estimate_micros > 0
+    hard = force_hard or status == "HardLimit" or (crosses and action != "warn")
+    eq = inp.equivalent
+
+    if not hard:
+        if status == "SoftLimit" and eq is not None and req.backend_type == "cloud":
+            return Decision(Action.REROUTE, eq, status, "budget-soft-limit")
+        return Decision(Action.ALLOW, req, status, must_fit=action != "warn" and req.estimate_micros > 0)
+
+    shown: BudgetStatus = "HardLimit" if status == "HardLimit" or force_hard else status
+    if action == "warn":
+        if eq is not None and req.backend_type == "cloud":
+            return Decision(Action.REROUTE, eq, shown, "budget-soft-limit")
+        return Decision(Action.ALLOW, req, shown)
+    if action == "block_cloud":
+        if req.backend_type == "local":
+            return Decision(Action.ALLOW, req, shown)
+        if eq is not None:
+            return Decision(Action.REROUTE, eq, shown, "budget-hard-limit")
+        return Decision(Action.REJECT, None, shown, "cloud backends are blocked: monthly budget exhausted")
+    # block_all: only what costs nothing passes.
+    if req.estimate_micros == 0:
+        return Decision(Action.ALLOW, req, shown)
+    if eq is not None and eq.estimate_micros == 0:
+        return Decision(Action.REROUTE, eq, shown, "budget-hard-limit")
+    return Decision(Action.REJECT, None, shown, "monthly budget exhausted")

@@ -1,0 +1,55 @@
+"""Which backend serves a request, and which local model may stand in for it.
+
+Routing is by API (path) and model: a backend only receives the API its provider speaks, and the first
+backend whose model patterns match wins; otherwise that provider's `default` backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nexus_extproc.config import BackendConfig, NexusConfig
+from nexus_extproc.errors import NexusError, not_found
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    backend: str
+    cluster: str
+    backend_type: str  # "cloud" | "local"
+    provider: str
+
+
+class Router:
+    def __init__(self, config: NexusConfig) -> None:
+        self._backends = config.backends
+        self._equivalents = config.equivalents
+        self.unhealthy: set[str] = set()  # backend names Envoy reports without healthy hosts
+
+    def _route(self, name: str, b: BackendConfig) -> Route:
+        return Route(name, b.cluster, b.type, b.provider)
+
+    def route(self, family: str, model: str) -> Route:
+        candidates = [(n, b) for n, b in self._backends.items() if b.provider == family]
+        for name, b in candidates:
+            if b.serves(model):
+                return self._route(name, b)
+        for name, b in candidates:
+            if b.default:
+                return self._route(name, b)
+        for name, b in candidates:
+            if b.type == "cloud":
+                return self._route(name, b)
+        raise NexusError(404, "not_found_error", f"no backend serves the {family} API") if not candidates \
+            else not_found(f"no backend serves model '{model[:64]}'")
+
+    def equivalent(self, model: str, family: str) -> tuple[Route, str] | None:
+        """The configured local stand-in for `model`, if its backend speaks the caller's API and is up."""
+        target = self._equivalents.get(model)
+        if target is None:
+            return None
+        name, _, local_model = target.partition("/")
+        b = self._backends[name]
+        if b.provider != family or name in self.unhealthy:
+            return None
+        return self._route(name, b), local_model

@@ -1,0 +1,157 @@
+"""The gRPC edge: the only module that speaks Envoy's ext_proc protobufs.
+
+It turns each ProcessingRequest into a call on `Processor` and each `Reply` into the ProcessingResponse
+for that phase. Envoy usually ends a stream by resetting it, so settlement never waits for a clean close:
+it is scheduled from `finally`, outside the RPC's task, and runs exactly once per stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+from nexus_extproc import metrics
+from nexus_extproc.constants import METADATA_NAMESPACE
+from nexus_extproc.processor import Processor, Reply, RequestState
+
+log = logging.getLogger("nexus_extproc.server")
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_PM = processing_mode_pb2.ProcessingMode
+# mode_override replaces the whole ProcessingMode, so every field is restated, not only the body mode.
+STREAMED_RESPONSE_MODE = _PM(
+    request_header_mode=_PM.SEND, response_header_mode=_PM.SEND, request_body_mode=_PM.BUFFERED,
+    response_body_mode=_PM.STREAMED, request_trailer_mode=_PM.SKIP, response_trailer_mode=_PM.SKIP)
+
+_EMPTY = {
+    "request_headers": ep.ProcessingResponse(request_headers=ep.HeadersResponse()),
+    "request_body": ep.ProcessingResponse(request_body=ep.BodyResponse()),
+    "response_headers": ep.ProcessingResponse(response_headers=ep.HeadersResponse()),
+    "response_body": ep.ProcessingResponse(response_body=ep.BodyResponse()),
+    "request_trailers": ep.ProcessingResponse(request_trailers=ep.TrailersResponse()),
+    "response_trailers": ep.ProcessingResponse(response_trailers=ep.TrailersResponse()),
+}
+
+
+def header_map(hm: Any) -> dict[str, str]:
+    return {h.key: h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value for h in hm.headers}
+
+
+def _hvo(key: str, value: str) -> base_pb2.HeaderValueOption:
+    # raw_value, not value: Envoy 1.40 sets headers empty when only `value` is given.
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, raw_value=value.encode()),
+                                      append_action=_OVERWRITE)
+
+
+def _struct(meta: dict[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update({METADATA_NAMESPACE: meta})
+    return s
+
+
+def render(phase: str, reply: Reply) -> ep.ProcessingResponse:
+    if reply.immediate is not None:
+        im = reply.immediate
+        return ep.ProcessingResponse(immediate_response=ep.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=im.status),  # type: ignore[arg-type]
+            headers=ep.HeaderMutation(set_headers=[_hvo(k, v) for k, v in im.headers]),
+            body=im.body, details=im.details))
+    if not (reply.set_headers or reply.remove_headers or reply.body is not None or reply.clear_route_cache
+            or reply.metadata or reply.stream_response_body):
+        return _EMPTY[phase]
+    common = ep.CommonResponse(clear_route_cache=reply.clear_route_cache)
+    if reply.set_headers or reply.remove_headers:
+        common.header_mutation.CopyFrom(ep.HeaderMutation(
+            set_headers=[_hvo(k, v) for k, v in reply.set_headers], remove_headers=reply.remove_headers))
+    if reply.body is not None:
+        common.body_mutation.body = reply.body
+    if phase in ("request_headers", "response_headers"):
+        resp = ep.ProcessingResponse(**{phase: ep.HeadersResponse(response=common)})
+    else:
+        resp = ep.ProcessingResponse(**{phase: ep.BodyResponse(response=common)})
+    if reply.stream_response_body:
+        resp.mode_override.CopyFrom(STREAMED_RESPONSE_MODE)
+    if reply.metadata:
+        resp.dynamic_metadata.CopyFrom(_struct(reply.metadata))
+    return resp
+
+
+class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
+    def __init__(self, processor: Processor, idle_timeout: float) -> None:
+        self.processor = processor
+        self.idle_timeout = idle_timeout
+        self.settling: set[asyncio.Task[None]] = set()
+        self.active = 0
+
+    async def Process(self, request_iterator: AsyncIterator[ep.ProcessingRequest],  # noqa: N802
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[ep.ProcessingResponse]:
+        proc = self.processor
+        state = RequestState()
+        phase = "open"
+        self.active += 1
+        metrics.streams_active.inc()
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.idle_timeout) as deadline:
+                async for req in request_iterator:
+                    deadline.reschedule(loop.time() + self.idle_timeout)
+                    phase = req.WhichOneof("request") or "unknown"
+                    if phase == "request_headers":
+                        h = req.request_headers
+                        reply = proc.request_headers(state, header_map(h.headers), h.end_of_stream)
+                    elif phase == "request_body":
+                        reply = await proc.request_body(state, req.request_body.body)
+                    elif phase == "response_headers":
+                        reply = proc.response_headers(state, header_map(req.response_headers.headers))
+                    elif phase == "response_body":
+                        b = req.response_body
+                        reply = proc.response_body(state, b.body, b.end_of_stream)
+                    elif phase in _EMPTY:
+                        yield _EMPTY[phase]
+                        continue
+                    else:
+                        continue
+                    yield render(phase, reply)
+                    if reply.immediate is not None:
+                        return
+        except TimeoutError:
+            metrics.stream_errors.labels("idle_timeout").inc()
+            log.warning("ext_proc stream idle past its deadline; closing", extra={"phase": phase})
+        except asyncio.CancelledError:
+            raise  # Envoy reset the stream: the normal end of most streams
+        except Exception:
+            metrics.stream_errors.labels(phase).inc()
+            log.exception("ext_proc stream failed", extra={"phase": phase})
+            raise
+        finally:
+            self.active -= 1
+            metrics.streams_active.dec()
+            task = asyncio.get_running_loop().create_task(proc.finish(state))
+            self.settling.add(task)
+            task.add_done_callback(self._settled)
+
+    def _settled(self, task: asyncio.Task[None]) -> None:
+        self.settling.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            metrics.stream_errors.labels("settle").inc()
+            log.error("settlement failed", exc_info=task.exception())
+
+    async def drain(self, grace: float) -> None:
+        """Wait for in-flight streams and their settlements (SIGTERM)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + grace
+        while (self.active or self.settling) and loop.time() < end:
+            if self.settling:
+                await asyncio.wait(list(self.settling), timeout=max(0.0, end - loop.time()))
+            else:
+                await asyncio.sleep(0.05)

@@ -1,0 +1,73 @@
+"""Anthropic `/v1/messages`: system, messages, tools; usage in `message_start` and `message_delta`."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from nexus_extproc.errors import bad_request
+from nexus_extproc.tokenizers import PromptShape
+from nexus_extproc.translators.base import (
+    ApiFamily,
+    ParsedRequest,
+    StreamEventInfo,
+    Translator,
+    model_of,
+    opt_int,
+    stream_flag,
+    text_of,
+    tools_extra,
+)
+from nexus_extproc.usage import UsageReport, from_anthropic
+
+
+class AnthropicMessages(Translator):
+    api: ClassVar[str] = "anthropic_messages"
+    family: ClassVar[ApiFamily] = "anthropic"
+    path: ClassVar[str] = "/v1/messages"
+
+    def parse(self, doc: dict[str, Any]) -> ParsedRequest:
+        model = model_of(doc)
+        messages = doc.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise bad_request("'messages' must be a non-empty array")
+        values: list[list[str]] = []
+        system = doc.get("system")
+        if system is not None:
+            values.append(text_of(system))
+        for m in messages:
+            if not isinstance(m, dict):
+                raise bad_request("each message must be an object")
+            vals = [m["role"]] if isinstance(m.get("role"), str) else []
+            vals.extend(text_of(m.get("content")))
+            values.append(vals)
+        max_tokens = opt_int(doc, "max_tokens")
+        return ParsedRequest(
+            doc=doc,
+            model=model,
+            stream=stream_flag(doc),
+            max_output_tokens=max_tokens,
+            shape=PromptShape(messages=values, extra=tools_extra(doc)),
+        )
+
+    def response_usage(self, doc: dict[str, Any]) -> UsageReport | None:
+        return from_anthropic(doc.get("usage"))
+
+    def stream_event(self, event: str | None, data: dict[str, Any]) -> StreamEventInfo:
+        kind = data.get("type") or event
+        info = StreamEventInfo()
+        if kind == "message_start":
+            msg = data.get("message")
+            if isinstance(msg, dict):
+                info.usage = from_anthropic(msg.get("usage"))
+        elif kind == "message_delta":
+            info.usage = from_anthropic(data.get("usage"))
+        elif kind == "content_block_delta":
+            delta = data.get("delta")
+            if isinstance(delta, dict):
+                for key in ("text", "partial_json", "thinking"):
+                    if isinstance(delta.get(key), str):
+                        info.text = delta[key]
+        elif kind == "message_stop":
+            info.terminal = True
+        return info
+

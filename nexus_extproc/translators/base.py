@@ -1,0 +1,124 @@
+"""The one small interface every provider API implements.
+
+A translator sees plain dicts and bytes, never protobuf: it says what a request asks for (model, prompt
+shape, output cap, stream) and what a response reports (usage, streamed text). Everything about budgets
+and routing lives elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from nexus_extproc.errors import bad_request
+from nexus_extproc.tokenizers import PromptShape
+from nexus_extproc.usage import UsageReport
+
+ApiFamily = Literal["openai", "anthropic"]
+
+
+@dataclass(slots=True)
+class ParsedRequest:
+    doc: dict[str, Any]
+    model: str | None
+    stream: bool
+    max_output_tokens: int | None
+    shape: PromptShape
+    # OpenAI chat/completions streams carry usage only when the client asked for it.
+    client_wants_stream_usage: bool = True
+    token_ids: int = 0  # prompts given as token-id arrays are counted by length, exactly
+
+
+@dataclass(slots=True)
+class StreamEventInfo:
+    usage: UsageReport | None = None
+    text: str = ""
+    # A chunk carrying only usage that the client did not ask for: dropped from what the client receives.
+    usage_only: bool = False
+    terminal: bool = False
+
+
+class Translator:
+    api: ClassVar[str]
+    family: ClassVar[ApiFamily]
+    path: ClassVar[str]
+    default_max_output: ClassVar[int | None] = None
+    # Streams of this API report usage only when `stream_options.include_usage` is set.
+    stream_usage_option: ClassVar[bool] = False
+
+    def parse(self, doc: dict[str, Any]) -> ParsedRequest:
+        raise NotImplementedError
+
+    def response_usage(self, doc: dict[str, Any]) -> UsageReport | None:
+        raise NotImplementedError
+
+    def stream_event(self, event: str | None, data: dict[str, Any]) -> StreamEventInfo:
+        raise NotImplementedError
+
+    def rewrite(self, doc: dict[str, Any], *, model: str | None, add_stream_usage: bool) -> bytes:
+        """The request body after a reroute (new `model`) and/or with stream usage requested."""
+        out = dict(doc)
+        if model is not None:
+            out["model"] = model
+        if add_stream_usage:
+            opts = dict(out.get("stream_options") or {})
+            opts["include_usage"] = True
+            out["stream_options"] = opts
+        return json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def text_of(content: Any) -> list[str]:
+    """Text values of a content field: a string, or a list of parts with `text` (images are not counted)."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [content]
+    out: list[str] = []
+    if isinstance(content, list):
+        for part in content:
+            if isinstance(part, str):
+                out.append(part)
+            elif isinstance(part, dict):
+                t = part.get("text")
+                if isinstance(t, str):
+                    out.append(t)
+                elif part.get("type") in ("tool_use", "function_call"):
+                    out.append(json.dumps(part.get("input", part.get("arguments")), separators=(",", ":")))
+                elif part.get("type") == "tool_result":
+                    out.extend(text_of(part.get("content")))
+    return out
+
+
+def opt_int(doc: dict[str, Any], *keys: str) -> int | None:
+    for k in keys:
+        v = doc.get(k)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise bad_request(f"'{k}' must be a non-negative integer")
+        return v
+    return None
+
+
+def model_of(doc: dict[str, Any]) -> str:
+    m = doc.get("model")
+    if not isinstance(m, str) or not m.strip():
+        raise bad_request("'model' is required and must be a non-empty string")
+    if len(m) > 256:
+        raise bad_request("'model' is too long")
+    return m
+
+
+def stream_flag(doc: dict[str, Any]) -> bool:
+    v = doc.get("stream", False)
+    if not isinstance(v, bool):
+        raise bad_request("'stream' must be a boolean")
+    return v
+
+
+def tools_extra(doc: dict[str, Any]) -> list[str]:
+    tools = doc.get("tools")
+    if not tools:
+        return []
+    return [json.dumps(tools, separators=(",", ":"), ensure_ascii=False)]

@@ -1,0 +1,90 @@
+"""OpenAI `/v1/chat/completions` (and OpenAI-compatible local servers such as Ollama and vLLM)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+from nexus_extproc.errors import bad_request
+from nexus_extproc.tokenizers import PromptShape
+from nexus_extproc.translators.base import (
+    ApiFamily,
+    ParsedRequest,
+    StreamEventInfo,
+    Translator,
+    model_of,
+    opt_int,
+    stream_flag,
+    text_of,
+    tools_extra,
+)
+from nexus_extproc.usage import UsageReport, from_openai
+
+
+class OpenAIChat(Translator):
+    api: ClassVar[str] = "openai_chat"
+    family: ClassVar[ApiFamily] = "openai"
+    path: ClassVar[str] = "/v1/chat/completions"
+    stream_usage_option: ClassVar[bool] = True
+
+    def parse(self, doc: dict[str, Any]) -> ParsedRequest:
+        model = model_of(doc)
+        messages = doc.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise bad_request("'messages' must be a non-empty array")
+        values: list[list[str]] = []
+        names = 0
+        for m in messages:
+            if not isinstance(m, dict):
+                raise bad_request("each message must be an object")
+            vals: list[str] = []
+            role = m.get("role")
+            if isinstance(role, str):
+                vals.append(role)
+            vals.extend(text_of(m.get("content")))
+            name = m.get("name")
+            if isinstance(name, str):
+                vals.append(name)
+                names += 1
+            for call in m.get("tool_calls") or ():
+                if isinstance(call, dict):
+                    vals.append(json.dumps(call.get("function"), separators=(",", ":"), ensure_ascii=False))
+            values.append(vals)
+        stream = stream_flag(doc)
+        opts = doc.get("stream_options")
+        wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
+        return ParsedRequest(
+            doc=doc,
+            model=model,
+            stream=stream,
+            max_output_tokens=opt_int(doc, "max_completion_tokens", "max_tokens"),
+            shape=PromptShape(messages=values, names=names, extra=tools_extra(doc)),
+            client_wants_stream_usage=wants_usage,
+        )
+
+    def response_usage(self, doc: dict[str, Any]) -> UsageReport | None:
+        return from_openai(doc.get("usage"))
+
+    def stream_event(self, event: str | None, data: dict[str, Any]) -> StreamEventInfo:
+        info = StreamEventInfo()
+        choices = data.get("choices")
+        if isinstance(choices, list):
+            parts = []
+            for c in choices:
+                if isinstance(c, dict):
+                    delta = c.get("delta") or {}
+                    if isinstance(delta, dict):
+                        parts.extend(text_of(delta.get("content")))
+                        for call in delta.get("tool_calls") or ():
+                            fn = call.get("function") if isinstance(call, dict) else None
+                            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                                parts.append(fn["arguments"])
+                    t = c.get("text")  # legacy completions chunks
+                    if isinstance(t, str):
+                        parts.append(t)
+            info.text = "".join(parts)
+        u = data.get("usage")
+        if isinstance(u, dict):
+            info.usage = from_openai(u)
+            info.usage_only = not choices
+        return info
