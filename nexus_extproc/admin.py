@@ -67,7 +67,7 @@ def build_admin_app(budget: BudgetService, is_ready: Callable[[], Awaitable[bool
         MultiProcessCollector(registry)
     else:
         registry = REGISTRY
-    registry.register(BudgetCollector(budget))  # type: ignore[arg-type]
+    registry.register(BudgetCollector(budget))
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

@@ -139,13 +139,18 @@ async def _grpc_serving(host: str, port: int) -> bool:
         return False
 
 
+def spawn_workers(config_path: str, grpc_port: int, workers: int) -> list[subprocess.Popen[bytes]]:
+    env = dict(os.environ)
+    return [subprocess.Popen([sys.executable, "-m", "nexus_extproc", "serve", "--config", config_path,
+                              "--grpc-port", str(grpc_port), "--worker-index", str(i)], env=env)
+            for i in range(workers)]
+
+
 async def serve_workers(config: NexusConfig, config_path: str, workers: int) -> int:
     """Parent of N workers: admin listener here, ext_proc in the children, metrics summed across them."""
     mp_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="nexus-prom-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
-    env = dict(os.environ)
-    children = [subprocess.Popen([sys.executable, "-m", "nexus_extproc", "serve", "--config", config_path,
-                                  "--worker-index", str(i)], env=env) for i in range(workers)]
+    children = spawn_workers(config_path, config.server.grpc_port, workers)
     budget = BudgetService(config, open_store(config))
     host, base = config.server.grpc_host, config.server.grpc_port
 

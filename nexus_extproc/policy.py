@@ -85,7 +85,7 @@ def decide(inp: PolicyInput, *, force_hard: bool = False) -> Decision:
     action = b.hard_limit_action
     # A request that would carry spend past the limit is treated as at the limit when the action blocks:
     # otherwise concurrent requests each "fit" and together overshoot.
-    crosses = b.status(req.estimate_micros) == "HardLimit" and req.estimate_micros > 0
+    crosses = b.used_micros + req.estimate_micros > b.limit_micros and req.estimate_micros > 0
     hard = force_hard or status == "HardLimit" or (crosses and action != "warn")
     eq = inp.equivalent
 

@@ -63,7 +63,7 @@ def render(phase: str, reply: Reply) -> ep.ProcessingResponse:
     if reply.immediate is not None:
         im = reply.immediate
         return ep.ProcessingResponse(immediate_response=ep.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=im.status),  # type: ignore[arg-type]
+            status=http_status_pb2.HttpStatus(code=im.status),
             headers=ep.HeaderMutation(set_headers=[_hvo(k, v) for k, v in im.headers]),
             body=im.body, details=im.details))
     if not (reply.set_headers or reply.remove_headers or reply.body is not None or reply.clear_route_cache
@@ -93,7 +93,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         self.settling: set[asyncio.Task[None]] = set()
         self.active = 0
 
-    async def Process(self, request_iterator: AsyncIterator[ep.ProcessingRequest],  # noqa: N802
+    async def Process(self, request_iterator: AsyncIterator[ep.ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[ep.ProcessingResponse]:
         proc = self.processor
         state = RequestState()

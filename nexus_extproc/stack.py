@@ -83,7 +83,7 @@ class Stack:
     quiet: bool = True
 
     def _spawn(self, args: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        out = open(self.workdir / f"{log_name}.log", "ab")  # noqa: SIM115 - closed with the process
+        out = open(self.workdir / f"{log_name}.log", "ab")
         p = subprocess.Popen(args, stdout=out if self.quiet else None, stderr=subprocess.STDOUT if self.quiet
                              else None, env=env, start_new_session=True)
         self.procs.append(p)

@@ -156,7 +156,7 @@ class TokenCounter:
             return "exact", "o200k_base"
         if m.startswith(_CL100K_PREFIXES):
             return "exact", "cl100k_base"
-        if m.startswith(_APPROX_PREFIXES) or "/" in m and m.rsplit("/", 1)[1].startswith(_APPROX_PREFIXES):
+        if m.startswith(_APPROX_PREFIXES) or ("/" in m and m.rsplit("/", 1)[1].startswith(_APPROX_PREFIXES)):
             return "approximation", "cl100k_base"
         return "heuristic", None
 

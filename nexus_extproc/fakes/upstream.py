@@ -315,8 +315,9 @@ async def start_fake(name: str, host: str, port: int) -> tuple[web.AppRunner, in
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
-    bound = sockets[0].getsockname()[1] if sockets else port
+    bound = port
+    for sock in getattr(site._server, "sockets", None) or []:
+        bound = sock.getsockname()[1]
     return runner, bound, fake
 
 

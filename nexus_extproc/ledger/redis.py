@@ -15,7 +15,14 @@ import json
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from nexus_extproc.ledger.base import Ledger, ReserveItem, ReserveResult, SpendRecord, StoreUnavailable, Totals
+from nexus_extproc.ledger.base import (
+    Ledger,
+    ReserveItem,
+    ReserveResult,
+    SpendRecord,
+    StoreUnavailable,
+    Totals,
+)
 
 _RESERVE = """
 local n = #KEYS - 2

@@ -9,10 +9,16 @@ an OS crash or power loss can lose the last transactions since the WAL was synce
 from __future__ import annotations
 
 import sqlite3
-
 from pathlib import Path
 
-from nexus_extproc.ledger.base import Ledger, ReserveItem, ReserveResult, SpendRecord, StoreUnavailable, Totals
+from nexus_extproc.ledger.base import (
+    Ledger,
+    ReserveItem,
+    ReserveResult,
+    SpendRecord,
+    StoreUnavailable,
+    Totals,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS totals (

@@ -1,0 +1,183 @@
+"""The real gRPC server on an ephemeral port, fed the message sequences Envoy sends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+
+import grpc
+import pytest
+
+from nexus_extproc.app import build, start_grpc
+from nexus_extproc.server import ExternalProcessor
+from tests.component.harness import Stream, body_msg, headers_msg, req_headers, set_headers
+from tests.conftest import make_config
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 20}
+
+
+@pytest.fixture
+async def served(counter, tmp_path):
+    servers = []
+
+    async def start(**cfg):
+        cfg.setdefault("store", {"kind": "sqlite", "path": str(tmp_path / "ledger.db")})
+        config = make_config(**cfg)
+        comps = build(config, counter)
+        servicer = ExternalProcessor(comps.processor, 30)
+        server, port, _ = await start_grpc(servicer, "127.0.0.1", 0)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        servers.append((server, channel))
+        return comps, servicer, channel
+
+    yield start
+    for server, channel in servers:
+        await channel.close()
+        await server.stop(0)
+
+
+async def test_chat_json_round_trip(served):
+    comps, servicer, ch = await served()
+    s = Stream(ch)
+    r = await s.send(req_headers(extra={"x-nexus-upstream": "ollama", "x-nexus-budget-status": "Normal"}))
+    assert set(r.request_headers.response.header_mutation.remove_headers) == {"x-nexus-upstream",
+                                                                              "x-nexus-budget-status"}
+    r = await s.send(body_msg(CHAT))
+    common = r.request_body.response
+    assert common.clear_route_cache
+    assert set_headers(common.header_mutation)["x-nexus-upstream"] == "openai"
+    assert not common.body_mutation.body  # nothing to rewrite
+    meta = r.dynamic_metadata.fields["nexus.extproc"].struct_value.fields
+    assert meta["decision"].string_value == "allowed" and meta["token_tier"].string_value == "exact"
+    r = await s.send(headers_msg({":status": "200", "content-type": "application/json"}, response=True))
+    h = set_headers(r.response_headers.response.header_mutation)
+    assert h["x-nexus-backend-type"] == "cloud" and h["x-nexus-token-tier"] == "exact"
+    assert float(h["x-nexus-cost-estimated"]) > 0
+    assert not r.HasField("mode_override")
+    r = await s.send(body_msg({"usage": {"prompt_tokens": 9, "completion_tokens": 20}}, response=True))
+    meta = r.dynamic_metadata.fields["nexus.extproc"].struct_value.fields
+    # 9 × $0.15/M + 20 × $0.60/M = 13.35 µ$ → 14 µ$ (rounded up)
+    assert meta["cost_usd"].number_value == pytest.approx(0.000014)
+    assert meta["settlement"].string_value == "usage"
+    await s.close()
+
+
+@pytest.mark.parametrize(("path", "body", "shape"), [
+    ("/v1/chat/completions", b"{not json", "openai"),
+    ("/v1/messages", b"{not json", "anthropic"),
+    ("/v1/chat/completions", b'{"messages": []}', "openai"),
+    ("/v1/chat/completions", b"\xff\xfe\x00garbage", "openai"),
+    ("/v1/chat/completions", b"[1,2]", "openai"),
+])
+async def test_bad_bodies_get_400_in_provider_shape(served, path, body, shape):
+    _, _, ch = await served()
+    s = Stream(ch)
+    await s.send(req_headers(path))
+    r = await s.send(body_msg(body))
+    im = r.immediate_response
+    assert im.status.code == 400
+    doc = json.loads(im.body)
+    if shape == "anthropic":
+        assert doc["type"] == "error" and doc["error"]["type"] == "invalid_request_error"
+    else:
+        assert doc["error"]["code"] == "invalid_request_error"
+
+
+async def test_unknown_path_is_404_at_headers(served):
+    _, _, ch = await served()
+    r = await Stream(ch).send(req_headers("/v1/models"))
+    assert r.immediate_response.status.code == 404
+
+
+async def test_sse_response_switches_to_streamed_mode(served):
+    _, _, ch = await served()
+    s = Stream(ch)
+    await s.send(req_headers())
+    r = await s.send(body_msg({**CHAT, "stream": True}))
+    body = json.loads(r.request_body.response.body_mutation.body)
+    assert body["stream_options"] == {"include_usage": True}
+    h = set_headers(r.request_body.response.header_mutation)
+    assert h["content-length"] == str(len(r.request_body.response.body_mutation.body))
+    r = await s.send(headers_msg({":status": "200", "content-type": "text/event-stream"}, response=True))
+    mo = r.mode_override
+    assert mo.response_body_mode == mo.STREAMED and mo.request_header_mode == mo.SEND
+    assert "content-length" in r.response_headers.response.header_mutation.remove_headers
+    chunk = b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
+    r = await s.send(body_msg(chunk, response=True, eos=False))
+    assert not r.response_body.response.HasField("body_mutation")  # passed through untouched
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":1}}\n\ndata: [DONE]\n\n'
+    r = await s.send(body_msg(usage, response=True, eos=True))
+    # The client did not ask for usage: the usage chunk is removed, [DONE] stays.
+    assert r.response_body.response.body_mutation.body == b"data: [DONE]\n\n"
+
+
+async def test_soft_limit_reroutes_and_rewrites_body(served):
+    comps, _, ch = await served(budget={"monthly_limit_usd": 1, "soft_limit_percent": 50})
+    led = comps.budget.ledger
+    from nexus_extproc.ledger import ReserveItem
+
+    period = comps.budget.period().key
+    await led.reserve("seed", [ReserveItem("global", period, 600_000)], 9e12)
+    s = Stream(ch)
+    await s.send(req_headers())
+    r = await s.send(body_msg(CHAT))
+    c = r.request_body.response
+    h = set_headers(c.header_mutation)
+    assert h["x-nexus-upstream"] == "ollama"
+    assert json.loads(c.body_mutation.body)["model"] == "llama3.1:8b"
+    assert h["content-length"] == str(len(c.body_mutation.body))
+    assert "authorization" in c.header_mutation.remove_headers
+    r = await s.send(headers_msg({":status": "200", "content-type": "application/json"}, response=True))
+    h = set_headers(r.response_headers.response.header_mutation)
+    assert h["x-nexus-backend-type"] == "local" and h["x-nexus-route-reason"] == "budget-soft-limit"
+    assert h["x-nexus-budget-status"] == "SoftLimit" and h["x-nexus-budget-utilization"] == "60.00"
+    assert h["x-nexus-budget-remaining"] == "0.40"
+
+
+async def test_hard_limit_block_all_is_503_with_retry_after(served):
+    comps, _, ch = await served(budget={"monthly_limit_usd": 1, "hard_limit_action": "block_all"})
+    comps.budget.clock = lambda: datetime(2026, 11, 30, 23, 0, tzinfo=UTC)
+    from nexus_extproc.ledger import ReserveItem
+
+    await comps.budget.ledger.reserve("seed", [ReserveItem("global", "2026-11", 1_000_000)], 9e12)
+    s = Stream(ch)
+    await s.send(req_headers("/v1/messages"))
+    r = await s.send(body_msg({"model": "claude-3-5-haiku", "max_tokens": 10,
+                               "messages": [{"role": "user", "content": "hi"}]}))
+    im = r.immediate_response
+    assert im.status.code == 503
+    h = set_headers(im.headers)
+    assert h["retry-after"] == "3600" and h["content-type"] == "application/json"
+    assert json.loads(im.body) == {"type": "error", "error": {"type": "budget_exceeded",
+                                                               "message": "monthly budget exhausted"}}
+
+
+async def test_cancelled_stream_still_settles_once(served):
+    comps, servicer, ch = await served(budget={"monthly_limit_usd": 100})
+    s = Stream(ch)
+    await s.send(req_headers())
+    await s.send(body_msg({**CHAT, "stream": True}))
+    await s.send(headers_msg({":status": "200", "content-type": "text/event-stream"}, response=True))
+    await s.send(body_msg(b'data: {"choices":[{"delta":{"content":"hello world"}}]}\n\n', response=True, eos=False))
+    s.cancel()  # client went away mid-stream; Envoy resets the gRPC stream
+    for _ in range(100):
+        if await comps.budget.ledger.settlement_count() == 1:
+            break
+        await asyncio.sleep(0.02)
+    t = await comps.budget.ledger.totals("global", comps.budget.period().key)
+    assert t.reserved == 0 and t.settled > 0
+    assert await comps.budget.ledger.settlement_count() == 1
+
+
+async def test_upstream_error_releases_reservation(served):
+    comps, _, ch = await served(budget={"monthly_limit_usd": 100})
+    s = Stream(ch)
+    await s.send(req_headers())
+    await s.send(body_msg(CHAT))
+    await s.send(headers_msg({":status": "500", "content-type": "application/json"}, response=True))
+    await s.send(body_msg({"error": {"message": "x"}}, response=True))
+    await s.close()
+    await asyncio.sleep(0.2)
+    t = await comps.budget.ledger.totals("global", comps.budget.period().key)
+    assert (t.settled, t.reserved) == (0, 0)

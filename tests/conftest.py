@@ -1,0 +1,66 @@
+"""Shared fixtures: one tokenizer load per session, free-port Redis, config builders."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from nexus_extproc.config import NexusConfig, parse_config
+from nexus_extproc.tokenizers import TokenCounter
+
+BACKENDS = {
+    "openai": {"cluster": "openai", "type": "cloud", "provider": "openai",
+               "models": ["gpt-*", "o1*", "o3*", "text-embedding-*"], "default": True},
+    "anthropic": {"cluster": "anthropic", "type": "cloud", "provider": "anthropic", "models": ["claude-*"],
+                  "default": True},
+    "ollama": {"cluster": "ollama", "type": "local", "provider": "openai", "models": ["llama3.1:8b"]},
+}
+
+
+def make_config(**overrides: Any) -> NexusConfig:
+    doc: dict[str, Any] = {
+        "backends": BACKENDS,
+        "equivalents": {"gpt-4o-mini": "ollama/llama3.1:8b"},
+        "prices": {"llama3.1:8b": {"input_per_mtok": 0, "output_per_mtok": 0}},
+    }
+    doc.update(overrides)
+    return parse_config(doc, environ={})
+
+
+@pytest.fixture(scope="session")
+def counter() -> TokenCounter:
+    return TokenCounter()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server not installed (.ci/run installs it)")
+    port = _free_port()
+    d = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(d)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)

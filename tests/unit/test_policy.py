@@ -1,0 +1,70 @@
+from decimal import Decimal
+
+import pytest
+
+from nexus_extproc.policy import Action, BudgetView, PolicyInput, Target, decide
+
+CLOUD = Target("openai", "cloud", "gpt-4o-mini", 1_000)
+LOCAL_FREE = Target("ollama", "local", "llama3.1:8b", 0)
+LOCAL_PAID = Target("ollama", "local", "llama3.1:8b", 10)
+
+
+def view(used_pct: float, action: str) -> BudgetView:
+    limit = 1_000_000
+    return BudgetView(limit, int(limit * used_pct / 100), 0, Decimal(80), action)  # type: ignore[arg-type]
+
+
+# (utilization %, action, equivalent) -> (action, target backend, status, reason)
+TABLE = [
+    (10, "warn", LOCAL_FREE, Action.ALLOW, "openai", "Normal", None),
+    (10, "block_all", None, Action.ALLOW, "openai", "Normal", None),
+    (85, "warn", LOCAL_FREE, Action.REROUTE, "ollama", "SoftLimit", "budget-soft-limit"),
+    (85, "warn", None, Action.ALLOW, "openai", "SoftLimit", None),
+    (85, "block_cloud", LOCAL_FREE, Action.REROUTE, "ollama", "SoftLimit", "budget-soft-limit"),
+    (85, "block_cloud", None, Action.ALLOW, "openai", "SoftLimit", None),
+    (100, "warn", None, Action.ALLOW, "openai", "HardLimit", None),
+    (100, "warn", LOCAL_FREE, Action.REROUTE, "ollama", "HardLimit", "budget-soft-limit"),
+    (100, "block_cloud", LOCAL_FREE, Action.REROUTE, "ollama", "HardLimit", "budget-hard-limit"),
+    (100, "block_cloud", None, Action.REJECT, None, "HardLimit", None),
+    (120, "block_all", LOCAL_FREE, Action.REROUTE, "ollama", "HardLimit", "budget-hard-limit"),
+    (120, "block_all", LOCAL_PAID, Action.REJECT, None, "HardLimit", None),
+    (120, "block_all", None, Action.REJECT, None, "HardLimit", None),
+]
+
+
+@pytest.mark.parametrize(("pct", "action", "eq", "want", "backend", "status", "reason"), TABLE)
+def test_policy_table(pct, action, eq, want, backend, status, reason):
+    d = decide(PolicyInput(CLOUD, eq, view(pct, action)))
+    assert d.action is want and d.status == status
+    assert (d.target.backend if d.target else None) == backend
+    if want is not Action.REJECT:
+        assert d.reason == reason
+
+
+def test_no_budget_always_allows_without_reservation_cap():
+    d = decide(PolicyInput(CLOUD, LOCAL_FREE, None))
+    assert d.action is Action.ALLOW and d.status == "Normal" and not d.must_fit
+
+
+def test_request_that_would_cross_limit_is_treated_as_hard_under_blocking_actions():
+    v = BudgetView(1_000_000, 999_500, 0, Decimal(80), "block_cloud")
+    assert decide(PolicyInput(CLOUD, None, v)).action is Action.REJECT
+    v = BudgetView(1_000_000, 999_500, 0, Decimal(80), "warn")
+    assert decide(PolicyInput(CLOUD, None, v)).action is Action.ALLOW
+
+
+def test_local_request_passes_block_cloud_and_free_local_passes_block_all():
+    local_req = Target("ollama", "local", "llama3.1:8b", 0)
+    assert decide(PolicyInput(local_req, None, view(150, "block_cloud"))).action is Action.ALLOW
+    assert decide(PolicyInput(local_req, None, view(150, "block_all"))).action is Action.ALLOW
+
+
+def test_allow_under_blocking_action_must_fit_and_force_hard_rejects():
+    v = view(10, "block_all")
+    assert decide(PolicyInput(CLOUD, None, v)).must_fit
+    assert decide(PolicyInput(CLOUD, None, v), force_hard=True).action is Action.REJECT
+
+
+def test_utilization_is_exact_decimal():
+    v = BudgetView(3, 1, 0, Decimal(80), "warn")
+    assert v.utilization() == Decimal(100) / 3

@@ -1,0 +1,73 @@
+from decimal import ROUND_CEILING, Decimal
+
+import pytest
+from genai_prices import Usage, calc_price
+
+from nexus_extproc.pricing import PriceBook
+from nexus_extproc.usage import TokenUsage
+from tests.conftest import make_config
+
+
+def reference_micros(model, provider, usage: TokenUsage) -> int:
+    """Independent: genai-prices' own calculation, rounded up to the micro-dollar."""
+    r = calc_price(Usage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+                         cache_read_tokens=usage.cache_read_tokens, cache_write_tokens=usage.cache_write_tokens),
+                   model_ref=model, provider_id=provider)
+    return int((r.total_price * 1_000_000).to_integral_value(rounding=ROUND_CEILING))
+
+
+@pytest.mark.parametrize(("model", "provider"), [
+    ("gpt-4o", "openai"), ("gpt-4o-mini", "openai"), ("gpt-4-turbo", "openai"), ("gpt-5", "openai"),
+    ("o3", "openai"), ("claude-3-5-haiku", "anthropic"), ("claude-sonnet-4-5", "anthropic"),
+])
+@pytest.mark.parametrize("usage", [
+    TokenUsage(1000, 100), TokenUsage(7, 3), TokenUsage(5000, 800, cache_read_tokens=2000),
+    TokenUsage(3000, 50, cache_write_tokens=1000), TokenUsage(250_000, 1000, cache_read_tokens=10_000),
+])
+def test_cost_matches_genai_prices(model, provider, usage):
+    book = PriceBook(make_config())
+    if provider == "openai" and usage.cache_write_tokens:
+        pytest.skip("OpenAI has no cache-write price")
+    assert book.resolve(provider, model).cost_micros(usage) == reference_micros(model, provider, usage)
+
+
+def test_override_and_local_zero_price():
+    book = PriceBook(make_config(prices={"gpt-4o": {"input_per_mtok": 1, "output_per_mtok": 2},
+                                         "llama3.1:8b": {"input_per_mtok": 0, "output_per_mtok": 0}}))
+    p = book.resolve("openai", "gpt-4o")
+    assert p.source == "override" and p.estimate_micros(1_000_000, 1_000_000) == 3_000_000
+    assert book.resolve("openai", "llama3.1:8b").estimate_micros(10_000, 10_000) == 0
+
+
+def test_unknown_model_charges_fallback_never_free():
+    book = PriceBook(make_config())
+    p = book.resolve("openai", "totally-unknown-model")
+    assert p.source == "fallback" and not p.known
+    assert p.estimate_micros(1000, 1000) == 1000 * 15 + 1000 * 75
+
+
+def test_unknown_model_rejected_when_configured():
+    book = PriceBook(make_config(unpriced_model_action="reject"))
+    assert book.resolve("openai", "totally-unknown-model").source == "unpriced"
+
+
+def test_startup_check_lists_configured_models_without_price():
+    cfg = make_config(equivalents={"gpt-4o-mini": "ollama/qwen-local"}, prices={})
+    assert PriceBook(cfg).check_configured(cfg) == ["llama3.1:8b", "qwen-local"]
+
+
+def test_model_cache_is_bounded(monkeypatch):
+    from nexus_extproc import pricing
+
+    monkeypatch.setattr(pricing, "_MAX_CACHED_MODELS", 3)
+    book = PriceBook(make_config())
+    for i in range(10):
+        book.resolve("openai", f"junk-{i}")
+    assert len(book._cache) == 3
+
+
+def test_money_is_exact_integers():
+    p = PriceBook(make_config()).resolve("openai", "gpt-4o-mini")
+    total = sum(p.cost_micros(TokenUsage(7, 3)) for _ in range(1000))
+    assert total == 1000 * int((Decimal(7) * Decimal("0.15") + 3 * Decimal("0.6")).to_integral_value(
+        rounding=ROUND_CEILING))
