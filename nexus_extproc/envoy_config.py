@@ -101,6 +101,8 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
             "message_timeout": p.message_timeout,
             "max_message_timeout": "30s",
             "allow_mode_override": True,
+            # Envoy drops dynamic metadata from the server unless its namespace is listed here.
+            "metadata_options": {"receiving_namespaces": {"untyped": ["nexus.extproc"]}},
             "processing_mode": {
                 "request_header_mode": "SEND", "request_body_mode": "BUFFERED",
                 "response_header_mode": "SEND", "response_body_mode": "BUFFERED",

@@ -146,7 +146,8 @@ class Stack:
 
     def start_envoy_config(self, cfg: Path, concurrency: int = 2) -> None:
         self.envoy = self._spawn([envoy_binary(), "-c", str(cfg), "--concurrency", str(concurrency),
-                                  "--log-level", "warn", "--base-id", str(free_port())], "envoy")
+                                  "--log-level", "warn", "--base-id", str(free_port()),
+                                  "--file-flush-interval-msec", "250"], "envoy")
         wait_http(f"http://{HOST}:{self.envoy_admin_port}/ready", timeout=30, proc=self.envoy)
 
     @property

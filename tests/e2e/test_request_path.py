@@ -1,0 +1,132 @@
+"""Issue 3 through the real Envoy with the official SDKs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from nexus_extproc.envoy_config import EnvoyParams, build_config, dump
+from nexus_extproc.stack import REPO, envoy_binary
+
+MSGS = [{"role": "user", "content": "Say hello to the budget service."}]
+
+
+def test_shipped_envoy_config_validates_and_is_fresh():
+    path = REPO / "envoy" / "nexus.yaml"
+    assert path.read_text() == dump(build_config(EnvoyParams())), "run `make envoy-config`"
+    r = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_chat_json_has_nexus_headers(e2e):
+    raw = e2e.openai().chat.completions.with_raw_response.create(model="gpt-4o", messages=MSGS, max_tokens=30)
+    h = raw.headers
+    resp = raw.parse()
+    assert h["x-nexus-backend-type"] == "cloud" and h["x-nexus-token-tier"] == "exact"
+    assert h["x-fake-upstream"] == "openai"
+    # Estimate: exact prompt count × $2.50/M + min(30, default 512) × $10/M.
+    prompt = resp.usage.prompt_tokens
+    assert float(h["x-nexus-cost-estimated"]) == pytest.approx((prompt * 2.5 + 30 * 10) / 1e6, abs=1e-6)
+    assert "x-nexus-budget-status" not in h
+
+
+def test_exact_tier_matches_fake_provider_prompt_tokens(e2e):
+    client = e2e.openai()
+    convo = [{"role": "system", "content": "You are terse."}, {"role": "user", "name": "ann", "content": "Hi!"},
+             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Cost of tea? " * 50}]
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=convo, max_tokens=1)
+    est_prompt_micros = float(raw.headers["x-nexus-cost-estimated"]) * 1e6 - 1 * 10
+    assert round(est_prompt_micros / 2.5) == raw.parse().usage.prompt_tokens
+
+
+def test_chat_stream_without_usage_request_gets_no_usage_chunk(e2e):
+    chunks = list(e2e.openai().chat.completions.create(model="gpt-4o", messages=MSGS, stream=True, max_tokens=5))
+    assert chunks and all(c.usage is None for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "tok tok tok tok tok"
+    seen = e2e.fake_requests("openai")[-1]
+    assert seen["stream_options"] == {"include_usage": True}  # added by the filter on the way up
+
+
+def test_chat_stream_with_usage_request_keeps_it(e2e):
+    chunks = list(e2e.openai().chat.completions.create(model="gpt-4o", messages=MSGS, stream=True, max_tokens=5,
+                                                       stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+
+
+def test_completions_responses_embeddings(e2e):
+    c = e2e.openai()
+    assert c.completions.create(model="gpt-3.5-turbo-instruct", prompt="hi", max_tokens=3).usage.completion_tokens == 3
+    raw = c.responses.with_raw_response.create(model="gpt-4o", input="hello", max_output_tokens=4)
+    assert raw.parse().usage.output_tokens == 4 and raw.headers["x-nexus-token-tier"] == "exact"
+    events = list(c.responses.create(model="gpt-4o", input="hello", max_output_tokens=3, stream=True))
+    assert events[-1].type == "response.completed"
+    raw = c.embeddings.with_raw_response.create(model="text-embedding-3-small", input=["a b c", "d"])
+    assert len(raw.parse().data) == 2 and float(raw.headers["x-nexus-cost-estimated"]) > 0
+
+
+def test_anthropic_json_and_stream(e2e):
+    a = e2e.anthropic()
+    raw = a.messages.with_raw_response.create(model="claude-3-5-haiku-latest", max_tokens=8,
+                                              messages=[{"role": "user", "content": "hi"}])
+    assert raw.headers["x-nexus-token-tier"] == "approximation" and raw.headers["x-fake-upstream"] == "anthropic"
+    assert raw.parse().usage.output_tokens == 8
+    with a.messages.stream(model="claude-sonnet-4-5", max_tokens=6,
+                           messages=[{"role": "user", "content": "hi"}]) as s:
+        text = "".join(s.text_stream)
+        final = s.get_final_message()
+    assert text == "tok tok tok tok tok tok" and final.usage.output_tokens == 6
+
+
+@pytest.mark.parametrize(("path", "body", "key"), [
+    ("/v1/chat/completions", b"{broken", "error"),
+    ("/v1/messages", b"{broken", "type"),
+    ("/v1/chat/completions", b'{"model": "gpt-4o"}', "error"),
+    ("/v1/chat/completions", "{\"model\":\"gpt-4o\",\"messages\":[{\"role\":\"user\",\"content\":\"\xe9\"}]}"
+     .encode("latin-1"), "error"),
+])
+def test_bad_input_is_400_in_provider_shape(e2e, path, body, key):
+    r = httpx.post(e2e.url + path, content=body, headers={"content-type": "application/json"}, timeout=10)
+    assert r.status_code == 400 and r.headers["content-type"] == "application/json"
+    assert key in r.json()
+    ok = e2e.openai().chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=1)
+    assert ok.choices  # the server keeps serving
+
+
+def test_body_over_buffer_limit_is_413(e2e):
+    big = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * (9 * 1024 * 1024)}]})
+    r = httpx.post(e2e.url + "/v1/chat/completions", content=big, headers={"content-type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 413
+
+
+def test_spoofed_upstream_and_status_headers_are_ignored(e2e):
+    raw = e2e.openai(default_headers={"x-nexus-upstream": "ollama", "x-nexus-budget-status": "Normal"}) \
+        .chat.completions.with_raw_response.create(model="gpt-4o", messages=MSGS, max_tokens=1)
+    assert raw.headers["x-fake-upstream"] == "openai"
+    seen = e2e.fake_requests("openai")[-1]
+    assert not [h for h in seen["headers"] if h.lower().startswith("x-nexus-") and h.lower() != "x-nexus-upstream"]
+
+
+def test_unknown_path_is_404(e2e):
+    r = httpx.get(e2e.url + "/v1/models", timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_access_log_carries_final_cost(e2e):
+    e2e.openai().chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=2, stream=True).close()
+    list(e2e.openai().chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=2, stream=True))
+    log = ""
+    for _ in range(50):  # Envoy flushes its access log about once a second
+        log = Path(e2e.stack.workdir / "access.log").read_text()
+        if "tokens_out=2 settlement=usage" in log:
+            break
+        time.sleep(0.1)
+    line = [ln for ln in log.splitlines() if "tokens_out=2 settlement=usage" in ln][-1]
+    assert "model=gpt-4o" in line and "decision=allowed" in line
+    assert float(line.split(" cost=")[1].split()[0]) > 0
