@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from nexus_extproc.admin import build_admin_app
 from nexus_extproc.budget import BudgetService
 from nexus_extproc.config import NexusConfig
+from nexus_extproc.health import poll_envoy_health
 from nexus_extproc.ledger import Ledger, open_ledger
 from nexus_extproc.pricing import PriceBook
 from nexus_extproc.processor import Processor
@@ -107,8 +108,9 @@ async def serve_single(config: NexusConfig, worker_index: int | None = None) -> 
 
     if worker_index is None:
         runner = await start_admin(comps.budget, config.server.admin_host, config.server.admin_port, is_ready)
-    chores = asyncio.create_task(comps.budget.run_reconciler(
-        config.budget.reconciliation_interval_secs if config.budget else 60))
+    chores = asyncio.gather(
+        comps.budget.run_reconciler(config.budget.reconciliation_interval_secs if config.budget else 60),
+        poll_envoy_health(config, comps.processor.router))
     log.info("nexus-extproc serving", extra={"grpc_port": bound, "admin_port": config.server.admin_port
                                              if runner else None, "worker": worker_index})
     stop = asyncio.Event()

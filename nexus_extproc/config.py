@@ -72,6 +72,9 @@ class ServerConfig(_Strict):
     # Own deadline for a stream: Envoy runs no timer in some modes, and a half-open stream must not hold a
     # reservation forever.
     stream_idle_timeout_secs: float = Field(default=300.0, gt=0)
+    # Envoy's admin address: when set, local backends Envoy's health checks mark down are never reroute targets.
+    envoy_admin_url: str | None = None
+    health_poll_secs: float = Field(default=5.0, gt=0)
     log_json: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -48,6 +48,7 @@ class EnvoyParams:
     message_timeout: str = "5s"
     failure_mode_allow: bool = False
     access_log_path: str = "/dev/stdout"
+    local_health_interval: str = "5s"
 
 
 def _h2_options() -> dict[str, Any]:
@@ -65,7 +66,7 @@ _THRESHOLDS = {"thresholds": [{"max_connections": 100000, "max_pending_requests"
                                "max_requests": 100000, "max_retries": 3}]}
 
 
-def _upstream_cluster(u: Upstream) -> dict[str, Any]:
+def _upstream_cluster(u: Upstream, health_interval: str) -> dict[str, Any]:
     is_ip = u.host.replace(".", "").isdigit()
     c: dict[str, Any] = {
         "name": u.name,
@@ -83,7 +84,7 @@ def _upstream_cluster(u: Upstream) -> dict[str, Any]:
             "sni": u.host}}
     if u.local:
         # Envoy's own view of the local model's health; the ext_proc server reads it before rerouting.
-        c["health_checks"] = [{"timeout": "1s", "interval": "5s", "unhealthy_threshold": 2,
+        c["health_checks"] = [{"timeout": "1s", "interval": health_interval, "unhealthy_threshold": 2,
                                "healthy_threshold": 1, "http_health_check": {"path": "/v1/models"}}]
         c["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
     return c
@@ -150,7 +151,7 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
                 "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                                 "typed_config": hcm}]}],
             }],
-            "clusters": [extproc_cluster, *(_upstream_cluster(u) for u in p.upstreams)],
+            "clusters": [extproc_cluster, *(_upstream_cluster(u, p.local_health_interval) for u in p.upstreams)],
         },
     }
 

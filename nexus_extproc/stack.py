@@ -107,7 +107,9 @@ class Stack:
             while not all(_is_free(self.grpc_port + i) for i in range(workers)):
                 self.grpc_port = free_port()
         self.admin_port = self.admin_port or free_port()
-        full_env = {**os.environ, **(env or {})}
+        self.envoy_admin_port = self.envoy_admin_port or free_port()
+        full_env = {**os.environ, "NEXUS_SERVER__ENVOY_ADMIN_URL": f"http://{HOST}:{self.envoy_admin_port}",
+                    "NEXUS_SERVER__HEALTH_POLL_SECS": "0.5", **(env or {})}
         full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.extproc = self._spawn([sys.executable, "-m", "nexus_extproc", "serve", "--config", str(config_path),
                                     "--grpc-port", str(self.grpc_port), "--admin-port", str(self.admin_port),
@@ -134,7 +136,7 @@ class Stack:
             extproc_ports=[self.grpc_port + i for i in range(workers)],
             upstreams=[Upstream(n, HOST, port, local=(n in ("ollama", "vllm")))
                        for n, port in self.fake_ports.items()],
-            access_log_path=str(self.workdir / "access.log"))
+            access_log_path=str(self.workdir / "access.log"), local_health_interval="1s")
 
     def start_envoy(self, workers: int = 1, params: EnvoyParams | None = None, concurrency: int = 2) -> None:
         self.envoy_port = self.envoy_port or free_port()

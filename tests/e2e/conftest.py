@@ -14,7 +14,7 @@ import openai
 import pytest
 import yaml
 
-from nexus_extproc.stack import Stack
+from nexus_extproc.stack import Stack, free_port
 from tests.conftest import BACKENDS
 
 pytestmark = pytest.mark.e2e
@@ -83,7 +83,7 @@ def e2e() -> Iterator[E2E]:
     stack = Stack()
     try:
         stack.start_fakes()
-        stack.grpc_port = 0
+        stack.fake_ports["vllm"] = free_port()  # a local backend that is down: nothing listens there
         env = E2E(stack)
         cfg = write_config(stack.workdir / "initial.yaml")
         stack.start_extproc(cfg)

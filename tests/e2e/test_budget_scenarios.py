@@ -1,0 +1,197 @@
+"""Issue 4 acceptance: the seeds' quickstart scenarios through the real Envoy, on SQLite and on Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import UTC, datetime
+
+import httpx
+import openai
+import pytest
+
+from nexus_extproc.ledger import ReserveItem, SpendRecord, open_ledger
+from nexus_extproc.stack import Stack
+from tests.conftest import BACKENDS
+from tests.e2e.conftest import E2E, write_config
+
+MSGS = [{"role": "user", "content": "Hello"}]
+
+
+def period() -> str:
+    return datetime.now(UTC).strftime("%Y-%m")
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        return {"kind": "sqlite", "path": str(tmp_path / "ledger.db")}
+    return {"kind": "redis", "url": request.getfixturevalue("redis_url"), "key_prefix": f"e2e{uuid.uuid4().hex[:6]}"}
+
+
+def seed_spend(store: dict, micros: int) -> None:
+    asyncio.run(_seed_spend(store, micros))
+
+
+async def _seed_spend(store: dict, micros: int) -> None:
+    """Spend recorded by earlier traffic, written through the ledger as a settled request."""
+    led = (open_ledger("sqlite", path=store["path"]) if store["kind"] == "sqlite"
+           else open_ledger("redis", url=store["url"], key_prefix=store["key_prefix"]))
+    rid = uuid.uuid4().hex
+    await led.reserve(rid, [ReserveItem("global", period(), micros)], time.time() + 60)
+    await led.settle(rid, [("global", period())], micros, SpendRecord(time.time(), "gpt-4o", "openai", 1, 1,
+                                                                         micros, "usage"))
+    await led.close()
+
+
+def test_zero_config_has_no_budget(e2e: E2E):
+    e2e.restart()
+    raw = e2e.openai().chat.completions.with_raw_response.create(model="gpt-4o", messages=MSGS, max_tokens=2)
+    assert not [h for h in raw.headers if h.startswith("x-nexus-budget")]
+    assert e2e.stats() == {"budget": None}
+    assert "nexus_budget_limit_usd" not in e2e.metrics()
+
+
+def test_spend_is_recorded_exactly_and_stats_match_spec(e2e: E2E, store):
+    e2e.restart(budget={"monthly_limit_usd": 100}, store=store)
+    c = e2e.openai()
+    r1 = c.chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=10)
+    r2 = c.chat.completions.create(model="gpt-4o-mini", messages=MSGS, max_tokens=4)
+    expected = -(-(r1.usage.prompt_tokens * 25 + r1.usage.completion_tokens * 100) // 10) + \
+        -(-(r2.usage.prompt_tokens * 15 + r2.usage.completion_tokens * 60) // 100)
+    for _ in range(50):
+        b = e2e.stats()["budget"]
+        if b["reserved_usd"] == 0:
+            break
+        time.sleep(0.05)
+    assert round(b["current_spending_usd"] * 1e6) == expected
+    assert set(b) == {"current_spending_usd", "reserved_usd", "monthly_limit_usd", "utilization_percent", "status",
+                      "billing_month", "last_reconciliation", "soft_limit_threshold", "hard_limit_action",
+                      "next_reset_date"}
+    assert b["status"] == "Normal" and b["billing_month"] == period() and b["hard_limit_action"] == "Warn"
+    m = e2e.metrics()
+    assert "nexus_budget_limit_usd 100.0" in m and "nexus_budget_status 0.0" in m
+
+
+def test_soft_limit_reroutes_to_local_equivalent(e2e: E2E, store):
+    seed_spend(store, 85_000_000)
+    e2e.restart(budget={"monthly_limit_usd": 100, "soft_limit_percent": 80}, store=store)
+    raw = e2e.openai().chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MSGS, max_tokens=3)
+    h = raw.headers
+    assert h["x-fake-upstream"] == "ollama" and h["x-fake-model"] == "llama3.1:8b"
+    assert h["x-nexus-backend-type"] == "local" and h["x-nexus-route-reason"] == "budget-soft-limit"
+    assert h["x-nexus-budget-status"] == "SoftLimit" and h["x-nexus-budget-utilization"] == "85.00"
+    assert h["x-nexus-budget-remaining"] == "15.00"
+    seen = e2e.fake_requests("ollama")[-1]
+    assert "Authorization" not in seen["headers"]  # the cloud key never reaches the local model
+    # No equivalent for gpt-4o: it goes to the cloud as asked, with the status header.
+    raw = e2e.openai().chat.completions.with_raw_response.create(model="gpt-4o", messages=MSGS, max_tokens=3)
+    assert raw.headers["x-fake-upstream"] == "openai" and raw.headers["x-nexus-budget-status"] == "SoftLimit"
+
+
+def test_hard_limit_block_cloud_routes_local_or_503(e2e: E2E, store):
+    seed_spend(store, 100_000_000)
+    e2e.restart(budget={"monthly_limit_usd": 100, "hard_limit_action": "block_cloud"}, store=store)
+    raw = e2e.openai().chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MSGS, max_tokens=3)
+    assert raw.headers["x-fake-upstream"] == "ollama" and raw.headers["x-nexus-route-reason"] == "budget-hard-limit"
+    with pytest.raises(openai.APIStatusError) as e:
+        e2e.openai().chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=3)
+    resp = e.value.response
+    assert resp.status_code == 503 and resp.headers["content-type"] == "application/json"
+    assert resp.json()["error"]["code"] == "budget_exceeded"
+    now = datetime.now(UTC)
+    reset = datetime(now.year + (now.month == 12), now.month % 12 + 1, 1, tzinfo=UTC)
+    assert abs(int(resp.headers["retry-after"]) - (reset - now).total_seconds()) < 30
+    # Anthropic clients get Anthropic's error shape.
+    r = httpx.post(e2e.url + "/v1/messages", json={"model": "claude-3-5-haiku", "max_tokens": 5,
+                                                   "messages": MSGS}, timeout=10)
+    assert r.status_code == 503 and r.json()["type"] == "error" and r.json()["error"]["type"] == "budget_exceeded"
+    assert e2e.stats()["budget"]["status"] == "HardLimit"
+
+
+def test_hard_limit_block_all_and_warn(e2e: E2E, store):
+    seed_spend(store, 120_000_000)
+    e2e.restart(budget={"monthly_limit_usd": 100, "hard_limit_action": "block_all"}, store=store,
+                equivalents={})
+    with pytest.raises(openai.APIStatusError) as e:
+        e2e.openai().chat.completions.create(model="gpt-4o-mini", messages=MSGS, max_tokens=3)
+    assert e.value.status_code == 503
+    # A local model priced at 0 still passes block_all.
+    ok = e2e.openai().chat.completions.create(model="llama3.1:8b", messages=MSGS, max_tokens=3)
+    assert ok.choices
+    e2e.restart(budget={"monthly_limit_usd": 100, "hard_limit_action": "warn"}, store=store, equivalents={})
+    raw = e2e.openai().chat.completions.with_raw_response.create(model="gpt-4o", messages=MSGS, max_tokens=3)
+    assert raw.http_response.status_code == 200 and raw.headers["x-nexus-budget-status"] == "HardLimit"
+    assert raw.headers["x-nexus-budget-remaining"] == "0.00"
+
+
+def test_spend_survives_restart(e2e: E2E, store):
+    e2e.restart(budget={"monthly_limit_usd": 50}, store=store)
+    for _ in range(3):
+        e2e.openai().chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=20)
+    time.sleep(0.3)
+    before = e2e.stats()["budget"]["current_spending_usd"]
+    assert before > 0
+    e2e.restart(budget={"monthly_limit_usd": 50}, store=store)
+    assert e2e.stats()["budget"]["current_spending_usd"] == before
+
+
+def test_two_workers_share_one_budget(tmp_path, redis_url):
+    for store in ({"kind": "sqlite", "path": str(tmp_path / "w.db")},
+                  {"kind": "redis", "url": redis_url, "key_prefix": f"w{uuid.uuid4().hex[:6]}"}):
+        stack = Stack()
+        try:
+            stack.start_fakes(("openai", "anthropic", "ollama"))
+            cfg = write_config(stack.workdir / "c.yaml", budget={"monthly_limit_usd": 10}, store=store)
+            stack.start_extproc(cfg, workers=2)
+            stack.start_envoy(workers=2)
+            env = E2E(stack)
+            env.wait_envoy_sees_extproc()
+            client = env.openai()
+            total = 0
+            for _ in range(12):
+                r = client.chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=8)
+                total += -(-(r.usage.prompt_tokens * 25 + r.usage.completion_tokens * 100) // 10)
+            time.sleep(0.3)
+            assert round(env.stats()["budget"]["current_spending_usd"] * 1e6) == total
+            # Both worker processes served traffic (Envoy spreads streams over both ports).
+            m = env.metrics()
+            assert 'nexus_settlements_total{source="usage"} 12.0' in m
+        finally:
+            stack.stop()
+
+
+def test_no_reroute_to_local_backend_envoy_reports_down(e2e: E2E, store):
+    seed_spend(store, 90_000_000)
+    backends = {**BACKENDS, "vllm": {"cluster": "vllm", "type": "local", "provider": "openai", "models": ["qwen*"]}}
+    e2e.restart(budget={"monthly_limit_usd": 100}, store=store, backends=backends,
+                equivalents={"gpt-4o-mini": "vllm/qwen2.5:7b"}, prices={"qwen2.5:7b": {"input_per_mtok": 0,
+                                                                                       "output_per_mtok": 0}})
+    time.sleep(1.5)  # Envoy's health check (1 s in tests) and the server's poll (0.5 s)
+    raw = e2e.openai().chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MSGS, max_tokens=3)
+    assert raw.headers["x-fake-upstream"] == "openai" and raw.headers["x-nexus-budget-status"] == "SoftLimit"
+    assert "x-nexus-route-reason" not in raw.headers
+
+
+def test_sigterm_drains_in_flight_stream_and_settles(e2e: E2E, store):
+    import threading
+
+    e2e.restart(budget={"monthly_limit_usd": 100}, store=store)
+    got: list[str] = []
+
+    def slow_stream() -> None:
+        stream = e2e.openai(default_headers={"x-fake-fault": "slow", "x-fake-delay-ms": "250"}) \
+            .chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=8, stream=True)
+        got.extend(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    t = threading.Thread(target=slow_stream)
+    t.start()
+    time.sleep(0.8)
+    assert e2e.stack.stop_extproc() == 0  # SIGTERM: waits for the stream, then exits 0
+    t.join(30)
+    assert "".join(got) == " ".join(["tok"] * 8)
+    e2e.stack.start_extproc(write_config(
+        e2e.stack.workdir / "after.yaml", budget={"monthly_limit_usd": 100}, store=store))
+    b = e2e.stats()["budget"]
+    assert b["current_spending_usd"] > 0 and b["reserved_usd"] == 0
