@@ -129,38 +129,44 @@ class BudgetService:
         return self.view_of(self.last_totals)
 
     async def admit(self, req_id: str, requested: Target, equivalent: Target | None) -> Admission:
+        """Reserve first, decide with the totals the reservation saw, and redo only when the policy picks
+        another target: the common case costs one store round trip."""
         if not self.enabled:
             return Admission(decide(PolicyInput(requested, equivalent, None)), None)
-        assert self.ledger is not None
+        assert self.ledger is not None and self.budget is not None
         period = self.period()
-        ttl = self.config.store.reservation_ttl_secs
+        items = [(GLOBAL_BUDGET, period.key)]
+        expires = time.time() + self.config.store.reservation_ttl_secs
+        blocking = self.budget.hard_limit_action != "warn"
         try:
-            view = await self.current_view()
-            assert view is not None
-            decision = decide(PolicyInput(requested, equivalent, view))
-            for force_hard in (False, True):
-                if decision.action is Action.REJECT:
-                    break
-                assert decision.target is not None
-                amount = decision.target.estimate_micros
-                cap = self._limit if decision.must_fit else None
-                res = await self.ledger.reserve(
-                    req_id, [ReserveItem(GLOBAL_BUDGET, period.key, amount, cap)], time.time() + ttl)
-                self.last_totals = res.totals[0]
-                if res.admitted:
-                    self._note_status(decision.status)
-                    return Admission(decision, view, [(GLOBAL_BUDGET, period.key)], amount)
-                view = self.view_of(res.totals[0])
-                decision = decide(PolicyInput(requested, equivalent, view), force_hard=not force_hard)
+            await self._observe_period(period)
+            amount = requested.estimate_micros
+            cap = self._limit if blocking and amount > 0 else None
+            res = await self.ledger.reserve(req_id, [ReserveItem(GLOBAL_BUDGET, period.key, amount, cap)], expires)
+            t = res.totals[0]
+            before = Totals(t.settled, t.reserved - amount) if res.admitted else t
+            self.last_totals = t
+            view = self.view_of(before)
+            decision = decide(PolicyInput(requested, equivalent, view), force_hard=not res.admitted)
+            if res.admitted and decision.action is Action.ALLOW and decision.target == requested:
+                self._note_status(decision.status)
+                return Admission(decision, view, items, amount)
+            if res.admitted:
+                await self.ledger.release(req_id)
             self._note_status(decision.status)
-            return Admission(decision, view)
+            if decision.action is Action.REJECT:
+                return Admission(decision, view)
+            assert decision.target is not None
+            amount = decision.target.estimate_micros
+            res = await self.ledger.reserve(req_id, [ReserveItem(GLOBAL_BUDGET, period.key, amount)], expires)
+            self.last_totals = res.totals[0]
+            return Admission(decision, view, items, amount)
         except StoreUnavailable:
             metrics.store_failures.labels("reserve").inc()
             if self.config.store_failure == "closed":
                 raise store_unavailable() from None
             log.warning("budget store unavailable; admitting with store_failure=open")
-            return Admission(decide(PolicyInput(requested, equivalent, None)), None,
-                             [(GLOBAL_BUDGET, period.key)], outbox=True)
+            return Admission(decide(PolicyInput(requested, equivalent, None)), None, items, outbox=True)
 
     def reject_error(self, decision: Decision) -> Exception:
         return budget_exceeded(decision.reason or "budget exhausted",

@@ -24,12 +24,13 @@ def _serve(args: argparse.Namespace) -> int:
     if overrides:
         config = config.model_copy(update={"server": config.server.model_copy(update=overrides)})
     setup_logging(config.server.log_level, config.server.log_json)
-    try:
-        import uvloop
+    if config.server.event_loop == "uvloop":
+        try:
+            import uvloop
 
-        uvloop.install()
-    except ImportError:
-        pass
+            uvloop.install()
+        except ImportError:
+            pass
     if args.worker_index is None and config.server.workers > 1:
         return asyncio.run(serve_workers(config, args.config, config.server.workers))
     return asyncio.run(serve_single(config, args.worker_index))

@@ -75,6 +75,7 @@ class ServerConfig(_Strict):
     # Envoy's admin address: when set, local backends Envoy's health checks mark down are never reroute targets.
     envoy_admin_url: str | None = None
     health_poll_secs: float = Field(default=5.0, gt=0)
+    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
     log_json: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

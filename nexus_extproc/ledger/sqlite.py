@@ -43,6 +43,11 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
+class _Refused(Exception):
+    def __init__(self, result: ReserveResult) -> None:
+        self.result = result
+
+
 class SqliteLedger(Ledger):
     def __init__(self, path: str, timeout_ms: int = 250, synchronous: str = "NORMAL") -> None:
         if path != ":memory:":
@@ -53,6 +58,7 @@ class SqliteLedger(Ledger):
         self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous.upper() == 'FULL' else 'NORMAL'}")
         self._db.execute(f"PRAGMA busy_timeout={int(timeout_ms)}")
         self._write(lambda c: c.executescript(SCHEMA) and None, begin=False)
+        self._known_rows: set[tuple[str, str]] = set()  # totals rows known to exist (never deleted)
 
     def _write(self, fn, begin: bool = True):  # type: ignore[no-untyped-def]
         """Run `fn(cursor)` in one immediate transaction; a busy or broken store becomes StoreUnavailable."""
@@ -62,8 +68,10 @@ class SqliteLedger(Ledger):
                 cur.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(cur)
+            except _Refused:
+                raise  # rolled back by the transaction body
             except BaseException:
-                if begin:
+                if begin and self._db.in_transaction:
                     cur.execute("ROLLBACK")
                 raise
             if begin:
@@ -84,34 +92,43 @@ class SqliteLedger(Ledger):
 
     async def reserve(self, req_id: str, items: list[ReserveItem], expires_at: float) -> ReserveResult:
         def tx(c: sqlite3.Cursor) -> ReserveResult:
-            seen = []
+            after: list[Totals] = []
             for it in items:
-                row = c.execute("SELECT settled, reserved FROM totals WHERE budget=? AND period=?",
-                                (it.budget, it.period)).fetchone()
-                seen.append(Totals(*row) if row else Totals(0, 0))
-            for it, t in zip(items, seen, strict=True):
-                if it.cap is not None and t.settled + t.reserved + it.amount > it.cap:
-                    return ReserveResult(False, seen)
-            after = []
-            for it, t in zip(items, seen, strict=True):
-                c.execute("INSERT INTO totals (budget, period, settled, reserved) VALUES (?,?,0,?) "
-                          "ON CONFLICT (budget, period) DO UPDATE SET reserved = reserved + excluded.reserved",
-                          (it.budget, it.period, it.amount))
+                if (it.budget, it.period) not in self._known_rows:
+                    c.execute("INSERT OR IGNORE INTO totals (budget, period) VALUES (?, ?)", (it.budget, it.period))
+                    self._known_rows.add((it.budget, it.period))
+                # The cap check and the increment are one statement: nothing can interleave between them.
+                row = c.execute(
+                    "UPDATE totals SET reserved = reserved + ?1 WHERE budget = ?2 AND period = ?3 "
+                    "AND (?4 IS NULL OR settled + reserved + ?1 <= ?4) RETURNING settled, reserved",
+                    (it.amount, it.budget, it.period, it.cap)).fetchone()
+                if row is None:
+                    c.execute("ROLLBACK")  # also undoes any totals row created above
+                    self._known_rows.difference_update((i.budget, i.period) for i in items)
+                    seen = [Totals(*c.execute("SELECT settled, reserved FROM totals WHERE budget=? AND period=?",
+                                              (i.budget, i.period)).fetchone() or (0, 0)) for i in items]
+                    raise _Refused(ReserveResult(False, seen))
                 c.execute("INSERT OR REPLACE INTO reservations VALUES (?,?,?,?,?)",
                           (req_id, it.budget, it.period, it.amount, expires_at))
-                after.append(Totals(t.settled, t.reserved + it.amount))
+                after.append(Totals(*row))
             return ReserveResult(True, after)
 
-        result: ReserveResult = self._write(tx)
+        try:
+            result: ReserveResult = self._write(tx)
+        except _Refused as r:
+            return r.result
         return result
 
     async def settle(self, req_id: str, items: list[tuple[str, str]], cost: int, record: SpendRecord) -> bool:
         def tx(c: sqlite3.Cursor) -> bool:
-            if c.execute("SELECT 1 FROM settlements WHERE req_id=?", (req_id,)).fetchone():
-                return False
+            try:
+                c.execute("INSERT INTO settlements VALUES (?,?,?,?,?,?,?,?,?)",
+                          (req_id, record.ts, record.model, record.backend, record.input_tokens,
+                           record.output_tokens, cost, record.estimate, record.source))
+            except sqlite3.IntegrityError:
+                return False  # already settled: idempotent
             held = {b: (p, amt) for b, p, amt in c.execute(
-                "SELECT budget, period, amount FROM reservations WHERE req_id=?", (req_id,))}
-            c.execute("DELETE FROM reservations WHERE req_id=?", (req_id,))
+                "DELETE FROM reservations WHERE req_id=? RETURNING budget, period, amount", (req_id,)).fetchall()}
             targets = {b: p for b, p in items}
             targets.update({b: p for b, (p, _) in held.items()})  # settle into the period it was reserved in
             for budget, period in targets.items():
@@ -120,9 +137,6 @@ class SqliteLedger(Ledger):
                           "ON CONFLICT (budget, period) DO UPDATE SET settled = settled + excluded.settled, "
                           "reserved = reserved - ?", (budget, period, cost, amount))
                 c.execute("INSERT INTO settlement_budgets VALUES (?,?,?,?)", (req_id, budget, period, cost))
-            c.execute("INSERT INTO settlements VALUES (?,?,?,?,?,?,?,?,?)",
-                      (req_id, record.ts, record.model, record.backend, record.input_tokens,
-                       record.output_tokens, cost, record.estimate, record.source))
             return True
 
         applied: bool = self._write(tx)

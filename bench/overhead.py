@@ -1,0 +1,423 @@
+"""Overhead of the ext_proc filter against plain Envoy, measured in one run on this machine.
+
+Starts, side by side: an upstream (Envoy serving a canned OpenAI chat response, so the upstream is never
+the bottleneck; the Python fake upstream for multi-chunk SSE and time-to-first-token), plain Envoy →
+upstream, and Envoy + ext_proc → the same upstream. Drives each with the same wrk load and prints req/s,
+p50/p99 latency, CPU per request of Envoy and of the ext_proc processes (from /proc), and the ratios.
+
+    python bench/overhead.py [--duration 8] [--quick]
+
+Everything binds to 127.0.0.1; every load is bounded by --duration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from nexus_extproc.envoy_config import EnvoyParams, Upstream, build_config, dump, plain_config  # noqa: E402
+from nexus_extproc.stack import HOST, Stack, free_port, wait_http  # noqa: E402
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def ensure_wrk() -> str:
+    w = shutil.which("wrk")
+    if w:
+        return w
+    subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True, capture_output=True)
+    return shutil.which("wrk") or "wrk"
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime (this process; threads included)
+        except (FileNotFoundError, IndexError):
+            pass
+    return total / TICKS
+
+
+def children_of(pid: int) -> list[int]:
+    out = [pid]
+    try:
+        for line in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split():
+            out += children_of(int(line))
+    except ValueError:
+        pass
+    return out
+
+
+def canned_chat(prompt_tokens: int) -> str:
+    return json.dumps({"id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": "gpt-4o-mini",
+                       "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                                    "finish_reason": "stop"}],
+                       "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 1,
+                                 "total_tokens": prompt_tokens + 1}})
+
+
+def canned_sse(prompt_tokens: int, events: int = 20) -> str:
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "gpt-4o-mini",
+             "choices": [{"index": 0, "delta": {"content": " tok"}, "finish_reason": None}]}
+    body = "".join(f"data: {json.dumps(chunk)}\n\n" for _ in range(events))
+    body += "data: " + json.dumps({**chunk, "choices": [], "usage": {
+        "prompt_tokens": prompt_tokens, "completion_tokens": events, "total_tokens": prompt_tokens + events}}) + "\n\n"
+    return body + "data: [DONE]\n\n"
+
+
+def upstream_envoy_config(port: int, admin: int) -> dict:
+    """An Envoy that answers like OpenAI from memory: a fast upstream, so the comparison measures the proxy."""
+    def route(stream: bool) -> dict:
+        return {"match": {"prefix": "/", "headers": [{"name": "x-bench-stream", "present_match": True}]}
+                if stream else {"prefix": "/"},
+                "direct_response": {"status": 200, "body": {"inline_string": canned_sse(300) if stream
+                                                            else canned_chat(300)}},
+                "response_headers_to_add": [{"header": {"key": "content-type", "value": "text/event-stream"
+                                                        if stream else "application/json"},
+                                             "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}
+    return {"admin": {"address": {"socket_address": {"address": HOST, "port_value": admin}}},
+            "static_resources": {"listeners": [{"name": "up", "address": {"socket_address": {
+                "address": HOST, "port_value": port}}, "per_connection_buffer_limit_bytes": 8 << 20,
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
+                                 ".v3.HttpConnectionManager", "stat_prefix": "up",
+                        "route_config": {"virtual_hosts": [{"name": "up", "domains": ["*"],
+                                                            "routes": [route(True), route(False)]}]},
+                        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}]}}
+
+
+def chat_body(prompt_bytes: int, stream: bool = False) -> str:
+    words = ("budget " * (prompt_bytes // 7 + 1))[:prompt_bytes]
+    doc: dict = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": words}], "max_tokens": 64}
+    if stream:
+        doc["stream"] = True
+        doc["stream_options"] = {"include_usage": True}
+    return json.dumps(doc)
+
+
+@dataclass
+class Result:
+    name: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    requests: int
+    envoy_cpu_us: float
+    extproc_cpu_us: float
+
+
+def run_wrk(wrk: str, url: str, body: str, conns: int, duration: float, headers: dict[str, str],
+            workdir: Path) -> tuple[float, float, float, int, int]:
+    script = workdir / f"post-{abs(hash((body, tuple(headers.items()))))}.lua"
+    hdrs = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items())
+    body_file = script.with_suffix(".json")
+    body_file.write_text(body)
+    script.write_text(f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n{hdrs}'
+                      f'local f = io.open("{body_file}", "rb")\nwrk.body = f:read("*a")\nf:close()\n')
+    out = subprocess.run([wrk, "-t2", f"-c{conns}", f"-d{int(duration)}s", "--latency", "-s", str(script), url],
+                         capture_output=True, text=True, timeout=duration + 60).stdout
+    if "Requests/sec" not in out:
+        raise RuntimeError(f"wrk failed: {out[-2000:]}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+
+    def pct(p: str) -> float:
+        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out)
+        if not m:
+            return float("nan")
+        v = float(m.group(1))
+        return v / 1000 if m.group(2) == "us" else v * 1000 if m.group(2) == "s" else v
+
+    errs = 0
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        errs += int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errs += sum(int(x) for x in m.groups())
+    return rps, pct("50"), pct("99"), errs, total
+
+
+def envoy_stat(admin_port: int, name: str) -> int:
+    with urllib.request.urlopen(f"http://{HOST}:{admin_port}/stats?filter={name}") as r:
+        for line in r.read().decode().splitlines():
+            k, _, v = line.partition(": ")
+            if k.endswith(name):
+                return int(v)
+    return 0
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.wrk = ensure_wrk()
+        self.stack = Stack()
+        self.work = self.stack.workdir
+        self.results: list[Result] = []
+
+    def start_upstream(self) -> int:
+        port, admin = free_port(), free_port()
+        cfg = self.work / "upstream.yaml"
+        cfg.write_text(yaml.safe_dump(upstream_envoy_config(port, admin)))
+        p = self.stack._spawn([shutil.which("envoy") or "envoy", "-c", str(cfg), "--concurrency", "1",
+                               "--log-level", "error", "--base-id", str(free_port())], "upstream")
+        wait_http(f"http://{HOST}:{admin}/ready", proc=p)
+        return port
+
+    def start_envoy(self, cfg_doc: dict, name: str) -> tuple[subprocess.Popen[bytes], int, int]:
+        listen = cfg_doc["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
+        admin = cfg_doc["admin"]["address"]["socket_address"]["port_value"]
+        cfg = self.work / f"{name}.yaml"
+        cfg.write_text(dump(cfg_doc))
+        p = self.stack._spawn([shutil.which("envoy") or "envoy", "-c", str(cfg), "--concurrency", "2",
+                               "--log-level", "error", "--base-id", str(free_port())], name)
+        wait_http(f"http://{HOST}:{admin}/ready", proc=p)
+        return p, listen, admin
+
+    def start_extproc(self, budget: dict | None, workers: int) -> tuple[subprocess.Popen[bytes], int]:
+        grpc_port, admin = free_port(), free_port()
+        while workers > 1 and not all(_free(grpc_port + i) for i in range(workers)):
+            grpc_port = free_port()
+        doc: dict = {"backends": {"openai": {"cluster": "openai", "type": "cloud", "provider": "openai",
+                                             "default": True}},
+                     "server": {"grpc_port": grpc_port, "admin_port": admin, "workers": workers,
+                                "log_level": "WARNING"}}
+        if budget:
+            doc["budget"] = {"monthly_limit_usd": 1_000_000}
+            doc["store"] = budget
+        cfg = self.work / f"extproc-{grpc_port}.yaml"
+        cfg.write_text(yaml.safe_dump(doc))
+        p = self.stack._spawn([sys.executable, "-m", "nexus_extproc", "serve", "--config", str(cfg)],
+                              f"extproc-{grpc_port}")
+        wait_http(f"http://{HOST}:{admin}/readyz", timeout=60, proc=p)
+        return p, grpc_port
+
+    def measure(self, name: str, port: int, envoy: subprocess.Popen[bytes], extproc: subprocess.Popen[bytes] | None,
+                body: str, conns: int, headers: dict[str, str] | None = None) -> Result:
+        url = f"http://{HOST}:{port}/v1/chat/completions"
+        run_wrk(self.wrk, url, body, conns, 1, headers or {}, self.work)  # warm-up
+        e0 = cpu_seconds([envoy.pid])
+        x_pids = children_of(extproc.pid) if extproc else []
+        x0 = cpu_seconds(x_pids)
+        rps, p50, p99, errs, total = run_wrk(self.wrk, url, body, conns, self.args.duration, headers or {},
+                                             self.work)
+        e1, x1 = cpu_seconds([envoy.pid]), cpu_seconds(x_pids)
+        r = Result(name, rps, p50, p99, errs, total, (e1 - e0) / max(total, 1) * 1e6,
+                   (x1 - x0) / max(total, 1) * 1e6)
+        self.results.append(r)
+        print(f"  {name:<34} {rps:>9.0f} req/s  p50 {p50:>7.2f} ms  p99 {p99:>7.2f} ms  errors {errs:<5} "
+              f"envoy {r.envoy_cpu_us:>6.0f} µs/req  ext_proc {r.extproc_cpu_us:>6.0f} µs/req", flush=True)
+        return r
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((HOST, port))
+            return True
+        except OSError:
+            return False
+
+
+async def ttft(url: str, body: str, n: int) -> float:
+    """Median time from sending the request to the first SSE data line, over n sequential requests."""
+    import httpx
+
+    times = []
+    async with httpx.AsyncClient(timeout=30) as c:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            async with c.stream("POST", url, content=body, headers={"content-type": "application/json",
+                                                                     "x-fake-delay-ms": "20"}) as r:
+                first = True
+                async for line in r.aiter_lines():
+                    if first and line.startswith("data:"):
+                        times.append(time.perf_counter() - t0)
+                        first = False
+    return statistics.median(times) * 1000
+
+
+def micro_benchmarks() -> None:
+    """In-process CPU figures for the request path: multi-turn caching and event-loop responsiveness."""
+    from nexus_extproc.app import build
+    from nexus_extproc.config import parse_config
+    from nexus_extproc.processor import RequestState
+    from nexus_extproc.translators import for_path
+
+    cfg = parse_config({"backends": {"openai": {"cluster": "openai", "type": "cloud", "provider": "openai",
+                                                "default": True}}}, environ={})
+    comps = build(cfg)
+    proc = comps.processor
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}: " + "context " * 290}
+             for i in range(50)]  # ~100 KB conversation
+    base = json.dumps({"model": "gpt-4o", "messages": turns}).encode()
+
+    async def one(body: bytes) -> None:
+        st = RequestState()
+        st.translator = for_path("/v1/chat/completions")
+        await proc.request_body(st, body)
+
+    async def main() -> None:
+        t0 = time.process_time()
+        await one(base)
+        cold = (time.process_time() - t0) * 1000
+        samples = []
+        for i in range(30):
+            body = json.dumps({"model": "gpt-4o", "messages": [*turns, {"role": "user", "content": f"new {i}"}]})
+            t0 = time.process_time()
+            await one(body.encode())
+            samples.append((time.process_time() - t0) * 1000)
+        print(f"  100 KB conversation, first sight:            {cold:6.2f} ms CPU")
+        print(f"  same conversation + one new message (median): {statistics.median(samples):6.2f} ms CPU")
+        # Event-loop lag while a 400 KB prompt is counted (in a worker thread above 32 KB).
+        big = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "word7 " * 57000}]})
+        lags = []
+
+        async def ticker() -> None:
+            while True:
+                t = time.perf_counter()
+                await asyncio.sleep(0.001)
+                lags.append((time.perf_counter() - t - 0.001) * 1000)
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0.01)
+        lags.clear()
+        t0 = time.perf_counter()
+        await one(big.encode())
+        took = (time.perf_counter() - t0) * 1000
+        task.cancel()
+        print(f"  400 KB prompt counted in {took:.1f} ms; max event-loop lag meanwhile {max(lags):.2f} ms")
+
+    asyncio.run(main())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--duration", type=float, default=8.0)
+    ap.add_argument("--quick", action="store_true", help="1 KB JSON only")
+    ap.add_argument("--redis-url", default=None, help="run the budget-on case on this Redis too")
+    args = ap.parse_args()
+    b = Bench(args)
+    body_1k, body_100k = chat_body(1024), chat_body(100 * 1024)
+    try:
+        up = b.start_upstream()
+        print(f"machine: {os.cpu_count()} cores; wrk -t2; Envoy --concurrency 2; upstream: Envoy direct_response",
+              flush=True)
+        pe, pport, _ = b.start_envoy(plain_config(free_port(), free_port(), up), "plain")
+        x1, g1 = b.start_extproc(None, 1)
+        params = EnvoyParams(listen_address=HOST, listen_port=free_port(), admin_port=free_port(),
+                             extproc_ports=[g1], upstreams=[Upstream("openai", HOST, up)], access_log_path="/dev/null")
+        ee, eport, eadmin = b.start_envoy(build_config(params), "ext1")
+
+        print("\n1 KB prompt, JSON, 16 connections")
+        plain = b.measure("plain Envoy", pport, pe, None, body_1k, 16)
+        ext = b.measure("Envoy + ext_proc (1 worker)", eport, ee, x1, body_1k, 16)
+        m0 = envoy_stat(eadmin, "ext_proc.stream_msgs_received")
+        ratios = [("1 KB JSON c=16, 1 worker", ext.rps / plain.rps)]
+
+        x2, g2 = b.start_extproc(None, 2)
+        params2 = EnvoyParams(listen_address=HOST, listen_port=free_port(), admin_port=free_port(),
+                              extproc_ports=[g2, g2 + 1], upstreams=[Upstream("openai", HOST, up)],
+                              access_log_path="/dev/null")
+        ee2, eport2, _ = b.start_envoy(build_config(params2), "ext2")
+        ext2 = b.measure("Envoy + ext_proc (2 workers)", eport2, ee2, x2, body_1k, 16)
+        ratios.append(("1 KB JSON c=16, 2 workers", ext2.rps / plain.rps))
+        print(f"  ext_proc messages per request: {m0 / max(1, ext.requests):.1f}")
+
+        if not args.quick:
+            print("\nBudget on (ledger reserve + settle per request), 1 KB JSON, 16 connections, 1 worker")
+            stores = [("sqlite", {"kind": "sqlite", "path": str(b.work / "bench.db")})]
+            if args.redis_url or shutil.which("redis-server"):
+                url = args.redis_url
+                if url is None:
+                    rport = free_port()
+                    b.stack._spawn(["redis-server", "--port", str(rport), "--bind", HOST, "--save", "",
+                                    "--appendonly", "no"], "redis")
+                    time.sleep(0.5)
+                    url = f"redis://{HOST}:{rport}/0"
+                stores.append(("redis", {"kind": "redis", "url": url, "key_prefix": "bench"}))
+            for sname, store in stores:
+                xb, gb = b.start_extproc(store, 1)
+                pb = EnvoyParams(listen_address=HOST, listen_port=free_port(), admin_port=free_port(),
+                                 extproc_ports=[gb], upstreams=[Upstream("openai", HOST, up)],
+                                 access_log_path="/dev/null")
+                eb, ebport, _ = b.start_envoy(build_config(pb), f"budget-{sname}")
+                r = b.measure(f"Envoy + ext_proc + {sname} ledger", ebport, eb, xb, body_1k, 16)
+                print(f"    ledger cost vs request path only: {r.extproc_cpu_us - ext.extproc_cpu_us:+.0f} µs "
+                      f"CPU/req; {r.rps / plain.rps:.3f}× plain Envoy")
+                ratios.append((f"1 KB JSON c=16, budget on ({sname})", r.rps / plain.rps))
+
+            print("\n100 KB prompt, JSON, 64 connections")
+            plain100 = b.measure("plain Envoy", pport, pe, None, body_100k, 64)
+            ext100 = b.measure("Envoy + ext_proc (2 workers)", eport2, ee2, x2, body_100k, 64)
+            ratios.append(("100 KB JSON c=64, 2 workers", ext100.rps / plain100.rps))
+
+            print("\nSSE (20 events + usage in one upstream write), 1 KB prompt, 16 connections")
+            sse = chat_body(1024, stream=True)
+            plain_sse = b.measure("plain Envoy", pport, pe, None, sse, 16, {"x-bench-stream": "1"})
+            m1 = envoy_stat(eadmin, "ext_proc.stream_msgs_received")
+            ext_sse = b.measure("Envoy + ext_proc (1 worker)", eport, ee, x1, sse, 16, {"x-bench-stream": "1"})
+            ratios.append(("SSE 1 KB c=16, 1 worker", ext_sse.rps / plain_sse.rps))
+
+            print("\nStreamed chunks: Python fake upstream, 40 events written separately")
+            b.stack.start_fakes(("openai",))
+            fake = b.stack.fake_ports["openai"]
+            pf, pfport, _ = b.start_envoy(plain_config(free_port(), free_port(), fake), "plain-fake")
+            pfx = EnvoyParams(listen_address=HOST, listen_port=free_port(), admin_port=free_port(),
+                              extproc_ports=[g1], upstreams=[Upstream("openai", HOST, fake)],
+                              access_log_path="/dev/null")
+            ef, efport, efadmin = b.start_envoy(build_config(pfx), "ext-fake")
+            sse40 = json.dumps({"model": "gpt-4o-mini", "stream": True, "max_tokens": 40,
+                                "messages": [{"role": "user", "content": "hi"}]})
+            before_msgs = envoy_stat(efadmin, "ext_proc.stream_msgs_received")
+            x_before = cpu_seconds(children_of(x1.pid))
+            r = b.measure("Envoy + ext_proc, 40-event stream", efport, ef, x1, sse40, 8,
+                          {"x-fake-completion-tokens": "40"})
+            msgs = envoy_stat(efadmin, "ext_proc.stream_msgs_received") - before_msgs
+            x_cpu = cpu_seconds(children_of(x1.pid)) - x_before
+            per_req = msgs / max(1, r.requests)
+            chunk_us = (x_cpu / max(1, r.requests) - ext.extproc_cpu_us / 1e6) / max(1.0, per_req - 4) * 1e6
+            print(f"    {per_req:.1f} ext_proc messages per streamed response (counts include warm-up); "
+                  f"~{chunk_us:.0f} µs ext_proc CPU per extra streamed chunk (vs the 4-message JSON request)")
+            t_plain = asyncio.run(ttft(f"http://{HOST}:{pfport}/v1/chat/completions", sse40, 40))
+            t_ext = asyncio.run(ttft(f"http://{HOST}:{efport}/v1/chat/completions", sse40, 40))
+            print(f"    time to first token (median of 40, sequential): plain {t_plain:.2f} ms, "
+                  f"ext_proc {t_ext:.2f} ms, difference {t_ext - t_plain:+.2f} ms")
+            del m1
+
+        print("\nIn-process request path")
+        micro_benchmarks()
+
+        print("\nRatios (Envoy + ext_proc req/s ÷ plain Envoy req/s, same run)")
+        for name, ratio in ratios:
+            print(f"  {name:<40} {ratio:.3f}×")
+        return 0
+    finally:
+        b.stack.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
