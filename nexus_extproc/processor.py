@@ -80,6 +80,7 @@ class RequestState:
     streaming: bool = False
     sse: SSEParser | None = None
     usage: UsageReport = field(default_factory=UsageReport)
+    usage_final: bool = False  # the provider's final usage was seen (JSON usage, or the stream's last event)
     out_text: list[str] = field(default_factory=list)
     out_chars: int = 0
     response_complete: bool = False
@@ -334,6 +335,7 @@ class Processor:
                         info = tr.stream_event(ev.event, doc)
                         if info.usage is not None:
                             state.usage.merge(info.usage)
+                            state.usage_final = state.usage_final or info.final
                         if info.text:
                             self._note_text(state, info.text)
                         drop = info.usage_only and state.added_stream_usage
@@ -354,6 +356,7 @@ class Processor:
                     u = tr.response_usage(doc)
                     if u is not None:
                         state.usage.merge(u)
+                        state.usage_final = u.complete
         if end_of_stream:
             state.response_complete = True
             reply.metadata = self._final_metadata(state)
@@ -374,7 +377,7 @@ class Processor:
         if state.final_cost is not None and state.settle_source is not None:
             return state.final_cost, state.settle_source
         assert state.price is not None
-        if state.usage.complete:
+        if state.usage_final and state.usage.complete:
             usage = state.usage.to_usage()
             cost, source = state.price.cost_micros(usage), "usage"
         else:
@@ -408,8 +411,8 @@ class Processor:
         if adm is None or state.route is None or state.price is None:
             return
         upstream_failed = state.response_status >= 400 or (
-            state.response_status == 0 and not state.usage.complete and state.out_chars == 0)
-        if upstream_failed and not state.usage.complete:
+            state.response_status == 0 and state.out_chars == 0)
+        if upstream_failed and not state.usage_final:
             # Nothing was generated (upstream error or the client left before any response): not billable.
             await self.budget.release(state.req_id, adm)
             metrics.settlements.labels("released").inc()

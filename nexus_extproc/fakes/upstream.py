@@ -121,6 +121,7 @@ class FakeUpstream:
             if fault == "malformed-sse" and i == 1:
                 await resp.write(b"data: {not json\n\n")
             if fault == "500-mid-stream" and i == len(events) // 2:
+                await asyncio.sleep(0.05)  # let what was written reach the proxy first
                 raise ConnectionResetError("fake upstream failure mid-stream")
             # Write each event in two pieces to exercise split parsing downstream.
             cut = len(ev) // 2
@@ -129,6 +130,7 @@ class FakeUpstream:
             if delay:
                 await asyncio.sleep(delay)
         if fault == "truncate":
+            await asyncio.sleep(0.05)  # let what was written reach the proxy first
             if req.transport is not None:
                 req.transport.close()
             return resp

@@ -61,6 +61,7 @@ class AnthropicMessages(Translator):
                 info.usage = from_anthropic(msg.get("usage"))
         elif kind == "message_delta":
             info.usage = from_anthropic(data.get("usage"))
+            info.final = info.usage is not None and info.usage.output_tokens is not None
         elif kind == "content_block_delta":
             delta = data.get("delta")
             if isinstance(delta, dict):

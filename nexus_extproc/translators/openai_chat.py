@@ -87,4 +87,5 @@ class OpenAIChat(Translator):
         if isinstance(u, dict):
             info.usage = from_openai(u)
             info.usage_only = not choices
+            info.final = info.usage is not None and info.usage.complete
         return info

@@ -74,6 +74,7 @@ class OpenAIResponses(Translator):
             resp = data.get("response")
             if isinstance(resp, dict):
                 info.usage = from_openai(resp.get("usage"))
+                info.final = info.usage is not None and info.usage.complete
             info.terminal = True
         return info
 
