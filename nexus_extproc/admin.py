@@ -12,8 +12,10 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from nexus_extproc.budget import BudgetService
+from nexus_extproc.ledger import StoreUnavailable
 from nexus_extproc.money import usd_float
 from nexus_extproc.policy import STATUS_CODE
+from nexus_extproc.reports import parse_range, roll_up, row_dict, to_csv
 
 _ACTION_NAMES = {"warn": "Warn", "block_cloud": "BlockCloud", "block_all": "BlockAll"}
 
@@ -33,8 +35,8 @@ async def stats_doc(budget: BudgetService) -> dict[str, Any]:
         "status": view.status(),
         "billing_month": period.key,
         "last_reconciliation": await budget.ledger.get_meta("last_reconciliation"),
-        "soft_limit_threshold": float(budget.budget.soft_limit_percent),
-        "hard_limit_action": _ACTION_NAMES[budget.budget.hard_limit_action],
+        "soft_limit_threshold": float(budget.settings.soft_limit_percent),
+        "hard_limit_action": _ACTION_NAMES[budget.settings.hard_limit_action],
         "next_reset_date": period.end.date().isoformat(),
     }}
 
@@ -90,7 +92,25 @@ def build_admin_app(budget: BudgetService, is_ready: Callable[[], Awaitable[bool
         except Exception:
             return web.json_response({"error": "budget store unavailable"}, status=503)
 
+    async def spend(req: web.Request) -> web.Response:
+        """Read-only mirror of the admin API's ListSpend for curl users."""
+        q = req.query
+        try:
+            lo, hi = parse_range(q.get("from"), q.get("to"))
+            group_by = [g for g in q.get("group_by", "model").split(",") if g]
+            fmt = q.get("format", "json")
+            if fmt not in ("json", "csv"):
+                raise ValueError("format must be json or csv")
+            rows = roll_up(await budget.ledger.spend(lo, hi), group_by) if budget.ledger else []
+        except ValueError as e:
+            return web.json_response({"error": str(e)}, status=400)
+        except StoreUnavailable:
+            return web.json_response({"error": "budget store unavailable"}, status=503)
+        if fmt == "csv":
+            return web.Response(text=to_csv(rows), content_type="text/csv")
+        return web.json_response({"from": lo, "to": hi, "group_by": group_by, "rows": [row_dict(r) for r in rows]})
+
     app = web.Application()
     app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics),
-                    web.get("/v1/stats", stats)])
+                    web.get("/v1/stats", stats), web.get("/v1/spend", spend)])
     return app

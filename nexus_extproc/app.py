@@ -23,10 +23,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from nexus_extproc.admin import build_admin_app
+from nexus_extproc.admin_api import start_admin_api
 from nexus_extproc.budget import BudgetService
 from nexus_extproc.config import NexusConfig
 from nexus_extproc.health import poll_envoy_health
-from nexus_extproc.ledger import Ledger, open_ledger
+from nexus_extproc.ledger import Ledger, StoreUnavailable, open_ledger
 from nexus_extproc.pricing import PriceBook
 from nexus_extproc.processor import Processor
 from nexus_extproc.router import Router
@@ -106,8 +107,13 @@ async def serve_single(config: NexusConfig, worker_index: int | None = None) -> 
     async def is_ready() -> bool:
         return ready
 
+    admin_api = None
+    with contextlib.suppress(StoreUnavailable):
+        await comps.budget.load_settings()
     if worker_index is None:
         runner = await start_admin(comps.budget, config.server.admin_host, config.server.admin_port, is_ready)
+        admin_api, _ = await start_admin_api(comps.budget, config.admin_api.host, config.admin_api.port,
+                                             config.admin_api.token())
     chores = asyncio.gather(
         comps.budget.run_reconciler(config.budget.reconciliation_interval_secs if config.budget else 60),
         poll_envoy_health(config, comps.processor.router))
@@ -125,6 +131,8 @@ async def serve_single(config: NexusConfig, worker_index: int | None = None) -> 
     chores.cancel()
     if runner:
         await runner.cleanup()
+    if admin_api:
+        await admin_api.stop(1)
     if comps.budget.ledger:
         await comps.budget.ledger.close()
     log.info("stopped")
@@ -162,6 +170,8 @@ async def serve_workers(config: NexusConfig, config_path: str, workers: int) -> 
         return all([await _grpc_serving(host, base + i) for i in range(workers)])
 
     runner = await start_admin(budget, config.server.admin_host, config.server.admin_port, is_ready)
+    admin_api, _ = await start_admin_api(budget, config.admin_api.host, config.admin_api.port,
+                                         config.admin_api.token())
     stop = asyncio.Event()
     _install_stop(stop)
     rc = 0
@@ -182,6 +192,8 @@ async def serve_workers(config: NexusConfig, config_path: str, workers: int) -> 
         except subprocess.TimeoutExpired:
             c.kill()
     await runner.cleanup()
+    if admin_api:
+        await admin_api.stop(1)
     if budget.ledger:
         await budget.ledger.close()
     return rc

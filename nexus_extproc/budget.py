@@ -16,15 +16,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
+from typing import Any, cast
 
 from nexus_extproc import metrics
 from nexus_extproc.config import NexusConfig
 from nexus_extproc.errors import budget_exceeded, store_unavailable
-from nexus_extproc.ledger import Ledger, ReserveItem, SpendRecord, StoreUnavailable, Totals
+from nexus_extproc.ledger import AuditRecord, Ledger, ReserveItem, SpendRecord, StoreUnavailable, Totals
 from nexus_extproc.money import usd_to_micros
 from nexus_extproc.periods import Period, month_period
-from nexus_extproc.policy import Action, BudgetView, Decision, PolicyInput, Target, decide
+from nexus_extproc.policy import Action, BudgetView, Decision, HardAction, PolicyInput, Target, decide
 
 log = logging.getLogger("nexus_extproc.budget")
 
@@ -34,6 +36,27 @@ Clock = Callable[[], datetime]
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class Settings:
+    """A budget's effective settings: config values, overridden at runtime through the admin API."""
+
+    limit_micros: int
+    soft_limit_percent: Decimal
+    hard_limit_action: HardAction
+    override_limit_micros: int | None = None
+    override_until: float | None = None  # unix seconds; the override reverts by itself after this
+
+    def limit_at(self, now: float) -> int:
+        if self.override_limit_micros is not None and self.override_until is not None and now < self.override_until:
+            return self.override_limit_micros
+        return self.limit_micros
+
+    def to_doc(self) -> dict[str, object]:
+        return {"limit_micros": self.limit_micros, "soft_limit_percent": str(self.soft_limit_percent),
+                "hard_limit_action": self.hard_limit_action, "override_limit_micros": self.override_limit_micros,
+                "override_until": self.override_until}
 
 
 @dataclass(slots=True)
@@ -90,7 +113,10 @@ class BudgetService:
         self.ledger = ledger
         self.clock = clock
         self.outbox = Outbox(config.store.outbox_path)
-        self._limit = usd_to_micros(self.budget.monthly_limit_usd) if self.budget else 0
+        b = self.budget
+        self.base = Settings(usd_to_micros(b.monthly_limit_usd) if b else 0,
+                             b.soft_limit_percent if b else Decimal(80), b.hard_limit_action if b else "warn")
+        self.settings = self.base
         self._period_key: str | None = None
         self.last_totals = Totals(0, 0)
         self.last_status = "Normal"
@@ -102,10 +128,39 @@ class BudgetService:
     def period(self) -> Period:
         return month_period(self.clock())
 
+    @property
+    def _limit(self) -> int:
+        return self.settings.limit_at(self.clock().timestamp())
+
     def view_of(self, t: Totals) -> BudgetView:
-        assert self.budget is not None
-        return BudgetView(self._limit, t.settled, t.reserved, self.budget.soft_limit_percent,
-                          self.budget.hard_limit_action)
+        s = self.settings
+        return BudgetView(self._limit, t.settled, t.reserved, s.soft_limit_percent, s.hard_limit_action)
+
+    async def load_settings(self) -> Settings:
+        """Runtime changes made through the admin API (by any process) win over the config file."""
+        if self.ledger is None or self.budget is None:
+            return self.settings
+        doc = await self.ledger.get_settings(GLOBAL_BUDGET)
+        if doc:
+            self.settings = Settings(
+                int(cast(Any, doc["limit_micros"])), Decimal(str(doc["soft_limit_percent"])),
+                cast(HardAction, doc["hard_limit_action"]),
+                None if doc.get("override_limit_micros") is None else int(cast(Any, doc["override_limit_micros"])),
+                None if doc.get("override_until") is None else float(cast(Any, doc["override_until"])))
+        return self.settings
+
+    async def update_settings(self, new: Settings, actor: str) -> Settings:
+        assert self.ledger is not None
+        old = await self.load_settings()
+        now = time.time()
+        audit = [AuditRecord(now, actor, GLOBAL_BUDGET, k, str(v), str(new.to_doc()[k]))
+                 for k, v in old.to_doc().items() if new.to_doc()[k] != v]
+        await self.ledger.put_settings(GLOBAL_BUDGET, new.to_doc(), audit)
+        self.settings = new
+        for a in audit:
+            log.info("budget setting changed", extra={"budget": a.budget, "field": a.field, "old": a.old,
+                                                      "new": a.new, "actor": a.actor})
+        return new
 
     async def _observe_period(self, period: Period) -> None:
         """Rollover happens once across every process: the store decides who saw the new period first."""
@@ -137,7 +192,7 @@ class BudgetService:
         period = self.period()
         items = [(GLOBAL_BUDGET, period.key)]
         expires = time.time() + self.config.store.reservation_ttl_secs
-        blocking = self.budget.hard_limit_action != "warn"
+        blocking = self.settings.hard_limit_action != "warn"
         try:
             await self._observe_period(period)
             amount = requested.estimate_micros
@@ -214,7 +269,15 @@ class BudgetService:
         except StoreUnavailable:
             metrics.store_failures.labels("reconcile").inc()
 
-    async def run_reconciler(self, interval: float) -> None:
+    async def run_reconciler(self, interval: float, settings_interval: float = 2.0) -> None:
+        """Reap, replay and refresh every `interval`; pick up runtime settings every `settings_interval`."""
+        last = 0.0
         while True:
-            await self.reconcile_once()
-            await asyncio.sleep(interval)
+            if time.monotonic() - last >= interval:
+                await self.reconcile_once()
+                last = time.monotonic()
+            try:
+                await self.load_settings()
+            except StoreUnavailable:
+                metrics.store_failures.labels("settings").inc()
+            await asyncio.sleep(min(interval, settings_interval))

@@ -66,13 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("check-config", help="validate a config file and exit")
     c.add_argument("config")
     d = sub.add_parser("demo", help="fake upstreams + ext_proc + Envoy, in the foreground")
+    from nexus_extproc.admin_cli import add_admin_args, run_admin
     from nexus_extproc.demo import add_demo_args, run_demo
 
     add_demo_args(d)
+    add_admin_args(sub)
     _add_serve_args(parser)
     args = parser.parse_args(argv)
     if args.cmd == "check-config":
         return _check(args)
     if args.cmd == "demo":
         return run_demo(args)
+    if args.cmd in ("status", "set-limit", "override", "spend"):
+        return run_admin(args)
     return _serve(args)

@@ -80,6 +80,24 @@ class ServerConfig(_Strict):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class AdminApiConfig(_Strict):
+    """The gRPC admin API (protos/nexus/budget/v1). Disabled unless a token is configured: budgets must never
+    be changeable without authentication."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=9091, ge=0, le=65535)
+    token_file: str | None = None
+    token_env: str = "NEXUS_ADMIN_TOKEN"
+
+    def token(self) -> str | None:
+        if self.token_file:
+            try:
+                return Path(self.token_file).read_text(encoding="utf-8").strip() or None
+            except OSError:
+                return None
+        return os.environ.get(self.token_env) or None
+
+
 class EstimationConfig(_Strict):
     default_output_tokens: int = Field(default=512, ge=0)
     # Anthropic and other non-OpenAI families are counted with cl100k and scaled by this factor.
@@ -98,6 +116,7 @@ class NexusConfig(_Strict):
     fallback_price: PriceOverride = PriceOverride(input_per_mtok=Decimal(15), output_per_mtok=Decimal(75))
     estimation: EstimationConfig = EstimationConfig()
     server: ServerConfig = ServerConfig()
+    admin_api: AdminApiConfig = AdminApiConfig()
 
     @field_validator("backends")
     @classmethod

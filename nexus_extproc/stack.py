@@ -78,6 +78,7 @@ class Stack:
     admin_port: int = 0
     envoy_port: int = 0
     envoy_admin_port: int = 0
+    admin_api_port: int = 0
     extproc: subprocess.Popen[bytes] | None = None
     envoy: subprocess.Popen[bytes] | None = None
     quiet: bool = True
@@ -108,7 +109,9 @@ class Stack:
                 self.grpc_port = free_port()
         self.admin_port = self.admin_port or free_port()
         self.envoy_admin_port = self.envoy_admin_port or free_port()
+        self.admin_api_port = self.admin_api_port or free_port()
         full_env = {**os.environ, "NEXUS_SERVER__ENVOY_ADMIN_URL": f"http://{HOST}:{self.envoy_admin_port}",
+                    "NEXUS_ADMIN_API__PORT": str(self.admin_api_port),
                     "NEXUS_SERVER__HEALTH_POLL_SECS": "0.5", **(env or {})}
         full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.extproc = self._spawn([sys.executable, "-m", "nexus_extproc", "serve", "--config", str(config_path),

@@ -1,8 +1,18 @@
 """Durable spend ledger: atomic reserve → settle/release, shared by every worker and replica."""
 
-from nexus_extproc.ledger.base import Ledger, ReserveItem, SpendRecord, StoreUnavailable, Totals
+from nexus_extproc.ledger.base import (
+    AuditRecord,
+    Ledger,
+    ReserveItem,
+    SpendAgg,
+    SpendRecord,
+    StoreUnavailable,
+    Totals,
+)
 
-__all__ = ["Ledger", "ReserveItem", "SpendRecord", "StoreUnavailable", "Totals", "open_ledger"]
+__all__ = [
+    "AuditRecord", "Ledger", "ReserveItem", "SpendAgg", "SpendRecord", "StoreUnavailable", "Totals", "open_ledger",
+]
 
 
 def open_ledger(kind: str, **kwargs: object) -> Ledger:

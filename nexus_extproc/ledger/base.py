@@ -44,6 +44,30 @@ class SpendRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditRecord:
+    ts: float
+    actor: str
+    budget: str
+    field: str
+    old: str
+    new: str
+
+
+@dataclass(frozen=True, slots=True)
+class SpendAgg:
+    """Settled spend at the finest grain the reports need: budget × model × UTC day."""
+
+    budget: str
+    model: str
+    day: str
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cost: int
+    estimate: int
+
+
+@dataclass(frozen=True, slots=True)
 class ReserveResult:
     admitted: bool
     totals: list[Totals]  # per item, after the reservation (or as seen when refused)
@@ -80,6 +104,20 @@ class Ledger(abc.ABC):
 
     @abc.abstractmethod
     async def settlement_count(self) -> int: ...
+
+    @abc.abstractmethod
+    async def get_settings(self, budget: str) -> dict[str, object] | None:
+        """Runtime overrides of a budget's config (limit, thresholds, temporary raise), if any."""
+
+    @abc.abstractmethod
+    async def put_settings(self, budget: str, settings: dict[str, object], audit: list[AuditRecord]) -> None:
+        """Store new settings and their audit records in one step."""
+
+    @abc.abstractmethod
+    async def audit_log(self, limit: int) -> list[AuditRecord]: ...
+
+    @abc.abstractmethod
+    async def spend(self, start_ts: float, end_ts: float) -> list[SpendAgg]: ...
 
     @abc.abstractmethod
     async def ping(self) -> None: ...

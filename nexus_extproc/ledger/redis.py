@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from nexus_extproc.ledger.base import (
+    AuditRecord,
     Ledger,
     ReserveItem,
     ReserveResult,
+    SpendAgg,
     SpendRecord,
     StoreUnavailable,
     Totals,
@@ -147,7 +152,8 @@ class RedisLedger(Ledger):
                 f"{self._p}:settlement_count", f"{self._p}:log:{int(day)}"]
         doc = json.dumps({"req": req_id, "ts": record.ts, "model": record.model, "backend": record.backend,
                           "in": record.input_tokens, "out": record.output_tokens, "cost": cost,
-                          "estimate": record.estimate, "source": record.source}, separators=(",", ":"))
+                          "estimate": record.estimate, "source": record.source,
+                          "budgets": [b for b, _ in items]}, separators=(",", ":"))
         args: list[str | int] = [req_id, cost, self._p, SETTLED_MARKER_TTL_S, doc]
         args += [f"{b}\t{p}" for b, p in items]
         return bool(int(await self._call(self._settle(keys=keys, args=args))))
@@ -172,6 +178,41 @@ class RedisLedger(Ledger):
 
     async def settlement_count(self) -> int:
         return int(await self._call(self._r.get(f"{self._p}:settlement_count")) or 0)
+
+    async def get_settings(self, budget: str) -> dict[str, object] | None:
+        v = await self._call(self._r.hget(f"{self._p}:settings", budget))
+        return json.loads(v) if v else None
+
+    async def put_settings(self, budget: str, settings: dict[str, object], audit: list[AuditRecord]) -> None:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hset(f"{self._p}:settings", budget, json.dumps(settings))
+        for a in audit:
+            pipe.lpush(f"{self._p}:audit", json.dumps([a.ts, a.actor, a.budget, a.field, a.old, a.new]))
+        await self._call(pipe.execute())
+
+    async def audit_log(self, limit: int) -> list[AuditRecord]:
+        rows = await self._call(self._r.lrange(f"{self._p}:audit", 0, max(0, limit - 1)))
+        return [AuditRecord(*json.loads(r)) for r in rows]
+
+    async def spend(self, start_ts: float, end_ts: float) -> list[SpendAgg]:
+        acc: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
+        end_ts = min(end_ts, time.time() + 86400)
+        for day in range(int(start_ts // 86400), int(end_ts // 86400) + 1):
+            for raw in await self._call(self._r.lrange(f"{self._p}:log:{day}", 0, -1)):
+                d = json.loads(raw)
+                if not start_ts <= d["ts"] < end_ts:
+                    continue
+                day_s = datetime.fromtimestamp(d["ts"], UTC).strftime("%Y-%m-%d")
+                for b in d.get("budgets", []):
+                    a = acc[(b, d["model"], day_s)]
+                    a[0] += 1
+                    a[1] += d["in"]
+                    a[2] += d["out"]
+                    a[3] += d["cost"]
+                    a[4] += d["estimate"]
+        return [SpendAgg(b, m, day, *v) for (b, m, day), v in sorted(acc.items(), key=lambda kv: (kv[0][2],
+                                                                                                   kv[0][0],
+                                                                                                   kv[0][1]))]
 
     async def ping(self) -> None:
         await self._call(self._r.ping())

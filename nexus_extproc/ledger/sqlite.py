@@ -8,13 +8,16 @@ an OS crash or power loss can lose the last transactions since the WAL was synce
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
 from nexus_extproc.ledger.base import (
+    AuditRecord,
     Ledger,
     ReserveItem,
     ReserveResult,
+    SpendAgg,
     SpendRecord,
     StoreUnavailable,
     Totals,
@@ -40,6 +43,11 @@ CREATE TABLE IF NOT EXISTS settlement_budgets (
 CREATE TABLE IF NOT EXISTS periods (
   budget TEXT NOT NULL, period TEXT NOT NULL, first_seen REAL NOT NULL, PRIMARY KEY (budget, period));
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS settings (budget TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS audit (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, actor TEXT NOT NULL, budget TEXT NOT NULL,
+  field TEXT NOT NULL, old TEXT NOT NULL, new TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS settlements_ts ON settlements (ts);
 """
 
 
@@ -185,6 +193,31 @@ class SqliteLedger(Ledger):
 
     async def settlement_count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM settlements").fetchone()[0])
+
+    async def get_settings(self, budget: str) -> dict[str, object] | None:
+        row = self._db.execute("SELECT doc FROM settings WHERE budget=?", (budget,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    async def put_settings(self, budget: str, settings: dict[str, object], audit: list[AuditRecord]) -> None:
+        def tx(c: sqlite3.Cursor) -> None:
+            c.execute("INSERT OR REPLACE INTO settings VALUES (?,?)", (budget, json.dumps(settings)))
+            c.executemany("INSERT INTO audit (ts, actor, budget, field, old, new) VALUES (?,?,?,?,?,?)",
+                          [(a.ts, a.actor, a.budget, a.field, a.old, a.new) for a in audit])
+
+        self._write(tx)
+
+    async def audit_log(self, limit: int) -> list[AuditRecord]:
+        rows = self._db.execute("SELECT ts, actor, budget, field, old, new FROM audit ORDER BY id DESC LIMIT ?",
+                                (limit,)).fetchall()
+        return [AuditRecord(*r) for r in rows]
+
+    async def spend(self, start_ts: float, end_ts: float) -> list[SpendAgg]:
+        rows = self._db.execute(
+            "SELECT sb.budget, s.model, date(s.ts, 'unixepoch'), COUNT(*), SUM(s.input_tokens), "
+            "SUM(s.output_tokens), SUM(sb.cost), SUM(s.estimate) FROM settlements s "
+            "JOIN settlement_budgets sb USING (req_id) WHERE s.ts >= ? AND s.ts < ? GROUP BY 1, 2, 3 "
+            "ORDER BY 3, 1, 2", (start_ts, end_ts)).fetchall()
+        return [SpendAgg(*r) for r in rows]
 
     async def ping(self) -> None:
         try:

@@ -1,0 +1,91 @@
+"""Spend reports: roll the ledger's budget × model × day aggregates up to what was asked, as rows or CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+
+from nexus_extproc.ledger import SpendAgg
+
+GROUPS = ("budget", "model", "day")
+
+
+@dataclass(slots=True)
+class SpendRow:
+    budget: str = ""
+    model: str = ""
+    day: str = ""
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_micros: int = 0
+    estimate_micros: int = 0
+
+
+def parse_range(start: str | None, end: str | None, today: date | None = None) -> tuple[float, float]:
+    """`YYYY-MM-DD` (inclusive) or ISO timestamps; default: the current UTC month so far."""
+    today = today or datetime.now(UTC).date()
+
+    def ts(v: str, end_of_day: bool) -> float:
+        if len(v) == 10:
+            d = datetime.fromisoformat(v).replace(tzinfo=UTC)
+            return (d + timedelta(days=1) if end_of_day else d).timestamp()
+        dt = datetime.fromisoformat(v.replace("Z", "+00:00"))
+        return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
+
+    lo = ts(start, False) if start else datetime(today.year, today.month, 1, tzinfo=UTC).timestamp()
+    hi = ts(end, True) if end else (datetime(today.year, today.month, today.day, tzinfo=UTC)
+                                    + timedelta(days=1)).timestamp()
+    if hi <= lo:
+        raise ValueError("'to' must be after 'from'")
+    return lo, hi
+
+
+def roll_up(aggs: Iterable[SpendAgg], group_by: Iterable[str]) -> list[SpendRow]:
+    keys = [g for g in GROUPS if g in set(group_by)]
+    unknown = set(group_by) - set(GROUPS)
+    if unknown:
+        raise ValueError(f"group_by must be among {', '.join(GROUPS)}")
+    out: dict[tuple[str, ...], SpendRow] = {}
+    for a in aggs:
+        k = tuple(getattr(a, g) for g in keys)
+        row = out.get(k)
+        if row is None:
+            row = out[k] = SpendRow(**dict(zip(keys, k, strict=True)))
+        row.requests += a.requests
+        row.input_tokens += a.input_tokens
+        row.output_tokens += a.output_tokens
+        row.cost_micros += a.cost
+        row.estimate_micros += a.estimate
+    return [out[k] for k in sorted(out)]
+
+
+COLUMNS = ("budget", "model", "day", "requests", "input_tokens", "output_tokens", "cost_usd", "estimate_usd")
+
+
+def row_dict(r: SpendRow) -> dict[str, object]:
+    return {"budget": r.budget, "model": r.model, "day": r.day, "requests": r.requests,
+            "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
+            "cost_usd": f"{r.cost_micros / 1e6:.6f}", "estimate_usd": f"{r.estimate_micros / 1e6:.6f}"}
+
+
+def to_csv(rows: Iterable[SpendRow]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow(row_dict(r))
+    return buf.getvalue()
+
+
+def to_table(rows: list[dict[str, object]], columns: Iterable[str]) -> str:
+    cols = [c for c in columns if any(str(r.get(c, "")) for r in rows)] or list(columns)
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols} if rows else \
+        {c: len(c) for c in cols}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in cols)]
+    for r in rows:
+        lines.append("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols))
+    return "\n".join(lines)

@@ -1,0 +1,133 @@
+"""The admin gRPC API through a real channel: auth on every method, runtime limits, overrides, watch."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import pytest
+from google.protobuf import timestamp_pb2
+
+from nexus_extproc.admin_api import start_admin_api
+from nexus_extproc.api import budget_admin_pb2 as pb
+from nexus_extproc.api import budget_admin_pb2_grpc as pb_grpc
+from nexus_extproc.app import build
+from nexus_extproc.policy import Action, Target
+from tests.conftest import make_config
+
+TOKEN = "s3cret-token"
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = datetime(2026, 11, 10, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.t
+
+
+@pytest.fixture
+async def admin(counter, tmp_path):
+    comps = build(make_config(budget={"monthly_limit_usd": 10}, store={"kind": "sqlite",
+                                                                          "path": str(tmp_path / "l.db")}), counter)
+    clock = Clock()
+    comps.budget.clock = clock
+    server, port = await start_admin_api(comps.budget, "127.0.0.1", 0, TOKEN)
+    ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    yield comps, pb_grpc.BudgetAdminServiceStub(ch), clock
+    await ch.close()
+    await server.stop(0)
+
+
+CALLS = [
+    ("GetStatus", pb.GetStatusRequest()),
+    ("SetLimit", pb.SetLimitRequest(name="global", limit_micros=1)),
+    ("SetOverride", pb.SetOverrideRequest(name="global", limit_micros=1)),
+    ("ListSpend", pb.ListSpendRequest()),
+    ("ListAudit", pb.ListAuditRequest()),
+]
+
+
+@pytest.mark.parametrize("metadata", [None, (("authorization", "Bearer wrong"),), (("authorization", TOKEN),)])
+@pytest.mark.parametrize(("method", "request_"), CALLS)
+async def test_every_method_requires_the_token(admin, method, request_, metadata):
+    _, stub, _ = admin
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await getattr(stub, method)(request_, metadata=metadata)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_watch_requires_the_token(admin):
+    _, stub, _ = admin
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        async for _ in stub.WatchStatus(pb.WatchStatusRequest()):
+            pass
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_set_limit_changes_next_decision_and_is_audited(admin):
+    comps, stub, _ = admin
+    tgt = Target("openai", "cloud", "gpt-4o", 2_000_000)
+    assert (await comps.budget.admit("a", tgt, None)).decision.action is Action.ALLOW
+    r = await stub.SetLimit(pb.SetLimitRequest(name="global", limit_micros=1_000_000,
+                                               hard_limit_action=pb.HARD_LIMIT_ACTION_BLOCK_ALL, actor="alice"),
+                            metadata=AUTH)
+    assert r.budget.limit_micros == 1_000_000 and r.budget.status == pb.STATUS_HARD_LIMIT
+    assert (await comps.budget.admit("b", tgt, None)).decision.action is Action.REJECT
+    audit = (await stub.ListAudit(pb.ListAuditRequest(limit=10), metadata=AUTH)).entries
+    fields = {(a.field, a.old_value, a.new_value, a.actor) for a in audit}
+    assert ("limit_micros", "10000000", "1000000", "alice") in fields
+    assert ("hard_limit_action", "warn", "block_all", "alice") in fields
+
+
+async def test_bad_arguments(admin):
+    _, stub, _ = admin
+    for req in (pb.SetLimitRequest(name="global", limit_micros=0),
+                pb.SetLimitRequest(name="global", limit_micros=5, soft_limit_percent=150)):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.SetLimit(req, metadata=AUTH)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.GetStatus(pb.GetStatusRequest(name="nope"), metadata=AUTH)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_override_raises_then_reverts_by_itself(admin):
+    comps, stub, clock = admin
+    until = timestamp_pb2.Timestamp()
+    until.FromDatetime(clock.t + timedelta(hours=2))
+    r = await stub.SetOverride(pb.SetOverrideRequest(name="global", limit_micros=50_000_000, until=until),
+                               metadata=AUTH)
+    assert r.budget.limit_micros == 50_000_000 and r.budget.base_limit_micros == 10_000_000
+    assert (await comps.budget.current_view()).limit_micros == 50_000_000
+    clock.t += timedelta(hours=2, seconds=1)
+    assert (await comps.budget.current_view()).limit_micros == 10_000_000
+    st = (await stub.GetStatus(pb.GetStatusRequest(), metadata=AUTH)).budgets[0]
+    assert st.limit_micros == 10_000_000 and not st.HasField("override_until")
+
+
+async def test_watch_stream_sees_a_transition(admin):
+    comps, stub, _ = admin
+    call = stub.WatchStatus(pb.WatchStatusRequest(), metadata=AUTH)
+    first = await asyncio.wait_for(call.read(), 5)
+    assert first.budget.status == pb.STATUS_NORMAL
+    await comps.budget.admit("big", Target("openai", "cloud", "gpt-4o", 9_000_000), None)  # 90 % → SoftLimit
+    second = await asyncio.wait_for(call.read(), 5)
+    assert second.budget.status == pb.STATUS_SOFT_LIMIT
+    call.cancel()
+
+
+async def test_list_spend_groups(admin):
+    comps, stub, _ = admin
+    from nexus_extproc.ledger import SpendRecord
+
+    for i, model in enumerate(["gpt-4o", "gpt-4o", "claude-3-5-haiku"]):
+        adm = await comps.budget.admit(f"s{i}", Target("openai", "cloud", model, 100), None)
+        await comps.budget.settle(f"s{i}", adm, 100 + i, SpendRecord(1794312000.0 + i, model, "openai", 10, 5,
+                                                                     100, "usage"))
+    rows = (await stub.ListSpend(pb.ListSpendRequest(group_by=["model"]), metadata=AUTH)).rows
+    assert {(r.model, r.requests, r.cost_micros) for r in rows} == {("gpt-4o", 2, 201), ("claude-3-5-haiku", 1, 102)}
+    total = (await stub.ListSpend(pb.ListSpendRequest(), metadata=AUTH)).rows
+    assert len(total) == 1 and total[0].cost_micros == 303 and total[0].input_tokens == 30
