@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint typecheck unit e2e bench envoy-config clean
+.PHONY: up test lint typecheck unit e2e bench envoy-config api clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,7 +21,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) lint typecheck
+# buf (protobuf linter) comes from the npm registry; skipped with a note when npm is absent.
+node_modules/.bin/buf: package.json
+	@if command -v npm >/dev/null 2>&1; then npm install --no-audit --no-fund --no-package-lock --silent; \
+	else echo "npm not found: buf lint will be skipped"; fi
+
+test: $(STAMP) lint typecheck node_modules/.bin/buf
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 unit: $(STAMP)
@@ -32,6 +37,9 @@ e2e: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py
+
+api: $(STAMP)
+	$(BIN)/python -m nexus_extproc.api.generate
 
 envoy-config: $(STAMP)
 	$(BIN)/python -m nexus_extproc.envoy_config > envoy/nexus.yaml

@@ -217,8 +217,8 @@ class Processor:
         if price.source == "unpriced" or price.source == "fallback":
             metrics.unpriced_requests.inc()
             if price.source == "unpriced":
-                return self._error(state, bad_request(f"model '{model[:64]}' has no known price",
-                                                      "unpriced_model"), "unpriced_model")
+                return self._error(state, bad_request("the requested model has no known price", "unpriced_model"),
+                                   "unpriced_model")
         metrics.token_count_tier.labels(tier, self.model_label(model, price)).inc()
 
         equivalent = None
@@ -237,7 +237,8 @@ class Processor:
         d = adm.decision
         metrics.requests_total.labels(d.action.value).inc()
         if d.action is Action.REJECT:
-            log.info("request rejected by budget", extra={"status": d.status, "model": state.model})
+            log.info("request rejected by budget", extra={"status": d.status,
+                                                           "model": self.model_label(model, price)})
             err = self.budget.reject_error(d)
             assert isinstance(err, NexusError)
             return self._error(state, err, "budget")

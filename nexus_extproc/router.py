@@ -41,7 +41,7 @@ class Router:
             if b.type == "cloud":
                 return self._route(name, b)
         raise NexusError(404, "not_found_error", f"no backend serves the {family} API") if not candidates \
-            else not_found(f"no backend serves model '{model[:64]}'")
+            else not_found("no backend serves the requested model")
 
     def equivalent(self, model: str, family: str) -> tuple[Route, str] | None:
         """The configured local stand-in for `model`, if its backend speaks the caller's API and is up."""
