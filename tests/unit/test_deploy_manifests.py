@@ -1,0 +1,137 @@
+"""Every manifest in deploy/ parses and validates offline; Kustomize overlays render; Envoy snippets load."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from nexus_extproc.stack import envoy_binary
+from tests import kustomize
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S_VERSION = "1.30.0"
+CRD_SCHEMAS = yaml.safe_load((ROOT / "tests/schemas/crds.yaml").read_text())
+OVERLAYS = ["base", "overlays/sqlite-single", "overlays/redis-ha"]
+
+
+def validate(obj: dict) -> None:
+    assert obj["metadata"]["name"]
+    key = f"{obj['apiVersion']}/{obj['kind']}"
+    if key in CRD_SCHEMAS["kinds"]:
+        schema = {"$defs": CRD_SCHEMAS["$defs"], **CRD_SCHEMAS["kinds"][key]}
+        jsonschema.validate(obj["spec"], schema)
+    else:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kustomize_renders_and_validates(overlay):
+    objs = kustomize.build(ROOT / "deploy/kubernetes" / overlay)
+    kinds = {o["kind"] for o in objs}
+    assert {"Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget", "ServiceMonitor"} <= kinds
+    for o in objs:
+        validate(o)
+    by = {(o["kind"], o["metadata"]["name"]): o for o in objs}
+    dep = by[("Deployment", "nexus-extproc")]
+    pod = dep["spec"]["template"]
+    # Selectors select the pods; volumes point at objects that exist; probes use the admin endpoints.
+    assert dep["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    for svc in (o for o in objs if o["kind"] == "Service" and o["metadata"]["name"].startswith("nexus-extproc")):
+        assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    for v in pod["spec"]["volumes"]:
+        assert len(set(v) - {"name"}) == 1, f"volume {v['name']} has more than one source"
+        if "configMap" in v:
+            assert ("ConfigMap", v["configMap"]["name"]) in by
+        if "secret" in v:
+            assert ("Secret", v["secret"]["secretName"]) in by
+        if "persistentVolumeClaim" in v:
+            assert ("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"]) in by
+    c = pod["spec"]["containers"][0]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    # The shipped config inside the ConfigMap is one the server accepts.
+    from nexus_extproc.config import parse_config
+
+    cfg = parse_config(yaml.safe_load(by[("ConfigMap", "nexus-extproc-config")]["data"]["config.yaml"]), environ={})
+    if overlay == "overlays/redis-ha":
+        assert cfg.store.kind == "redis" and dep["spec"]["replicas"] == 3
+    if overlay == "overlays/sqlite-single":
+        assert cfg.store.kind == "sqlite" and dep["spec"]["strategy"]["type"] == "Recreate"
+        assert any("persistentVolumeClaim" in v for v in pod["spec"]["volumes"])
+
+
+def _norm(v: object) -> object:
+    """Order of named list items is not meaningful (kustomize moves patched ones first)."""
+    if isinstance(v, dict):
+        return {k: _norm(x) for k, x in v.items()}
+    if isinstance(v, list):
+        items = [_norm(x) for x in v]
+        if all(isinstance(x, dict) and "name" in x for x in items):
+            return sorted(items, key=lambda x: x["name"])  # type: ignore[index]
+        return items
+    return v
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed; the renderer above stands in")
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_renderer_agrees_with_kubectl_kustomize(overlay):
+    out = subprocess.run(["kubectl", "kustomize", str(ROOT / "deploy/kubernetes" / overlay)], capture_output=True,
+                         text=True, timeout=60)
+    if out.returncode != 0:
+        pytest.skip(f"kubectl kustomize unavailable: {out.stderr[:200]}")
+    theirs = {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(out.stdout) if o}
+    ours = {(o["kind"], o["metadata"]["name"]): o for o in kustomize.build(ROOT / "deploy/kubernetes" / overlay)}
+    assert set(theirs) == set(ours)
+    for k in ours:
+        assert _norm(ours[k].get("spec")) == _norm(theirs[k].get("spec")), k
+        assert ours[k].get("data") == theirs[k].get("data"), k
+        assert ours[k]["metadata"].get("labels") == theirs[k]["metadata"].get("labels"), k
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "deploy").glob("istio/*.yaml")) + sorted(
+    (ROOT / "deploy").glob("envoy-gateway/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_mesh_manifests_validate(path):
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert docs
+    for d in docs:
+        validate(d)
+
+
+def test_crd_schemas_reject_mistakes():
+    bad = next(yaml.safe_load_all((ROOT / "deploy/envoy-gateway/extension-policy.yaml").read_text()))
+    bad["spec"]["extProc"][0]["processingMode"]["request"]["body"] = "Bufferd"
+    with pytest.raises(jsonschema.ValidationError):
+        validate(bad)
+
+
+def _envoy_validate(cfg: dict, tmp_path: Path) -> None:
+    f = tmp_path / "envoy.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(f)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-1500:]
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.glob("envoy/**/*.yaml")), ids=lambda p: p.name)
+def test_every_envoy_config_in_repo_validates(path, tmp_path):
+    _envoy_validate(yaml.safe_load(path.read_text()), tmp_path)
+
+
+@pytest.mark.parametrize("name", ["envoyfilter-egress.yaml", "envoyfilter-ingress.yaml"])
+def test_istio_envoyfilter_patch_is_a_valid_envoy_filter(name, tmp_path):
+    """The filter the EnvoyFilter inserts, loaded by the real Envoy in a minimal listener."""
+    ef = yaml.safe_load((ROOT / "deploy/istio" / name).read_text())
+    value = next(p["patch"]["value"] for p in ef["spec"]["configPatches"] if p["applyTo"] == "HTTP_FILTER")
+    cluster = value["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]
+    cfg = yaml.safe_load((ROOT / "envoy/nexus.yaml").read_text())
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"][0] = value
+    cfg["static_resources"]["clusters"][0]["name"] = cluster
+    cfg["static_resources"]["clusters"][0]["load_assignment"]["cluster_name"] = cluster
+    _envoy_validate(cfg, tmp_path)
