@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -11,7 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from nexus_extproc.budget import BudgetService
+from nexus_extproc.budget import GLOBAL_BUDGET, BudgetService, BudgetState
+from nexus_extproc.forecast import forecast
 from nexus_extproc.ledger import StoreUnavailable
 from nexus_extproc.money import usd_float
 from nexus_extproc.policy import STATUS_CODE
@@ -20,29 +22,49 @@ from nexus_extproc.reports import parse_range, roll_up, row_dict, to_csv
 _ACTION_NAMES = {"warn": "Warn", "block_cloud": "BlockCloud", "block_all": "BlockAll"}
 
 
+def _budget_doc(st: BudgetState, last_reconciliation: str | None) -> dict[str, Any]:
+    v, p, s = st.view, st.period, st.defn.settings
+    return {
+        "current_spending_usd": usd_float(v.settled_micros),
+        "reserved_usd": usd_float(v.reserved_micros),
+        "monthly_limit_usd": usd_float(v.limit_micros),
+        "utilization_percent": round(float(v.utilization()), 2),
+        "status": v.status(),
+        "billing_month": p.key,
+        "last_reconciliation": last_reconciliation,
+        "soft_limit_threshold": float(s.soft_limit_percent),
+        "hard_limit_action": _ACTION_NAMES[s.hard_limit_action],
+        "next_reset_date": p.end.date().isoformat(),
+    }
+
+
 async def stats_doc(budget: BudgetService) -> dict[str, Any]:
+    """SPEC §6: `budget` is the global budget (null without one); `budgets` lists every budget."""
     if not budget.enabled:
         return {"budget": None}
-    assert budget.budget is not None and budget.ledger is not None
-    view = await budget.current_view()
-    assert view is not None
-    period = budget.period()
-    return {"budget": {
-        "current_spending_usd": usd_float(view.settled_micros),
-        "reserved_usd": usd_float(view.reserved_micros),
-        "monthly_limit_usd": usd_float(view.limit_micros),
-        "utilization_percent": round(float(view.utilization()), 2),
-        "status": view.status(),
-        "billing_month": period.key,
-        "last_reconciliation": await budget.ledger.get_meta("last_reconciliation"),
-        "soft_limit_threshold": float(budget.settings.soft_limit_percent),
-        "hard_limit_action": _ACTION_NAMES[budget.settings.hard_limit_action],
-        "next_reset_date": period.end.date().isoformat(),
-    }}
+    assert budget.ledger is not None
+    last = await budget.ledger.get_meta("last_reconciliation")
+    states = [await budget.state(d) for d in budget.defs]
+    out: dict[str, Any] = {"budget": None, "budgets": []}
+    for st in states:
+        doc = _budget_doc(st, last)
+        if st.defn.name == GLOBAL_BUDGET:
+            out["budget"] = dict(doc)
+        scope = st.defn.scope
+        doc.update({
+            "name": st.defn.name, "period": st.defn.period_kind, "period_key": st.period.key,
+            "limit_usd": doc.pop("monthly_limit_usd"),
+            "scope": "global" if scope is None else scope.model_dump(exclude_none=True),
+            "forecast_usd": usd_float(st.forecast.projected_micros),
+            "exhaustion_in_seconds": st.forecast.exhaustion_in_s,
+        })
+        del doc["billing_month"]
+        out["budgets"].append(doc)
+    return out
 
 
 class BudgetCollector:
-    """Budget gauges read from the shared ledger's last totals, so every worker would report the same."""
+    """Budget gauges per budget, from the shared ledger's totals as last read, so every worker agrees."""
 
     def __init__(self, budget: BudgetService) -> None:
         self.budget = budget
@@ -50,16 +72,36 @@ class BudgetCollector:
     def collect(self) -> Iterator[GaugeMetricFamily]:
         if not self.budget.enabled:
             return
-        view = self.budget.view_of(self.budget.last_totals)
-        yield GaugeMetricFamily("nexus_budget_spending_usd", "Settled spend this period (USD)",
-                                value=usd_float(view.settled_micros))
-        yield GaugeMetricFamily("nexus_budget_reserved_usd", "Reserved, not yet settled (USD)",
-                                value=usd_float(view.reserved_micros))
-        yield GaugeMetricFamily("nexus_budget_limit_usd", "Budget limit (USD)", value=usd_float(view.limit_micros))
-        yield GaugeMetricFamily("nexus_budget_utilization_percent", "(settled + reserved) / limit × 100",
-                                value=float(view.utilization()))
-        yield GaugeMetricFamily("nexus_budget_status", "0 Normal, 1 SoftLimit, 2 HardLimit",
-                                value=STATUS_CODE[view.status()])
+        fams = {
+            "spending": GaugeMetricFamily("nexus_budget_spending_usd", "Settled spend this period (USD)",
+                                          labels=["budget"]),
+            "reserved": GaugeMetricFamily("nexus_budget_reserved_usd", "Reserved, not yet settled (USD)",
+                                          labels=["budget"]),
+            "limit": GaugeMetricFamily("nexus_budget_limit_usd", "Budget limit (USD)", labels=["budget"]),
+            "util": GaugeMetricFamily("nexus_budget_utilization_percent", "(settled + reserved) / limit × 100",
+                                      labels=["budget"]),
+            "status": GaugeMetricFamily("nexus_budget_status", "0 Normal, 1 SoftLimit, 2 HardLimit",
+                                        labels=["budget"]),
+            "forecast": GaugeMetricFamily("nexus_budget_forecast_usd", "Projected spend at period end (USD)",
+                                          labels=["budget"]),
+            "exhaustion": GaugeMetricFamily("nexus_budget_exhaustion_seconds",
+                                            "Projected seconds until the limit is reached (+Inf: not this period)",
+                                            labels=["budget"]),
+        }
+        now = self.budget.clock()
+        for d in self.budget.defs:
+            t = self.budget.last_totals[d.name]
+            view = self.budget.view_of(d, t)
+            p = d.period(now)
+            fc = forecast(t.settled, view.limit_micros, p.start.timestamp(), p.end.timestamp(), now.timestamp())
+            fams["spending"].add_metric([d.name], usd_float(view.settled_micros))
+            fams["reserved"].add_metric([d.name], usd_float(view.reserved_micros))
+            fams["limit"].add_metric([d.name], usd_float(view.limit_micros))
+            fams["util"].add_metric([d.name], float(view.utilization()))
+            fams["status"].add_metric([d.name], STATUS_CODE[view.status()])
+            fams["forecast"].add_metric([d.name], usd_float(fc.projected_micros))
+            fams["exhaustion"].add_metric([d.name], math.inf if fc.exhaustion_in_s is None else fc.exhaustion_in_s)
+        yield from fams.values()
 
 
 def build_admin_app(budget: BudgetService, is_ready: Callable[[], Awaitable[bool]]) -> web.Application:
@@ -81,7 +123,8 @@ def build_admin_app(budget: BudgetService, is_ready: Callable[[], Awaitable[bool
     async def metrics(_: web.Request) -> web.Response:
         if budget.enabled:
             try:
-                await budget.current_view()
+                for d in budget.defs:
+                    await budget.state(d)
             except Exception:  # a store outage must not break the scrape; gauges keep their last value
                 pass
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

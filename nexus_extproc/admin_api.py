@@ -19,7 +19,7 @@ from google.protobuf import timestamp_pb2
 
 from nexus_extproc.api import budget_admin_pb2 as pb
 from nexus_extproc.api import budget_admin_pb2_grpc as pb_grpc
-from nexus_extproc.budget import GLOBAL_BUDGET, BudgetService, Settings
+from nexus_extproc.budget import GLOBAL_BUDGET, BudgetDef, BudgetService, Settings
 from nexus_extproc.ledger import StoreUnavailable
 from nexus_extproc.policy import HardAction
 from nexus_extproc.reports import roll_up
@@ -49,21 +49,27 @@ class BudgetAdmin(pb_grpc.BudgetAdminServiceServicer):
         if not hmac.compare_digest(str(got).encode(), self._token):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid admin token")
 
-    async def _check_name(self, name: str, context: grpc.aio.ServicerContext) -> None:
+    async def _defs(self, name: str, context: grpc.aio.ServicerContext, *, one: bool = False) -> list[BudgetDef]:
+        """The named budget; with no name, every budget (or 'global' where one is required)."""
         if not self.budget.enabled:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no budget is configured")
-        if name not in ("", GLOBAL_BUDGET):
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown budget {name[:64]!r}")
+        if not name and one:
+            name = GLOBAL_BUDGET if GLOBAL_BUDGET in self.budget.by_name else self.budget.defs[0].name
+        if not name:
+            return list(self.budget.defs)
+        d = self.budget.by_name.get(name)
+        if d is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown budget")
+        assert d is not None
+        return [d]
 
-    async def _status(self) -> pb.BudgetStatus:
+    async def _status(self, d: BudgetDef) -> pb.BudgetStatus:
         b = self.budget
         await b.load_settings()
-        view = await b.current_view()
-        assert view is not None
-        s = b.settings
-        period = b.period()
+        st = await b.state(d)
+        view, s, period = st.view, d.settings, st.period
         out = pb.BudgetStatus(
-            name=GLOBAL_BUDGET, period=period.key, limit_micros=view.limit_micros, base_limit_micros=s.limit_micros,
+            name=d.name, period=period.key, limit_micros=view.limit_micros, base_limit_micros=s.limit_micros,
             settled_micros=view.settled_micros, reserved_micros=view.reserved_micros,
             utilization_percent=float(view.utilization()), status=STATUS[view.status()],
             soft_limit_percent=float(s.soft_limit_percent), hard_limit_action=ACTION_TO_PB[s.hard_limit_action],
@@ -75,37 +81,38 @@ class BudgetAdmin(pb_grpc.BudgetAdminServiceServicer):
     async def GetStatus(self, request: pb.GetStatusRequest,
                         context: grpc.aio.ServicerContext) -> pb.GetStatusResponse:
         await self._auth(context)
-        await self._check_name(request.name, context)
-        return pb.GetStatusResponse(budgets=[await self._status()])
+        defs = await self._defs(request.name, context)
+        return pb.GetStatusResponse(budgets=[await self._status(d) for d in defs])
 
     async def SetLimit(self, request: pb.SetLimitRequest,
                        context: grpc.aio.ServicerContext) -> pb.SetLimitResponse:
         await self._auth(context)
-        await self._check_name(request.name, context)
+        (d,) = await self._defs(request.name, context, one=True)
         if request.limit_micros <= 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "limit_micros must be > 0")
         if not 0 <= request.soft_limit_percent <= 100:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "soft_limit_percent must be in (0, 100]")
-        cur = await self.budget.load_settings()
+        await self.budget.load_settings()
+        cur = d.settings
         soft = Decimal(str(request.soft_limit_percent)) if request.soft_limit_percent else cur.soft_limit_percent
-        new = Settings(request.limit_micros, soft,
-                       ACTION_FROM_PB.get(request.hard_limit_action, cur.hard_limit_action),
+        new = Settings(request.limit_micros, soft, ACTION_FROM_PB.get(request.hard_limit_action, cur.hard_limit_action),
                        cur.override_limit_micros, cur.override_until)
-        await self.budget.update_settings(new, request.actor or "admin-api")
-        return pb.SetLimitResponse(budget=await self._status())
+        await self.budget.update_settings(d.name, new, request.actor or "admin-api")
+        return pb.SetLimitResponse(budget=await self._status(d))
 
     async def SetOverride(self, request: pb.SetOverrideRequest,
                           context: grpc.aio.ServicerContext) -> pb.SetOverrideResponse:
         await self._auth(context)
-        await self._check_name(request.name, context)
+        (d,) = await self._defs(request.name, context, one=True)
         until = request.until.seconds
         if request.limit_micros <= 0 or until <= self.budget.clock().timestamp():
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "need limit_micros > 0 and a future 'until'")
-        cur = await self.budget.load_settings()
+        await self.budget.load_settings()
+        cur = d.settings
         new = Settings(cur.limit_micros, cur.soft_limit_percent, cur.hard_limit_action, request.limit_micros,
                        float(until))
-        await self.budget.update_settings(new, request.actor or "admin-api")
-        return pb.SetOverrideResponse(budget=await self._status())
+        await self.budget.update_settings(d.name, new, request.actor or "admin-api")
+        return pb.SetOverrideResponse(budget=await self._status(d))
 
     async def ListSpend(self, request: pb.ListSpendRequest,
                         context: grpc.aio.ServicerContext) -> pb.ListSpendResponse:
@@ -137,18 +144,18 @@ class BudgetAdmin(pb_grpc.BudgetAdminServiceServicer):
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WatchStatusResponse]:
         """Polls the shared store, so it sees transitions caused by any worker or replica."""
         await self._auth(context)
-        await self._check_name(request.name, context)
-        last: tuple[int, int] | None = None
+        defs = await self._defs(request.name, context)
+        last: dict[str, tuple[int, int]] = {}
         while True:
-            try:
-                st = await self._status()
-            except StoreUnavailable:
-                await asyncio.sleep(self.watch_interval)
-                continue
-            key = (st.status, st.limit_micros)
-            if key != last:
-                last = key
-                yield pb.WatchStatusResponse(budget=st)
+            for d in defs:
+                try:
+                    st = await self._status(d)
+                except StoreUnavailable:
+                    continue
+                key = (st.status, st.limit_micros)
+                if last.get(d.name) != key:
+                    last[d.name] = key
+                    yield pb.WatchStatusResponse(budget=st)
             await asyncio.sleep(self.watch_interval)
 
 

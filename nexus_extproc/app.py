@@ -39,7 +39,7 @@ SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 
 def open_store(config: NexusConfig) -> Ledger | None:
-    if config.budget is None:
+    if not config.budget_defs():
         return None
     s = config.store
     if s.kind == "sqlite":
@@ -115,7 +115,7 @@ async def serve_single(config: NexusConfig, worker_index: int | None = None) -> 
         admin_api, _ = await start_admin_api(comps.budget, config.admin_api.host, config.admin_api.port,
                                              config.admin_api.token())
     chores = asyncio.gather(
-        comps.budget.run_reconciler(config.budget.reconciliation_interval_secs if config.budget else 60),
+        comps.budget.run_reconciler(config.budget.reconciliation_interval_secs if config.budget else 30),
         poll_envoy_health(config, comps.processor.router))
     log.info("nexus-extproc serving", extra={"grpc_port": bound, "admin_port": config.server.admin_port
                                              if runner else None, "worker": worker_index})

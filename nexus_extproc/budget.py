@@ -1,9 +1,10 @@
-"""Budget service: the policy decision made safe by the ledger, plus the periodic chores.
+"""Budget service: the policy decision made safe by the ledger, for every budget a request falls under.
 
-`admit` reads the period's totals, asks the pure policy, and reserves the chosen target's estimate, with a
-cap when the decision depends on room being left. If another request took that room in between, the capped
-reservation is refused atomically by the store and the policy is asked again as at the hard limit. So two
-requests never both see room for one, on one worker or many.
+`admit` reserves the request's estimate in all its budgets at once (one store round trip; caps where the
+budget's action blocks), reads each budget's status from the totals that reservation saw, and lets the
+strictest budget decide. Only when the decision changes the target (reroute) or refuses does it release and
+redo. A capped reservation that loses the race is refused atomically by the store, all or nothing across the
+budgets, and that budget is then treated as at its hard limit. So two requests never both see room for one.
 """
 
 from __future__ import annotations
@@ -19,19 +20,25 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, cast
+from zoneinfo import ZoneInfo
 
 from nexus_extproc import metrics
-from nexus_extproc.config import NexusConfig
+from nexus_extproc.alerts import AlertSender, alert_payload
+from nexus_extproc.config import BudgetDefConfig, NexusConfig, ScopeConfig
 from nexus_extproc.errors import budget_exceeded, store_unavailable
+from nexus_extproc.forecast import Forecast, forecast
 from nexus_extproc.ledger import AuditRecord, Ledger, ReserveItem, SpendRecord, StoreUnavailable, Totals
 from nexus_extproc.money import usd_to_micros
-from nexus_extproc.periods import Period, month_period
-from nexus_extproc.policy import Action, BudgetView, Decision, HardAction, PolicyInput, Target, decide
+from nexus_extproc.periods import Period, period_for
+from nexus_extproc.policy import STATUS_CODE, Action, BudgetView, Decision, HardAction, PolicyInput, Target, decide
+from nexus_extproc.scopes import RequestFacts, matches
 
 log = logging.getLogger("nexus_extproc.budget")
 
 GLOBAL_BUDGET = "global"
 Clock = Callable[[], datetime]
+_ROLLOVER_EVENT = {"daily": "day_rollover", "weekly": "week_rollover", "monthly": "month_rollover"}
+_ACTION_RANK = {Action.ALLOW: 0, Action.REROUTE: 1, Action.REJECT: 2}
 
 
 def utc_now() -> datetime:
@@ -60,12 +67,49 @@ class Settings:
 
 
 @dataclass(slots=True)
+class BudgetDef:
+    """One budget at run time: its config plus the settings the admin API may have changed."""
+
+    name: str
+    scope: ScopeConfig | None
+    period_kind: str
+    tz: ZoneInfo
+    base: Settings
+    thresholds: list[Decimal]
+    settings: Settings = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.settings = self.base
+
+    @classmethod
+    def from_config(cls, c: BudgetDefConfig) -> BudgetDef:
+        return cls(c.name, None if c.scope == "global" else cast(ScopeConfig, c.scope), c.period,
+                   ZoneInfo(c.timezone), Settings(usd_to_micros(c.limit_usd), c.soft_limit_percent,
+                                                  c.hard_limit_action), list(c.alert_thresholds))
+
+    def period(self, now: datetime) -> Period:
+        return period_for(self.period_kind, now, self.tz)  # type: ignore[arg-type]
+
+
+@dataclass(slots=True)
 class Admission:
     decision: Decision
-    view: BudgetView | None
+    view: BudgetView | None  # the deciding budget's view
     items: list[tuple[str, str]] = field(default_factory=list)  # (budget, period) reserved against
     reserved: int = 0
     outbox: bool = False  # store was down and store_failure=open: settle into the outbox
+    budget: str | None = None  # the budget whose status decided
+    reset_in_s: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetState:
+    """A budget's standing right now, for /v1/stats, the admin API and the gauges."""
+
+    defn: BudgetDef
+    period: Period
+    view: BudgetView
+    forecast: Forecast
 
 
 class Outbox:
@@ -107,115 +151,154 @@ class Outbox:
 
 
 class BudgetService:
-    def __init__(self, config: NexusConfig, ledger: Ledger | None, clock: Clock = utc_now) -> None:
+    def __init__(self, config: NexusConfig, ledger: Ledger | None, clock: Clock = utc_now,
+                 alerts: AlertSender | None = None) -> None:
         self.config = config
-        self.budget = config.budget
+        self.budget = config.budget  # the legacy single block, for its options
+        self.defs = [BudgetDef.from_config(c) for c in config.budget_defs()]
+        self.by_name = {d.name: d for d in self.defs}
         self.ledger = ledger
         self.clock = clock
+        self.alerts = alerts or AlertSender(config.alerts)
         self.outbox = Outbox(config.store.outbox_path)
-        b = self.budget
-        self.base = Settings(usd_to_micros(b.monthly_limit_usd) if b else 0,
-                             b.soft_limit_percent if b else Decimal(80), b.hard_limit_action if b else "warn")
-        self.settings = self.base
-        self._period_key: str | None = None
-        self.last_totals = Totals(0, 0)
-        self.last_status = "Normal"
+        self.always_headers = bool(config.budget and config.budget.always_send_status_headers)
+        self._seen_periods: dict[str, str] = {}
+        self._fired: set[tuple[str, str, str]] = set()
+        self.last_totals: dict[str, Totals] = {d.name: Totals(0, 0) for d in self.defs}
+        self.last_status: dict[str, str] = {d.name: "Normal" for d in self.defs}
 
     @property
     def enabled(self) -> bool:
-        return self.budget is not None and self.ledger is not None
-
-    def period(self) -> Period:
-        return month_period(self.clock())
+        return bool(self.defs) and self.ledger is not None
 
     @property
-    def _limit(self) -> int:
-        return self.settings.limit_at(self.clock().timestamp())
+    def settings(self) -> Settings:
+        """The global budget's settings (legacy single-budget callers)."""
+        return self.by_name[GLOBAL_BUDGET].settings if GLOBAL_BUDGET in self.by_name else self.defs[0].settings
 
-    def view_of(self, t: Totals) -> BudgetView:
-        s = self.settings
-        return BudgetView(self._limit, t.settled, t.reserved, s.soft_limit_percent, s.hard_limit_action)
+    def period(self, name: str = GLOBAL_BUDGET) -> Period:
+        d = self.by_name.get(name) or self.defs[0]
+        return d.period(self.clock())
 
-    async def load_settings(self) -> Settings:
+    def view_of(self, d: BudgetDef, t: Totals) -> BudgetView:
+        s = d.settings
+        return BudgetView(s.limit_at(self.clock().timestamp()), t.settled, t.reserved, s.soft_limit_percent,
+                          s.hard_limit_action)
+
+    # ---- settings ------------------------------------------------------------------------------
+
+    async def load_settings(self) -> None:
         """Runtime changes made through the admin API (by any process) win over the config file."""
-        if self.ledger is None or self.budget is None:
-            return self.settings
-        doc = await self.ledger.get_settings(GLOBAL_BUDGET)
-        if doc:
-            self.settings = Settings(
-                int(cast(Any, doc["limit_micros"])), Decimal(str(doc["soft_limit_percent"])),
-                cast(HardAction, doc["hard_limit_action"]),
-                None if doc.get("override_limit_micros") is None else int(cast(Any, doc["override_limit_micros"])),
-                None if doc.get("override_until") is None else float(cast(Any, doc["override_until"])))
-        return self.settings
+        if self.ledger is None:
+            return
+        for d in self.defs:
+            doc = await self.ledger.get_settings(d.name)
+            if doc:
+                d.settings = Settings(
+                    int(cast(Any, doc["limit_micros"])), Decimal(str(doc["soft_limit_percent"])),
+                    cast(HardAction, doc["hard_limit_action"]),
+                    None if doc.get("override_limit_micros") is None else int(cast(Any, doc["override_limit_micros"])),
+                    None if doc.get("override_until") is None else float(cast(Any, doc["override_until"])))
 
-    async def update_settings(self, new: Settings, actor: str) -> Settings:
+    async def update_settings(self, name: str, new: Settings, actor: str) -> Settings:
         assert self.ledger is not None
-        old = await self.load_settings()
-        now = time.time()
-        audit = [AuditRecord(now, actor, GLOBAL_BUDGET, k, str(v), str(new.to_doc()[k]))
+        await self.load_settings()
+        d = self.by_name[name]
+        old, now = d.settings, time.time()
+        audit = [AuditRecord(now, actor, name, k, str(v), str(new.to_doc()[k]))
                  for k, v in old.to_doc().items() if new.to_doc()[k] != v]
-        await self.ledger.put_settings(GLOBAL_BUDGET, new.to_doc(), audit)
-        self.settings = new
+        await self.ledger.put_settings(name, new.to_doc(), audit)
+        d.settings = new
         for a in audit:
             log.info("budget setting changed", extra={"budget": a.budget, "field": a.field, "old": a.old,
                                                       "new": a.new, "actor": a.actor})
         return new
 
-    async def _observe_period(self, period: Period) -> None:
-        """Rollover happens once across every process: the store decides who saw the new period first."""
-        if period.key == self._period_key or self.ledger is None:
-            return
-        if await self.ledger.first_seen(GLOBAL_BUDGET, period.key, time.time()):
-            previous = await self.ledger.get_meta("global:last_period")
-            await self.ledger.set_meta("global:last_period", period.key)
-            if previous is not None and previous != period.key:
-                metrics.budget_events.labels("month_rollover").inc()
-                log.info("budget period rolled over", extra={"from_period": previous, "to_period": period.key})
-        self._period_key = period.key
+    # ---- periods and state -----------------------------------------------------------------------
 
-    async def current_view(self) -> BudgetView | None:
+    async def _observe_period(self, d: BudgetDef, period: Period) -> None:
+        """Rollover happens once across every process: the store decides who saw the new period first."""
+        if self._seen_periods.get(d.name) == period.key or self.ledger is None:
+            return
+        if await self.ledger.first_seen(d.name, period.key, time.time()):
+            meta = f"{d.name}:last_period"
+            previous = await self.ledger.get_meta(meta)
+            await self.ledger.set_meta(meta, period.key)
+            if previous is not None and previous != period.key:
+                metrics.budget_events.labels(_ROLLOVER_EVENT[d.period_kind]).inc()
+                log.info("budget period rolled over", extra={"budget": d.name, "from_period": previous,
+                                                             "to_period": period.key})
+        self._seen_periods[d.name] = period.key
+
+    async def state(self, d: BudgetDef) -> BudgetState:
+        assert self.ledger is not None
+        now = self.clock()
+        period = d.period(now)
+        await self._observe_period(d, period)
+        t = await self.ledger.totals(d.name, period.key)
+        self.last_totals[d.name] = t
+        view = self.view_of(d, t)
+        fc = forecast(t.settled, view.limit_micros, period.start.timestamp(), period.end.timestamp(),
+                      now.timestamp())
+        return BudgetState(d, period, view, fc)
+
+    async def current_view(self, name: str = GLOBAL_BUDGET) -> BudgetView | None:
         if not self.enabled:
             return None
-        assert self.ledger is not None
-        period = self.period()
-        await self._observe_period(period)
-        self.last_totals = await self.ledger.totals(GLOBAL_BUDGET, period.key)
-        return self.view_of(self.last_totals)
+        d = self.by_name.get(name) or self.defs[0]
+        return (await self.state(d)).view
 
-    async def admit(self, req_id: str, requested: Target, equivalent: Target | None) -> Admission:
-        """Reserve first, decide with the totals the reservation saw, and redo only when the policy picks
-        another target: the common case costs one store round trip."""
+    # ---- the request path ------------------------------------------------------------------------
+
+    def matching(self, facts: RequestFacts) -> list[BudgetDef]:
+        return [d for d in self.defs if matches(d.scope, facts)]
+
+    async def admit(self, req_id: str, requested: Target, equivalent: Target | None,
+                    facts: RequestFacts | None = None) -> Admission:
+        """Reserve first in every matching budget, decide with the totals that saw, redo only on a change."""
         if not self.enabled:
             return Admission(decide(PolicyInput(requested, equivalent, None)), None)
-        assert self.ledger is not None and self.budget is not None
-        period = self.period()
-        items = [(GLOBAL_BUDGET, period.key)]
+        assert self.ledger is not None
+        facts = facts or RequestFacts(requested.model, requested.backend_type)
+        matched = self.matching(facts)
+        if not matched:
+            return Admission(decide(PolicyInput(requested, equivalent, None)), None)
+        now = self.clock()
+        periods = [d.period(now) for d in matched]
+        items = [(d.name, p.key) for d, p in zip(matched, periods, strict=True)]
         expires = time.time() + self.config.store.reservation_ttl_secs
-        blocking = self.settings.hard_limit_action != "warn"
         try:
-            await self._observe_period(period)
+            for d, p in zip(matched, periods, strict=True):
+                await self._observe_period(d, p)
             amount = requested.estimate_micros
-            cap = self._limit if blocking and amount > 0 else None
-            res = await self.ledger.reserve(req_id, [ReserveItem(GLOBAL_BUDGET, period.key, amount, cap)], expires)
-            t = res.totals[0]
-            before = Totals(t.settled, t.reserved - amount) if res.admitted else t
-            self.last_totals = t
-            view = self.view_of(before)
-            decision = decide(PolicyInput(requested, equivalent, view), force_hard=not res.admitted)
+            res = await self.ledger.reserve(req_id, [
+                ReserveItem(d.name, p.key, amount, self._cap(d, amount)) for d, p in zip(matched, periods, strict=True)
+            ], expires)
+            befores = [Totals(t.settled, t.reserved - amount) if res.admitted else t for t in res.totals]
+            views = [self.view_of(d, t) for d, t in zip(matched, befores, strict=True)]
+            refused = [not res.admitted and (cap := self._cap(d, amount)) is not None
+                       and t.settled + t.reserved + amount > cap for d, t in zip(matched, res.totals, strict=True)]
+            for d, t in zip(matched, res.totals, strict=True):
+                self.last_totals[d.name] = t
+            decisions = [decide(PolicyInput(requested, equivalent, v), force_hard=r)
+                         for v, r in zip(views, refused, strict=True)]
+            i = max(range(len(matched)), key=lambda k: (_ACTION_RANK[decisions[k].action],
+                                                        STATUS_CODE[decisions[k].status], views[k].utilization()))
+            decision, view, deciding = decisions[i], views[i], matched[i]
+            reset = periods[i].seconds_until_reset(now)
+            self._note_status(matched, views)
             if res.admitted and decision.action is Action.ALLOW and decision.target == requested:
-                self._note_status(decision.status)
-                return Admission(decision, view, items, amount)
+                self._check_alerts(matched, periods, res.totals)
+                return Admission(decision, view, items, amount, budget=deciding.name, reset_in_s=reset)
             if res.admitted:
                 await self.ledger.release(req_id)
-            self._note_status(decision.status)
             if decision.action is Action.REJECT:
-                return Admission(decision, view)
+                return Admission(decision, view, budget=deciding.name, reset_in_s=reset)
             assert decision.target is not None
             amount = decision.target.estimate_micros
-            res = await self.ledger.reserve(req_id, [ReserveItem(GLOBAL_BUDGET, period.key, amount)], expires)
-            self.last_totals = res.totals[0]
-            return Admission(decision, view, items, amount)
+            res = await self.ledger.reserve(req_id, [ReserveItem(n, k, amount) for n, k in items], expires)
+            self._check_alerts(matched, periods, res.totals)
+            return Admission(decision, view, items, amount, budget=deciding.name, reset_in_s=reset)
         except StoreUnavailable:
             metrics.store_failures.labels("reserve").inc()
             if self.config.store_failure == "closed":
@@ -223,15 +306,57 @@ class BudgetService:
             log.warning("budget store unavailable; admitting with store_failure=open")
             return Admission(decide(PolicyInput(requested, equivalent, None)), None, items, outbox=True)
 
-    def reject_error(self, decision: Decision) -> Exception:
-        return budget_exceeded(decision.reason or "budget exhausted",
-                               self.period().seconds_until_reset(self.clock()))
+    def _cap(self, d: BudgetDef, amount: int) -> int | None:
+        if d.settings.hard_limit_action == "warn" or amount <= 0:
+            return None
+        return d.settings.limit_at(self.clock().timestamp())
 
-    def _note_status(self, status: str) -> None:
-        if status != self.last_status:
-            log.info("budget status changed", extra={"from_status": self.last_status, "to_status": status})
-            metrics.budget_events.labels(f"status_{status.lower()}").inc()
-            self.last_status = status
+    def reject_error(self, adm: Admission) -> Exception:
+        name = f"budget '{adm.budget}'" if adm.budget and adm.budget != GLOBAL_BUDGET else "monthly budget"
+        reason = adm.decision.reason or "budget exhausted"
+        reason = reason.replace("monthly budget", name)
+        return budget_exceeded(reason, adm.reset_in_s)
+
+    def _note_status(self, matched: list[BudgetDef], views: list[BudgetView]) -> None:
+        for d, v in zip(matched, views, strict=True):
+            status = v.status()
+            if status != self.last_status.get(d.name):
+                log.info("budget status changed", extra={"budget": d.name, "from_status": self.last_status.get(
+                    d.name), "to_status": status})
+                metrics.budget_events.labels(f"status_{status.lower()}").inc()
+                self.last_status[d.name] = status
+
+    def _check_alerts(self, matched: list[BudgetDef], periods: list[Period], after: list[Totals]) -> None:
+        """Cheap in-process check on the request path; the once-only claim and the webhook run in the
+        background."""
+        for d, p, t in zip(matched, periods, after, strict=True):
+            limit = d.settings.limit_at(self.clock().timestamp())
+            used = Decimal(t.settled + t.reserved) * 100 / Decimal(limit)
+            for th in d.thresholds:
+                key = (d.name, p.key, str(th))
+                if used >= th and key not in self._fired:
+                    self._fired.add(key)
+                    asyncio.get_running_loop().create_task(self._claim_and_send(d, p, str(th), t, limit))
+            if (d.name, p.key, "forecast") not in self._fired:
+                fc = forecast(t.settled, limit, p.start.timestamp(), p.end.timestamp(), self.clock().timestamp())
+                if fc.exceeds(limit) and self.clock().timestamp() - p.start.timestamp() >= 86400:
+                    self._fired.add((d.name, p.key, "forecast"))
+                    asyncio.get_running_loop().create_task(self._claim_and_send(d, p, "forecast", t, limit,
+                                                                                fc.projected_micros))
+
+    async def _claim_and_send(self, d: BudgetDef, p: Period, threshold: str, t: Totals, limit: int,
+                              projected: int | None = None) -> None:
+        assert self.ledger is not None
+        try:
+            if not await self.ledger.first_seen(f"alert:{d.name}:{threshold}", p.key, time.time()):
+                return  # another worker or replica sent it
+        except StoreUnavailable:
+            self._fired.discard((d.name, p.key, threshold))  # try again on a later request
+            return
+        if projected is None:
+            projected = forecast(t.settled, limit, p.start.timestamp(), p.end.timestamp(),
+                                 self.clock().timestamp()).projected_micros
+        self.alerts.send(alert_payload(d.name, p.key, threshold, t.settled, t.reserved, limit, projected))
 
     async def settle(self, req_id: str, adm: Admission, cost: int, record: SpendRecord) -> None:
         if self.ledger is None or not adm.items:
@@ -262,10 +387,9 @@ class BudgetService:
                 metrics.budget_events.labels("reservations_reaped").inc(reaped)
                 log.warning("reaped expired reservations", extra={"count": reaped})
             await self.outbox.replay(self.ledger)
-            if self.enabled:
-                await self.current_view()
-            await self.ledger.set_meta("last_reconciliation",
-                                       self.clock().strftime("%Y-%m-%dT%H:%M:%SZ"))
+            for d in self.defs:
+                await self.state(d)
+            await self.ledger.set_meta("last_reconciliation", self.clock().strftime("%Y-%m-%dT%H:%M:%SZ"))
         except StoreUnavailable:
             metrics.store_failures.labels("reconcile").inc()
 

@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_serve_args(sub.add_parser("serve", help="run the ext_proc server"))
     c = sub.add_parser("check-config", help="validate a config file and exit")
     c.add_argument("config")
+    h = sub.add_parser("hash-key", help="print the salted hash to use as a budget's scope.api_key_hash")
+    h.add_argument("--salt-env", default="NEXUS_API_KEY_SALT")
     d = sub.add_parser("demo", help="fake upstreams + ext_proc + Envoy, in the foreground")
     from nexus_extproc.admin_cli import add_admin_args, run_admin
     from nexus_extproc.demo import add_demo_args, run_demo
@@ -75,6 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "check-config":
         return _check(args)
+    if args.cmd == "hash-key":
+        import getpass
+        import os
+
+        from nexus_extproc.scopes import hash_api_key
+
+        key = getpass.getpass("API key (not echoed): ") if sys.stdin.isatty() else sys.stdin.readline().strip()
+        print(hash_api_key(key, os.environ.get(args.salt_env, "").encode()))
+        return 0
     if args.cmd == "demo":
         return run_demo(args)
     if args.cmd in ("status", "set-limit", "override", "spend"):

@@ -11,6 +11,7 @@ import os
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,6 +29,61 @@ class BudgetConfig(_Strict):
     hard_limit_action: Literal["warn", "block_cloud", "block_all"] = "warn"
     reconciliation_interval_secs: int = Field(default=60, ge=1)
     always_send_status_headers: bool = False
+
+
+BUDGET_NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+
+
+class ScopeConfig(_Strict):
+    """Which requests a budget counts: every field given must match (an empty scope matches everything)."""
+
+    api_key_hash: str | None = Field(default=None, pattern=r"^hmac-sha256:[0-9a-f]{64}$")
+    user: str | None = None
+    team: str | None = None
+    agent: str | None = None
+    model: str | None = None  # glob, e.g. "gpt-4o*"
+    backend_type: Literal["cloud", "local"] | None = None
+
+
+class BudgetDefConfig(_Strict):
+    name: str = Field(pattern=BUDGET_NAME)
+    scope: Literal["global"] | ScopeConfig = "global"
+    period: Literal["daily", "weekly", "monthly"] = "monthly"
+    timezone: str = "UTC"
+    limit_usd: Decimal = Field(gt=0)
+    soft_limit_percent: Decimal = Field(default=Decimal(80), gt=0, le=100)
+    hard_limit_action: Literal["warn", "block_cloud", "block_all"] = "warn"
+    alert_thresholds: list[Decimal] = Field(default_factory=lambda: [Decimal(80), Decimal(90), Decimal(100)])
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone {v!r}") from None
+        return v
+
+    @field_validator("alert_thresholds")
+    @classmethod
+    def _thresholds(cls, v: list[Decimal]) -> list[Decimal]:
+        if any(t <= 0 or t > 1000 for t in v):
+            raise ValueError("thresholds are percentages in (0, 1000]")
+        return sorted(set(v))
+
+
+class IdentityConfig(_Strict):
+    # x-nexus-user/-team/-agent are honoured for budget scopes only when an authenticator in front of this
+    # filter (jwt_authn, ext_authz) sets them; otherwise a client could pick its own budget.
+    trust_identity_headers: bool = False
+    api_key_salt_env: str = "NEXUS_API_KEY_SALT"
+
+
+class AlertsConfig(_Strict):
+    webhook_url: str | None = None
+    timeout_secs: float = Field(default=2.0, gt=0)
+    max_attempts: int = Field(default=5, ge=1, le=20)
+    backoff_secs: float = Field(default=0.5, ge=0)
 
 
 class StoreConfig(_Strict):
@@ -107,6 +163,9 @@ class EstimationConfig(_Strict):
 
 class NexusConfig(_Strict):
     budget: BudgetConfig | None = None
+    budgets: list[BudgetDefConfig] = Field(default_factory=list)
+    identity: IdentityConfig = IdentityConfig()
+    alerts: AlertsConfig = AlertsConfig()
     store: StoreConfig = StoreConfig()
     store_failure: Literal["closed", "open"] = "closed"
     backends: dict[str, BackendConfig]
@@ -136,6 +195,23 @@ class NexusConfig(_Strict):
             if self.backends[backend].type != "local":
                 raise ValueError(f"equivalents.{src}: backend {backend!r} is not local")
         return self
+
+    @model_validator(mode="after")
+    def _budget_names_unique(self) -> NexusConfig:
+        names = [b.name for b in self.budget_defs()]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"budgets: duplicate name(s) {', '.join(dupes)} (the `budget:` block is named 'global')")
+        return self
+
+    def budget_defs(self) -> list[BudgetDefConfig]:
+        """Every budget; the single `budget:` block is the global monthly budget named 'global'."""
+        out = []
+        if self.budget is not None:
+            out.append(BudgetDefConfig(name="global", limit_usd=self.budget.monthly_limit_usd,
+                                       soft_limit_percent=self.budget.soft_limit_percent,
+                                       hard_limit_action=self.budget.hard_limit_action))
+        return out + list(self.budgets)
 
     def configured_models(self) -> set[str]:
         """Every concrete model id the config names: each must have a price at start-up (SPEC §2.3)."""

@@ -11,6 +11,12 @@ H_BACKEND_TYPE = "x-nexus-backend-type"
 H_ROUTE_REASON = "x-nexus-route-reason"
 H_TOKEN_TIER = "x-nexus-token-tier"
 H_REQUEST_ID = "x-nexus-request-id"
+H_BUDGET_NAME = "x-nexus-budget-name"  # which budget's status decided (with several budgets)
+
+# Identity headers: used for budget scopes only when identity.trust_identity_headers is set.
+H_USER = "x-nexus-user"
+H_TEAM = "x-nexus-team"
+H_AGENT = "x-nexus-agent"
 
 METADATA_NAMESPACE = "nexus.extproc"
 

@@ -1,17 +1,19 @@
-"""Budget periods on the UTC calendar: a month is a calendar month, never 30 days (LiteLLM #9098)."""
+"""Budget periods on the calendar of a timezone (UTC by default): a month is a calendar month, never 30 days
+(LiteLLM #9098); a week is the ISO week, Monday 00:00."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Literal
+from zoneinfo import ZoneInfo
 
-PeriodKind = Literal["monthly"]
+PeriodKind = Literal["daily", "weekly", "monthly"]
 
 
 @dataclass(frozen=True, slots=True)
 class Period:
-    key: str  # "2026-11": the store's key for this period's totals
+    key: str  # "2026-11", "2026-W48", "2026-11-23": the store's key for this period's totals
     start: datetime
     end: datetime  # exclusive: the reset instant
 
@@ -19,11 +21,30 @@ class Period:
         return max(0, int((self.end - now).total_seconds() + 0.999))
 
 
+def period_for(kind: PeriodKind, now: datetime, tz: ZoneInfo | None = None) -> Period:
+    local = now.astimezone(tz or UTC)
+    day = datetime(local.year, local.month, local.day, tzinfo=local.tzinfo)
+    if kind == "daily":
+        start, end = day, day + timedelta(days=1)
+        key = f"{local.year:04d}-{local.month:02d}-{local.day:02d}"
+    elif kind == "weekly":
+        start = day - timedelta(days=local.weekday())
+        end = start + timedelta(days=7)
+        iso = local.isocalendar()
+        key = f"{iso.year:04d}-W{iso.week:02d}"
+    else:
+        start = datetime(local.year, local.month, 1, tzinfo=local.tzinfo)
+        end = datetime(local.year + (local.month == 12), local.month % 12 + 1, 1, tzinfo=local.tzinfo)
+        key = f"{local.year:04d}-{local.month:02d}"
+    # Wall-clock boundaries in the budget's zone, then back to UTC (DST days are 23 or 25 hours long).
+    tzinfo = tz or UTC
+    start = start.replace(tzinfo=None).replace(tzinfo=tzinfo).astimezone(UTC)
+    end = end.replace(tzinfo=None).replace(tzinfo=tzinfo).astimezone(UTC)
+    return Period(key, start, end)
+
+
 def month_period(now: datetime) -> Period:
-    now = now.astimezone(UTC)
-    start = datetime(now.year, now.month, 1, tzinfo=UTC)
-    end = datetime(now.year + (now.month == 12), now.month % 12 + 1, 1, tzinfo=UTC)
-    return Period(f"{now.year:04d}-{now.month:02d}", start, end)
+    return period_for("monthly", now)
 
 
 def next_reset_date(now: datetime) -> date:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from nexus_extproc.money import format_usd, usd_float
 from nexus_extproc.policy import Action, Target
 from nexus_extproc.pricing import PriceBook, ResolvedPrice
 from nexus_extproc.router import Route, Router
+from nexus_extproc.scopes import RequestFacts, api_key_of, hash_api_key
 from nexus_extproc.sse import SSEParser
 from nexus_extproc.tokenizers import TokenCounter, heuristic_tokens
 from nexus_extproc.translators import ParsedRequest, Translator, for_path
@@ -66,6 +68,8 @@ class RequestState:
     family: str = "openai"
     translator: Translator | None = None
     client_nexus_headers: list[str] = field(default_factory=list)
+    identity: dict[str, str] = field(default_factory=dict)  # trusted x-nexus-user/-team/-agent only
+    api_key_hash: str | None = None
     parsed: ParsedRequest | None = None
     route: Route | None = None
     model: str | None = None
@@ -120,6 +124,13 @@ class Processor:
         self.router = router
         self.outputs = OutputStats(config.estimation.p95_window)
         self._known_models = config.configured_models()
+        self._trust_identity = config.identity.trust_identity_headers
+        # Hash the caller's API key only when some budget is scoped by key (an HMAC per request otherwise).
+        self._need_key = any(d.scope is not None and d.scope.api_key_hash for d in budget.defs)
+        self._salt = os.environ.get(config.identity.api_key_salt_env, "").encode()
+        if self._need_key and not self._salt:
+            log.warning("budgets scoped by API key but $%s is empty: hashes use an empty salt",
+                        config.identity.api_key_salt_env)
 
     # ---- helpers -------------------------------------------------------------------------------
 
@@ -144,6 +155,12 @@ class Processor:
         state.path = headers.get(":path", "")
         state.family = "anthropic" if state.path.startswith("/v1/messages") else "openai"
         state.client_nexus_headers = [k for k in headers if k.startswith(C.CLIENT_HEADER_PREFIX)]
+        if self._trust_identity:
+            state.identity = {k: headers[h] for k, h in (("user", C.H_USER), ("team", C.H_TEAM), ("agent", C.H_AGENT))
+                              if headers.get(h)}
+        if self._need_key:
+            key = api_key_of(headers)
+            state.api_key_hash = hash_api_key(key, self._salt) if key else None
         state.translator = for_path(state.path)
         if state.translator is None:
             return self._error(state, not_found("path not served by the budget filter"), "unknown_path")
@@ -228,8 +245,10 @@ class Processor:
             eq_route, eq_model = eq
             equivalent, eq_price = self._target(eq_route, eq_model, prompt_tokens, expected)
 
+        facts = RequestFacts(model, route.backend_type, state.api_key_hash, state.identity.get("user"),
+                             state.identity.get("team"), state.identity.get("agent"))
         try:
-            adm = await self.budget.admit(state.req_id, requested, equivalent)
+            adm = await self.budget.admit(state.req_id, requested, equivalent, facts)
         except NexusError as e:
             metrics.requests_total.labels("rejected").inc()
             return self._error(state, e, "store_unavailable")
@@ -239,7 +258,7 @@ class Processor:
         if d.action is Action.REJECT:
             log.info("request rejected by budget", extra={"status": d.status,
                                                            "model": self.model_label(model, price)})
-            err = self.budget.reject_error(d)
+            err = self.budget.reject_error(adm)
             assert isinstance(err, NexusError)
             return self._error(state, err, "budget")
 
@@ -281,8 +300,10 @@ class Processor:
             return out
         view = adm.view
         d = adm.decision
-        always = self.budget.budget is not None and self.budget.budget.always_send_status_headers
+        always = self.budget.always_headers
         if d.status != "Normal" or always:
+            if adm.budget is not None:
+                out.append((C.H_BUDGET_NAME, adm.budget))
             out.append((C.H_BUDGET_STATUS, d.status))
             out.append((C.H_BUDGET_UTILIZATION, f"{min(view.utilization(), 9999):.2f}"))
             out.append((C.H_BUDGET_REMAINING, format_usd(view.remaining_micros, 2)))

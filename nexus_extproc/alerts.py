@@ -1,0 +1,86 @@
+"""Budget alerts: each threshold fires once per budget and period, across every worker and replica.
+
+Crossing is noticed on the request path from the totals the reservation returned (no extra read); the claim
+("first to see threshold T of budget B in period P") is an atomic store write, so exactly one process sends
+it. Delivery runs in the background with retries and backoff: a slow or dead webhook never delays a request,
+and a delivery that gives up is logged and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+from prometheus_client import Counter
+
+from nexus_extproc.config import AlertsConfig
+
+log = logging.getLogger("nexus_extproc.alerts")
+
+alerts_total = Counter("nexus_budget_alerts_total", "Budget alerts fired (once per budget, period, threshold)",
+                       ["budget", "threshold"])
+deliveries = Counter("nexus_alert_deliveries_total", "Webhook deliveries by result", ["result"])
+
+
+class AlertSender:
+    def __init__(self, config: AlertsConfig) -> None:
+        self.config = config
+        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10_000)
+        self._task: asyncio.Task[None] | None = None
+
+    def send(self, payload: dict[str, Any]) -> None:
+        alerts_total.labels(payload["budget"], str(payload["threshold"])).inc()
+        log.warning("budget alert", extra={k: payload[k] for k in ("budget", "period", "threshold")})
+        if not self.config.webhook_url:
+            return
+        try:
+            self._queue.put_nowait(payload)
+        except asyncio.QueueFull:
+            deliveries.labels("dropped").inc()
+            return
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        assert self.config.webhook_url
+        timeout = aiohttp.ClientTimeout(total=self.config.timeout_secs)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while not self._queue.empty():
+                payload = self._queue.get_nowait()
+                await self._deliver(session, payload)
+
+    async def _deliver(self, session: aiohttp.ClientSession, payload: dict[str, Any]) -> None:
+        delay = self.config.backoff_secs
+        for attempt in range(1, self.config.max_attempts + 1):
+            try:
+                async with session.post(self.config.webhook_url or "", json=payload) as r:
+                    if r.status < 300:
+                        deliveries.labels("delivered").inc()
+                        return
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                pass
+            if attempt < self.config.max_attempts:
+                deliveries.labels("retried").inc()
+                await asyncio.sleep(delay)
+                delay *= 2
+        deliveries.labels("failed").inc()
+        log.error("budget alert not delivered", extra={"budget": payload["budget"],
+                                                       "threshold": payload["threshold"],
+                                                       "attempts": self.config.max_attempts})
+
+    async def drain(self, grace: float) -> None:
+        if self._task is not None and not self._task.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._task), grace)
+
+
+def alert_payload(budget: str, period: str, threshold: Decimal | str, spend: int, reserved: int, limit: int,
+                  projected: int | None) -> dict[str, Any]:
+    return {"budget": budget, "period": period, "threshold": str(threshold),
+            "spend_usd": spend / 1e6, "reserved_usd": reserved / 1e6, "limit_usd": limit / 1e6,
+            "forecast_usd": None if projected is None else projected / 1e6, "ts": int(time.time())}

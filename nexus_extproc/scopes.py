@@ -1,0 +1,46 @@
+"""Which budgets a request falls under: pure matching of request facts against budget scopes."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+from nexus_extproc.config import ScopeConfig
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    model: str
+    backend_type: str
+    api_key_hash: str | None = None
+    user: str | None = None
+    team: str | None = None
+    agent: str | None = None
+
+
+def hash_api_key(key: str, salt: bytes) -> str:
+    """Budgets name API keys only by this salted hash; the key itself is never stored or logged."""
+    return "hmac-sha256:" + hmac.new(salt, key.encode(), hashlib.sha256).hexdigest()
+
+
+def api_key_of(headers: dict[str, str]) -> str | None:
+    auth = headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip() or None
+    return headers.get("x-api-key") or headers.get("api-key") or None
+
+
+def matches(scope: ScopeConfig | None, facts: RequestFacts) -> bool:
+    if scope is None:
+        return True
+    if scope.model is not None and not fnmatch.fnmatchcase(facts.model, scope.model):
+        return False
+    if scope.backend_type is not None and scope.backend_type != facts.backend_type:
+        return False
+    if scope.api_key_hash is not None and (facts.api_key_hash is None or not hmac.compare_digest(
+            scope.api_key_hash, facts.api_key_hash)):
+        return False
+    return all(want is None or want == got for want, got in ((scope.user, facts.user), (scope.team, facts.team),
+                                                             (scope.agent, facts.agent)))
