@@ -195,7 +195,8 @@ class Bench:
         wait_http(f"http://{HOST}:{admin}/ready", proc=p)
         return p, listen, admin
 
-    def start_extproc(self, budget: dict | None, workers: int) -> tuple[subprocess.Popen[bytes], int]:
+    def start_extproc(self, budget: dict | None, workers: int, budgets: list[dict] | None = None
+                      ) -> tuple[subprocess.Popen[bytes], int]:
         grpc_port, admin = free_port(), free_port()
         while workers > 1 and not all(_free(grpc_port + i) for i in range(workers)):
             grpc_port = free_port()
@@ -204,8 +205,11 @@ class Bench:
                      "server": {"grpc_port": grpc_port, "admin_port": admin, "workers": workers,
                                 "log_level": "WARNING"}}
         if budget:
-            doc["budget"] = {"monthly_limit_usd": 1_000_000}
             doc["store"] = budget
+            if budgets:
+                doc["budgets"] = budgets
+            else:
+                doc["budget"] = {"monthly_limit_usd": 1_000_000}
         cfg = self.work / f"extproc-{grpc_port}.yaml"
         cfg.write_text(yaml.safe_dump(doc))
         p = self.stack._spawn([sys.executable, "-m", "nexus_extproc", "serve", "--config", str(cfg)],
@@ -369,6 +373,22 @@ def main() -> int:
                 print(f"    ledger cost vs request path only: {r.extproc_cpu_us - ext.extproc_cpu_us:+.0f} µs "
                       f"CPU/req; {r.rps / plain.rps:.3f}× plain Envoy")
                 ratios.append((f"1 KB JSON c=16, budget on ({sname})", r.rps / plain.rps))
+                if sname == "sqlite":
+                    one = r
+                    five = [{"name": "global", "limit_usd": 1_000_000},
+                            {"name": "gpt4o", "scope": {"model": "gpt-4o*"}, "limit_usd": 100_000},
+                            {"name": "cloud", "scope": {"backend_type": "cloud"}, "limit_usd": 100_000},
+                            {"name": "daily", "period": "daily", "limit_usd": 100_000,
+                             "hard_limit_action": "block_all"},
+                            {"name": "weekly", "period": "weekly", "limit_usd": 100_000}]
+                    x5, g5 = b.start_extproc({"kind": "sqlite", "path": str(b.work / "bench5.db")}, 1, five)
+                    p5 = EnvoyParams(listen_address=HOST, listen_port=free_port(), admin_port=free_port(),
+                                     extproc_ports=[g5], upstreams=[Upstream("openai", HOST, up)],
+                                     access_log_path="/dev/null")
+                    e5, e5port, _ = b.start_envoy(build_config(p5), "budget-five")
+                    r5 = b.measure("Envoy + ext_proc + sqlite, 5 budgets", e5port, e5, x5, body_1k, 16)
+                    print(f"    five matching budgets vs one: {r5.extproc_cpu_us - one.extproc_cpu_us:+.0f} µs CPU/req")
+                    ratios.append(("1 KB JSON c=16, 5 budgets (sqlite)", r5.rps / plain.rps))
 
             print("\n100 KB prompt, JSON, 64 connections")
             plain100 = b.measure("plain Envoy", pport, pe, None, body_100k, 64)

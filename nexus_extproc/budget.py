@@ -78,8 +78,12 @@ class BudgetDef:
     thresholds: list[Decimal]
     settings: Settings = field(init=False)
 
+    thresholds_bp: list[int] = field(init=False)  # thresholds in basis points, for integer compares
+    _period: Period | None = field(init=False, default=None, repr=False)
+
     def __post_init__(self) -> None:
         self.settings = self.base
+        self.thresholds_bp = [int(t * 100) for t in self.thresholds]
 
     @classmethod
     def from_config(cls, c: BudgetDefConfig) -> BudgetDef:
@@ -88,7 +92,11 @@ class BudgetDef:
                                                   c.hard_limit_action), list(c.alert_thresholds))
 
     def period(self, now: datetime) -> Period:
-        return period_for(self.period_kind, now, self.tz)  # type: ignore[arg-type]
+        """Cached until the period ends: computing calendar boundaries per request is wasted work."""
+        p = self._period
+        if p is None or not p.start <= now < p.end:
+            p = self._period = period_for(self.period_kind, now, self.tz)  # type: ignore[arg-type]
+        return p
 
 
 @dataclass(slots=True)
@@ -164,6 +172,7 @@ class BudgetService:
         self.always_headers = bool(config.budget and config.budget.always_send_status_headers)
         self._seen_periods: dict[str, str] = {}
         self._fired: set[tuple[str, str, str]] = set()
+        self._forecast_checked: dict[str, float] = {}
         self.last_totals: dict[str, Totals] = {d.name: Totals(0, 0) for d in self.defs}
         self.last_status: dict[str, str] = {d.name: "Normal" for d in self.defs}
 
@@ -327,20 +336,26 @@ class BudgetService:
                 self.last_status[d.name] = status
 
     def _check_alerts(self, matched: list[BudgetDef], periods: list[Period], after: list[Totals]) -> None:
-        """Cheap in-process check on the request path; the once-only claim and the webhook run in the
-        background."""
+        """Cheap in-process check on the request path (integer compares; the forecast at most every 10 s per
+        budget); the once-only claim and the webhook run in the background."""
+        now = self.clock().timestamp()
         for d, p, t in zip(matched, periods, after, strict=True):
-            limit = d.settings.limit_at(self.clock().timestamp())
-            used = Decimal(t.settled + t.reserved) * 100 / Decimal(limit)
-            for th in d.thresholds:
-                key = (d.name, p.key, str(th))
-                if used >= th and key not in self._fired:
-                    self._fired.add(key)
+            limit = d.settings.limit_at(now)
+            used_bp = (t.settled + t.reserved) * 10_000 // max(limit, 1)
+            crossed = False
+            for th, th_bp in zip(d.thresholds, d.thresholds_bp, strict=True):
+                if used_bp >= th_bp and (d.name, p.key, str(th)) not in self._fired:
+                    self._fired.add((d.name, p.key, str(th)))
+                    crossed = True
                     asyncio.get_running_loop().create_task(self._claim_and_send(d, p, str(th), t, limit))
-            if (d.name, p.key, "forecast") not in self._fired:
-                fc = forecast(t.settled, limit, p.start.timestamp(), p.end.timestamp(), self.clock().timestamp())
-                if fc.exceeds(limit) and self.clock().timestamp() - p.start.timestamp() >= 86400:
-                    self._fired.add((d.name, p.key, "forecast"))
+            key = (d.name, p.key, "forecast")
+            if key in self._fired or (not crossed and now - self._forecast_checked.get(d.name, 0.0) < 10.0):
+                continue
+            self._forecast_checked[d.name] = now
+            if now - p.start.timestamp() >= 86400:
+                fc = forecast(t.settled, limit, p.start.timestamp(), p.end.timestamp(), now)
+                if fc.exceeds(limit):
+                    self._fired.add(key)
                     asyncio.get_running_loop().create_task(self._claim_and_send(d, p, "forecast", t, limit,
                                                                                 fc.projected_micros))
 

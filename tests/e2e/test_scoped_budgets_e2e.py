@@ -1,0 +1,80 @@
+"""Issue 8 through the real Envoy with the SDKs: team and agent budgets, on SQLite and Redis."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import openai
+import pytest
+
+from tests.e2e.conftest import E2E
+
+MSGS = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        return {"kind": "sqlite", "path": str(tmp_path / "ledger.db")}
+    return {"kind": "redis", "url": request.getfixturevalue("redis_url"), "key_prefix": f"s{uuid.uuid4().hex[:6]}"}
+
+
+BUDGETS = [
+    {"name": "global", "limit_usd": 100},
+    # Each gpt-4o request here costs ~$0.00014: the team budget holds about two of them.
+    {"name": "team-ml", "scope": {"team": "ml"}, "limit_usd": 0.0003, "hard_limit_action": "block_all"},
+    {"name": "agent-bot", "scope": {"agent": "bot"}, "period": "daily", "limit_usd": 0.0001,
+     "hard_limit_action": "block_cloud"},
+]
+
+
+def budgets_by_name(e2e: E2E) -> dict[str, dict]:
+    return {b["name"]: b for b in e2e.stats()["budgets"]}
+
+
+def test_team_budget_blocks_its_team_only(e2e: E2E, store):
+    e2e.restart(budgets=BUDGETS, store=store, identity={"trust_identity_headers": True})
+    ml = e2e.openai(default_headers={"x-nexus-team": "ml"})
+    codes = []
+    for _ in range(4):
+        try:
+            ml.chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=10)
+            codes.append(200)
+        except openai.APIStatusError as e:
+            codes.append(e.status_code)
+            assert e.response.json()["error"]["code"] == "budget_exceeded"
+            assert "team-ml" in e.response.json()["error"]["message"]
+    assert 200 in codes and codes[-1] == 503
+    web = e2e.openai(default_headers={"x-nexus-team": "web"})
+    assert web.chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=10).choices  # other team: fine
+    time.sleep(0.3)
+    b = budgets_by_name(e2e)
+    assert b["team-ml"]["current_spending_usd"] <= 0.0003 + 1e-9
+    assert b["global"]["current_spending_usd"] > b["team-ml"]["current_spending_usd"]  # web's spend too
+    assert b["team-ml"]["scope"] == {"team": "ml"} and b["agent-bot"]["period"] == "daily"
+
+
+def test_agent_budget_reroutes_with_its_name_in_headers(e2e: E2E, store):
+    e2e.restart(budgets=BUDGETS, store=store, identity={"trust_identity_headers": True})
+    # 100 output tokens of gpt-4o-mini ≈ $0.000062: the agent's $0.0001 day holds one such request.
+    bot = e2e.openai(default_headers={"x-nexus-agent": "bot", "x-fake-completion-tokens": "100"})
+    seen = []
+    for _ in range(3):
+        raw = bot.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MSGS, max_tokens=100)
+        seen.append((raw.headers["x-fake-upstream"], raw.headers.get("x-nexus-budget-name")))
+    assert seen[0] == ("openai", None)
+    assert ("ollama", "agent-bot") in seen  # once the agent's daily budget is spent, it runs locally
+    m = e2e.metrics()
+    assert 'nexus_budget_limit_usd{budget="agent-bot"} 0.0001' in m
+    assert 'nexus_budget_forecast_usd{budget="team-ml"}' in m
+
+
+def test_identity_headers_ignored_unless_trusted(e2e: E2E, store):
+    e2e.restart(budgets=BUDGETS, store=store)  # trust_identity_headers defaults to false
+    ml = e2e.openai(default_headers={"x-nexus-team": "ml"})
+    for _ in range(4):
+        ml.chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=10)  # never blocked
+    time.sleep(0.3)
+    b = budgets_by_name(e2e)
+    assert b["team-ml"]["current_spending_usd"] == 0 and b["global"]["current_spending_usd"] > 0
