@@ -292,7 +292,7 @@ class BudgetService:
             decisions = [decide(PolicyInput(requested, equivalent, v), force_hard=r)
                          for v, r in zip(views, refused, strict=True)]
             i = max(range(len(matched)), key=lambda k: (_ACTION_RANK[decisions[k].action],
-                                                        STATUS_CODE[decisions[k].status], views[k].utilization()))
+                                                        STATUS_CODE[decisions[k].status], views[k].utilization_ppm))
             decision, view, deciding = decisions[i], views[i], matched[i]
             reset = periods[i].seconds_until_reset(now)
             self._note_status(matched, views)

@@ -47,12 +47,18 @@ class BudgetView:
         return Decimal(self.used_micros + extra) * 100 / Decimal(self.limit_micros)
 
     def status(self, extra: int = 0) -> BudgetStatus:
-        u = self.utilization(extra)
-        if u >= 100:
+        # Integer compares (the soft threshold in basis points): this runs per budget per request.
+        used = self.used_micros + extra
+        if used >= self.limit_micros:
             return "HardLimit"
-        if u >= self.soft_limit_percent:
+        if used * 10_000 >= int(self.soft_limit_percent * 100) * self.limit_micros:
             return "SoftLimit"
         return "Normal"
+
+    @property
+    def utilization_ppm(self) -> int:
+        """Utilization in parts per million, for ordering budgets without Decimal arithmetic."""
+        return self.used_micros * 1_000_000 // max(self.limit_micros, 1)
 
     @property
     def remaining_micros(self) -> int:

@@ -28,18 +28,16 @@ CREATE TABLE IF NOT EXISTS totals (
   budget TEXT NOT NULL, period TEXT NOT NULL,
   settled INTEGER NOT NULL DEFAULT 0, reserved INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY (budget, period));
+-- One row per request: `items` is a JSON array of [budget, period, amount] (one statement per request, not
+-- one per budget, on the hot path).
 CREATE TABLE IF NOT EXISTS reservations (
-  req_id TEXT NOT NULL, budget TEXT NOT NULL, period TEXT NOT NULL,
-  amount INTEGER NOT NULL, expires_at REAL NOT NULL,
-  PRIMARY KEY (req_id, budget));
+  req_id TEXT PRIMARY KEY, items TEXT NOT NULL, expires_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS reservations_expiry ON reservations (expires_at);
 CREATE TABLE IF NOT EXISTS settlements (
   req_id TEXT PRIMARY KEY, ts REAL NOT NULL, model TEXT NOT NULL, backend TEXT NOT NULL,
   input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
-  cost INTEGER NOT NULL, estimate INTEGER NOT NULL, source TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS settlement_budgets (
-  req_id TEXT NOT NULL, budget TEXT NOT NULL, period TEXT NOT NULL, cost INTEGER NOT NULL,
-  PRIMARY KEY (req_id, budget));
+  cost INTEGER NOT NULL, estimate INTEGER NOT NULL, source TEXT NOT NULL,
+  budgets TEXT NOT NULL DEFAULT '[]');  -- JSON array of the budgets it counted against
 CREATE TABLE IF NOT EXISTS periods (
   budget TEXT NOT NULL, period TEXT NOT NULL, first_seen REAL NOT NULL, PRIMARY KEY (budget, period));
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -49,6 +47,10 @@ CREATE TABLE IF NOT EXISTS audit (
   field TEXT NOT NULL, old TEXT NOT NULL, new TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS settlements_ts ON settlements (ts);
 """
+
+
+class _AlreadySettled(Exception):
+    pass
 
 
 class _Refused(Exception):
@@ -78,6 +80,9 @@ class SqliteLedger(Ledger):
                 result = fn(cur)
             except _Refused:
                 raise  # rolled back by the transaction body
+            except _AlreadySettled:
+                cur.execute("ROLLBACK")
+                raise
             except BaseException:
                 if begin and self._db.in_transaction:
                     cur.execute("ROLLBACK")
@@ -116,9 +121,9 @@ class SqliteLedger(Ledger):
                     seen = [Totals(*c.execute("SELECT settled, reserved FROM totals WHERE budget=? AND period=?",
                                               (i.budget, i.period)).fetchone() or (0, 0)) for i in items]
                     raise _Refused(ReserveResult(False, seen))
-                c.execute("INSERT OR REPLACE INTO reservations VALUES (?,?,?,?,?)",
-                          (req_id, it.budget, it.period, it.amount, expires_at))
                 after.append(Totals(*row))
+            c.execute("INSERT OR REPLACE INTO reservations VALUES (?,?,?)",
+                      (req_id, json.dumps([[i.budget, i.period, i.amount] for i in items]), expires_at))
             return ReserveResult(True, after)
 
         try:
@@ -129,49 +134,49 @@ class SqliteLedger(Ledger):
 
     async def settle(self, req_id: str, items: list[tuple[str, str]], cost: int, record: SpendRecord) -> bool:
         def tx(c: sqlite3.Cursor) -> bool:
-            try:
-                c.execute("INSERT INTO settlements VALUES (?,?,?,?,?,?,?,?,?)",
-                          (req_id, record.ts, record.model, record.backend, record.input_tokens,
-                           record.output_tokens, cost, record.estimate, record.source))
-            except sqlite3.IntegrityError:
-                return False  # already settled: idempotent
-            held = {b: (p, amt) for b, p, amt in c.execute(
-                "DELETE FROM reservations WHERE req_id=? RETURNING budget, period, amount", (req_id,)).fetchall()}
+            row = c.execute("DELETE FROM reservations WHERE req_id=? RETURNING items", (req_id,)).fetchone()
+            held = {b: (p, amt) for b, p, amt in json.loads(row[0])} if row else {}
             targets = {b: p for b, p in items}
             targets.update({b: p for b, (p, _) in held.items()})  # settle into the period it was reserved in
-            for budget, period in targets.items():
-                amount = held.get(budget, (period, 0))[1]
-                c.execute("INSERT INTO totals (budget, period, settled, reserved) VALUES (?,?,?,0) "
+            try:
+                c.execute("INSERT INTO settlements VALUES (?,?,?,?,?,?,?,?,?,?)",
+                          (req_id, record.ts, record.model, record.backend, record.input_tokens,
+                           record.output_tokens, cost, record.estimate, record.source, json.dumps(sorted(targets))))
+            except sqlite3.IntegrityError:
+                raise _AlreadySettled from None  # rolls back the DELETE above: idempotent
+            c.executemany("INSERT INTO totals (budget, period, settled, reserved) VALUES (?,?,?,0) "
                           "ON CONFLICT (budget, period) DO UPDATE SET settled = settled + excluded.settled, "
-                          "reserved = reserved - ?", (budget, period, cost, amount))
-                c.execute("INSERT INTO settlement_budgets VALUES (?,?,?,?)", (req_id, budget, period, cost))
+                          "reserved = reserved - ?",
+                          [(b, p, cost, held.get(b, (p, 0))[1]) for b, p in targets.items()])
             return True
 
-        applied: bool = self._write(tx)
+        try:
+            applied: bool = self._write(tx)
+        except _AlreadySettled:
+            return False
         return applied
+
+    def _unreserve(self, c: sqlite3.Cursor, rows: list[tuple[str]]) -> int:
+        n = 0
+        for (items,) in rows:
+            held = json.loads(items)
+            c.executemany("UPDATE totals SET reserved = reserved - ? WHERE budget=? AND period=?",
+                          [(amt, b, p) for b, p, amt in held])
+            n += len(held)
+        return n
 
     async def release(self, req_id: str) -> int:
         def tx(c: sqlite3.Cursor) -> int:
-            rows = c.execute("SELECT budget, period, amount FROM reservations WHERE req_id=?",
-                             (req_id,)).fetchall()
-            for budget, period, amount in rows:
-                c.execute("UPDATE totals SET reserved = reserved - ? WHERE budget=? AND period=?",
-                          (amount, budget, period))
-            c.execute("DELETE FROM reservations WHERE req_id=?", (req_id,))
-            return len(rows)
+            return self._unreserve(c, c.execute("DELETE FROM reservations WHERE req_id=? RETURNING items",
+                                                (req_id,)).fetchall())
 
         n: int = self._write(tx)
         return n
 
     async def reap(self, now: float) -> int:
         def tx(c: sqlite3.Cursor) -> int:
-            rows = c.execute("SELECT req_id, budget, period, amount FROM reservations WHERE expires_at < ?",
-                             (now,)).fetchall()
-            for req_id, budget, period, amount in rows:
-                c.execute("UPDATE totals SET reserved = reserved - ? WHERE budget=? AND period=?",
-                          (amount, budget, period))
-                c.execute("DELETE FROM reservations WHERE req_id=? AND budget=?", (req_id, budget))
-            return len(rows)
+            return self._unreserve(c, c.execute("DELETE FROM reservations WHERE expires_at < ? RETURNING items",
+                                                (now,)).fetchall())
 
         n: int = self._write(tx)
         return n
@@ -213,10 +218,9 @@ class SqliteLedger(Ledger):
 
     async def spend(self, start_ts: float, end_ts: float) -> list[SpendAgg]:
         rows = self._db.execute(
-            "SELECT sb.budget, s.model, date(s.ts, 'unixepoch'), COUNT(*), SUM(s.input_tokens), "
-            "SUM(s.output_tokens), SUM(sb.cost), SUM(s.estimate) FROM settlements s "
-            "JOIN settlement_budgets sb USING (req_id) WHERE s.ts >= ? AND s.ts < ? GROUP BY 1, 2, 3 "
-            "ORDER BY 3, 1, 2", (start_ts, end_ts)).fetchall()
+            "SELECT j.value, s.model, date(s.ts, 'unixepoch'), COUNT(*), SUM(s.input_tokens), "
+            "SUM(s.output_tokens), SUM(s.cost), SUM(s.estimate) FROM settlements s, json_each(s.budgets) j "
+            "WHERE s.ts >= ? AND s.ts < ? GROUP BY 1, 2, 3 ORDER BY 3, 1, 2", (start_ts, end_ts)).fetchall()
         return [SpendAgg(*r) for r in rows]
 
     async def ping(self) -> None:
