@@ -74,6 +74,7 @@ class RequestState:
     route: Route | None = None
     model: str | None = None
     price: ResolvedPrice | None = None
+    asked_price: ResolvedPrice | None = None  # the cloud model's price when the request was rerouted
     tier: str = "heuristic"
     prompt_tokens: int = 0
     expected_output: int = 0
@@ -266,6 +267,7 @@ class Processor:
         rerouted = d.action is Action.REROUTE
         if rerouted and eq is not None:
             state.route, state.model, state.price = eq[0], eq[1], eq_price
+            state.asked_price = price
         else:
             state.model, state.price = model, price
         state.estimate = d.target.estimate_micros
@@ -424,6 +426,13 @@ class Processor:
                 else state.prompt_tokens,
                 "tokens_out": state.usage.output_tokens or 0}
 
+    def _avoided(self, state: RequestState, cost: int) -> int:
+        """A reroute's saving: the asked-for model's price for the usage the local model reported."""
+        if state.asked_price is None:
+            return 0
+        u = state.usage.to_usage() if state.usage_final else TokenUsage(state.prompt_tokens, state.expected_output)
+        return max(0, state.asked_price.cost_micros(u) - cost)
+
     async def finish(self, state: RequestState) -> None:
         """Runs once per stream whatever ended it (clean end, reset, client abort): settle or release."""
         if state.finished:
@@ -447,7 +456,8 @@ class Processor:
                              backend=state.route.backend,
                              input_tokens=usage.input_tokens if usage.input_tokens is not None
                              else state.prompt_tokens,
-                             output_tokens=usage.output_tokens or 0, estimate=state.estimate, source=source)
+                             output_tokens=usage.output_tokens or 0, estimate=state.estimate, source=source,
+                             avoided=self._avoided(state, cost))
         await self.budget.settle(state.req_id, adm, cost, record)
         metrics.settlements.labels(source).inc()
         metrics.cost_per_request.labels(self.model_label(state.model, state.price),

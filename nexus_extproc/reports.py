@@ -23,6 +23,7 @@ class SpendRow:
     output_tokens: int = 0
     cost_micros: int = 0
     estimate_micros: int = 0
+    avoided_micros: int = 0
 
 
 def parse_range(start: str | None, end: str | None, today: date | None = None) -> tuple[float, float]:
@@ -60,16 +61,19 @@ def roll_up(aggs: Iterable[SpendAgg], group_by: Iterable[str]) -> list[SpendRow]
         row.output_tokens += a.output_tokens
         row.cost_micros += a.cost
         row.estimate_micros += a.estimate
+        row.avoided_micros += a.avoided
     return [out[k] for k in sorted(out)]
 
 
-COLUMNS = ("budget", "model", "day", "requests", "input_tokens", "output_tokens", "cost_usd", "estimate_usd")
+COLUMNS = ("budget", "model", "day", "requests", "input_tokens", "output_tokens", "cost_usd", "estimate_usd",
+           "avoided_usd")
 
 
 def row_dict(r: SpendRow) -> dict[str, object]:
     return {"budget": r.budget, "model": r.model, "day": r.day, "requests": r.requests,
             "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
-            "cost_usd": f"{r.cost_micros / 1e6:.6f}", "estimate_usd": f"{r.estimate_micros / 1e6:.6f}"}
+            "cost_usd": f"{r.cost_micros / 1e6:.6f}", "estimate_usd": f"{r.estimate_micros / 1e6:.6f}",
+            "avoided_usd": f"{r.avoided_micros / 1e6:.6f}"}
 
 
 def to_csv(rows: Iterable[SpendRow]) -> str:

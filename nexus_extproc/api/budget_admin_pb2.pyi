@@ -120,7 +120,7 @@ class ListSpendRequest(_message.Message):
     def __init__(self, to: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group_by: _Optional[_Iterable[str]] = ..., **kwargs) -> None: ...
 
 class SpendRow(_message.Message):
-    __slots__ = ("budget", "model", "day", "requests", "input_tokens", "output_tokens", "cost_micros", "estimate_micros")
+    __slots__ = ("budget", "model", "day", "requests", "input_tokens", "output_tokens", "cost_micros", "estimate_micros", "avoided_micros")
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DAY_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +129,7 @@ class SpendRow(_message.Message):
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COST_MICROS_FIELD_NUMBER: _ClassVar[int]
     ESTIMATE_MICROS_FIELD_NUMBER: _ClassVar[int]
+    AVOIDED_MICROS_FIELD_NUMBER: _ClassVar[int]
     budget: str
     model: str
     day: str
@@ -137,7 +138,8 @@ class SpendRow(_message.Message):
     output_tokens: int
     cost_micros: int
     estimate_micros: int
-    def __init__(self, budget: _Optional[str] = ..., model: _Optional[str] = ..., day: _Optional[str] = ..., requests: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cost_micros: _Optional[int] = ..., estimate_micros: _Optional[int] = ...) -> None: ...
+    avoided_micros: int
+    def __init__(self, budget: _Optional[str] = ..., model: _Optional[str] = ..., day: _Optional[str] = ..., requests: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cost_micros: _Optional[int] = ..., estimate_micros: _Optional[int] = ..., avoided_micros: _Optional[int] = ...) -> None: ...
 
 class ListSpendResponse(_message.Message):
     __slots__ = ("rows",)

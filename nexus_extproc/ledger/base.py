@@ -41,6 +41,7 @@ class SpendRecord:
     output_tokens: int
     estimate: int
     source: str  # "usage" | "estimated" | "released"
+    avoided: int = 0  # rerouted: what the asked-for cloud model would have cost for the same usage, minus cost
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +66,7 @@ class SpendAgg:
     output_tokens: int
     cost: int
     estimate: int
+    avoided: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -153,7 +153,7 @@ class RedisLedger(Ledger):
         doc = json.dumps({"req": req_id, "ts": record.ts, "model": record.model, "backend": record.backend,
                           "in": record.input_tokens, "out": record.output_tokens, "cost": cost,
                           "estimate": record.estimate, "source": record.source,
-                          "budgets": [b for b, _ in items]}, separators=(",", ":"))
+                          "budgets": [b for b, _ in items], "avoided": record.avoided}, separators=(",", ":"))
         args: list[str | int] = [req_id, cost, self._p, SETTLED_MARKER_TTL_S, doc]
         args += [f"{b}\t{p}" for b, p in items]
         return bool(int(await self._call(self._settle(keys=keys, args=args))))
@@ -195,7 +195,7 @@ class RedisLedger(Ledger):
         return [AuditRecord(*json.loads(r)) for r in rows]
 
     async def spend(self, start_ts: float, end_ts: float) -> list[SpendAgg]:
-        acc: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
+        acc: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0, 0])
         end_ts = min(end_ts, time.time() + 86400)
         for day in range(int(start_ts // 86400), int(end_ts // 86400) + 1):
             for raw in await self._call(self._r.lrange(f"{self._p}:log:{day}", 0, -1)):
@@ -210,6 +210,7 @@ class RedisLedger(Ledger):
                     a[2] += d["out"]
                     a[3] += d["cost"]
                     a[4] += d["estimate"]
+                    a[5] += d.get("avoided", 0)
         return [SpendAgg(b, m, day, *v) for (b, m, day), v in sorted(acc.items(), key=lambda kv: (kv[0][2],
                                                                                                    kv[0][0],
                                                                                                    kv[0][1]))]

@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS settlements (
   req_id TEXT PRIMARY KEY, ts REAL NOT NULL, model TEXT NOT NULL, backend TEXT NOT NULL,
   input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
   cost INTEGER NOT NULL, estimate INTEGER NOT NULL, source TEXT NOT NULL,
-  budgets TEXT NOT NULL DEFAULT '[]');  -- JSON array of the budgets it counted against
+  budgets TEXT NOT NULL DEFAULT '[]',  -- JSON array of the budgets it counted against
+  avoided INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS periods (
   budget TEXT NOT NULL, period TEXT NOT NULL, first_seen REAL NOT NULL, PRIMARY KEY (budget, period));
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -139,9 +140,10 @@ class SqliteLedger(Ledger):
             targets = {b: p for b, p in items}
             targets.update({b: p for b, (p, _) in held.items()})  # settle into the period it was reserved in
             try:
-                c.execute("INSERT INTO settlements VALUES (?,?,?,?,?,?,?,?,?,?)",
+                c.execute("INSERT INTO settlements VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                           (req_id, record.ts, record.model, record.backend, record.input_tokens,
-                           record.output_tokens, cost, record.estimate, record.source, json.dumps(sorted(targets))))
+                           record.output_tokens, cost, record.estimate, record.source, json.dumps(sorted(targets)),
+                           record.avoided))
             except sqlite3.IntegrityError:
                 raise _AlreadySettled from None  # rolls back the DELETE above: idempotent
             c.executemany("INSERT INTO totals (budget, period, settled, reserved) VALUES (?,?,?,0) "
@@ -219,8 +221,9 @@ class SqliteLedger(Ledger):
     async def spend(self, start_ts: float, end_ts: float) -> list[SpendAgg]:
         rows = self._db.execute(
             "SELECT j.value, s.model, date(s.ts, 'unixepoch'), COUNT(*), SUM(s.input_tokens), "
-            "SUM(s.output_tokens), SUM(s.cost), SUM(s.estimate) FROM settlements s, json_each(s.budgets) j "
-            "WHERE s.ts >= ? AND s.ts < ? GROUP BY 1, 2, 3 ORDER BY 3, 1, 2", (start_ts, end_ts)).fetchall()
+            "SUM(s.output_tokens), SUM(s.cost), SUM(s.estimate), SUM(s.avoided) "
+            "FROM settlements s, json_each(s.budgets) j WHERE s.ts >= ? AND s.ts < ? "
+            "GROUP BY 1, 2, 3 ORDER BY 3, 1, 2", (start_ts, end_ts)).fetchall()
         return [SpendAgg(*r) for r in rows]
 
     async def ping(self) -> None:

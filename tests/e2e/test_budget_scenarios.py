@@ -85,6 +85,13 @@ def test_soft_limit_reroutes_to_local_equivalent(e2e: E2E, store):
     assert h["x-nexus-budget-remaining"] == "15.00"
     seen = e2e.fake_requests("ollama")[-1]
     assert "Authorization" not in seen["headers"]  # the cloud key never reaches the local model
+    # The report counts what the reroute saved: gpt-4o-mini's price for the usage the local model reported.
+    u = raw.parse().usage
+    time.sleep(0.3)
+    rows = httpx.get(f"http://127.0.0.1:{e2e.stack.admin_port}/v1/spend?group_by=model", timeout=5).json()["rows"]
+    local = next(r for r in rows if r["model"] == "llama3.1:8b")
+    assert round(float(local["avoided_usd"]) * 1e6) == -(-(u.prompt_tokens * 15 + u.completion_tokens * 60) // 100)
+    assert float(local["cost_usd"]) == 0
     # No equivalent for gpt-4o: it goes to the cloud as asked, with the status header.
     raw = e2e.openai().chat.completions.with_raw_response.create(model="gpt-4o", messages=MSGS, max_tokens=3)
     assert raw.headers["x-fake-upstream"] == "openai" and raw.headers["x-nexus-budget-status"] == "SoftLimit"
