@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nexus_extproc.envoy_config import EnvoyParams, Upstream, build_config, dump, plain_config  # noqa: E402
-from nexus_extproc.stack import HOST, Stack, free_port, wait_http  # noqa: E402
+from nexus_extproc.stack import HOST, Stack, free_port, is_free, wait_http  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -198,7 +198,7 @@ class Bench:
     def start_extproc(self, budget: dict | None, workers: int, budgets: list[dict] | None = None
                       ) -> tuple[subprocess.Popen[bytes], int]:
         grpc_port, admin = free_port(), free_port()
-        while workers > 1 and not all(_free(grpc_port + i) for i in range(workers)):
+        while workers > 1 and not all(is_free(grpc_port + i) for i in range(workers)):
             grpc_port = free_port()
         doc: dict = {"backends": {"openai": {"cluster": "openai", "type": "cloud", "provider": "openai",
                                              "default": True}},
@@ -233,17 +233,6 @@ class Bench:
         print(f"  {name:<34} {rps:>9.0f} req/s  p50 {p50:>7.2f} ms  p99 {p99:>7.2f} ms  errors {errs:<5} "
               f"envoy {r.envoy_cpu_us:>6.0f} µs/req  ext_proc {r.extproc_cpu_us:>6.0f} µs/req", flush=True)
         return r
-
-
-def _free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind((HOST, port))
-            return True
-        except OSError:
-            return False
 
 
 async def ttft(url: str, body: str, n: int) -> float:

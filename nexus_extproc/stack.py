@@ -105,7 +105,7 @@ class Stack:
         self.grpc_port = self.grpc_port or free_port()
         if workers > 1:
             # Each worker takes grpc_port + i: find a free run of ports.
-            while not all(_is_free(self.grpc_port + i) for i in range(workers)):
+            while not all(is_free(self.grpc_port + i) for i in range(workers)):
                 self.grpc_port = free_port()
         self.admin_port = self.admin_port or free_port()
         self.envoy_admin_port = self.envoy_admin_port or free_port()
@@ -175,7 +175,7 @@ class Stack:
         self.procs.clear()
 
 
-def _is_free(port: int) -> bool:
+def is_free(port: int) -> bool:
     with socket.socket() as s:
         try:
             s.bind((HOST, port))
