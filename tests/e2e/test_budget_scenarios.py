@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import time
 import uuid
 from datetime import UTC, datetime
@@ -202,3 +204,29 @@ def test_sigterm_drains_in_flight_stream_and_settles(e2e: E2E, store):
         e2e.stack.workdir / "after.yaml", budget={"monthly_limit_usd": 100}, store=store))
     b = e2e.stats()["budget"]
     assert b["current_spending_usd"] > 0 and b["reserved_usd"] == 0
+
+
+@pytest.mark.parametrize("mode", ["closed", "open"])
+def test_redis_down_gives_configured_outcome_within_timeout(e2e: E2E, tmp_path, mode):
+    from nexus_extproc.stack import free_port
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    outbox = tmp_path / "outbox.jsonl"
+    e2e.restart(budget={"monthly_limit_usd": 100}, store_failure=mode,
+                store={"kind": "redis", "url": dead, "timeout_ms": 200, "outbox_path": str(outbox)})
+    t0 = time.monotonic()
+    if mode == "closed":
+        with pytest.raises(openai.APIStatusError) as e:
+            e2e.openai().chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=3)
+        assert e.value.status_code == 503 and e.value.response.json()["error"]["code"] == "budget_store_unavailable"
+    else:
+        r = e2e.openai().chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=3)
+        assert r.choices
+        for _ in range(50):
+            if outbox.exists():
+                break
+            time.sleep(0.05)
+        entry = json.loads(outbox.read_text().splitlines()[0])
+        assert entry["cost"] > 0 and entry["items"][0][0] == "global"  # spend kept for replay, not dropped
+    assert time.monotonic() - t0 < 3
+    assert re.search(r'nexus_store_failures_total\{operation="reserve"\} [1-9]', e2e.metrics())
