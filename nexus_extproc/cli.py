@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
+import tempfile
 
 from nexus_extproc.config import ConfigError, load_config, parse_config
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from nexus_extproc.app import serve_single, serve_workers
-    from nexus_extproc.logs import setup_logging
-
     try:
         config = load_config(args.config) if args.config else parse_config(
             {"backends": {"openai": {"cluster": "openai", "type": "cloud", "provider": "openai"}}})
@@ -23,6 +22,13 @@ def _serve(args: argparse.Namespace) -> int:
                                    ("workers", args.workers)) if v is not None}
     if overrides:
         config = config.model_copy(update={"server": config.server.model_copy(update=overrides)})
+    if args.worker_index is None and config.server.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Before prometheus_client is imported: the parent's own counters (rollovers, alerts) must land in the
+        # shared files too, or its /metrics would sum only the children.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="nexus-prom-")
+    from nexus_extproc.app import serve_single, serve_workers
+    from nexus_extproc.logs import setup_logging
+
     setup_logging(config.server.log_level, config.server.log_json)
     if config.server.event_loop == "uvloop":
         try:
