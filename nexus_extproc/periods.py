@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 from zoneinfo import ZoneInfo
 
@@ -45,7 +45,3 @@ def period_for(kind: PeriodKind, now: datetime, tz: ZoneInfo | None = None) -> P
 
 def month_period(now: datetime) -> Period:
     return period_for("monthly", now)
-
-
-def next_reset_date(now: datetime) -> date:
-    return month_period(now).end.date()

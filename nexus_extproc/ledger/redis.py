@@ -215,8 +215,5 @@ class RedisLedger(Ledger):
                                                                                                    kv[0][0],
                                                                                                    kv[0][1]))]
 
-    async def ping(self) -> None:
-        await self._call(self._r.ping())
-
     async def close(self) -> None:
         await self._r.aclose()

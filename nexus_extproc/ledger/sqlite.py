@@ -226,12 +226,6 @@ class SqliteLedger(Ledger):
             "GROUP BY 1, 2, 3 ORDER BY 3, 1, 2", (start_ts, end_ts)).fetchall()
         return [SpendAgg(*r) for r in rows]
 
-    async def ping(self) -> None:
-        try:
-            self._db.execute("SELECT 1").fetchone()
-        except sqlite3.Error as e:
-            raise StoreUnavailable(f"sqlite: {e}") from None
-
     async def close(self) -> None:
         self._db.close()
 

@@ -68,7 +68,5 @@ class AnthropicMessages(Translator):
                 for key in ("text", "partial_json", "thinking"):
                     if isinstance(delta.get(key), str):
                         info.text = delta[key]
-        elif kind == "message_stop":
-            info.terminal = True
         return info
 

@@ -36,7 +36,6 @@ class StreamEventInfo:
     text: str = ""
     # A chunk carrying only usage that the client did not ask for: dropped from what the client receives.
     usage_only: bool = False
-    terminal: bool = False
     # The provider's final, cumulative usage for the response (not a partial count such as Anthropic's
     # message_start): only then is the settlement "usage" rather than "estimated".
     final: bool = False

@@ -75,6 +75,5 @@ class OpenAIResponses(Translator):
             if isinstance(resp, dict):
                 info.usage = from_openai(resp.get("usage"))
                 info.final = info.usage is not None and info.usage.complete
-            info.terminal = True
         return info
 

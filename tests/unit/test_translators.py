@@ -108,7 +108,7 @@ def test_anthropic_stream_events():
 def test_responses_stream_completed_carries_usage():
     e = RESP.stream_event("response.completed", {"type": "response.completed", "response": {
         "usage": {"input_tokens": 4, "output_tokens": 6}}})
-    assert e.terminal and e.usage.output_tokens == 6
+    assert e.final and e.usage.output_tokens == 6
 
 
 def test_rewrite_sets_model_and_stream_usage():
