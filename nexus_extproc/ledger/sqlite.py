@@ -105,27 +105,65 @@ class SqliteLedger(Ledger):
         return Totals(*row) if row else Totals(0, 0)
 
     async def reserve(self, req_id: str, items: list[ReserveItem], expires_at: float) -> ReserveResult:
+        if len(items) == 1:
+            return await self._reserve_one(req_id, items[0], expires_at)
+
         def tx(c: sqlite3.Cursor) -> ReserveResult:
-            after: list[Totals] = []
-            for it in items:
-                if (it.budget, it.period) not in self._known_rows:
-                    c.execute("INSERT OR IGNORE INTO totals (budget, period) VALUES (?, ?)", (it.budget, it.period))
-                    self._known_rows.add((it.budget, it.period))
-                # The cap check and the increment are one statement: nothing can interleave between them.
-                row = c.execute(
-                    "UPDATE totals SET reserved = reserved + ?1 WHERE budget = ?2 AND period = ?3 "
-                    "AND (?4 IS NULL OR settled + reserved + ?1 <= ?4) RETURNING settled, reserved",
-                    (it.amount, it.budget, it.period, it.cap)).fetchone()
-                if row is None:
-                    c.execute("ROLLBACK")  # also undoes any totals row created above
-                    self._known_rows.difference_update((i.budget, i.period) for i in items)
-                    seen = [Totals(*c.execute("SELECT settled, reserved FROM totals WHERE budget=? AND period=?",
-                                              (i.budget, i.period)).fetchone() or (0, 0)) for i in items]
-                    raise _Refused(ReserveResult(False, seen))
-                after.append(Totals(*row))
+            # Several budgets: read all, check every cap, then update all; BEGIN IMMEDIATE holds the write
+            # lock for the whole transaction, so nothing interleaves, and it costs 2 statements, not N.
+            self._ensure_rows(c, items)
+            keys = ",".join("(?,?)" for _ in items)
+            args = [x for i in items for x in (i.budget, i.period)]
+            rows = {(b, p): Totals(s_, r) for b, p, s_, r in c.execute(
+                f"SELECT budget, period, settled, reserved FROM totals WHERE (budget, period) IN (VALUES {keys})",
+                args)}
+            seen = [rows.get((i.budget, i.period), Totals(0, 0)) for i in items]
+            if any(i.cap is not None and t.settled + t.reserved + i.amount > i.cap for i, t in zip(items, seen,
+                                                                                                      strict=True)):
+                c.execute("ROLLBACK")
+                self._known_rows.difference_update((i.budget, i.period) for i in items)
+                raise _Refused(ReserveResult(False, seen))
+            amounts = {i.amount for i in items}
+            if len(amounts) == 1:
+                c.execute(f"UPDATE totals SET reserved = reserved + ? WHERE (budget, period) IN (VALUES {keys})",
+                          [items[0].amount, *args])
+            else:
+                c.executemany("UPDATE totals SET reserved = reserved + ? WHERE budget=? AND period=?",
+                              [(i.amount, i.budget, i.period) for i in items])
             c.execute("INSERT OR REPLACE INTO reservations VALUES (?,?,?)",
                       (req_id, json.dumps([[i.budget, i.period, i.amount] for i in items]), expires_at))
-            return ReserveResult(True, after)
+            return ReserveResult(True, [Totals(t.settled, t.reserved + i.amount)
+                                        for i, t in zip(items, seen, strict=True)])
+
+        try:
+            result: ReserveResult = self._write(tx)
+        except _Refused as r:
+            return r.result
+        return result
+
+    def _ensure_rows(self, c: sqlite3.Cursor, items: list[ReserveItem]) -> None:
+        for it in items:
+            if (it.budget, it.period) not in self._known_rows:
+                c.execute("INSERT OR IGNORE INTO totals (budget, period) VALUES (?, ?)", (it.budget, it.period))
+                self._known_rows.add((it.budget, it.period))
+
+    async def _reserve_one(self, req_id: str, it: ReserveItem, expires_at: float) -> ReserveResult:
+        def tx(c: sqlite3.Cursor) -> ReserveResult:
+            self._ensure_rows(c, [it])
+            # The cap check and the increment are one statement: nothing can interleave between them.
+            row = c.execute(
+                "UPDATE totals SET reserved = reserved + ?1 WHERE budget = ?2 AND period = ?3 "
+                "AND (?4 IS NULL OR settled + reserved + ?1 <= ?4) RETURNING settled, reserved",
+                (it.amount, it.budget, it.period, it.cap)).fetchone()
+            if row is None:
+                c.execute("ROLLBACK")  # also undoes a totals row created above
+                self._known_rows.discard((it.budget, it.period))
+                seen = c.execute("SELECT settled, reserved FROM totals WHERE budget=? AND period=?",
+                                 (it.budget, it.period)).fetchone() or (0, 0)
+                raise _Refused(ReserveResult(False, [Totals(*seen)]))
+            c.execute("INSERT OR REPLACE INTO reservations VALUES (?,?,?)",
+                      (req_id, json.dumps([[it.budget, it.period, it.amount]]), expires_at))
+            return ReserveResult(True, [Totals(*row)])
 
         try:
             result: ReserveResult = self._write(tx)
