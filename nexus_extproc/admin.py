@@ -34,7 +34,7 @@ def _budget_doc(st: BudgetState, last_reconciliation: str | None) -> dict[str, A
         "last_reconciliation": last_reconciliation,
         "soft_limit_threshold": float(s.soft_limit_percent),
         "hard_limit_action": _ACTION_NAMES[s.hard_limit_action],
-        "next_reset_date": p.end.date().isoformat(),
+        "next_reset_date": p.end.astimezone(st.defn.tz).date().isoformat(),  # the reset day on its own clock
     }
 
 
