@@ -78,3 +78,65 @@ def test_identity_headers_ignored_unless_trusted(e2e: E2E, store):
     time.sleep(0.3)
     b = budgets_by_name(e2e)
     assert b["team-ml"]["current_spending_usd"] == 0 and b["global"]["current_spending_usd"] > 0
+
+
+def test_alerts_once_per_threshold_across_two_worker_processes(tmp_path, redis_url):
+    """50 concurrent requests over two real --workers processes: each threshold reaches the webhook once."""
+    import json
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from nexus_extproc.stack import Stack, free_port
+    from tests.e2e.conftest import write_config
+
+    got: list[dict] = []
+    lock = threading.Lock()
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            with lock:
+                got.append(body)
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    port = free_port()
+    hook = ThreadingHTTPServer(("127.0.0.1", port), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    stack = Stack()
+    try:
+        stack.start_fakes()
+        # ~$0.000014 per request (prompt + 1 output token of gpt-4o): 50 requests ≈ $0.0007 of $0.0005.
+        cfg = write_config(stack.workdir / "c.yaml", identity={"trust_identity_headers": True},
+                           store={"kind": "redis", "url": redis_url, "key_prefix": f"a{uuid.uuid4().hex[:6]}"},
+                           alerts={"webhook_url": f"http://127.0.0.1:{port}/hook", "backoff_secs": 0.05},
+                           budgets=[{"name": "team-ml", "scope": {"team": "ml"}, "limit_usd": 0.0005,
+                                     "alert_thresholds": [25, 50, 100]}])
+        stack.start_extproc(cfg, workers=2)
+        stack.start_envoy(workers=2)
+        env = E2E(stack)
+        env.wait_envoy_sees_extproc()
+        client = env.openai(default_headers={"x-nexus-team": "ml", "x-fake-completion-tokens": "1"})
+
+        def one(_: int) -> None:
+            client.chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=1)
+
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(one, range(50)))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len([a for a in got if a["threshold"] != "forecast"]) < 3:
+            time.sleep(0.1)
+        time.sleep(1.0)  # anything duplicated would arrive by now
+        # Each threshold exactly once; the forecast early warning at most once (it needs a day of the period).
+        assert sorted(a["threshold"] for a in got if a["threshold"] != "forecast") == ["100", "25", "50"], got
+        assert len([a for a in got if a["threshold"] == "forecast"]) <= 1
+        m = env.metrics()  # the parent sums both workers' counters
+        for t in ("25", "50", "100"):
+            assert f'nexus_budget_alerts_total{{budget="team-ml",threshold="{t}"}} 1.0' in m
+    finally:
+        stack.stop()
+        hook.shutdown()
