@@ -6,34 +6,19 @@ Run: .venv/bin/python docs/examples/scoped_budgets_walkthrough.py
 
 import json
 import sys
-import threading
 import time
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import httpx
 import openai
 import yaml
 
-from nexus_extproc.stack import Stack, free_port
+from nexus_extproc.fakes.webhook import WebhookReceiver
+from nexus_extproc.stack import Stack
 
-got = []
-
-
-class H(BaseHTTPRequestHandler):
-    def do_POST(self):
-        got.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *a):
-        pass
-
-
-hp = free_port()
-srv = HTTPServer(("127.0.0.1", hp), H)
-threading.Thread(target=srv.serve_forever, daemon=True).start()
+hook = WebhookReceiver()
+got = hook.received
 s = Stack()
 try:
     s.start_fakes()
@@ -42,7 +27,7 @@ try:
         yaml.safe_dump(
             {
                 "identity": {"trust_identity_headers": True},
-                "alerts": {"webhook_url": f"http://127.0.0.1:{hp}/hook"},
+                "alerts": {"webhook_url": hook.url},
                 "store": {"kind": "sqlite", "path": str(s.workdir / "l.db")},
                 "backends": {
                     "openai": {

@@ -82,38 +82,21 @@ def test_identity_headers_ignored_unless_trusted(e2e: E2E, store):
 
 def test_alerts_once_per_threshold_across_two_worker_processes(tmp_path, redis_url):
     """50 concurrent requests over two real --workers processes: each threshold reaches the webhook once."""
-    import json
-    import threading
     from concurrent.futures import ThreadPoolExecutor
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from nexus_extproc.stack import Stack, free_port
+    from nexus_extproc.fakes.webhook import WebhookReceiver
+    from nexus_extproc.stack import Stack
     from tests.e2e.conftest import write_config
 
-    got: list[dict] = []
-    lock = threading.Lock()
-
-    class Hook(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-            with lock:
-                got.append(body)
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    port = free_port()
-    hook = ThreadingHTTPServer(("127.0.0.1", port), Hook)
-    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    hook = WebhookReceiver()
+    got = hook.received
     stack = Stack()
     try:
         stack.start_fakes()
         # ~$0.000014 per request (prompt + 1 output token of gpt-4o): 50 requests ≈ $0.0007 of $0.0005.
         cfg = write_config(stack.workdir / "c.yaml", identity={"trust_identity_headers": True},
                            store={"kind": "redis", "url": redis_url, "key_prefix": f"a{uuid.uuid4().hex[:6]}"},
-                           alerts={"webhook_url": f"http://127.0.0.1:{port}/hook", "backoff_secs": 0.05},
+                           alerts={"webhook_url": hook.url, "backoff_secs": 0.05},
                            budgets=[{"name": "team-ml", "scope": {"team": "ml"}, "limit_usd": 0.0005,
                                      "alert_thresholds": [25, 50, 100]}])
         stack.start_extproc(cfg, workers=2)
@@ -139,4 +122,4 @@ def test_alerts_once_per_threshold_across_two_worker_processes(tmp_path, redis_u
             assert f'nexus_budget_alerts_total{{budget="team-ml",threshold="{t}"}} 1.0' in m
     finally:
         stack.stop()
-        hook.shutdown()
+        hook.close()
