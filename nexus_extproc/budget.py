@@ -91,6 +91,10 @@ class BudgetDef:
                    ZoneInfo(c.timezone), Settings(usd_to_micros(c.limit_usd), c.soft_limit_percent,
                                                   c.hard_limit_action), list(c.alert_thresholds))
 
+    @property
+    def soft_bp(self) -> int:
+        return int(self.settings.soft_limit_percent * 100)
+
     def period(self, now: datetime) -> Period:
         """Cached until the period ends: computing calendar boundaries per request is wasted work."""
         p = self._period
@@ -284,19 +288,24 @@ class BudgetService:
                 ReserveItem(d.name, p.key, amount, self._cap(d, amount)) for d, p in zip(matched, periods, strict=True)
             ], expires)
             befores = [Totals(t.settled, t.reserved - amount) if res.admitted else t for t in res.totals]
-            views = [self.view_of(d, t) for d, t in zip(matched, befores, strict=True)]
             for d, t in zip(matched, res.totals, strict=True):
                 self.last_totals[d.name] = t
-            if res.admitted and all(v.status() == "Normal" for v in views):
+            if res.admitted and all(self._normal(d, t) for d, t in zip(matched, befores, strict=True)):
                 # Fast path: every budget Normal and the capped reservation fit, so the policy would allow the
-                # request as asked in each of them; skip asking it once per budget.
-                i = max(range(len(matched)), key=lambda k: views[k].utilization_ppm)
+                # request as asked in each of them; skip building views and asking it once per budget.
+                i = max(range(len(matched)), key=lambda k: befores[k].settled + befores[k].reserved)
+                if len(matched) > 1:
+                    i = max(range(len(matched)), key=lambda k: (befores[k].settled + befores[k].reserved)
+                            * 1_000_000 // max(matched[k].settings.limit_micros, 1))
                 decision = Decision(Action.ALLOW, requested, "Normal",
                                     must_fit=any(self._cap(d, amount) is not None for d in matched))
-                self._note_status(matched, views)
+                for d in matched:
+                    if self.last_status.get(d.name) != "Normal":
+                        self._note_status([d], [self.view_of(d, befores[matched.index(d)])])
                 self._check_alerts(matched, periods, res.totals)
-                return Admission(decision, views[i], items, amount, budget=matched[i].name,
-                                 reset_in_s=periods[i].seconds_until_reset(now))
+                return Admission(decision, self.view_of(matched[i], befores[i]), items, amount,
+                                 budget=matched[i].name, reset_in_s=periods[i].seconds_until_reset(now))
+            views = [self.view_of(d, t) for d, t in zip(matched, befores, strict=True)]
             refused = [not res.admitted and (cap := self._cap(d, amount)) is not None
                        and t.settled + t.reserved + amount > cap for d, t in zip(matched, res.totals, strict=True)]
             decisions = [decide(PolicyInput(requested, equivalent, v), force_hard=r)
@@ -325,6 +334,11 @@ class BudgetService:
             log.warning("budget store unavailable; admitting with store_failure=open")
             return Admission(decide(PolicyInput(requested, equivalent, None)), None, items, outbox=True)
 
+    def _normal(self, d: BudgetDef, t: Totals) -> bool:
+        """BudgetView.status() == "Normal" without building the view (integers only; the hot path)."""
+        limit = d.settings.limit_at(self.clock().timestamp())
+        return (t.settled + t.reserved) * 10_000 < d.soft_bp * limit
+
     def _cap(self, d: BudgetDef, amount: int) -> int | None:
         if d.settings.hard_limit_action == "warn" or amount <= 0:
             return None
@@ -352,6 +366,9 @@ class BudgetService:
         for d, p, t in zip(matched, periods, after, strict=True):
             limit = d.settings.limit_at(now)
             used_bp = (t.settled + t.reserved) * 10_000 // max(limit, 1)
+            if used_bp < d.thresholds_bp[0] if d.thresholds_bp else True:
+                if now - self._forecast_checked.get(d.name, 0.0) < 10.0:
+                    continue
             crossed = False
             for th, th_bp in zip(d.thresholds, d.thresholds_bp, strict=True):
                 if used_bp >= th_bp and (d.name, p.key, str(th)) not in self._fired:
