@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
+from typing import Any
 
 _STD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -17,10 +19,20 @@ class JsonFormatter(logging.Formatter):
         doc.update({k: v for k, v in record.__dict__.items() if k not in _STD})
         if record.exc_info and record.exc_info[0] is not None:
             doc["exc_type"] = record.exc_info[0].__name__
+            doc["stack"] = _safe_exc(record.exc_info)
         return json.dumps(doc, default=str)
 
 
+def _safe_exc(exc_info: Any) -> str:
+    """Exception type and stack frames only: an exception's message may carry request content."""
+    etype, _, tb = exc_info
+    return "".join(traceback.format_tb(tb)) + (etype.__name__ if etype else "")
+
+
 class PlainFormatter(logging.Formatter):
+    def formatException(self, ei: Any) -> str:
+        return _safe_exc(ei)
+
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
         extras = {k: v for k, v in record.__dict__.items() if k not in _STD}
