@@ -54,6 +54,10 @@ class Settings:
     hard_limit_action: HardAction
     override_limit_micros: int | None = None
     override_until: float | None = None  # unix seconds; the override reverts by itself after this
+    soft_bp: int = field(init=False, repr=False)  # soft limit in basis points, for integer compares
+
+    def __post_init__(self) -> None:
+        self.soft_bp = int(self.soft_limit_percent * 100)
 
     def limit_at(self, now: float) -> int:
         if self.override_limit_micros is not None and self.override_until is not None and now < self.override_until:
@@ -90,10 +94,6 @@ class BudgetDef:
         return cls(c.name, None if c.scope == "global" else cast(ScopeConfig, c.scope), c.period,
                    ZoneInfo(c.timezone), Settings(usd_to_micros(c.limit_usd), c.soft_limit_percent,
                                                   c.hard_limit_action), list(c.alert_thresholds))
-
-    @property
-    def soft_bp(self) -> int:
-        return int(self.settings.soft_limit_percent * 100)
 
     def period(self, now: datetime) -> Period:
         """Cached until the period ends: computing calendar boundaries per request is wasted work."""
@@ -177,6 +177,7 @@ class BudgetService:
         self._seen_periods: dict[str, str] = {}
         self._fired: set[tuple[str, str, str]] = set()
         self._forecast_checked: dict[str, float] = {}
+        self._match_cache: dict[RequestFacts, list[BudgetDef]] = {}
         self.last_totals: dict[str, Totals] = {d.name: Totals(0, 0) for d in self.defs}
         self.last_status: dict[str, str] = {d.name: "Normal" for d in self.defs}
 
@@ -264,7 +265,14 @@ class BudgetService:
     # ---- the request path ------------------------------------------------------------------------
 
     def matching(self, facts: RequestFacts) -> list[BudgetDef]:
-        return [d for d in self.defs if matches(d.scope, facts)]
+        """Memoised per distinct request facts (bounded): scope matching is pure and facts repeat."""
+        hit = self._match_cache.get(facts)
+        if hit is None:
+            hit = [d for d in self.defs if matches(d.scope, facts)]
+            if len(self._match_cache) >= 4096:
+                self._match_cache.clear()
+            self._match_cache[facts] = hit
+        return hit
 
     async def admit(self, req_id: str, requested: Target, equivalent: Target | None,
                     facts: RequestFacts | None = None) -> Admission:
@@ -280,25 +288,28 @@ class BudgetService:
         periods = [d.period(now) for d in matched]
         items = [(d.name, p.key) for d, p in zip(matched, periods, strict=True)]
         expires = time.time() + self.config.store.reservation_ttl_secs
+        ts = now.timestamp()
         try:
             for d, p in zip(matched, periods, strict=True):
-                await self._observe_period(d, p)
+                if self._seen_periods.get(d.name) != p.key:
+                    await self._observe_period(d, p)
             amount = requested.estimate_micros
             res = await self.ledger.reserve(req_id, [
-                ReserveItem(d.name, p.key, amount, self._cap(d, amount)) for d, p in zip(matched, periods, strict=True)
+                ReserveItem(d.name, p.key, amount, self._cap(d, amount, ts))
+                for d, p in zip(matched, periods, strict=True)
             ], expires)
             befores = [Totals(t.settled, t.reserved - amount) if res.admitted else t for t in res.totals]
             for d, t in zip(matched, res.totals, strict=True):
                 self.last_totals[d.name] = t
-            if res.admitted and all(self._normal(d, t) for d, t in zip(matched, befores, strict=True)):
+            if res.admitted and all(self._normal(d, t, ts) for d, t in zip(matched, befores, strict=True)):
                 # Fast path: every budget Normal and the capped reservation fit, so the policy would allow the
                 # request as asked in each of them; skip building views and asking it once per budget.
-                i = max(range(len(matched)), key=lambda k: befores[k].settled + befores[k].reserved)
+                i = 0
                 if len(matched) > 1:
                     i = max(range(len(matched)), key=lambda k: (befores[k].settled + befores[k].reserved)
                             * 1_000_000 // max(matched[k].settings.limit_micros, 1))
                 decision = Decision(Action.ALLOW, requested, "Normal",
-                                    must_fit=any(self._cap(d, amount) is not None for d in matched))
+                                    must_fit=any(self._cap(d, amount, ts) is not None for d in matched))
                 for d in matched:
                     if self.last_status.get(d.name) != "Normal":
                         self._note_status([d], [self.view_of(d, befores[matched.index(d)])])
@@ -334,15 +345,16 @@ class BudgetService:
             log.warning("budget store unavailable; admitting with store_failure=open")
             return Admission(decide(PolicyInput(requested, equivalent, None)), None, items, outbox=True)
 
-    def _normal(self, d: BudgetDef, t: Totals) -> bool:
+    @staticmethod
+    def _normal(d: BudgetDef, t: Totals, ts: float) -> bool:
         """BudgetView.status() == "Normal" without building the view (integers only; the hot path)."""
-        limit = d.settings.limit_at(self.clock().timestamp())
-        return (t.settled + t.reserved) * 10_000 < d.soft_bp * limit
+        s = d.settings
+        return (t.settled + t.reserved) * 10_000 < s.soft_bp * s.limit_at(ts)
 
-    def _cap(self, d: BudgetDef, amount: int) -> int | None:
+    def _cap(self, d: BudgetDef, amount: int, ts: float | None = None) -> int | None:
         if d.settings.hard_limit_action == "warn" or amount <= 0:
             return None
-        return d.settings.limit_at(self.clock().timestamp())
+        return d.settings.limit_at(self.clock().timestamp() if ts is None else ts)
 
     def reject_error(self, adm: Admission) -> Exception:
         name = f"budget '{adm.budget}'" if adm.budget and adm.budget != GLOBAL_BUDGET else "monthly budget"

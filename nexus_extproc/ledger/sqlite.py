@@ -109,31 +109,31 @@ class SqliteLedger(Ledger):
             return await self._reserve_one(req_id, items[0], expires_at)
 
         def tx(c: sqlite3.Cursor) -> ReserveResult:
-            # Several budgets: read all, check every cap, then update all; BEGIN IMMEDIATE holds the write
-            # lock for the whole transaction, so nothing interleaves, and it costs 2 statements, not N.
+            # Several budgets: update all in one statement and check every cap on what it returns; a violated
+            # cap rolls the whole transaction back. BEGIN IMMEDIATE holds the write lock throughout, so nothing
+            # interleaves, all or nothing.
             self._ensure_rows(c, items)
             keys = ",".join("(?,?)" for _ in items)
             args = [x for i in items for x in (i.budget, i.period)]
-            rows = {(b, p): Totals(s_, r) for b, p, s_, r in c.execute(
-                f"SELECT budget, period, settled, reserved FROM totals WHERE (budget, period) IN (VALUES {keys})",
-                args)}
-            seen = [rows.get((i.budget, i.period), Totals(0, 0)) for i in items]
-            if any(i.cap is not None and t.settled + t.reserved + i.amount > i.cap for i, t in zip(items, seen,
-                                                                                                      strict=True)):
+            if len({i.amount for i in items}) == 1:
+                got = {(b, p): Totals(s_, r) for b, p, s_, r in c.execute(
+                    f"UPDATE totals SET reserved = reserved + ? WHERE (budget, period) IN (VALUES {keys}) "
+                    "RETURNING budget, period, settled, reserved", [items[0].amount, *args])}
+            else:
+                got = {}
+                for i in items:
+                    row = c.execute("UPDATE totals SET reserved = reserved + ? WHERE budget=? AND period=? "
+                                    "RETURNING settled, reserved", (i.amount, i.budget, i.period)).fetchone()
+                    got[(i.budget, i.period)] = Totals(*row)
+            after = [got[(i.budget, i.period)] for i in items]
+            if any(i.cap is not None and t.settled + t.reserved > i.cap for i, t in zip(items, after, strict=True)):
                 c.execute("ROLLBACK")
                 self._known_rows.difference_update((i.budget, i.period) for i in items)
-                raise _Refused(ReserveResult(False, seen))
-            amounts = {i.amount for i in items}
-            if len(amounts) == 1:
-                c.execute(f"UPDATE totals SET reserved = reserved + ? WHERE (budget, period) IN (VALUES {keys})",
-                          [items[0].amount, *args])
-            else:
-                c.executemany("UPDATE totals SET reserved = reserved + ? WHERE budget=? AND period=?",
-                              [(i.amount, i.budget, i.period) for i in items])
+                raise _Refused(ReserveResult(False, [Totals(t.settled, t.reserved - i.amount)
+                                                     for i, t in zip(items, after, strict=True)]))
             c.execute("INSERT OR REPLACE INTO reservations VALUES (?,?,?)",
                       (req_id, json.dumps([[i.budget, i.period, i.amount] for i in items]), expires_at))
-            return ReserveResult(True, [Totals(t.settled, t.reserved + i.amount)
-                                        for i, t in zip(items, seen, strict=True)])
+            return ReserveResult(True, after)
 
         try:
             result: ReserveResult = self._write(tx)
