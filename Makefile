@@ -37,6 +37,8 @@ e2e: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/budgets.py
+	$(BIN)/python bench/accuracy.py
 
 api: $(STAMP)
 	$(BIN)/python -m nexus_extproc.api.generate
