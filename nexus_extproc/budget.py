@@ -294,25 +294,22 @@ class BudgetService:
                 if self._seen_periods.get(d.name) != p.key:
                     await self._observe_period(d, p)
             amount = requested.estimate_micros
+            caps = [self._cap(d, amount, ts) for d in matched]
             res = await self.ledger.reserve(req_id, [
-                ReserveItem(d.name, p.key, amount, self._cap(d, amount, ts))
-                for d, p in zip(matched, periods, strict=True)
-            ], expires)
+                ReserveItem(n, k, amount, cap) for (n, k), cap in zip(items, caps, strict=True)], expires)
             befores = [Totals(t.settled, t.reserved - amount) if res.admitted else t for t in res.totals]
-            for d, t in zip(matched, res.totals, strict=True):
+            fast = res.admitted
+            for d, t, b in zip(matched, res.totals, befores, strict=True):
                 self.last_totals[d.name] = t
-            if res.admitted and all(self._normal(d, t, ts) for d, t in zip(matched, befores, strict=True)):
-                # Fast path: every budget Normal and the capped reservation fit, so the policy would allow the
-                # request as asked in each of them; skip building views and asking it once per budget.
+                fast = fast and self._normal(d, b, ts) and self.last_status.get(d.name) == "Normal"
+            if fast:
+                # Fast path: every budget Normal (and was), and the capped reservation fit, so the policy would
+                # allow the request as asked in each of them; skip building views and asking it once per budget.
                 i = 0
                 if len(matched) > 1:
                     i = max(range(len(matched)), key=lambda k: (befores[k].settled + befores[k].reserved)
                             * 1_000_000 // max(matched[k].settings.limit_micros, 1))
-                decision = Decision(Action.ALLOW, requested, "Normal",
-                                    must_fit=any(self._cap(d, amount, ts) is not None for d in matched))
-                for d in matched:
-                    if self.last_status.get(d.name) != "Normal":
-                        self._note_status([d], [self.view_of(d, befores[matched.index(d)])])
+                decision = Decision(Action.ALLOW, requested, "Normal", must_fit=any(c is not None for c in caps))
                 self._check_alerts(matched, periods, res.totals)
                 return Admission(decision, self.view_of(matched[i], befores[i]), items, amount,
                                  budget=matched[i].name, reset_in_s=periods[i].seconds_until_reset(now))

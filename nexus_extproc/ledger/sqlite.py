@@ -28,8 +28,8 @@ CREATE TABLE IF NOT EXISTS totals (
   budget TEXT NOT NULL, period TEXT NOT NULL,
   settled INTEGER NOT NULL DEFAULT 0, reserved INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY (budget, period));
--- One row per request: `items` is a JSON array of [budget, period, amount] (one statement per request, not
--- one per budget, on the hot path).
+-- One row per request: `items` holds "budget period amount" lines (one statement per request, not one per
+-- budget, on the hot path; budget names and period keys never contain whitespace).
 CREATE TABLE IF NOT EXISTS reservations (
   req_id TEXT PRIMARY KEY, items TEXT NOT NULL, expires_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS reservations_expiry ON reservations (expires_at);
@@ -48,6 +48,23 @@ CREATE TABLE IF NOT EXISTS audit (
   field TEXT NOT NULL, old TEXT NOT NULL, new TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS settlements_ts ON settlements (ts);
 """
+
+
+def _pack(items: list[ReserveItem]) -> str:
+    return "\n".join(f"{i.budget} {i.period} {i.amount}" for i in items)
+
+
+def _unpack(text: str) -> list[tuple[str, str, int]]:
+    out = []
+    for line in text.split("\n"):
+        b, p, amt = line.split(" ")
+        out.append((b, p, int(amt)))
+    return out
+
+
+def _json_names(names: dict[str, str]) -> str:
+    """JSON array of budget names (for json_each in reports); names are [a-z0-9_.-] so need no escaping."""
+    return '["' + '","'.join(sorted(names)) + '"]' if names else "[]"
 
 
 class _AlreadySettled(Exception):
@@ -132,7 +149,7 @@ class SqliteLedger(Ledger):
                 raise _Refused(ReserveResult(False, [Totals(t.settled, t.reserved - i.amount)
                                                      for i, t in zip(items, after, strict=True)]))
             c.execute("INSERT OR REPLACE INTO reservations VALUES (?,?,?)",
-                      (req_id, json.dumps([[i.budget, i.period, i.amount] for i in items]), expires_at))
+                      (req_id, _pack(items), expires_at))
             return ReserveResult(True, after)
 
         try:
@@ -162,7 +179,7 @@ class SqliteLedger(Ledger):
                                  (it.budget, it.period)).fetchone() or (0, 0)
                 raise _Refused(ReserveResult(False, [Totals(*seen)]))
             c.execute("INSERT OR REPLACE INTO reservations VALUES (?,?,?)",
-                      (req_id, json.dumps([[it.budget, it.period, it.amount]]), expires_at))
+                      (req_id, _pack([it]), expires_at))
             return ReserveResult(True, [Totals(*row)])
 
         try:
@@ -174,13 +191,13 @@ class SqliteLedger(Ledger):
     async def settle(self, req_id: str, items: list[tuple[str, str]], cost: int, record: SpendRecord) -> bool:
         def tx(c: sqlite3.Cursor) -> bool:
             row = c.execute("DELETE FROM reservations WHERE req_id=? RETURNING items", (req_id,)).fetchone()
-            held = {b: (p, amt) for b, p, amt in json.loads(row[0])} if row else {}
+            held = {b: (p, amt) for b, p, amt in _unpack(row[0])} if row else {}
             targets = {b: p for b, p in items}
             targets.update({b: p for b, (p, _) in held.items()})  # settle into the period it was reserved in
             try:
                 c.execute("INSERT INTO settlements VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                           (req_id, record.ts, record.model, record.backend, record.input_tokens,
-                           record.output_tokens, cost, record.estimate, record.source, json.dumps(sorted(targets)),
+                           record.output_tokens, cost, record.estimate, record.source, _json_names(targets),
                            record.avoided))
             except sqlite3.IntegrityError:
                 raise _AlreadySettled from None  # rolls back the DELETE above: idempotent
@@ -207,7 +224,7 @@ class SqliteLedger(Ledger):
     def _unreserve(self, c: sqlite3.Cursor, rows: list[tuple[str]]) -> int:
         n = 0
         for (items,) in rows:
-            held = json.loads(items)
+            held = _unpack(items)
             c.executemany("UPDATE totals SET reserved = reserved - ? WHERE budget=? AND period=?",
                           [(amt, b, p) for b, p, amt in held])
             n += len(held)
