@@ -67,6 +67,13 @@ def _json_names(names: dict[str, str]) -> str:
     return '["' + '","'.join(sorted(names)) + '"]' if names else "[]"
 
 
+SCHEMA_VERSION = 1
+
+
+class LedgerSchemaError(RuntimeError):
+    pass
+
+
 class _AlreadySettled(Exception):
     pass
 
@@ -85,8 +92,29 @@ class SqliteLedger(Ledger):
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous.upper() == 'FULL' else 'NORMAL'}")
         self._db.execute(f"PRAGMA busy_timeout={int(timeout_ms)}")
-        self._write(lambda c: c.executescript(SCHEMA) and None, begin=False)
+        self._migrate()
         self._known_rows: set[tuple[str, str]] = set()  # totals rows known to exist (never deleted)
+
+    def _migrate(self) -> None:
+        """Create the schema in a new file; refuse a file from another schema version instead of misreading it.
+        Under the write lock, so workers starting together on a new file cannot see a half-created schema."""
+
+        def tx(c: sqlite3.Cursor) -> int | None:
+            version = c.execute("PRAGMA user_version").fetchone()[0]
+            has_tables = c.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'totals'").fetchone()[0]
+            if version == 0 and not has_tables:
+                sql = "\n".join(ln.split("--", 1)[0] for ln in SCHEMA.splitlines())  # comments may hold ';'
+                for stmt in sql.split(";"):
+                    if stmt.strip():
+                        c.execute(stmt)
+                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                return None
+            return None if version == SCHEMA_VERSION else int(version)
+
+        bad: int | None = self._write(tx)
+        if bad is not None:
+            raise LedgerSchemaError(f"ledger file has schema version {bad}, this server needs {SCHEMA_VERSION}; "
+                                    "point store.path at a new file (the old one keeps its history)")
 
     def _write(self, fn, begin: bool = True):  # type: ignore[no-untyped-def]
         """Run `fn(cursor)` in one immediate transaction; a busy or broken store becomes StoreUnavailable."""

@@ -186,3 +186,20 @@ def test_state_machine_matches_exact_model(ledger_factory):
     test_case = LedgerModel.TestCase
     test_case.settings = settings_
     test_case().runTest()
+
+
+def test_sqlite_refuses_a_file_from_another_schema_version(tmp_path):
+    import sqlite3
+
+    from nexus_extproc.ledger.sqlite import LedgerSchemaError
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE totals (budget TEXT, period TEXT, settled INTEGER, reserved INTEGER)")  # unversioned
+    db.commit()
+    db.close()
+    with pytest.raises(LedgerSchemaError, match="schema version 0"):
+        open_ledger("sqlite", path=str(path))
+    fresh = open_ledger("sqlite", path=str(tmp_path / "new.db"))  # a new file gets the current version
+    again = open_ledger("sqlite", path=str(tmp_path / "new.db"))  # and reopening it is fine
+    assert fresh is not again
