@@ -410,7 +410,7 @@ def main() -> int:
             ext_sse = b.measure("Envoy + ext_proc (1 worker)", eport, ee, x1, sse, 16, {"x-bench-stream": "1"})
             ratios.append(("SSE 1 KB c=16, 1 worker", ext_sse.rps / plain_sse.rps))
 
-            print("\nStreamed chunks: Python fake upstream, 40 events written separately")
+            print("\nStreamed chunks: Python fake upstream, 40 events 2 ms apart (each its own chunk), 8 connections")
             b.stack.start_fakes(("openai",))
             fake = b.stack.fake_ports["openai"]
             pf, pfport, _ = b.start_envoy(plain_config(free_port(), free_port(), fake), "plain-fake")
@@ -420,16 +420,19 @@ def main() -> int:
             ef, efport, efadmin = b.start_envoy(build_config(pfx), "ext-fake")
             sse40 = json.dumps({"model": "gpt-4o-mini", "stream": True, "max_tokens": 40,
                                 "messages": [{"role": "user", "content": "hi"}]})
+            paced = {"x-fake-completion-tokens": "40", "x-fake-delay-ms": "2"}
+            run_wrk(b.wrk, f"http://{HOST}:{efport}/v1/chat/completions", sse40, 8, 1, paced, b.work)  # warm-up
             before_msgs = envoy_stat(efadmin, "ext_proc.stream_msgs_received")
             x_before = cpu_seconds(children_of(x1.pid))
-            r = b.measure("Envoy + ext_proc, 40-event stream", efport, ef, x1, sse40, 8,
-                          {"x-fake-completion-tokens": "40"})
+            _, _, _, _, total = run_wrk(b.wrk, f"http://{HOST}:{efport}/v1/chat/completions", sse40, 8,
+                                        b.args.duration, paced, b.work)
             msgs = envoy_stat(efadmin, "ext_proc.stream_msgs_received") - before_msgs
-            x_cpu = cpu_seconds(children_of(x1.pid)) - x_before
-            per_req = msgs / max(1, r.requests)
-            chunk_us = (x_cpu / max(1, r.requests) - ext.extproc_cpu_us / 1e6) / max(1.0, per_req - 4) * 1e6
-            print(f"    {per_req:.1f} ext_proc messages per streamed response (counts include warm-up); "
-                  f"~{chunk_us:.0f} µs ext_proc CPU per extra streamed chunk (vs the 4-message JSON request)")
+            x_cpu_us = (cpu_seconds(children_of(x1.pid)) - x_before) * 1e6
+            chunks = msgs - 4 * total  # every message beyond the 4 of a JSON request is a streamed body chunk
+            per_chunk = (x_cpu_us - total * ext.extproc_cpu_us) / max(1, chunks)
+            print(f"    {total} streamed responses, {msgs / max(1, total):.1f} ext_proc messages each; "
+                  f"ext_proc CPU {x_cpu_us / max(1, total):.0f} µs per response, ≈{per_chunk:.0f} µs per streamed "
+                  f"chunk beyond the 4-message JSON request's {ext.extproc_cpu_us:.0f} µs")
             t_plain = asyncio.run(ttft(f"http://{HOST}:{pfport}/v1/chat/completions", sse40, 40))
             t_ext = asyncio.run(ttft(f"http://{HOST}:{efport}/v1/chat/completions", sse40, 40))
             print(f"    time to first token (median of 40, sequential): plain {t_plain:.2f} ms, "
