@@ -17,7 +17,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,11 +181,3 @@ def is_free(port: int) -> bool:
             return True
         except OSError:
             return False
-
-
-@contextlib.contextmanager
-def running(stack: Stack) -> Iterator[Stack]:
-    try:
-        yield stack
-    finally:
-        stack.stop()
