@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -124,6 +125,26 @@ class BudgetState:
     forecast: Forecast
 
 
+@dataclass(slots=True)
+class _Plan:
+    """What a request's budgets look like until one of their periods ends, an override lapses or a setting
+    changes: matched once per distinct request facts, so a request pays per budget only for integer compares."""
+
+    defs: list[BudgetDef]
+    periods: list[Period]
+    items: list[tuple[str, str]]  # (budget, period key)
+    limits: list[int]
+    soft: list[int]  # used * 10_000 below this is Normal (soft_bp * limit)
+    alert_at: list[int]  # used * 10_000 at or above this crosses the lowest alert threshold
+    caps: list[int | None]  # the limit where the hard action blocks, None for warn
+    capped: bool  # any of them blocks at its limit
+    valid_from: float
+    valid_until: float
+    gen: int
+    next_sweep: float = 0.0  # next forecast check for these budgets (at most every 10 s)
+    observed: bool = False  # these periods' rollover has been recorded in the store
+
+
 class Outbox:
     """Settlements that could not reach the store (store_failure=open), fsynced to a local file and
     replayed in order when the store is back: settled spend is never dropped."""
@@ -178,6 +199,8 @@ class BudgetService:
         self._fired: set[tuple[str, str, str]] = set()
         self._forecast_checked: dict[str, float] = {}
         self._match_cache: dict[RequestFacts, list[BudgetDef]] = {}
+        self._plans: dict[RequestFacts, _Plan] = {}
+        self._settings_gen = 0  # bumped on every settings change; plans built before it are rebuilt
         self.last_totals: dict[str, Totals] = {d.name: Totals(0, 0) for d in self.defs}
         self.last_status: dict[str, str] = {d.name: "Normal" for d in self.defs}
 
@@ -208,11 +231,14 @@ class BudgetService:
         for d in self.defs:
             doc = await self.ledger.get_settings(d.name)
             if doc:
-                d.settings = Settings(
+                new = Settings(
                     int(cast(Any, doc["limit_micros"])), Decimal(str(doc["soft_limit_percent"])),
                     cast(HardAction, doc["hard_limit_action"]),
                     None if doc.get("override_limit_micros") is None else int(cast(Any, doc["override_limit_micros"])),
                     None if doc.get("override_until") is None else float(cast(Any, doc["override_until"])))
+                if new != d.settings:
+                    d.settings = new
+                    self._settings_gen += 1
 
     async def update_settings(self, name: str, new: Settings, actor: str) -> Settings:
         assert self.ledger is not None
@@ -223,6 +249,7 @@ class BudgetService:
                  for k, v in old.to_doc().items() if new.to_doc()[k] != v]
         await self.ledger.put_settings(name, new.to_doc(), audit)
         d.settings = new
+        self._settings_gen += 1
         for a in audit:
             log.info("budget setting changed", extra={"budget": a.budget, "field": a.field, "old": a.old,
                                                       "new": a.new, "actor": a.actor})
@@ -281,38 +308,55 @@ class BudgetService:
             return Admission(decide(PolicyInput(requested, equivalent, None)), None)
         assert self.ledger is not None
         facts = facts or RequestFacts(requested.model, requested.backend_type)
-        matched = self.matching(facts)
-        if not matched:
-            return Admission(decide(PolicyInput(requested, equivalent, None)), None)
         now = self.clock()
-        periods = [d.period(now) for d in matched]
-        items = [(d.name, p.key) for d, p in zip(matched, periods, strict=True)]
-        expires = time.time() + self.config.store.reservation_ttl_secs
         ts = now.timestamp()
+        plan = self._plans.get(facts)
+        if plan is None or plan.gen != self._settings_gen or not plan.valid_from <= ts < plan.valid_until:
+            plan = self._plan(facts, now)
+        if not plan.defs:
+            return Admission(decide(PolicyInput(requested, equivalent, None)), None)
+        matched, periods, items = plan.defs, plan.periods, plan.items
+        expires = time.time() + self.config.store.reservation_ttl_secs
         try:
-            for d, p in zip(matched, periods, strict=True):
-                if self._seen_periods.get(d.name) != p.key:
+            if not plan.observed:
+                for d, p in zip(matched, periods, strict=True):
                     await self._observe_period(d, p)
+                plan.observed = True
             amount = requested.estimate_micros
-            caps = [self._cap(d, amount, ts) for d in matched]
+            caps = plan.caps if amount > 0 else [None] * len(items)
             res = await self.ledger.reserve(req_id, [
                 ReserveItem(n, k, amount, cap) for (n, k), cap in zip(items, caps, strict=True)], expires)
-            befores = [Totals(t.settled, t.reserved - amount) if res.admitted else t for t in res.totals]
-            fast = res.admitted
-            for d, t, b in zip(matched, res.totals, befores, strict=True):
+            if res.admitted:
+                # Fast path: every budget was Normal before this request (and at the last decision), and the
+                # capped reservation fit, so the policy would allow the request as asked in each of them; skip
+                # building views and asking it once per budget. The deciding budget is the most utilised one.
+                fast, best, i, alert = True, -1, 0, ts >= plan.next_sweep
+                status, last = self.last_status, self.last_totals
+                for k, t in enumerate(res.totals):
+                    d = matched[k]
+                    last[d.name] = t
+                    used = t.settled + t.reserved
+                    before = used - amount
+                    if before * 10_000 >= plan.soft[k] or status[d.name] != "Normal":
+                        fast = False
+                        break
+                    if used * 10_000 >= plan.alert_at[k]:
+                        alert = True
+                    u = before * 1_000_000 // plan.limits[k]
+                    if u > best:
+                        best, i = u, k
+                if fast:
+                    if alert:
+                        plan.next_sweep = ts + 10.0
+                        self._check_alerts(matched, periods, res.totals)
+                    t = res.totals[i]
+                    decision = Decision(Action.ALLOW, requested, "Normal", must_fit=amount > 0 and plan.capped)
+                    return Admission(decision, self.view_of(matched[i], Totals(t.settled, t.reserved - amount)),
+                                     items, amount, budget=matched[i].name,
+                                     reset_in_s=periods[i].seconds_until_reset(now))
+            for d, t in zip(matched, res.totals, strict=True):
                 self.last_totals[d.name] = t
-                fast = fast and self._normal(d, b, ts) and self.last_status.get(d.name) == "Normal"
-            if fast:
-                # Fast path: every budget Normal (and was), and the capped reservation fit, so the policy would
-                # allow the request as asked in each of them; skip building views and asking it once per budget.
-                i = 0
-                if len(matched) > 1:
-                    i = max(range(len(matched)), key=lambda k: (befores[k].settled + befores[k].reserved)
-                            * 1_000_000 // max(matched[k].settings.limit_micros, 1))
-                decision = Decision(Action.ALLOW, requested, "Normal", must_fit=any(c is not None for c in caps))
-                self._check_alerts(matched, periods, res.totals)
-                return Admission(decision, self.view_of(matched[i], befores[i]), items, amount,
-                                 budget=matched[i].name, reset_in_s=periods[i].seconds_until_reset(now))
+            befores = [Totals(t.settled, t.reserved - amount) if res.admitted else t for t in res.totals]
             views = [self.view_of(d, t) for d, t in zip(matched, befores, strict=True)]
             refused = [not res.admitted and (cap := self._cap(d, amount)) is not None
                        and t.settled + t.reserved + amount > cap for d, t in zip(matched, res.totals, strict=True)]
@@ -342,11 +386,28 @@ class BudgetService:
             log.warning("budget store unavailable; admitting with store_failure=open")
             return Admission(decide(PolicyInput(requested, equivalent, None)), None, items, outbox=True)
 
-    @staticmethod
-    def _normal(d: BudgetDef, t: Totals, ts: float) -> bool:
-        """BudgetView.status() == "Normal" without building the view (integers only; the hot path)."""
-        s = d.settings
-        return (t.settled + t.reserved) * 10_000 < s.soft_bp * s.limit_at(ts)
+    def _plan(self, facts: RequestFacts, now: datetime) -> _Plan:
+        matched = self.matching(facts)
+        ts = now.timestamp()
+        periods = [d.period(now) for d in matched]
+        limits = [d.settings.limit_at(ts) for d in matched]
+        valid_until = min([p.end.timestamp() for p in periods], default=math.inf)
+        for d in matched:  # an override in force lapses by itself: the plan must not outlive it
+            until = d.settings.override_until
+            if until is not None and ts < until:
+                valid_until = min(valid_until, until)
+        plan = _Plan(
+            matched, periods, [(d.name, p.key) for d, p in zip(matched, periods, strict=True)],
+            [max(lim, 1) for lim in limits],
+            [d.settings.soft_bp * lim for d, lim in zip(matched, limits, strict=True)],
+            [(d.thresholds_bp[0] if d.thresholds_bp else 0) * lim for d, lim in zip(matched, limits, strict=True)],
+            [None if d.settings.hard_limit_action == "warn" else lim for d, lim in zip(matched, limits, strict=True)],
+            any(d.settings.hard_limit_action != "warn" for d in matched),
+            max([p.start.timestamp() for p in periods], default=-math.inf), valid_until, self._settings_gen)
+        if len(self._plans) >= 4096:
+            self._plans.clear()
+        self._plans[facts] = plan
+        return plan
 
     def _cap(self, d: BudgetDef, amount: int, ts: float | None = None) -> int | None:
         if d.settings.hard_limit_action == "warn" or amount <= 0:

@@ -8,7 +8,9 @@ an OS crash or power loss can lose the last transactions since the WAL was synce
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import sqlite3
 from pathlib import Path
 
@@ -23,11 +25,16 @@ from nexus_extproc.ledger.base import (
     Totals,
 )
 
+log = logging.getLogger("nexus_extproc.ledger")
+
 SCHEMA = """
+-- `id` is a stable row id (rows are never deleted; VACUUM keeps an INTEGER PRIMARY KEY): the hot path reads and
+-- updates a request's budgets by id, each a direct b-tree seek, with no IN list (SQLite builds an ephemeral
+-- table for one on every execution) and no RETURNING (it materialises the returned rows first).
 CREATE TABLE IF NOT EXISTS totals (
-  budget TEXT NOT NULL, period TEXT NOT NULL,
+  id INTEGER PRIMARY KEY, budget TEXT NOT NULL, period TEXT NOT NULL,
   settled INTEGER NOT NULL DEFAULT 0, reserved INTEGER NOT NULL DEFAULT 0,
-  PRIMARY KEY (budget, period));
+  UNIQUE (budget, period));
 -- One row per request: `items` holds "budget period amount" lines (one statement per request, not one per
 -- budget, on the hot path; budget names and period keys never contain whitespace).
 CREATE TABLE IF NOT EXISTS reservations (
@@ -67,7 +74,34 @@ def _json_names(names: dict[str, str]) -> str:
     return '["' + '","'.join(sorted(names)) + '"]' if names else "[]"
 
 
-SCHEMA_VERSION = 1
+@functools.cache
+def _select_by_ids(n: int) -> str:
+    """One statement reading n rows by id, in the order given (UNION ALL arms run in order; the arm number makes
+    the order explicit anyway)."""
+    return " UNION ALL ".join(f"SELECT {k}, settled, reserved FROM totals WHERE id=?" for k in range(n))
+
+
+# Version 1 had no `id` column in totals; it is upgraded in place (same rows, same totals).
+MIGRATE_1_TO_2 = """
+ALTER TABLE totals RENAME TO totals_v1;
+CREATE TABLE totals (
+  id INTEGER PRIMARY KEY, budget TEXT NOT NULL, period TEXT NOT NULL,
+  settled INTEGER NOT NULL DEFAULT 0, reserved INTEGER NOT NULL DEFAULT 0,
+  UNIQUE (budget, period));
+INSERT INTO totals (budget, period, settled, reserved) SELECT budget, period, settled, reserved FROM totals_v1;
+DROP TABLE totals_v1;
+"""
+
+
+SCHEMA_VERSION = 2
+
+
+def _run_script(c: sqlite3.Cursor, script: str) -> None:
+    """Statement by statement inside the caller's transaction (executescript would commit it)."""
+    sql = "\n".join(ln.split("--", 1)[0] for ln in script.splitlines())  # comments may hold ';'
+    for stmt in sql.split(";"):
+        if stmt.strip():
+            c.execute(stmt)
 
 
 class LedgerSchemaError(RuntimeError):
@@ -78,9 +112,8 @@ class _AlreadySettled(Exception):
     pass
 
 
-class _Refused(Exception):
-    def __init__(self, result: ReserveResult) -> None:
-        self.result = result
+class _StaleIds(Exception):
+    pass
 
 
 class SqliteLedger(Ledger):
@@ -92,8 +125,9 @@ class SqliteLedger(Ledger):
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous.upper() == 'FULL' else 'NORMAL'}")
         self._db.execute(f"PRAGMA busy_timeout={int(timeout_ms)}")
+        self._ids: dict[tuple[str, str], int] = {}  # (budget, period) -> totals.id, for rows committed
+        self._new_ids: dict[tuple[str, str], int] = {}  # ids seen in the running transaction: kept on commit only
         self._migrate()
-        self._known_rows: set[tuple[str, str]] = set()  # totals rows known to exist (never deleted)
 
     def _migrate(self) -> None:
         """Create the schema in a new file; refuse a file from another schema version instead of misreading it.
@@ -103,13 +137,14 @@ class SqliteLedger(Ledger):
             version = c.execute("PRAGMA user_version").fetchone()[0]
             has_tables = c.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'totals'").fetchone()[0]
             if version == 0 and not has_tables:
-                sql = "\n".join(ln.split("--", 1)[0] for ln in SCHEMA.splitlines())  # comments may hold ';'
-                for stmt in sql.split(";"):
-                    if stmt.strip():
-                        c.execute(stmt)
-                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                return None
-            return None if version == SCHEMA_VERSION else int(version)
+                _run_script(c, SCHEMA)
+            elif version == 1:
+                _run_script(c, MIGRATE_1_TO_2)
+                log.info("ledger schema upgraded", extra={"from_version": 1, "to_version": SCHEMA_VERSION})
+            elif version != SCHEMA_VERSION:
+                return int(version)
+            c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            return None
 
         bad: int | None = self._write(tx)
         if bad is not None:
@@ -119,13 +154,12 @@ class SqliteLedger(Ledger):
     def _write(self, fn, begin: bool = True):  # type: ignore[no-untyped-def]
         """Run `fn(cursor)` in one immediate transaction; a busy or broken store becomes StoreUnavailable."""
         cur = self._db.cursor()
+        self._new_ids.clear()
         try:
             if begin:
                 cur.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(cur)
-            except _Refused:
-                raise  # rolled back by the transaction body
             except _AlreadySettled:
                 cur.execute("ROLLBACK")
                 raise
@@ -135,11 +169,54 @@ class SqliteLedger(Ledger):
                 raise
             if begin:
                 cur.execute("COMMIT")
+            if self._new_ids:
+                # Only ids of committed rows are remembered: a rolled-back insert's id could be handed out again
+                # (to another budget or period) by the next insert.
+                self._ids.update(self._new_ids)
             return result
         except sqlite3.OperationalError as e:
             raise StoreUnavailable(f"sqlite: {e}") from None
         finally:
+            self._new_ids.clear()
             cur.close()
+
+    def _row_ids(self, c: sqlite3.Cursor, keys: list[tuple[str, str]]) -> list[int]:
+        """totals ids for (budget, period) keys, creating missing rows (at zero) inside the caller's transaction."""
+        ids = self._ids
+        out = []
+        for key in keys:
+            i = ids.get(key)
+            if i is None:
+                i = self._new_ids.get(key)
+            if i is None:
+                c.execute("INSERT OR IGNORE INTO totals (budget, period) VALUES (?, ?)", key)
+                i = c.execute("SELECT id FROM totals WHERE budget=? AND period=?", key).fetchone()[0]
+                self._new_ids[key] = i
+            out.append(i)
+        return out
+
+    def _read(self, c: sqlite3.Cursor, ids: list[int]) -> list[Totals]:
+        if len(ids) == 1:
+            row = c.execute("SELECT settled, reserved FROM totals WHERE id=?", ids).fetchone()
+            if row is None:
+                raise _StaleIds
+            return [Totals(*row)]
+        rows = c.execute(_select_by_ids(len(ids)), ids).fetchall()
+        if len(rows) != len(ids):
+            raise _StaleIds
+        out: list[Totals] = [Totals(0, 0)] * len(ids)
+        for k, settled, reserved in rows:
+            out[k] = Totals(settled, reserved)
+        return out
+
+    def _retrying(self, fn):  # type: ignore[no-untyped-def]
+        """A cached id that no longer names a row (the file was replaced under us) is forgotten and looked up
+        again, once: never an update that silently matches nothing."""
+        try:
+            return self._write(fn)
+        except _StaleIds:
+            self._ids.clear()
+            return self._write(fn)
 
     async def totals(self, budget: str, period: str) -> Totals:
         try:
@@ -150,75 +227,29 @@ class SqliteLedger(Ledger):
         return Totals(*row) if row else Totals(0, 0)
 
     async def reserve(self, req_id: str, items: list[ReserveItem], expires_at: float) -> ReserveResult:
-        if len(items) == 1:
-            return await self._reserve_one(req_id, items[0], expires_at)
-
         def tx(c: sqlite3.Cursor) -> ReserveResult:
-            # Several budgets: update all in one statement and check every cap on what it returns; a violated
-            # cap rolls the whole transaction back. BEGIN IMMEDIATE holds the write lock throughout, so nothing
-            # interleaves, all or nothing.
-            self._ensure_rows(c, items)
-            keys = ",".join("(?,?)" for _ in items)
-            args = [x for i in items for x in (i.budget, i.period)]
-            if len({i.amount for i in items}) == 1:
-                got = {(b, p): Totals(s_, r) for b, p, s_, r in c.execute(
-                    f"UPDATE totals SET reserved = reserved + ? WHERE (budget, period) IN (VALUES {keys}) "
-                    "RETURNING budget, period, settled, reserved", [items[0].amount, *args])}
+            # Read, check every cap, then write: BEGIN IMMEDIATE holds the write lock from the start, so nothing
+            # interleaves between the check and the increments; a refusal writes nothing (all or nothing).
+            ids = self._row_ids(c, [(i.budget, i.period) for i in items])
+            before = self._read(c, ids)
+            if any(i.cap is not None and t.settled + t.reserved + i.amount > i.cap
+                   for i, t in zip(items, before, strict=True)):
+                return ReserveResult(False, before)
+            if len(ids) == 1:
+                c.execute("UPDATE totals SET reserved = reserved + ? WHERE id=?", (items[0].amount, ids[0]))
             else:
-                got = {}
-                for i in items:
-                    row = c.execute("UPDATE totals SET reserved = reserved + ? WHERE budget=? AND period=? "
-                                    "RETURNING settled, reserved", (i.amount, i.budget, i.period)).fetchone()
-                    got[(i.budget, i.period)] = Totals(*row)
-            after = [got[(i.budget, i.period)] for i in items]
-            if any(i.cap is not None and t.settled + t.reserved > i.cap for i, t in zip(items, after, strict=True)):
-                c.execute("ROLLBACK")
-                self._known_rows.difference_update((i.budget, i.period) for i in items)
-                raise _Refused(ReserveResult(False, [Totals(t.settled, t.reserved - i.amount)
-                                                     for i, t in zip(items, after, strict=True)]))
-            c.execute("INSERT OR REPLACE INTO reservations VALUES (?,?,?)",
-                      (req_id, _pack(items), expires_at))
-            return ReserveResult(True, after)
+                c.executemany("UPDATE totals SET reserved = reserved + ? WHERE id=?",
+                              [(i.amount, r) for i, r in zip(items, ids, strict=True)])
+            c.execute("INSERT OR REPLACE INTO reservations VALUES (?,?,?)", (req_id, _pack(items), expires_at))
+            return ReserveResult(True, [Totals(t.settled, t.reserved + i.amount)
+                                        for i, t in zip(items, before, strict=True)])
 
-        try:
-            result: ReserveResult = self._write(tx)
-        except _Refused as r:
-            return r.result
-        return result
-
-    def _ensure_rows(self, c: sqlite3.Cursor, items: list[ReserveItem]) -> None:
-        for it in items:
-            if (it.budget, it.period) not in self._known_rows:
-                c.execute("INSERT OR IGNORE INTO totals (budget, period) VALUES (?, ?)", (it.budget, it.period))
-                self._known_rows.add((it.budget, it.period))
-
-    async def _reserve_one(self, req_id: str, it: ReserveItem, expires_at: float) -> ReserveResult:
-        def tx(c: sqlite3.Cursor) -> ReserveResult:
-            self._ensure_rows(c, [it])
-            # The cap check and the increment are one statement: nothing can interleave between them.
-            row = c.execute(
-                "UPDATE totals SET reserved = reserved + ?1 WHERE budget = ?2 AND period = ?3 "
-                "AND (?4 IS NULL OR settled + reserved + ?1 <= ?4) RETURNING settled, reserved",
-                (it.amount, it.budget, it.period, it.cap)).fetchone()
-            if row is None:
-                c.execute("ROLLBACK")  # also undoes a totals row created above
-                self._known_rows.discard((it.budget, it.period))
-                seen = c.execute("SELECT settled, reserved FROM totals WHERE budget=? AND period=?",
-                                 (it.budget, it.period)).fetchone() or (0, 0)
-                raise _Refused(ReserveResult(False, [Totals(*seen)]))
-            c.execute("INSERT OR REPLACE INTO reservations VALUES (?,?,?)",
-                      (req_id, _pack([it]), expires_at))
-            return ReserveResult(True, [Totals(*row)])
-
-        try:
-            result: ReserveResult = self._write(tx)
-        except _Refused as r:
-            return r.result
+        result: ReserveResult = self._retrying(tx)
         return result
 
     async def settle(self, req_id: str, items: list[tuple[str, str]], cost: int, record: SpendRecord) -> bool:
         def tx(c: sqlite3.Cursor) -> bool:
-            row = c.execute("DELETE FROM reservations WHERE req_id=? RETURNING items", (req_id,)).fetchone()
+            row = c.execute("SELECT items FROM reservations WHERE req_id=?", (req_id,)).fetchone()
             held = {b: (p, amt) for b, p, amt in _unpack(row[0])} if row else {}
             targets = {b: p for b, p in items}
             targets.update({b: p for b, (p, _) in held.items()})  # settle into the period it was reserved in
@@ -228,23 +259,19 @@ class SqliteLedger(Ledger):
                            record.output_tokens, cost, record.estimate, record.source, _json_names(targets),
                            record.avoided))
             except sqlite3.IntegrityError:
-                raise _AlreadySettled from None  # rolls back the DELETE above: idempotent
-            amounts = {amt for _, amt in held.values()}
-            if len(targets) > 1 and held.keys() == targets.keys() and len(amounts) == 1:
-                # Common case with several budgets: one statement for all (the rows exist since the reserve).
-                keys = ",".join("(?,?)" for _ in targets)
-                c.execute(f"UPDATE totals SET settled = settled + ?, reserved = reserved - ? "
-                          f"WHERE (budget, period) IN (VALUES {keys})",
-                          [cost, amounts.pop(), *[x for b, p in targets.items() for x in (b, p)]])
-            else:
-                c.executemany("INSERT INTO totals (budget, period, settled, reserved) VALUES (?,?,?,0) "
-                              "ON CONFLICT (budget, period) DO UPDATE SET settled = settled + excluded.settled, "
-                              "reserved = reserved - ?",
-                              [(b, p, cost, held.get(b, (p, 0))[1]) for b, p in targets.items()])
+                raise _AlreadySettled from None  # idempotent: a second settle changes nothing
+            if row:
+                c.execute("DELETE FROM reservations WHERE req_id=?", (req_id,))
+            keys = list(targets.items())
+            ids = self._row_ids(c, keys)
+            c.executemany("UPDATE totals SET settled = settled + ?, reserved = reserved - ? WHERE id=?",
+                          [(cost, held[b][1] if b in held else 0, i) for (b, _), i in zip(keys, ids, strict=True)])
+            if c.rowcount != len(ids):
+                raise _StaleIds
             return True
 
         try:
-            applied: bool = self._write(tx)
+            applied: bool = self._retrying(tx)
         except _AlreadySettled:
             return False
         return applied
