@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -28,7 +28,7 @@ from nexus_extproc.alerts import AlertSender, alert_payload
 from nexus_extproc.config import BudgetDefConfig, NexusConfig, ScopeConfig
 from nexus_extproc.errors import budget_exceeded, store_unavailable
 from nexus_extproc.forecast import Forecast, forecast
-from nexus_extproc.ledger import AuditRecord, Ledger, ReserveItem, SpendRecord, StoreUnavailable, Totals
+from nexus_extproc.ledger import AuditRecord, Key, Ledger, SpendRecord, StoreUnavailable, Totals
 from nexus_extproc.money import usd_to_micros
 from nexus_extproc.periods import Period, period_for
 from nexus_extproc.policy import STATUS_CODE, Action, BudgetView, Decision, HardAction, PolicyInput, Target, decide
@@ -108,7 +108,7 @@ class BudgetDef:
 class Admission:
     decision: Decision
     view: BudgetView | None  # the deciding budget's view
-    items: list[tuple[str, str]] = field(default_factory=list)  # (budget, period) reserved against
+    items: Sequence[Key] = ()  # (budget, period) reserved against
     reserved: int = 0
     outbox: bool = False  # store was down and store_failure=open: settle into the outbox
     budget: str | None = None  # the budget whose status decided
@@ -132,7 +132,7 @@ class _Plan:
 
     defs: list[BudgetDef]
     periods: list[Period]
-    items: list[tuple[str, str]]  # (budget, period key)
+    items: tuple[Key, ...]  # (budget, period key); one object per plan, which the ledger caches its shape by
     limits: list[int]
     soft: list[int]  # used * 10_000 below this is Normal (soft_bp * limit)
     alert_at: list[int]  # used * 10_000 at or above this crosses the lowest alert threshold
@@ -323,9 +323,8 @@ class BudgetService:
                     await self._observe_period(d, p)
                 plan.observed = True
             amount = requested.estimate_micros
-            caps = plan.caps if amount > 0 else [None] * len(items)
-            res = await self.ledger.reserve(req_id, [
-                ReserveItem(n, k, amount, cap) for (n, k), cap in zip(items, caps, strict=True)], expires)
+            caps = plan.caps if amount > 0 else None
+            res = await self.ledger.reserve(req_id, items, amount, expires, caps)
             if res.admitted:
                 # Fast path: every budget was Normal before this request (and at the last decision), and the
                 # capped reservation fit, so the policy would allow the request as asked in each of them; skip
@@ -376,7 +375,7 @@ class BudgetService:
                 return Admission(decision, view, budget=deciding.name, reset_in_s=reset)
             assert decision.target is not None
             amount = decision.target.estimate_micros
-            res = await self.ledger.reserve(req_id, [ReserveItem(n, k, amount) for n, k in items], expires)
+            res = await self.ledger.reserve(req_id, items, amount, expires)
             self._check_alerts(matched, periods, res.totals)
             return Admission(decision, view, items, amount, budget=deciding.name, reset_in_s=reset)
         except StoreUnavailable:
@@ -397,7 +396,7 @@ class BudgetService:
             if until is not None and ts < until:
                 valid_until = min(valid_until, until)
         plan = _Plan(
-            matched, periods, [(d.name, p.key) for d, p in zip(matched, periods, strict=True)],
+            matched, periods, tuple((d.name, p.key) for d, p in zip(matched, periods, strict=True)),
             [max(lim, 1) for lim in limits],
             [d.settings.soft_bp * lim for d, lim in zip(matched, limits, strict=True)],
             [(d.thresholds_bp[0] if d.thresholds_bp else 0) * lim for d, lim in zip(matched, limits, strict=True)],

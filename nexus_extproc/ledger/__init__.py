@@ -2,8 +2,8 @@
 
 from nexus_extproc.ledger.base import (
     AuditRecord,
+    Key,
     Ledger,
-    ReserveItem,
     SpendAgg,
     SpendRecord,
     StoreUnavailable,
@@ -11,7 +11,7 @@ from nexus_extproc.ledger.base import (
 )
 
 __all__ = [
-    "AuditRecord", "Ledger", "ReserveItem", "SpendAgg", "SpendRecord", "StoreUnavailable", "Totals", "open_ledger",
+    "AuditRecord", "Key", "Ledger", "SpendAgg", "SpendRecord", "StoreUnavailable", "Totals", "open_ledger",
 ]
 
 

@@ -9,25 +9,24 @@ crashed process cannot pin budget forever.
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class StoreUnavailable(Exception):
     """The store did not answer in time or refused: the caller applies `store_failure`."""
 
 
-@dataclass(frozen=True, slots=True)
-class Totals:
+class Totals(NamedTuple):
+    """A NamedTuple, not a frozen dataclass: several are made per request per budget (a frozen dataclass's
+    __init__ runs ~25 bytecodes, this ~5)."""
+
     settled: int
     reserved: int
 
 
-@dataclass(frozen=True, slots=True)
-class ReserveItem:
-    budget: str
-    period: str
-    amount: int
-    cap: int | None = None  # admit only if settled + reserved + amount <= cap
+Key = tuple[str, str]  # (budget name, period key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +79,14 @@ class Ledger(abc.ABC):
     async def totals(self, budget: str, period: str) -> Totals: ...
 
     @abc.abstractmethod
-    async def reserve(self, req_id: str, items: list[ReserveItem], expires_at: float) -> ReserveResult: ...
+    async def reserve(self, req_id: str, keys: Sequence[Key], amount: int, expires_at: float,
+                      caps: Sequence[int | None] | None = None) -> ReserveResult:
+        """Reserve `amount` in every budget of `keys`, all or nothing: refused (nothing reserved) if any budget
+        would pass its cap (caps[i] for keys[i]; None: no cap). One amount for all: a request costs the same
+        whichever budgets count it. Callers on the hot path pass the same tuple object per budget set."""
 
     @abc.abstractmethod
-    async def settle(self, req_id: str, items: list[tuple[str, str]], cost: int, record: SpendRecord) -> bool:
+    async def settle(self, req_id: str, keys: Sequence[Key], cost: int, record: SpendRecord) -> bool:
         """Replace the request's reservations with `cost`; False if this id was already settled."""
 
     @abc.abstractmethod

@@ -13,6 +13,7 @@ import asyncio
 import json
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
@@ -20,8 +21,8 @@ from redis.exceptions import RedisError
 
 from nexus_extproc.ledger.base import (
     AuditRecord,
+    Key,
     Ledger,
-    ReserveItem,
     ReserveResult,
     SpendAgg,
     SpendRecord,
@@ -137,16 +138,18 @@ class RedisLedger(Ledger):
         s, r = await self._call(self._r.hmget(self._tkey(budget, period), "settled", "reserved"))
         return Totals(int(s or 0), int(r or 0))
 
-    async def reserve(self, req_id: str, items: list[ReserveItem], expires_at: float) -> ReserveResult:
-        keys = [f"{self._p}:r:{req_id}", f"{self._p}:rexp"] + [self._tkey(i.budget, i.period) for i in items]
+    async def reserve(self, req_id: str, keys: Sequence[Key], amount: int, expires_at: float,
+                      caps: Sequence[int | None] | None = None) -> ReserveResult:
+        rkeys = [f"{self._p}:r:{req_id}", f"{self._p}:rexp"] + [self._tkey(b, p) for b, p in keys]
         args: list[str | int | float] = [req_id, expires_at]
-        for it in items:
-            args += [f"{it.budget}\t{it.period}", it.amount, -1 if it.cap is None else it.cap]
-        out = await self._call(self._reserve(keys=keys, args=args))
-        totals = [Totals(int(out[1 + 2 * i]), int(out[2 + 2 * i])) for i in range(len(items))]
+        for k, (b, p) in enumerate(keys):
+            cap = None if caps is None else caps[k]
+            args += [f"{b}\t{p}", amount, -1 if cap is None else cap]
+        out = await self._call(self._reserve(keys=rkeys, args=args))
+        totals = [Totals(int(out[1 + 2 * i]), int(out[2 + 2 * i])) for i in range(len(keys))]
         return ReserveResult(bool(int(out[0])), totals)
 
-    async def settle(self, req_id: str, items: list[tuple[str, str]], cost: int, record: SpendRecord) -> bool:
+    async def settle(self, req_id: str, items: Sequence[Key], cost: int, record: SpendRecord) -> bool:
         day = record.ts // 86400
         keys = [f"{self._p}:r:{req_id}", f"{self._p}:rexp", f"{self._p}:s:{req_id}",
                 f"{self._p}:settlement_count", f"{self._p}:log:{int(day)}"]

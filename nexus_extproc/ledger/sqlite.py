@@ -8,16 +8,17 @@ an OS crash or power loss can lose the last transactions since the WAL was synce
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from nexus_extproc.ledger.base import (
     AuditRecord,
+    Key,
     Ledger,
-    ReserveItem,
     ReserveResult,
     SpendAgg,
     SpendRecord,
@@ -35,10 +36,10 @@ CREATE TABLE IF NOT EXISTS totals (
   id INTEGER PRIMARY KEY, budget TEXT NOT NULL, period TEXT NOT NULL,
   settled INTEGER NOT NULL DEFAULT 0, reserved INTEGER NOT NULL DEFAULT 0,
   UNIQUE (budget, period));
--- One row per request: `items` holds "budget period amount" lines (one statement per request, not one per
--- budget, on the hot path; budget names and period keys never contain whitespace).
+-- One row per request: the same `amount` held in each budget of `budgets`, "budget period" lines (one statement
+-- per request, not one per budget; budget names and period keys never contain whitespace).
 CREATE TABLE IF NOT EXISTS reservations (
-  req_id TEXT PRIMARY KEY, items TEXT NOT NULL, expires_at REAL NOT NULL);
+  req_id TEXT PRIMARY KEY, amount INTEGER NOT NULL, budgets TEXT NOT NULL, expires_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS reservations_expiry ON reservations (expires_at);
 CREATE TABLE IF NOT EXISTS settlements (
   req_id TEXT PRIMARY KEY, ts REAL NOT NULL, model TEXT NOT NULL, backend TEXT NOT NULL,
@@ -57,31 +58,41 @@ CREATE INDEX IF NOT EXISTS settlements_ts ON settlements (ts);
 """
 
 
-def _pack(items: list[ReserveItem]) -> str:
-    return "\n".join(f"{i.budget} {i.period} {i.amount}" for i in items)
+# A row is addressed by its id (a direct b-tree seek) and checked against its key, so an id cached by a process
+# can never silently name another row.
+_ROW = "id=? AND budget=? AND period=?"
 
 
-def _unpack(text: str) -> list[tuple[str, str, int]]:
-    out = []
-    for line in text.split("\n"):
-        b, p, amt = line.split(" ")
-        out.append((b, p, int(amt)))
-    return out
+@dataclass(frozen=True, slots=True)
+class _Located:
+    rows: list[tuple[int, str, str]]  # (id, budget, period) per key
+    args: list[int | str]  # the same, flat, for _Shape.select
 
 
-def _json_names(names: dict[str, str]) -> str:
-    """JSON array of budget names (for json_each in reports); names are [a-z0-9_.-] so need no escaping."""
-    return '["' + '","'.join(sorted(names)) + '"]' if names else "[]"
+@dataclass(frozen=True, slots=True, eq=False)  # hashed by identity: one object per key set
+class _Shape:
+    """A set of (budget, period) keys as this ledger stores it, built once per distinct set: the hot path then
+    does no per-budget string work."""
+
+    keys: tuple[Key, ...]
+    text: str  # reservations.budgets
+    names: str  # settlements.budgets: JSON array of the names, for json_each in reports
+    select: str  # reads the totals rows by id, in key order
+
+    @classmethod
+    def of(cls, keys: tuple[Key, ...]) -> _Shape:
+        names = sorted(b for b, _ in keys)  # [a-z0-9_.-]: no JSON escaping needed
+        select = " UNION ALL ".join(f"SELECT {k}, settled, reserved FROM totals WHERE {_ROW}"
+                                    for k in range(len(keys)))
+        return cls(keys, "\n".join(f"{b} {p}" for b, p in keys),
+                   '["' + '","'.join(names) + '"]' if names else "[]", select)
 
 
-@functools.cache
-def _select_by_ids(n: int) -> str:
-    """One statement reading n rows by id, in the order given (UNION ALL arms run in order; the arm number makes
-    the order explicit anyway)."""
-    return " UNION ALL ".join(f"SELECT {k}, settled, reserved FROM totals WHERE id=?" for k in range(n))
+SCHEMA_VERSION = 2
 
-
-# Version 1 had no `id` column in totals; it is upgraded in place (same rows, same totals).
+# Version 1 had no `id` in totals and one "budget period amount" line per budget in reservations. Upgraded in
+# place: totals keep their rows and sums; v1 reservations (left by a server that has stopped, so never settled)
+# are released first, as the reaper would have done at their expiry.
 MIGRATE_1_TO_2 = """
 ALTER TABLE totals RENAME TO totals_v1;
 CREATE TABLE totals (
@@ -90,10 +101,18 @@ CREATE TABLE totals (
   UNIQUE (budget, period));
 INSERT INTO totals (budget, period, settled, reserved) SELECT budget, period, settled, reserved FROM totals_v1;
 DROP TABLE totals_v1;
+DROP TABLE reservations;
+CREATE TABLE reservations (
+  req_id TEXT PRIMARY KEY, amount INTEGER NOT NULL, budgets TEXT NOT NULL, expires_at REAL NOT NULL);
+CREATE INDEX reservations_expiry ON reservations (expires_at);
 """
 
 
-SCHEMA_VERSION = 2
+def _release_v1_reservations(c: sqlite3.Cursor) -> None:
+    for (items,) in c.execute("SELECT items FROM reservations").fetchall():
+        for line in items.split("\n"):
+            b, p, amt = line.split(" ")
+            c.execute("UPDATE totals SET reserved = reserved - ? WHERE budget=? AND period=?", (int(amt), b, p))
 
 
 def _run_script(c: sqlite3.Cursor, script: str) -> None:
@@ -125,8 +144,10 @@ class SqliteLedger(Ledger):
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous.upper() == 'FULL' else 'NORMAL'}")
         self._db.execute(f"PRAGMA busy_timeout={int(timeout_ms)}")
-        self._ids: dict[tuple[str, str], int] = {}  # (budget, period) -> totals.id, for rows committed
-        self._new_ids: dict[tuple[str, str], int] = {}  # ids seen in the running transaction: kept on commit only
+        self._located: dict[_Shape, _Located] = {}  # committed rows only
+        self._pending: dict[_Shape, _Located] = {}  # located in the running transaction: kept on commit only
+        self._shapes: dict[tuple[Key, ...], _Shape] = {}
+        self._shapes_by_text: dict[str, _Shape] = {}
         self._migrate()
 
     def _migrate(self) -> None:
@@ -139,6 +160,7 @@ class SqliteLedger(Ledger):
             if version == 0 and not has_tables:
                 _run_script(c, SCHEMA)
             elif version == 1:
+                _release_v1_reservations(c)
                 _run_script(c, MIGRATE_1_TO_2)
                 log.info("ledger schema upgraded", extra={"from_version": 1, "to_version": SCHEMA_VERSION})
             elif version != SCHEMA_VERSION:
@@ -154,7 +176,7 @@ class SqliteLedger(Ledger):
     def _write(self, fn, begin: bool = True):  # type: ignore[no-untyped-def]
         """Run `fn(cursor)` in one immediate transaction; a busy or broken store becomes StoreUnavailable."""
         cur = self._db.cursor()
-        self._new_ids.clear()
+        self._pending.clear()
         try:
             if begin:
                 cur.execute("BEGIN IMMEDIATE")
@@ -169,45 +191,54 @@ class SqliteLedger(Ledger):
                 raise
             if begin:
                 cur.execute("COMMIT")
-            if self._new_ids:
-                # Only ids of committed rows are remembered: a rolled-back insert's id could be handed out again
-                # (to another budget or period) by the next insert.
-                self._ids.update(self._new_ids)
+            if self._pending:
+                # Only committed rows are remembered: a rolled-back insert's id could be handed out again (to
+                # another budget or period) by the next insert.
+                self._located.update(self._pending)
             return result
         except sqlite3.OperationalError as e:
             raise StoreUnavailable(f"sqlite: {e}") from None
         finally:
-            self._new_ids.clear()
+            self._pending.clear()
             cur.close()
 
-    def _row_ids(self, c: sqlite3.Cursor, keys: list[tuple[str, str]]) -> list[int]:
-        """totals ids for (budget, period) keys, creating missing rows (at zero) inside the caller's transaction."""
-        ids = self._ids
-        out = []
-        for key in keys:
-            i = ids.get(key)
-            if i is None:
-                i = self._new_ids.get(key)
-            if i is None:
-                c.execute("INSERT OR IGNORE INTO totals (budget, period) VALUES (?, ?)", key)
-                i = c.execute("SELECT id FROM totals WHERE budget=? AND period=?", key).fetchone()[0]
-                self._new_ids[key] = i
-            out.append(i)
-        return out
+    def _shape(self, keys: Sequence[Key]) -> _Shape:
+        t = keys if type(keys) is tuple else tuple(keys)
+        sh = self._shapes.get(t)
+        if sh is None:
+            if len(self._shapes) >= 4096:
+                self._shapes.clear()
+                self._shapes_by_text.clear()
+                self._located.clear()
+            sh = self._shapes[t] = self._shapes_by_text.setdefault((new := _Shape.of(t)).text, new)
+        return sh
 
-    def _read(self, c: sqlite3.Cursor, ids: list[int]) -> list[Totals]:
-        if len(ids) == 1:
-            row = c.execute("SELECT settled, reserved FROM totals WHERE id=?", ids).fetchone()
-            if row is None:
-                raise _StaleIds
-            return [Totals(*row)]
-        rows = c.execute(_select_by_ids(len(ids)), ids).fetchall()
-        if len(rows) != len(ids):
+    def _shape_of_text(self, text: str) -> _Shape:
+        sh = self._shapes_by_text.get(text)
+        if sh is None:
+            sh = self._shape(tuple((b, p) for b, p in (line.split(" ") for line in text.split("\n"))))
+        return sh
+
+    def _locate(self, c: sqlite3.Cursor, sh: _Shape) -> _Located:
+        """Where the shape's totals rows are, creating missing ones (at zero) inside the caller's transaction."""
+        loc = self._located.get(sh)
+        if loc is None:
+            rows = []
+            for key in sh.keys:
+                c.execute("INSERT OR IGNORE INTO totals (budget, period) VALUES (?, ?)", key)
+                rows.append((c.execute("SELECT id FROM totals WHERE budget=? AND period=?", key).fetchone()[0], *key))
+            loc = self._pending[sh] = _Located(rows, [x for r in rows for x in r])
+        return loc
+
+    @staticmethod
+    def _read(c: sqlite3.Cursor, sh: _Shape, loc: _Located) -> list[Totals]:
+        rows = c.execute(sh.select, loc.args).fetchall()
+        if len(rows) != len(sh.keys):
             raise _StaleIds
-        out: list[Totals] = [Totals(0, 0)] * len(ids)
-        for k, settled, reserved in rows:
-            out[k] = Totals(settled, reserved)
-        return out
+        if len(rows) == 1:
+            return [Totals(rows[0][1], rows[0][2])]
+        rows.sort()  # by arm number: key order
+        return [Totals(settled, reserved) for _, settled, reserved in rows]
 
     def _retrying(self, fn):  # type: ignore[no-untyped-def]
         """A cached id that no longer names a row (the file was replaced under us) is forgotten and looked up
@@ -215,7 +246,7 @@ class SqliteLedger(Ledger):
         try:
             return self._write(fn)
         except _StaleIds:
-            self._ids.clear()
+            self._located.clear()
             return self._write(fn)
 
     async def totals(self, budget: str, period: str) -> Totals:
@@ -226,47 +257,57 @@ class SqliteLedger(Ledger):
             raise StoreUnavailable(f"sqlite: {e}") from None
         return Totals(*row) if row else Totals(0, 0)
 
-    async def reserve(self, req_id: str, items: list[ReserveItem], expires_at: float) -> ReserveResult:
+    async def reserve(self, req_id: str, keys: Sequence[Key], amount: int, expires_at: float,
+                      caps: Sequence[int | None] | None = None) -> ReserveResult:
+        sh = self._shape(keys)
+
         def tx(c: sqlite3.Cursor) -> ReserveResult:
             # Read, check every cap, then write: BEGIN IMMEDIATE holds the write lock from the start, so nothing
             # interleaves between the check and the increments; a refusal writes nothing (all or nothing).
-            ids = self._row_ids(c, [(i.budget, i.period) for i in items])
-            before = self._read(c, ids)
-            if any(i.cap is not None and t.settled + t.reserved + i.amount > i.cap
-                   for i, t in zip(items, before, strict=True)):
+            loc = self._locate(c, sh)
+            before = self._read(c, sh, loc)
+            if caps is not None and any(cap is not None and t.settled + t.reserved + amount > cap
+                                        for t, cap in zip(before, caps, strict=True)):
                 return ReserveResult(False, before)
-            if len(ids) == 1:
-                c.execute("UPDATE totals SET reserved = reserved + ? WHERE id=?", (items[0].amount, ids[0]))
-            else:
-                c.executemany("UPDATE totals SET reserved = reserved + ? WHERE id=?",
-                              [(i.amount, r) for i, r in zip(items, ids, strict=True)])
-            c.execute("INSERT OR REPLACE INTO reservations VALUES (?,?,?)", (req_id, _pack(items), expires_at))
-            return ReserveResult(True, [Totals(t.settled, t.reserved + i.amount)
-                                        for i, t in zip(items, before, strict=True)])
+            c.executemany(f"UPDATE totals SET reserved = reserved + ? WHERE {_ROW}", [(amount, *r) for r in loc.rows])
+            c.execute("INSERT OR REPLACE INTO reservations VALUES (?,?,?,?)", (req_id, amount, sh.text, expires_at))
+            return ReserveResult(True, [Totals(s_, r + amount) for s_, r in before])
 
         result: ReserveResult = self._retrying(tx)
         return result
 
-    async def settle(self, req_id: str, items: list[tuple[str, str]], cost: int, record: SpendRecord) -> bool:
+    async def settle(self, req_id: str, keys: Sequence[Key], cost: int, record: SpendRecord) -> bool:
+        sh = self._shape(keys)
+
         def tx(c: sqlite3.Cursor) -> bool:
-            row = c.execute("SELECT items FROM reservations WHERE req_id=?", (req_id,)).fetchone()
-            held = {b: (p, amt) for b, p, amt in _unpack(row[0])} if row else {}
-            targets = {b: p for b, p in items}
-            targets.update({b: p for b, (p, _) in held.items()})  # settle into the period it was reserved in
+            row = c.execute("SELECT amount, budgets FROM reservations WHERE req_id=?", (req_id,)).fetchone()
+            target, amounts = sh, None
+            if row is not None:
+                held = sh if row[1] == sh.text else self._shape_of_text(row[1])
+                if held is not sh:
+                    # Settle into the periods it was reserved in; budgets not held get no reserved decrement.
+                    merged = dict(sh.keys)
+                    merged.update(held.keys)
+                    target = self._shape(tuple(merged.items()))
+                    held_names = {b for b, _ in held.keys}
+                    amounts = [row[0] if b in held_names else 0 for b, _ in target.keys]
             try:
                 c.execute("INSERT INTO settlements VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                           (req_id, record.ts, record.model, record.backend, record.input_tokens,
-                           record.output_tokens, cost, record.estimate, record.source, _json_names(targets),
-                           record.avoided))
+                           record.output_tokens, cost, record.estimate, record.source, target.names, record.avoided))
             except sqlite3.IntegrityError:
                 raise _AlreadySettled from None  # idempotent: a second settle changes nothing
-            if row:
+            if row is not None:
                 c.execute("DELETE FROM reservations WHERE req_id=?", (req_id,))
-            keys = list(targets.items())
-            ids = self._row_ids(c, keys)
-            c.executemany("UPDATE totals SET settled = settled + ?, reserved = reserved - ? WHERE id=?",
-                          [(cost, held[b][1] if b in held else 0, i) for (b, _), i in zip(keys, ids, strict=True)])
-            if c.rowcount != len(ids):
+            loc = self._locate(c, target)
+            if amounts is None:
+                held_amount = 0 if row is None else row[0]
+                c.executemany(f"UPDATE totals SET settled = settled + ?, reserved = reserved - ? WHERE {_ROW}",
+                              [(cost, held_amount, *r) for r in loc.rows])
+            else:
+                c.executemany(f"UPDATE totals SET settled = settled + ?, reserved = reserved - ? WHERE {_ROW}",
+                              [(cost, a, *r) for a, r in zip(amounts, loc.rows, strict=True)])
+            if c.rowcount != len(loc.rows):
                 raise _StaleIds
             return True
 
@@ -276,18 +317,18 @@ class SqliteLedger(Ledger):
             return False
         return applied
 
-    def _unreserve(self, c: sqlite3.Cursor, rows: list[tuple[str]]) -> int:
+    def _unreserve(self, c: sqlite3.Cursor, rows: list[tuple[int, str]]) -> int:
         n = 0
-        for (items,) in rows:
-            held = _unpack(items)
+        for amount, text in rows:
+            sh = self._shape_of_text(text)
             c.executemany("UPDATE totals SET reserved = reserved - ? WHERE budget=? AND period=?",
-                          [(amt, b, p) for b, p, amt in held])
-            n += len(held)
+                          [(amount, b, p) for b, p in sh.keys])
+            n += len(sh.keys)
         return n
 
     async def release(self, req_id: str) -> int:
         def tx(c: sqlite3.Cursor) -> int:
-            return self._unreserve(c, c.execute("DELETE FROM reservations WHERE req_id=? RETURNING items",
+            return self._unreserve(c, c.execute("DELETE FROM reservations WHERE req_id=? RETURNING amount, budgets",
                                                 (req_id,)).fetchall())
 
         n: int = self._write(tx)
@@ -295,8 +336,8 @@ class SqliteLedger(Ledger):
 
     async def reap(self, now: float) -> int:
         def tx(c: sqlite3.Cursor) -> int:
-            return self._unreserve(c, c.execute("DELETE FROM reservations WHERE expires_at < ? RETURNING items",
-                                                (now,)).fetchall())
+            return self._unreserve(c, c.execute(
+                "DELETE FROM reservations WHERE expires_at < ? RETURNING amount, budgets", (now,)).fetchall())
 
         n: int = self._write(tx)
         return n

@@ -115,10 +115,8 @@ async def test_sse_response_switches_to_streamed_mode(served):
 async def test_soft_limit_reroutes_and_rewrites_body(served):
     comps, _, ch = await served(budget={"monthly_limit_usd": 1, "soft_limit_percent": 50})
     led = comps.budget.ledger
-    from nexus_extproc.ledger import ReserveItem
-
     period = comps.budget.period().key
-    await led.reserve("seed", [ReserveItem("global", period, 600_000)], 9e12)
+    await led.reserve("seed", [("global", period)], 600_000, 9e12)
     s = Stream(ch)
     await s.send(req_headers())
     r = await s.send(body_msg(CHAT))
@@ -138,9 +136,7 @@ async def test_soft_limit_reroutes_and_rewrites_body(served):
 async def test_hard_limit_block_all_is_503_with_retry_after(served):
     comps, _, ch = await served(budget={"monthly_limit_usd": 1, "hard_limit_action": "block_all"})
     comps.budget.clock = lambda: datetime(2026, 11, 30, 23, 0, tzinfo=UTC)
-    from nexus_extproc.ledger import ReserveItem
-
-    await comps.budget.ledger.reserve("seed", [ReserveItem("global", "2026-11", 1_000_000)], 9e12)
+    await comps.budget.ledger.reserve("seed", [("global", "2026-11")], 1_000_000, 9e12)
     s = Stream(ch)
     await s.send(req_headers("/v1/messages"))
     r = await s.send(body_msg({"model": "claude-3-5-haiku", "max_tokens": 10,

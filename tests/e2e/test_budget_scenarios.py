@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from nexus_extproc.ledger import ReserveItem, SpendRecord, open_ledger
+from nexus_extproc.ledger import SpendRecord, open_ledger
 from nexus_extproc.stack import Stack
 from tests.conftest import BACKENDS
 from tests.e2e.conftest import E2E, write_config
@@ -41,7 +41,7 @@ async def _seed_spend(store: dict, micros: int) -> None:
     led = (open_ledger("sqlite", path=store["path"]) if store["kind"] == "sqlite"
            else open_ledger("redis", url=store["url"], key_prefix=store["key_prefix"]))
     rid = uuid.uuid4().hex
-    await led.reserve(rid, [ReserveItem("global", period(), micros)], time.time() + 60)
+    await led.reserve(rid, [("global", period())], micros, time.time() + 60)
     await led.settle(rid, [("global", period())], micros, SpendRecord(time.time(), "gpt-4o", "openai", 1, 1,
                                                                          micros, "usage"))
     await led.close()

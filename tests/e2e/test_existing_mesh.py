@@ -14,7 +14,7 @@ import openai
 import pytest
 import yaml
 
-from nexus_extproc.ledger import ReserveItem, SpendRecord, open_ledger
+from nexus_extproc.ledger import SpendRecord, open_ledger
 from nexus_extproc.stack import HOST, REPO, Stack, free_port
 from tests.e2e.conftest import E2E, write_config
 
@@ -63,7 +63,7 @@ def seed(path: Path, micros: int) -> None:
         led = open_ledger("sqlite", path=str(path))
         period = time.strftime("%Y-%m", time.gmtime())
         rid = uuid.uuid4().hex
-        await led.reserve(rid, [ReserveItem("global", period, micros)], time.time() + 60)
+        await led.reserve(rid, [("global", period)], micros, time.time() + 60)
         await led.settle(rid, [("global", period)], micros, SpendRecord(time.time(), "x", "openai", 0, 0, 0, "usage"))
         await led.close()
 

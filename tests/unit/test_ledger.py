@@ -3,13 +3,14 @@
 import asyncio
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from nexus_extproc.ledger import ReserveItem, SpendRecord, open_ledger
+from nexus_extproc.ledger import SpendRecord, open_ledger
 
 
 def rec(cost: int = 0) -> SpendRecord:
@@ -34,12 +35,12 @@ def ledger_factory(request, tmp_path):
 
 async def test_reserve_settle_release(ledger_factory):
     led = ledger_factory()
-    r = await led.reserve("a", [ReserveItem("g", "2026-11", 100)], time.time() + 60)
+    r = await led.reserve("a", [("g", "2026-11")], 100, time.time() + 60)
     assert r.admitted and (await led.totals("g", "2026-11")).reserved == 100
     assert await led.settle("a", [("g", "2026-11")], 70, rec(70))
     t = await led.totals("g", "2026-11")
     assert (t.settled, t.reserved) == (70, 0)
-    await led.reserve("b", [ReserveItem("g", "2026-11", 40)], time.time() + 60)
+    await led.reserve("b", [("g", "2026-11")], 40, time.time() + 60)
     assert await led.release("b") == 1
     t = await led.totals("g", "2026-11")
     assert (t.settled, t.reserved) == (70, 0)
@@ -48,7 +49,7 @@ async def test_reserve_settle_release(ledger_factory):
 
 async def test_double_settle_is_idempotent(ledger_factory):
     led = ledger_factory()
-    await led.reserve("a", [ReserveItem("g", "p", 10)], time.time() + 60)
+    await led.reserve("a", [("g", "p")], 10, time.time() + 60)
     assert await led.settle("a", [("g", "p")], 10, rec(10))
     assert not await led.settle("a", [("g", "p")], 10, rec(10))
     assert (await led.totals("g", "p")).settled == 10
@@ -58,26 +59,31 @@ async def test_double_settle_is_idempotent(ledger_factory):
 
 async def test_cap_refuses_atomically_and_reports_totals(ledger_factory):
     led = ledger_factory()
-    assert (await led.reserve("a", [ReserveItem("g", "p", 60, cap=100)], time.time() + 60)).admitted
-    r = await led.reserve("b", [ReserveItem("g", "p", 50, cap=100)], time.time() + 60)
+    assert (await led.reserve("a", [("g", "p")], 60, time.time() + 60, caps=[100])).admitted
+    r = await led.reserve("b", [("g", "p")], 50, time.time() + 60, caps=[100])
     assert not r.admitted and r.totals[0].reserved == 60
     await led.close()
 
 
 async def test_multi_budget_reservation_is_all_or_nothing(ledger_factory):
     led = ledger_factory()
-    await led.reserve("x", [ReserveItem("team", "p", 90)], time.time() + 60)
-    r = await led.reserve("y", [ReserveItem("global", "p", 20, cap=1000), ReserveItem("team", "p", 20, cap=100)],
-                          time.time() + 60)
+    await led.reserve("x", [("team", "p")], 90, time.time() + 60)
+    r = await led.reserve("y", [("global", "p"), ("team", "p")], 20, time.time() + 60, caps=[1000, 100])
     assert not r.admitted
+    assert r.totals == [(0, 0), (0, 90)]  # as seen, nothing reserved
     assert (await led.totals("global", "p")).reserved == 0
+    assert (await led.totals("team", "p")).reserved == 90
+    r = await led.reserve("z", [("global", "p"), ("team", "p")], 10, time.time() + 60, caps=[1000, 100])
+    assert r.admitted and r.totals == [(0, 10), (0, 100)]
+    assert await led.settle("z", [("global", "p"), ("team", "p")], 7, rec(7))
+    assert await led.totals("global", "p") == (7, 0) and await led.totals("team", "p") == (7, 90)
     await led.close()
 
 
 async def test_expired_reservations_are_reaped(ledger_factory):
     led = ledger_factory()
-    await led.reserve("old", [ReserveItem("g", "p", 30)], time.time() - 1)
-    await led.reserve("new", [ReserveItem("g", "p", 5)], time.time() + 60)
+    await led.reserve("old", [("g", "p")], 30, time.time() - 1)
+    await led.reserve("new", [("g", "p")], 5, time.time() + 60)
     assert await led.reap(time.time()) == 1
     assert (await led.totals("g", "p")).reserved == 5
     # A late settle of a reaped reservation still records the spend, once.
@@ -89,7 +95,7 @@ async def test_expired_reservations_are_reaped(ledger_factory):
 
 async def test_settle_lands_in_period_it_was_reserved_in(ledger_factory):
     led = ledger_factory()
-    await led.reserve("a", [ReserveItem("g", "2026-11", 10)], time.time() + 60)
+    await led.reserve("a", [("g", "2026-11")], 10, time.time() + 60)
     await led.settle("a", [("g", "2026-12")], 8, rec(8))
     assert (await led.totals("g", "2026-11")).settled == 8
     assert (await led.totals("g", "2026-12")).settled == 0
@@ -111,7 +117,7 @@ async def test_200_concurrent_reservations_admit_at_most_50(ledger_factory):
 
     async def one(i: int) -> bool:
         led = ledgers[i % len(ledgers)]
-        r = await led.reserve(f"r{i}", [ReserveItem("g", "p", limit // 50, cap=limit)], time.time() + 60)
+        r = await led.reserve(f"r{i}", [("g", "p")], limit // 50, time.time() + 60, caps=[limit])
         return r.admitted
 
     results = await asyncio.gather(*(one(i) for i in range(200)))
@@ -144,7 +150,7 @@ class LedgerModel(RuleBasedStateMachine):
         self.n += 1
         rid = f"r{self.n}"
         fits = cap is None or self.settled + sum(self.reserved.values()) + amount <= cap
-        r = self.run(self.led.reserve(rid, [ReserveItem("g", "p", amount, cap)], time.time() + 3600))
+        r = self.run(self.led.reserve(rid, [("g", "p")], amount, time.time() + 3600, caps=[cap]))
         assert r.admitted == fits
         if fits:
             self.reserved[rid] = amount
@@ -203,3 +209,62 @@ def test_sqlite_refuses_a_file_from_another_schema_version(tmp_path):
     fresh = open_ledger("sqlite", path=str(tmp_path / "new.db"))  # a new file gets the current version
     again = open_ledger("sqlite", path=str(tmp_path / "new.db"))  # and reopening it is fine
     assert fresh is not again
+
+
+async def test_sqlite_upgrades_a_version_1_file_in_place(tmp_path):
+    """A ledger made by the previous release keeps its spend; its leftover reservations (from a server that has
+    stopped) are released, as the reaper would have done."""
+    import sqlite3
+
+    path = tmp_path / "v1.db"
+    db = sqlite3.connect(path)
+    db.executescript((Path(__file__).parent.parent / "fixtures/ledger_schema_v1.sql").read_text())
+    db.executescript("""
+        INSERT INTO totals VALUES ('global', '2026-11', 1500, 300), ('team', '2026-11', 900, 300);
+        INSERT INTO reservations VALUES ('old', 'global 2026-11 300' || char(10) || 'team 2026-11 300', 9e12);
+        INSERT INTO settlements VALUES ('s1', 1.0, 'gpt-4o', 'openai', 10, 5, 1500, 1400, 'usage',
+                                        '["global","team"]', 0);
+        PRAGMA user_version = 1;""")
+    db.close()
+    led = open_ledger("sqlite", path=str(path))
+    assert await led.totals("global", "2026-11") == (1500, 0)
+    assert await led.totals("team", "2026-11") == (900, 0)
+    assert await led.reap(1e13) == 0  # the v1 reservation is gone, not reaped twice
+    assert await led.settlement_count() == 1
+    r = await led.reserve("new", [("global", "2026-11"), ("team", "2026-11")], 50, time.time() + 60,
+                          caps=[2000, 2000])
+    assert r.admitted and r.totals == [(1500, 50), (900, 50)]
+    assert await led.settle("new", [("global", "2026-11"), ("team", "2026-11")], 40, rec(40))
+    assert await led.totals("team", "2026-11") == (940, 0)
+    await led.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    db.close()
+    assert await open_ledger("sqlite", path=str(path)).totals("global", "2026-11") == (1540, 0)  # reopens as v2
+
+
+async def test_sqlite_forgets_row_ids_that_no_longer_name_a_row(tmp_path):
+    """Ids are cached per process; if the rows they name are gone (file restored from an older copy), the
+    ledger looks them up again instead of updating nothing."""
+    import shutil
+
+    path, copy = tmp_path / "l.db", tmp_path / "empty.db"
+    await open_ledger("sqlite", path=str(copy)).close()  # a valid, empty file
+    led = open_ledger("sqlite", path=str(path))
+    keys = [("global", "p"), ("team", "p")]
+    assert (await led.reserve("a", keys, 10, time.time() + 60)).admitted
+    assert await led.settle("a", keys, 10, rec(10))
+    led._db.close()  # type: ignore[attr-defined]
+    shutil.copy(copy, path)
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"l.db{suffix}").unlink(missing_ok=True)
+    import sqlite3
+
+    led._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)  # type: ignore[attr-defined]
+    led._db.execute("INSERT INTO totals (budget, period) VALUES ('x', 'q')")  # type: ignore[attr-defined]
+    # The cached ids (1, 2) now name ('x', 'q') and nothing.
+    assert (await led.reserve("b", keys, 5, time.time() + 60)).admitted
+    assert await led.settle("b", keys, 4, rec(4))
+    assert await led.totals("global", "p") == (4, 0) and await led.totals("team", "p") == (4, 0)
+    assert await led.totals("x", "q") == (0, 0)
+    await led.close()

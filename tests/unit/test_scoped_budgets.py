@@ -126,7 +126,7 @@ async def test_second_budget_rejecting_leaves_no_reservation_in_the_first(tmp_pa
     assert (await svc.ledger.totals("team-ml", p)).reserved == 0
     # The same request from another team only counts against the global budget.
     adm = await svc.admit("r2", big, None, RequestFacts("gpt-4o", "cloud", team="web"))
-    assert adm.decision.action is Action.ALLOW and adm.items == [("global", p)]
+    assert adm.decision.action is Action.ALLOW and list(adm.items) == [("global", p)]
 
 
 async def test_strictest_budget_decides_and_reserve_settle_apply_to_all(tmp_path):
