@@ -131,6 +131,7 @@ class _Plan:
     changes: matched once per distinct request facts, so a request pays per budget only for integer compares."""
 
     defs: list[BudgetDef]
+    names: tuple[str, ...]
     periods: list[Period]
     items: tuple[Key, ...]  # (budget, period key); one object per plan, which the ledger caches its shape by
     limits: list[int]
@@ -203,6 +204,7 @@ class BudgetService:
         self._settings_gen = 0  # bumped on every settings change; plans built before it are rebuilt
         self.last_totals: dict[str, Totals] = {d.name: Totals(0, 0) for d in self.defs}
         self.last_status: dict[str, str] = {d.name: "Normal" for d in self.defs}
+        self._not_normal: set[str] = set()  # budgets whose last status was not Normal (the fast path's check)
 
     @property
     def enabled(self) -> bool:
@@ -330,20 +332,20 @@ class BudgetService:
                 # capped reservation fit, so the policy would allow the request as asked in each of them; skip
                 # building views and asking it once per budget. The deciding budget is the most utilised one.
                 fast, best, i, alert = True, -1, 0, ts >= plan.next_sweep
-                status, last = self.last_status, self.last_totals
-                for k, t in enumerate(res.totals):
-                    d = matched[k]
-                    last[d.name] = t
-                    used = t.settled + t.reserved
-                    before = used - amount
-                    if before * 10_000 >= plan.soft[k] or status[d.name] != "Normal":
-                        fast = False
-                        break
-                    if used * 10_000 >= plan.alert_at[k]:
-                        alert = True
-                    u = before * 1_000_000 // plan.limits[k]
-                    if u > best:
-                        best, i = u, k
+                self.last_totals.update(zip(plan.names, res.totals, strict=True))
+                if not self._not_normal.isdisjoint(plan.names):
+                    fast = False
+                else:
+                    for k, (settled, reserved) in enumerate(res.totals):
+                        used = settled + reserved
+                        if (used - amount) * 10_000 >= plan.soft[k]:
+                            fast = False
+                            break
+                        if used * 10_000 >= plan.alert_at[k]:
+                            alert = True
+                        u = (used - amount) * 1_000_000 // plan.limits[k]
+                        if u > best:
+                            best, i = u, k
                 if fast:
                     if alert:
                         plan.next_sweep = ts + 10.0
@@ -353,8 +355,7 @@ class BudgetService:
                     return Admission(decision, self.view_of(matched[i], Totals(t.settled, t.reserved - amount)),
                                      items, amount, budget=matched[i].name,
                                      reset_in_s=periods[i].seconds_until_reset(now))
-            for d, t in zip(matched, res.totals, strict=True):
-                self.last_totals[d.name] = t
+            self.last_totals.update(zip(plan.names, res.totals, strict=True))
             befores = [Totals(t.settled, t.reserved - amount) if res.admitted else t for t in res.totals]
             views = [self.view_of(d, t) for d, t in zip(matched, befores, strict=True)]
             refused = [not res.admitted and (cap := self._cap(d, amount)) is not None
@@ -396,7 +397,8 @@ class BudgetService:
             if until is not None and ts < until:
                 valid_until = min(valid_until, until)
         plan = _Plan(
-            matched, periods, tuple((d.name, p.key) for d, p in zip(matched, periods, strict=True)),
+            matched, tuple(d.name for d in matched), periods,
+            tuple((d.name, p.key) for d, p in zip(matched, periods, strict=True)),
             [max(lim, 1) for lim in limits],
             [d.settings.soft_bp * lim for d, lim in zip(matched, limits, strict=True)],
             [(d.thresholds_bp[0] if d.thresholds_bp else 0) * lim for d, lim in zip(matched, limits, strict=True)],
@@ -427,6 +429,10 @@ class BudgetService:
                     d.name), "to_status": status})
                 metrics.budget_events.labels(f"status_{status.lower()}").inc()
                 self.last_status[d.name] = status
+                if status == "Normal":
+                    self._not_normal.discard(d.name)
+                else:
+                    self._not_normal.add(d.name)
 
     def _check_alerts(self, matched: list[BudgetDef], periods: list[Period], after: list[Totals]) -> None:
         """Cheap in-process check on the request path (integer compares; the forecast at most every 10 s per
