@@ -31,25 +31,26 @@ from nexus_extproc.ledger.base import (
 )
 
 _RESERVE = """
-local n = #KEYS - 2
-local seen = {}
-for i = 1, n do
-  local t = redis.call('HMGET', KEYS[i + 2], 'settled', 'reserved')
-  seen[i] = {tonumber(t[1]) or 0, tonumber(t[2]) or 0}
+-- KEYS: r, rexp ; ARGV: req, expires_at, amount, prefix, budgets ("budget\tperiod\tcap" lines; cap -1: none).
+-- The budgets travel as one string (not an argument each): redis-py encodes every argument in Python.
+local amt = tonumber(ARGV[3])
+local items = {}
+for line in string.gmatch(ARGV[5], '[^\\n]+') do
+  local b, p, cap = string.match(line, '^([^\\t]+)\\t([^\\t]+)\\t(-?%d+)$')
+  table.insert(items, {b .. '\\t' .. p, tonumber(cap), ARGV[4] .. ':t:' .. b .. ':' .. p})
 end
+local seen = {}
 local ok = 1
-for i = 1, n do
-  local amt = tonumber(ARGV[2 + (i - 1) * 3 + 2])
-  local cap = tonumber(ARGV[2 + (i - 1) * 3 + 3])
-  if cap >= 0 and seen[i][1] + seen[i][2] + amt > cap then ok = 0 end
+for i, it in ipairs(items) do
+  local t = redis.call('HMGET', it[3], 'settled', 'reserved')
+  seen[i] = {tonumber(t[1]) or 0, tonumber(t[2]) or 0}
+  if it[2] >= 0 and seen[i][1] + seen[i][2] + amt > it[2] then ok = 0 end
 end
 local out = {ok}
-for i = 1, n do
-  local field = ARGV[2 + (i - 1) * 3 + 1]
-  local amt = tonumber(ARGV[2 + (i - 1) * 3 + 2])
+for i, it in ipairs(items) do
   if ok == 1 then
-    redis.call('HINCRBY', KEYS[i + 2], 'reserved', amt)
-    redis.call('HSET', KEYS[1], field, amt)
+    redis.call('HINCRBY', it[3], 'reserved', amt)
+    redis.call('HSET', KEYS[1], it[1], amt)
     seen[i][2] = seen[i][2] + amt
   end
   table.insert(out, seen[i][1])
@@ -85,10 +86,11 @@ end
 """
 
 _SETTLE = _UNRESERVE_FN + """
--- KEYS: r, rexp, settled-marker, count, day ; ARGV: req, cost, prefix, marker_ttl, record_json, field...
+-- KEYS: r, rexp, settled-marker, count, day ; ARGV: req, cost, prefix, marker_ttl, record_json,
+-- budgets ("budget\tperiod" lines)
 if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[4]) then return 0 end
 local extra = {}
-for i = 6, #ARGV do table.insert(extra, ARGV[i]) end
+for line in string.gmatch(ARGV[6], '[^\\n]+') do table.insert(extra, line) end
 unreserve(ARGV[3], KEYS[1], tonumber(ARGV[2]), extra)
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('INCR', KEYS[4])
@@ -120,6 +122,7 @@ class RedisLedger(Ledger):
         self._r = aioredis.Redis.from_url(url, socket_timeout=self._timeout,
                                           socket_connect_timeout=self._timeout, decode_responses=True)
         self._p = key_prefix
+        self._packed: dict[tuple[tuple[Key, ...], tuple[int | None, ...] | None], str] = {}
         self._reserve = self._r.register_script(_RESERVE)
         self._settle = self._r.register_script(_SETTLE)
         self._release = self._r.register_script(_RELEASE)
@@ -140,12 +143,17 @@ class RedisLedger(Ledger):
 
     async def reserve(self, req_id: str, keys: Sequence[Key], amount: int, expires_at: float,
                       caps: Sequence[int | None] | None = None) -> ReserveResult:
-        rkeys = [f"{self._p}:r:{req_id}", f"{self._p}:rexp"] + [self._tkey(b, p) for b, p in keys]
-        args: list[str | int | float] = [req_id, expires_at]
-        for k, (b, p) in enumerate(keys):
-            cap = None if caps is None else caps[k]
-            args += [f"{b}\t{p}", amount, -1 if cap is None else cap]
-        out = await self._call(self._reserve(keys=rkeys, args=args))
+        caps_t = None if caps is None else tuple(caps)
+        kt = keys if type(keys) is tuple else tuple(keys)
+        packed = self._packed.get((kt, caps_t))
+        if packed is None:
+            packed = "\n".join(f"{b}\t{p}\t{-1 if caps_t is None or caps_t[k] is None else caps_t[k]}"
+                               for k, (b, p) in enumerate(keys))
+            if len(self._packed) >= 4096:
+                self._packed.clear()
+            self._packed[(kt, caps_t)] = packed
+        out = await self._call(self._reserve(keys=[f"{self._p}:r:{req_id}", f"{self._p}:rexp"],
+                                             args=[req_id, expires_at, amount, self._p, packed]))
         totals = [Totals(int(out[1 + 2 * i]), int(out[2 + 2 * i])) for i in range(len(keys))]
         return ReserveResult(bool(int(out[0])), totals)
 
@@ -157,9 +165,9 @@ class RedisLedger(Ledger):
                           "in": record.input_tokens, "out": record.output_tokens, "cost": cost,
                           "estimate": record.estimate, "source": record.source,
                           "budgets": [b for b, _ in items], "avoided": record.avoided}, separators=(",", ":"))
-        args: list[str | int] = [req_id, cost, self._p, SETTLED_MARKER_TTL_S, doc]
-        args += [f"{b}\t{p}" for b, p in items]
-        return bool(int(await self._call(self._settle(keys=keys, args=args))))
+        fields = "\n".join(f"{b}\t{p}" for b, p in items)
+        return bool(int(await self._call(self._settle(
+            keys=keys, args=[req_id, cost, self._p, SETTLED_MARKER_TTL_S, doc, fields]))))
 
     async def release(self, req_id: str) -> int:
         keys = [f"{self._p}:r:{req_id}", f"{self._p}:rexp"]
