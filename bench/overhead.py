@@ -245,8 +245,8 @@ FIVE_BUDGETS = [
 
 
 def compare_budget_counts(b: Bench, up: int, body: str, plain: Result, ratios: list[tuple[str, float]]) -> None:
-    """One budget vs five matching budgets, measured alternately (3 rounds each) so machine noise, which
-    here swings single runs by ±30 %, falls on both sides; medians reported."""
+    """One budget vs five matching budgets through Envoy, in alternating rounds so machine noise, which here
+    swings single runs by ±30 %, falls on both sides; the paired differences' median is reported."""
     setups = {}
     for name, budgets in (("1 budget", FIVE_BUDGETS[:1]), ("5 budgets", FIVE_BUDGETS)):
         x, g = b.start_extproc({"kind": "sqlite", "path": str(b.work / f"{name[0]}.db")}, 1, budgets)
@@ -257,14 +257,15 @@ def compare_budget_counts(b: Bench, up: int, body: str, plain: Result, ratios: l
     runs: dict[str, list[Result]] = {k: [] for k in setups}
     saved = b.args.duration
     b.args.duration = max(3.0, saved / 2)
-    for _ in range(3):
+    for _ in range(b.args.budget_rounds):
         for name, (x, e, port) in setups.items():
             runs[name].append(b.measure(f"Envoy + ext_proc + sqlite, {name}", port, e, x, body, 16))
     b.args.duration = saved
-    med = {k: statistics.median(r.extproc_cpu_us for r in v) for k, v in runs.items()}
+    diffs = sorted(f.extproc_cpu_us - o.extproc_cpu_us
+                   for o, f in zip(runs["1 budget"], runs["5 budgets"], strict=True))
     rps = {k: statistics.median(r.rps for r in v) for k, v in runs.items()}
-    print(f"    medians: 1 budget {med['1 budget']:.0f} µs, 5 budgets {med['5 budgets']:.0f} µs ext_proc CPU/req "
-          f"→ five matching budgets vs one: {med['5 budgets'] - med['1 budget']:+.0f} µs CPU/req")
+    print(f"    five matching budgets vs one, ext_proc CPU/req, paired median of {len(diffs)} rounds: "
+          f"{statistics.median(diffs):+.0f} µs (rounds {', '.join(f'{d:+.0f}' for d in diffs)})")
     ratios.append(("1 KB JSON c=16, 5 budgets (sqlite, median)", rps["5 budgets"] / plain.rps))
 
 
@@ -345,6 +346,8 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--quick", action="store_true", help="1 KB JSON only")
     ap.add_argument("--redis-url", default=None, help="run the budget-on case on this Redis too")
+    ap.add_argument("--budget-rounds", type=int, default=6, help="rounds of the one vs five budgets comparison")
+    ap.add_argument("--budgets-only", action="store_true", help="plain Envoy and the one vs five budgets comparison")
     args = ap.parse_args()
     b = Bench(args)
     body_1k, body_100k = chat_body(1024), chat_body(100 * 1024)
@@ -360,6 +363,9 @@ def main() -> int:
 
         print("\n1 KB prompt, JSON, 16 connections")
         plain = b.measure("plain Envoy", pport, pe, None, body_1k, 16)
+        if args.budgets_only:
+            compare_budget_counts(b, up, body_1k, plain, [])
+            return 0
         ext = b.measure("Envoy + ext_proc (1 worker)", eport, ee, x1, body_1k, 16)
         m0 = envoy_stat(eadmin, "ext_proc.stream_msgs_received")
         ratios = [("1 KB JSON c=16, 1 worker", ext.rps / plain.rps)]
