@@ -25,11 +25,24 @@ class Router:
         self._backends = config.backends
         self._equivalents = config.equivalents
         self.unhealthy: set[str] = set()  # backend names Envoy reports without healthy hosts
+        self._routes: dict[tuple[str, str], Route] = {}
 
     def _route(self, name: str, b: BackendConfig) -> Route:
         return Route(name, b.cluster, b.type, b.provider)
 
     def route(self, family: str, model: str) -> Route:
+        """Memoised (bounded): the answer depends only on the config, and glob-matching every backend's model
+        patterns cost ~4 µs a request."""
+        key = (family, model)
+        hit = self._routes.get(key)
+        if hit is None:
+            hit = self._resolve(family, model)
+            if len(self._routes) >= 4096:
+                self._routes.clear()
+            self._routes[key] = hit
+        return hit
+
+    def _resolve(self, family: str, model: str) -> Route:
         candidates = [(n, b) for n, b in self._backends.items() if b.provider == family]
         for name, b in candidates:
             if b.serves(model):

@@ -101,10 +101,16 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         self.active += 1
         metrics.streams_active.inc()
         loop = asyncio.get_running_loop()
+        moved = loop.time()
         try:
             async with asyncio.timeout(self.idle_timeout) as deadline:
                 async for req in request_iterator:
-                    deadline.reschedule(loop.time() + self.idle_timeout)
+                    # Push the idle deadline at most once a second (a stream may be closed up to 1 s early):
+                    # rescheduling on every message cost 3.4 µs each, 52 times for a streamed response.
+                    now = loop.time()
+                    if now - moved >= 1.0:
+                        deadline.reschedule(now + self.idle_timeout)
+                        moved = now
                     phase = req.WhichOneof("request") or "unknown"
                     if phase == "request_headers":
                         h = req.request_headers

@@ -177,3 +177,37 @@ async def test_upstream_error_releases_reservation(served):
     await asyncio.sleep(0.2)
     t = await comps.budget.ledger.totals("global", comps.budget.period().key)
     assert (t.settled, t.reserved) == (0, 0)
+
+
+async def test_idle_stream_is_closed_and_a_busy_one_is_not(counter, tmp_path):
+    """The server's own idle deadline (Envoy normally resets streams itself): a stream with no message for
+    `stream_idle_timeout_secs` ends, counted; one that keeps sending outlives the timeout several times over."""
+    from prometheus_client import REGISTRY
+
+    from tests.conftest import make_config
+
+    comps = build(make_config(store={"kind": "sqlite", "path": str(tmp_path / "l.db")}), counter)
+    servicer = ExternalProcessor(comps.processor, 1.5)
+    server, port, _ = await start_grpc(servicer, "127.0.0.1", 0)
+    ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+
+    def idle_closes() -> float:
+        return REGISTRY.get_sample_value("nexus_stream_errors_total", {"phase": "idle_timeout"}) or 0.0
+
+    try:
+        before = idle_closes()
+        busy, idle = Stream(ch), Stream(ch)
+        await busy.send(req_headers())
+        await idle.send(req_headers())
+        t0 = asyncio.get_running_loop().time()
+        for _ in range(10):  # 4 s of traffic, a message every 0.4 s: well past the 1.5 s timeout
+            await asyncio.sleep(0.4)
+            r = await busy.send(headers_msg({"x-keepalive": "1"}, response=True))
+            assert r.HasField("response_headers")
+        assert await asyncio.wait_for(idle.call.read(), 3) is grpc.aio.EOF  # the server ended it
+        assert asyncio.get_running_loop().time() - t0 < 5
+        assert idle_closes() == before + 1
+        await busy.close()
+    finally:
+        await ch.close()
+        await server.stop(0)
