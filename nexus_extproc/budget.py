@@ -199,7 +199,6 @@ class BudgetService:
         self._seen_periods: dict[str, str] = {}
         self._fired: set[tuple[str, str, str]] = set()
         self._forecast_checked: dict[str, float] = {}
-        self._match_cache: dict[RequestFacts, list[BudgetDef]] = {}
         self._plans: dict[RequestFacts, _Plan] = {}
         self._settings_gen = 0  # bumped on every settings change; plans built before it are rebuilt
         self.last_totals: dict[str, Totals] = {d.name: Totals(0, 0) for d in self.defs}
@@ -294,14 +293,7 @@ class BudgetService:
     # ---- the request path ------------------------------------------------------------------------
 
     def matching(self, facts: RequestFacts) -> list[BudgetDef]:
-        """Memoised per distinct request facts (bounded): scope matching is pure and facts repeat."""
-        hit = self._match_cache.get(facts)
-        if hit is None:
-            hit = [d for d in self.defs if matches(d.scope, facts)]
-            if len(self._match_cache) >= 4096:
-                self._match_cache.clear()
-            self._match_cache[facts] = hit
-        return hit
+        return [d for d in self.defs if matches(d.scope, facts)]
 
     async def admit(self, req_id: str, requested: Target, equivalent: Target | None,
                     facts: RequestFacts | None = None) -> Admission:
@@ -387,6 +379,7 @@ class BudgetService:
             return Admission(decide(PolicyInput(requested, equivalent, None)), None, items, outbox=True)
 
     def _plan(self, facts: RequestFacts, now: datetime) -> _Plan:
+        """Built per distinct request facts (bounded): scope matching is pure and facts repeat."""
         matched = self.matching(facts)
         ts = now.timestamp()
         periods = [d.period(now) for d in matched]
