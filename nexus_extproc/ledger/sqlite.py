@@ -281,7 +281,8 @@ class SqliteLedger(Ledger):
 
         def tx(c: sqlite3.Cursor) -> bool:
             row = c.execute("SELECT amount, budgets FROM reservations WHERE req_id=?", (req_id,)).fetchone()
-            target, amounts = sh, None
+            target: _Shape = sh
+            amounts: list[int] | None = None
             if row is not None:
                 held = sh if row[1] == sh.text else self._shape_of_text(row[1])
                 if held is not sh:
@@ -301,12 +302,9 @@ class SqliteLedger(Ledger):
                 c.execute("DELETE FROM reservations WHERE req_id=?", (req_id,))
             loc = self._locate(c, target)
             if amounts is None:
-                held_amount = 0 if row is None else row[0]
-                c.executemany(f"UPDATE totals SET settled = settled + ?, reserved = reserved - ? WHERE {_ROW}",
-                              [(cost, held_amount, *r) for r in loc.rows])
-            else:
-                c.executemany(f"UPDATE totals SET settled = settled + ?, reserved = reserved - ? WHERE {_ROW}",
-                              [(cost, a, *r) for a, r in zip(amounts, loc.rows, strict=True)])
+                amounts = [0 if row is None else row[0]] * len(loc.rows)
+            c.executemany(f"UPDATE totals SET settled = settled + ?, reserved = reserved - ? WHERE {_ROW}",
+                          [(cost, a, *r) for a, r in zip(amounts, loc.rows, strict=True)])
             if c.rowcount != len(loc.rows):
                 raise _StaleIds
             return True
