@@ -268,3 +268,87 @@ async def test_sqlite_forgets_row_ids_that_no_longer_name_a_row(tmp_path):
     assert await led.totals("global", "p") == (4, 0) and await led.totals("team", "p") == (4, 0)
     assert await led.totals("x", "q") == (0, 0)
     await led.close()
+
+
+BUDGETS = ("a", "b", "c")
+
+
+class MultiBudgetModel(RuleBasedStateMachine):
+    """Reservations over random sets of budgets (in random order) with per-budget caps, settled, released or
+    settled after release, against an exact per-budget model: all or nothing, every time."""
+
+    factory = None
+
+    def __init__(self):
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.led = type(self).factory(fresh=True)
+        self.settled = dict.fromkeys(BUDGETS, 0)
+        self.held: dict[str, tuple[list[str], int]] = {}  # rid -> (budgets, amount)
+        self.released: dict[str, list[str]] = {}
+        self.settled_ids: set[str] = set()
+        self.n = 0
+
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    def reserved(self, b: str) -> int:
+        return sum(amt for names, amt in self.held.values() if b in names)
+
+    @rule(names=st.lists(st.sampled_from(BUDGETS), min_size=1, max_size=3, unique=True),
+          amount=st.integers(0, 1000), caps=st.lists(st.one_of(st.none(), st.integers(0, 4000)), min_size=3,
+                                                     max_size=3))
+    def reserve(self, names, amount, caps):
+        self.n += 1
+        rid = f"r{self.n}"
+        cap_of = dict(zip(BUDGETS, caps, strict=True))
+        fits = all(cap_of[b] is None or self.settled[b] + self.reserved(b) + amount <= cap_of[b] for b in names)
+        r = self.run(self.led.reserve(rid, [(b, "p") for b in names], amount, time.time() + 3600,
+                                      caps=[cap_of[b] for b in names]))
+        assert r.admitted == fits
+        assert [tuple(t) for t in r.totals] == [
+            (self.settled[b], self.reserved(b) + (amount if fits else 0)) for b in names]
+        if fits:
+            self.held[rid] = (names, amount)
+
+    @rule(data=st.data(), cost=st.integers(0, 1000))
+    def settle(self, data, cost):
+        ids = sorted(self.held) + sorted(self.released) + sorted(self.settled_ids)
+        if not ids:
+            return
+        rid = data.draw(st.sampled_from(ids))
+        names = self.held[rid][0] if rid in self.held else self.released.get(rid, ["a"])
+        applied = self.run(self.led.settle(rid, [(b, "p") for b in names], cost, rec(cost)))
+        assert applied == (rid not in self.settled_ids)
+        if applied:
+            self.held.pop(rid, None)
+            self.released.pop(rid, None)
+            self.settled_ids.add(rid)
+            for b in names:
+                self.settled[b] += cost
+
+    @rule(data=st.data())
+    def release(self, data):
+        if not self.held:
+            return
+        rid = data.draw(st.sampled_from(sorted(self.held)))
+        names, _ = self.held.pop(rid)
+        assert self.run(self.led.release(rid)) == len(names)
+        self.released[rid] = names
+
+    @invariant()
+    def totals_match(self):
+        for b in BUDGETS:
+            t = self.run(self.led.totals(b, "p"))
+            assert (t.settled, t.reserved) == (self.settled[b], self.reserved(b)), b
+
+    def teardown(self):
+        self.run(self.led.close())
+        self.loop.close()
+
+
+def test_multi_budget_state_machine_matches_exact_model(ledger_factory):
+    MultiBudgetModel.factory = staticmethod(ledger_factory)
+    test_case = MultiBudgetModel.TestCase
+    test_case.settings = settings(max_examples=25, stateful_step_count=30, deadline=None)
+    test_case().runTest()
