@@ -143,7 +143,8 @@ class SqliteLedger(Ledger):
                                    check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous.upper() == 'FULL' else 'NORMAL'}")
-        self._db.execute(f"PRAGMA busy_timeout={int(timeout_ms)}")
+        self._timeout_ms = int(timeout_ms)
+        self._db.execute(f"PRAGMA busy_timeout={self._timeout_ms}")
         self._located: dict[_Shape, _Located] = {}  # committed rows only
         self._pending: dict[_Shape, _Located] = {}  # located in the running transaction: kept on commit only
         self._shapes: dict[tuple[Key, ...], _Shape] = {}
@@ -168,7 +169,13 @@ class SqliteLedger(Ledger):
             c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             return None
 
-        bad: int | None = self._write(tx)
+        # Start-up only: wait up to 10 s (not the request path's timeout) for another worker creating or
+        # upgrading the same file.
+        self._db.execute("PRAGMA busy_timeout=10000")
+        try:
+            bad: int | None = self._write(tx)
+        finally:
+            self._db.execute(f"PRAGMA busy_timeout={self._timeout_ms}")
         if bad is not None:
             raise LedgerSchemaError(f"ledger file has schema version {bad}, this server needs {SCHEMA_VERSION}; "
                                     "point store.path at a new file (the old one keeps its history)")

@@ -352,3 +352,24 @@ def test_multi_budget_state_machine_matches_exact_model(ledger_factory):
     test_case = MultiBudgetModel.TestCase
     test_case.settings = settings(max_examples=25, stateful_step_count=30, deadline=None)
     test_case().runTest()
+
+
+async def test_sqlite_start_waits_for_another_worker_holding_the_file(tmp_path):
+    """Workers start together: one creating or upgrading the file holds the write lock for a while; the others
+    wait for it at start-up (not the request path's 250 ms) instead of failing to start."""
+    import sqlite3
+    import threading
+
+    path = tmp_path / "l.db"
+    blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    blocker.execute("PRAGMA journal_mode=WAL")
+    blocker.execute("BEGIN IMMEDIATE")
+    timer = threading.Timer(0.8, lambda: blocker.execute("COMMIT"))
+    timer.start()
+    t0 = time.monotonic()
+    led = open_ledger("sqlite", path=str(path), timeout_ms=250)
+    assert time.monotonic() - t0 >= 0.7
+    assert (await led.reserve("a", [("g", "p")], 5, time.time() + 60)).admitted
+    timer.join()
+    blocker.close()
+    await led.close()
