@@ -47,16 +47,21 @@ for i, it in ipairs(items) do
   if it[2] >= 0 and seen[i][1] + seen[i][2] + amt > it[2] then ok = 0 end
 end
 local out = {ok}
+local held = {}
 for i, it in ipairs(items) do
   if ok == 1 then
     redis.call('HINCRBY', it[3], 'reserved', amt)
-    redis.call('HSET', KEYS[1], it[1], amt)
+    table.insert(held, it[1])
+    table.insert(held, amt)
     seen[i][2] = seen[i][2] + amt
   end
   table.insert(out, seen[i][1])
   table.insert(out, seen[i][2])
 end
-if ok == 1 then redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1]) end
+if ok == 1 then
+  if #held > 0 then redis.call('HSET', KEYS[1], unpack(held)) end
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+end
 return out
 """
 
