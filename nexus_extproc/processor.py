@@ -23,7 +23,7 @@ from nexus_extproc.errors import NexusError, bad_request, not_found, payload_too
 from nexus_extproc.ledger import SpendRecord
 from nexus_extproc.money import format_usd, usd_float
 from nexus_extproc.policy import Action, Target
-from nexus_extproc.pricing import PriceBook, ResolvedPrice
+from nexus_extproc.pricing import PriceBook, ResolvedPrice, token_usage_counts
 from nexus_extproc.router import Route, Router
 from nexus_extproc.scopes import RequestFacts, api_key_of, hash_api_key
 from nexus_extproc.sse import SSEParser
@@ -75,6 +75,7 @@ class RequestState:
     model: str | None = None
     price: ResolvedPrice | None = None
     asked_price: ResolvedPrice | None = None  # the cloud model's price when the request was rerouted
+    priced_model: str | None = None  # the model settled at: the one that answered, when the database knows it
     tier: str = "heuristic"
     prompt_tokens: int = 0
     expected_output: int = 0
@@ -396,14 +397,41 @@ class Processor:
             return heuristic_tokens(state.out_chars)
         return self.counter.count_text(state.model, state.out_text).tokens
 
+    def _answered_price(self, state: RequestState) -> ResolvedPrice:
+        """The model that answered is what the provider bills (`gpt-4o` asked, `gpt-4o-2024-05-13` answered).
+        The request's price stays when the answer names nothing, a model the price database does not know,
+        or comes from a local backend; an operator's price override for the asked model beats the database."""
+        assert state.price is not None and state.route is not None
+        answered = state.usage.model
+        if not answered or answered == state.model or state.route.backend_type != "cloud":
+            return state.price
+        p = self.prices.resolve(state.route.provider, answered)
+        if not p.known or (state.price.source == "override" and p.source != "override"):
+            return state.price
+        return p
+
+    def _provider_counts(self, state: RequestState) -> dict[str, int]:
+        """The provider's usage in genai-prices' own terms (its extractor for this API); our normalised fields
+        only when the block is one the extractor refuses."""
+        u = state.usage
+        tr = state.translator
+        if u.raw is not None and tr is not None:
+            try:
+                _, counts = self.prices.usage.extract(tr.family, tr.usage_flavor, {"usage": u.raw})
+                return counts
+            except ValueError:
+                log.debug("usage block refused by the price database's extractor", extra={"api": tr.api})
+        return token_usage_counts(u.to_usage())
+
     def compute_final_cost(self, state: RequestState) -> tuple[int, str]:
         """Provider usage if complete; else the prompt count plus output counted from what streamed."""
         if state.final_cost is not None and state.settle_source is not None:
             return state.final_cost, state.settle_source
         assert state.price is not None
         if state.usage_final and state.usage.complete:
-            usage = state.usage.to_usage()
-            cost, source = state.price.cost_micros(usage), "usage"
+            price = self._answered_price(state)
+            state.priced_model = price.model
+            cost, source = price.cost_micros(self._provider_counts(state)), "usage"
         else:
             out = self._streamed_output_tokens(state) if state.streaming else state.expected_output
             u = state.usage
@@ -452,7 +480,10 @@ class Processor:
         usage = state.usage
         if state.model and usage.output_tokens is not None:
             self.outputs.record(state.model, usage.output_tokens)
-        record = SpendRecord(ts=time.time(), model=self.model_label(state.model, state.price),
+        priced = self.prices.resolve(state.route.provider, state.priced_model) if state.priced_model else state.price
+        asked = state.parsed.model if state.parsed is not None else state.model
+        record = SpendRecord(ts=time.time(), model=self.model_label(priced.model, priced),
+                             model_requested=self.model_label(asked, state.asked_price or state.price),
                              backend=state.route.backend,
                              input_tokens=usage.input_tokens if usage.input_tokens is not None
                              else state.prompt_tokens,

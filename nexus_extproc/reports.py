@@ -10,7 +10,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from nexus_extproc.ledger import SpendAgg
 
-GROUPS = ("budget", "model", "day")
+GROUPS = ("budget", "model", "day", "model_requested")
 
 
 @dataclass(slots=True)
@@ -24,6 +24,7 @@ class SpendRow:
     cost_micros: int = 0
     estimate_micros: int = 0
     avoided_micros: int = 0
+    model_requested: str = ""
 
 
 def parse_range(start: str | None, end: str | None, today: date | None = None) -> tuple[float, float]:
@@ -65,15 +66,16 @@ def roll_up(aggs: Iterable[SpendAgg], group_by: Iterable[str]) -> list[SpendRow]
     return [out[k] for k in sorted(out)]
 
 
+# `model` is the model settled at (the one that answered); `model_requested` the one the client asked for.
 COLUMNS = ("budget", "model", "day", "requests", "input_tokens", "output_tokens", "cost_usd", "estimate_usd",
-           "avoided_usd")
+           "avoided_usd", "model_requested")
 
 
 def row_dict(r: SpendRow) -> dict[str, object]:
     return {"budget": r.budget, "model": r.model, "day": r.day, "requests": r.requests,
             "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
             "cost_usd": f"{r.cost_micros / 1e6:.6f}", "estimate_usd": f"{r.estimate_micros / 1e6:.6f}",
-            "avoided_usd": f"{r.avoided_micros / 1e6:.6f}"}
+            "avoided_usd": f"{r.avoided_micros / 1e6:.6f}", "model_requested": r.model_requested}
 
 
 def to_csv(rows: Iterable[SpendRow]) -> str:

@@ -41,6 +41,8 @@ class SpendRecord:
     estimate: int
     source: str  # "usage" | "estimated" | "released"
     avoided: int = 0  # rerouted: what the asked-for cloud model would have cost for the same usage, minus cost
+    # The model the client asked for; `model` is the one settled at (the answering model, or a reroute's target).
+    model_requested: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,12 +68,24 @@ class SpendAgg:
     cost: int
     estimate: int
     avoided: int = 0
+    model_requested: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class ReserveResult:
     admitted: bool
     totals: list[Totals]  # per item, after the reservation (or as seen when refused)
+
+
+# Calibration sums, decayed: (provider input tokens, our count, server-tool calls, samples, last update ts).
+CalibrationSums = tuple[float, float, float, float]
+
+
+def decay(sums: CalibrationSums, age_s: float, half_life_s: float) -> CalibrationSums:
+    """Exponential time decay: old samples fade, but the ratio of the sums (what is applied) does not move
+    until new samples arrive."""
+    f = 0.5 ** (max(0.0, age_s) / half_life_s)
+    return (sums[0] * f, sums[1] * f, sums[2] * f, sums[3] * f)
 
 
 class Ledger(abc.ABC):
@@ -123,6 +137,16 @@ class Ledger(abc.ABC):
 
     @abc.abstractmethod
     async def spend(self, start_ts: float, end_ts: float) -> list[SpendAgg]: ...
+
+    @abc.abstractmethod
+    async def merge_calibration(self, deltas: dict[str, CalibrationSums], now: float,
+                                half_life_s: float) -> dict[str, CalibrationSums]:
+        """Add this replica's new samples to the shared, decayed sums in one atomic step, and return every key's
+        sums as now stored (all replicas' samples). An empty `deltas` only reads."""
+
+    @abc.abstractmethod
+    async def reset_calibration(self) -> int:
+        """Forget every learned estimate ratio; returns how many keys were dropped."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...

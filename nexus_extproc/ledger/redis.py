@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 
 from nexus_extproc.ledger.base import (
     AuditRecord,
+    CalibrationSums,
     Key,
     Ledger,
     ReserveResult,
@@ -28,6 +29,7 @@ from nexus_extproc.ledger.base import (
     SpendRecord,
     StoreUnavailable,
     Totals,
+    decay,
 )
 
 _RESERVE = """
@@ -118,6 +120,27 @@ end
 return n
 """
 
+# KEYS: calibration hash ; ARGV: now, half_life_s, then key, provider, ours, tool_calls, n per delta.
+# Decay and add in one step on the server, so replicas flushing at once never lose each other's samples.
+# Stored as "provider ours tool_calls n updated" strings; floats are fine here: a ratio, not money.
+_CALIBRATE = """
+local now = tonumber(ARGV[1])
+local hl = tonumber(ARGV[2])
+for i = 3, #ARGV, 5 do
+  local old = redis.call('HGET', KEYS[1], ARGV[i])
+  local p, o, t, n = 0, 0, 0, 0
+  if old then
+    local a, b, c, d, u = string.match(old, '^(%S+) (%S+) (%S+) (%S+) (%S+)$')
+    local f = 0.5 ^ (math.max(0, now - tonumber(u)) / hl)
+    p, o, t, n = tonumber(a) * f, tonumber(b) * f, tonumber(c) * f, tonumber(d) * f
+  end
+  p = p + tonumber(ARGV[i + 1]); o = o + tonumber(ARGV[i + 2])
+  t = t + tonumber(ARGV[i + 3]); n = n + tonumber(ARGV[i + 4])
+  redis.call('HSET', KEYS[1], ARGV[i], string.format('%.17g %.17g %.17g %.17g %.17g', p, o, t, n, now))
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+
 SETTLED_MARKER_TTL_S = 40 * 86400
 
 
@@ -132,6 +155,7 @@ class RedisLedger(Ledger):
         self._settle = self._r.register_script(_SETTLE)
         self._release = self._r.register_script(_RELEASE)
         self._reap = self._r.register_script(_REAP)
+        self._calibrate = self._r.register_script(_CALIBRATE)
 
     async def _call(self, coro):  # type: ignore[no-untyped-def]
         try:
@@ -169,7 +193,8 @@ class RedisLedger(Ledger):
         doc = json.dumps({"req": req_id, "ts": record.ts, "model": record.model, "backend": record.backend,
                           "in": record.input_tokens, "out": record.output_tokens, "cost": cost,
                           "estimate": record.estimate, "source": record.source,
-                          "budgets": [b for b, _ in items], "avoided": record.avoided}, separators=(",", ":"))
+                          "budgets": [b for b, _ in items], "avoided": record.avoided,
+                          "asked": record.model_requested}, separators=(",", ":"))
         fields = "\n".join(f"{b}\t{p}" for b, p in items)
         return bool(int(await self._call(self._settle(
             keys=keys, args=[req_id, cost, self._p, SETTLED_MARKER_TTL_S, doc, fields]))))
@@ -211,7 +236,7 @@ class RedisLedger(Ledger):
         return [AuditRecord(*json.loads(r)) for r in rows]
 
     async def spend(self, start_ts: float, end_ts: float) -> list[SpendAgg]:
-        acc: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0, 0])
+        acc: dict[tuple[str, str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0, 0])
         end_ts = min(end_ts, time.time() + 86400)
         for day in range(int(start_ts // 86400), int(end_ts // 86400) + 1):
             for raw in await self._call(self._r.lrange(f"{self._p}:log:{day}", 0, -1)):
@@ -220,16 +245,35 @@ class RedisLedger(Ledger):
                     continue
                 day_s = datetime.fromtimestamp(d["ts"], UTC).strftime("%Y-%m-%d")
                 for b in d.get("budgets", []):
-                    a = acc[(b, d["model"], day_s)]
+                    a = acc[(b, d["model"], day_s, d.get("asked", ""))]
                     a[0] += 1
                     a[1] += d["in"]
                     a[2] += d["out"]
                     a[3] += d["cost"]
                     a[4] += d["estimate"]
                     a[5] += d.get("avoided", 0)
-        return [SpendAgg(b, m, day, *v) for (b, m, day), v in sorted(acc.items(), key=lambda kv: (kv[0][2],
-                                                                                                   kv[0][0],
-                                                                                                   kv[0][1]))]
+        return [SpendAgg(b, m, day, v[0], v[1], v[2], v[3], v[4], v[5], model_requested=asked)
+                for (b, m, day, asked), v in sorted(acc.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1],
+                                                                                 kv[0][3]))]
+
+    async def merge_calibration(self, deltas: dict[str, CalibrationSums], now: float,
+                                half_life_s: float) -> dict[str, CalibrationSums]:
+        args: list[str | float] = [now, half_life_s]
+        for key, d in deltas.items():
+            args.extend((key, *d))
+        flat = await self._call(self._calibrate(keys=[f"{self._p}:calibration"], args=args))
+        out: dict[str, CalibrationSums] = {}
+        for i in range(0, len(flat), 2):
+            k = flat[i].decode() if isinstance(flat[i], bytes) else flat[i]
+            v = flat[i + 1].decode() if isinstance(flat[i + 1], bytes) else flat[i + 1]
+            p, o, t, n, u = (float(x) for x in v.split(" "))
+            out[k] = decay((p, o, t, n), now - u, half_life_s)
+        return out
+
+    async def reset_calibration(self) -> int:
+        n = await self._call(self._r.hlen(f"{self._p}:calibration"))
+        await self._call(self._r.delete(f"{self._p}:calibration"))
+        return int(n)
 
     async def close(self) -> None:
         await self._r.aclose()

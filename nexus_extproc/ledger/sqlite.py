@@ -17,6 +17,7 @@ from pathlib import Path
 
 from nexus_extproc.ledger.base import (
     AuditRecord,
+    CalibrationSums,
     Key,
     Ledger,
     ReserveResult,
@@ -24,6 +25,7 @@ from nexus_extproc.ledger.base import (
     SpendRecord,
     StoreUnavailable,
     Totals,
+    decay,
 )
 
 log = logging.getLogger("nexus_extproc.ledger")
@@ -46,7 +48,11 @@ CREATE TABLE IF NOT EXISTS settlements (
   input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
   cost INTEGER NOT NULL, estimate INTEGER NOT NULL, source TEXT NOT NULL,
   budgets TEXT NOT NULL DEFAULT '[]',  -- JSON array of the budgets it counted against
-  avoided INTEGER NOT NULL DEFAULT 0);
+  avoided INTEGER NOT NULL DEFAULT 0,
+  model_requested TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS calibration (
+  key TEXT PRIMARY KEY, provider REAL NOT NULL, ours REAL NOT NULL, tool_calls REAL NOT NULL, n REAL NOT NULL,
+  updated REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS periods (
   budget TEXT NOT NULL, period TEXT NOT NULL, first_seen REAL NOT NULL, PRIMARY KEY (budget, period));
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -88,7 +94,7 @@ class _Shape:
                    '["' + '","'.join(names) + '"]' if names else "[]", select)
 
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Version 1 had no `id` in totals and one "budget period amount" line per budget in reservations. Upgraded in
 # place: totals keep their rows and sums; v1 reservations (left by a server that has stopped, so never settled)
@@ -105,6 +111,15 @@ DROP TABLE reservations;
 CREATE TABLE reservations (
   req_id TEXT PRIMARY KEY, amount INTEGER NOT NULL, budgets TEXT NOT NULL, expires_at REAL NOT NULL);
 CREATE INDEX reservations_expiry ON reservations (expires_at);
+"""
+
+
+# Version 2 had neither the asked-for model on settlements nor the shared estimate calibration.
+MIGRATE_2_TO_3 = """
+ALTER TABLE settlements ADD COLUMN model_requested TEXT NOT NULL DEFAULT '';
+CREATE TABLE calibration (
+  key TEXT PRIMARY KEY, provider REAL NOT NULL, ours REAL NOT NULL, tool_calls REAL NOT NULL, n REAL NOT NULL,
+  updated REAL NOT NULL);
 """
 
 
@@ -160,10 +175,12 @@ class SqliteLedger(Ledger):
             has_tables = c.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'totals'").fetchone()[0]
             if version == 0 and not has_tables:
                 _run_script(c, SCHEMA)
-            elif version == 1:
-                _release_v1_reservations(c)
-                _run_script(c, MIGRATE_1_TO_2)
-                log.info("ledger schema upgraded", extra={"from_version": 1, "to_version": SCHEMA_VERSION})
+            elif version in (1, 2):
+                if version == 1:
+                    _release_v1_reservations(c)
+                    _run_script(c, MIGRATE_1_TO_2)
+                _run_script(c, MIGRATE_2_TO_3)
+                log.info("ledger schema upgraded", extra={"from_version": version, "to_version": SCHEMA_VERSION})
             elif version != SCHEMA_VERSION:
                 return int(version)
             c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -300,9 +317,10 @@ class SqliteLedger(Ledger):
                     held_names = {b for b, _ in held.keys}
                     amounts = [row[0] if b in held_names else 0 for b, _ in target.keys]
             try:
-                c.execute("INSERT INTO settlements VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                c.execute("INSERT INTO settlements VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                           (req_id, record.ts, record.model, record.backend, record.input_tokens,
-                           record.output_tokens, cost, record.estimate, record.source, target.names, record.avoided))
+                           record.output_tokens, cost, record.estimate, record.source, target.names, record.avoided,
+                           record.model_requested))
             except sqlite3.IntegrityError:
                 raise _AlreadySettled from None  # idempotent: a second settle changes nothing
             if row is not None:
@@ -385,10 +403,29 @@ class SqliteLedger(Ledger):
     async def spend(self, start_ts: float, end_ts: float) -> list[SpendAgg]:
         rows = self._db.execute(
             "SELECT j.value, s.model, date(s.ts, 'unixepoch'), COUNT(*), SUM(s.input_tokens), "
-            "SUM(s.output_tokens), SUM(s.cost), SUM(s.estimate), SUM(s.avoided) "
+            "SUM(s.output_tokens), SUM(s.cost), SUM(s.estimate), SUM(s.avoided), s.model_requested "
             "FROM settlements s, json_each(s.budgets) j WHERE s.ts >= ? AND s.ts < ? "
-            "GROUP BY 1, 2, 3 ORDER BY 3, 1, 2", (start_ts, end_ts)).fetchall()
+            "GROUP BY 1, 2, 3, 10 ORDER BY 3, 1, 2, 10", (start_ts, end_ts)).fetchall()
         return [SpendAgg(*r) for r in rows]
+
+    async def merge_calibration(self, deltas: dict[str, CalibrationSums], now: float,
+                                half_life_s: float) -> dict[str, CalibrationSums]:
+        def tx(c: sqlite3.Cursor) -> None:
+            for key, d in deltas.items():
+                row = c.execute("SELECT provider, ours, tool_calls, n, updated FROM calibration WHERE key=?",
+                                (key,)).fetchone()
+                old = decay(row[:4], now - row[4], half_life_s) if row else (0.0, 0.0, 0.0, 0.0)
+                c.execute("INSERT OR REPLACE INTO calibration VALUES (?,?,?,?,?,?)",
+                          (key, *(a + b for a, b in zip(old, d, strict=True)), now))
+
+        if deltas:
+            self._write(tx)
+        rows = self._db.execute("SELECT key, provider, ours, tool_calls, n, updated FROM calibration").fetchall()
+        return {r[0]: decay(r[1:5], now - r[5], half_life_s) for r in rows}
+
+    async def reset_calibration(self) -> int:
+        n: int = self._write(lambda c: c.execute("DELETE FROM calibration").rowcount)
+        return n
 
     async def close(self) -> None:
         self._db.close()

@@ -50,7 +50,7 @@ class AnthropicMessages(Translator):
         )
 
     def response_usage(self, doc: dict[str, Any]) -> UsageReport | None:
-        return from_anthropic(doc.get("usage"))
+        return from_anthropic(doc.get("usage"), doc.get("model"))
 
     def stream_event(self, event: str | None, data: dict[str, Any]) -> StreamEventInfo:
         kind = data.get("type") or event
@@ -58,7 +58,7 @@ class AnthropicMessages(Translator):
         if kind == "message_start":
             msg = data.get("message")
             if isinstance(msg, dict):
-                info.usage = from_anthropic(msg.get("usage"))
+                info.usage = from_anthropic(msg.get("usage"), msg.get("model"))
         elif kind == "message_delta":
             info.usage = from_anthropic(data.get("usage"))
             info.final = info.usage is not None and info.usage.output_tokens is not None

@@ -48,6 +48,8 @@ class Translator:
     default_max_output: ClassVar[int | None] = None
     # Streams of this API report usage only when `stream_options.include_usage` is set.
     stream_usage_option: ClassVar[bool] = False
+    # genai-prices' usage extractor for this API: provider id `family`, this api_flavor.
+    usage_flavor: ClassVar[str] = "default"
 
     def parse(self, doc: dict[str, Any]) -> ParsedRequest:
         raise NotImplementedError

@@ -26,6 +26,7 @@ class OpenAIChat(Translator):
     family: ClassVar[ApiFamily] = "openai"
     path: ClassVar[str] = "/v1/chat/completions"
     stream_usage_option: ClassVar[bool] = True
+    usage_flavor: ClassVar[str] = "chat"
 
     def parse(self, doc: dict[str, Any]) -> ParsedRequest:
         model = model_of(doc)
@@ -63,7 +64,7 @@ class OpenAIChat(Translator):
         )
 
     def response_usage(self, doc: dict[str, Any]) -> UsageReport | None:
-        return from_openai(doc.get("usage"))
+        return from_openai(doc.get("usage"), doc.get("model"))
 
     def stream_event(self, event: str | None, data: dict[str, Any]) -> StreamEventInfo:
         info = StreamEventInfo()
@@ -85,7 +86,7 @@ class OpenAIChat(Translator):
             info.text = "".join(parts)
         u = data.get("usage")
         if isinstance(u, dict):
-            info.usage = from_openai(u)
+            info.usage = from_openai(u, data.get("model"))
             info.usage_only = not choices
             info.final = info.usage is not None and info.usage.complete
         return info

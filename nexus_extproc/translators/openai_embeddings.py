@@ -14,6 +14,7 @@ class OpenAIEmbeddings(Translator):
     api: ClassVar[str] = "openai_embeddings"
     family: ClassVar[ApiFamily] = "openai"
     path: ClassVar[str] = "/v1/embeddings"
+    usage_flavor: ClassVar[str] = "embeddings"
 
     def parse(self, doc: dict[str, Any]) -> ParsedRequest:
         model = model_of(doc)
@@ -28,7 +29,7 @@ class OpenAIEmbeddings(Translator):
         )
 
     def response_usage(self, doc: dict[str, Any]) -> UsageReport | None:
-        r = from_openai(doc.get("usage"))
+        r = from_openai(doc.get("usage"), doc.get("model"))
         if r is not None:
             r.output_tokens = 0
         return r

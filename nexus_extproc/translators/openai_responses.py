@@ -24,6 +24,7 @@ class OpenAIResponses(Translator):
     api: ClassVar[str] = "openai_responses"
     family: ClassVar[ApiFamily] = "openai"
     path: ClassVar[str] = "/v1/responses"
+    usage_flavor: ClassVar[str] = "responses"
 
     def parse(self, doc: dict[str, Any]) -> ParsedRequest:
         model = model_of(doc)
@@ -61,7 +62,7 @@ class OpenAIResponses(Translator):
         )
 
     def response_usage(self, doc: dict[str, Any]) -> UsageReport | None:
-        return from_openai(doc.get("usage"))
+        return from_openai(doc.get("usage"), doc.get("model"))
 
     def stream_event(self, event: str | None, data: dict[str, Any]) -> StreamEventInfo:
         kind = data.get("type") or event
@@ -73,7 +74,7 @@ class OpenAIResponses(Translator):
         elif kind in ("response.completed", "response.incomplete", "response.failed"):
             resp = data.get("response")
             if isinstance(resp, dict):
-                info.usage = from_openai(resp.get("usage"))
+                info.usage = from_openai(resp.get("usage"), resp.get("model"))
                 info.final = info.usage is not None and info.usage.complete
         return info
 
