@@ -13,6 +13,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from nexus_extproc.budget import GLOBAL_BUDGET, BudgetService, BudgetState
+from nexus_extproc.calibration import Calibrator
 from nexus_extproc.forecast import forecast
 from nexus_extproc.ledger import StoreUnavailable
 from nexus_extproc.money import usd_float
@@ -38,10 +39,11 @@ def _budget_doc(st: BudgetState, last_reconciliation: str | None) -> dict[str, A
     }
 
 
-async def stats_doc(budget: BudgetService) -> dict[str, Any]:
-    """SPEC §6: `budget` is the global budget (null without one); `budgets` lists every budget."""
+async def stats_doc(budget: BudgetService, calibration: Calibrator | None = None) -> dict[str, Any]:
+    """SPEC §6: `budget` is the global budget (null without one); `budgets` lists every budget; `calibration`
+    the learned estimate ratios (docs/budgets.md)."""
     if not budget.enabled:
-        return {"budget": None}
+        return {"budget": None, "calibration": calibration.snapshot() if calibration else []}
     assert budget.ledger is not None
     last = await budget.ledger.get_meta("last_reconciliation")
     states = [await budget.state(d) for d in budget.defs]
@@ -60,6 +62,7 @@ async def stats_doc(budget: BudgetService) -> dict[str, Any]:
         })
         del doc["billing_month"]
         out["budgets"].append(doc)
+    out["calibration"] = calibration.snapshot() if calibration else []
     return out
 
 
@@ -104,7 +107,8 @@ class BudgetCollector:
         yield from fams.values()
 
 
-def build_admin_app(budget: BudgetService, is_ready: Callable[[], Awaitable[bool]]) -> web.Application:
+def build_admin_app(budget: BudgetService, is_ready: Callable[[], Awaitable[bool]],
+                    calibration: Calibrator | None = None) -> web.Application:
     multiproc = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
     if multiproc:
         registry = CollectorRegistry()
@@ -131,7 +135,7 @@ def build_admin_app(budget: BudgetService, is_ready: Callable[[], Awaitable[bool
 
     async def stats(_: web.Request) -> web.Response:
         try:
-            return web.json_response(await stats_doc(budget))
+            return web.json_response(await stats_doc(budget, calibration))
         except Exception:
             return web.json_response({"error": "budget store unavailable"}, status=503)
 

@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from nexus_extproc.admin import build_admin_app
 from nexus_extproc.admin_api import start_admin_api
 from nexus_extproc.budget import BudgetService
+from nexus_extproc.calibration import Calibrator
 from nexus_extproc.config import NexusConfig
 from nexus_extproc.health import poll_envoy_health
 from nexus_extproc.ledger import Ledger, StoreUnavailable, open_ledger
@@ -81,8 +82,9 @@ async def start_grpc(servicer: ExternalProcessor, host: str, port: int) -> tuple
     return server, bound, hs
 
 
-async def start_admin(budget: BudgetService, host: str, port: int, ready) -> web.AppRunner:  # type: ignore[no-untyped-def]
-    runner = web.AppRunner(build_admin_app(budget, ready), access_log=None)
+async def start_admin(budget: BudgetService, host: str, port: int, ready,  # type: ignore[no-untyped-def]
+                      calibration: Calibrator | None = None) -> web.AppRunner:
+    runner = web.AppRunner(build_admin_app(budget, ready, calibration), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner
@@ -111,12 +113,14 @@ async def serve_single(config: NexusConfig, worker_index: int | None = None) -> 
     with contextlib.suppress(StoreUnavailable):
         await comps.budget.load_settings()
     if worker_index is None:
-        runner = await start_admin(comps.budget, config.server.admin_host, config.server.admin_port, is_ready)
+        runner = await start_admin(comps.budget, config.server.admin_host, config.server.admin_port, is_ready,
+                                   comps.processor.calibration)
         admin_api, _ = await start_admin_api(comps.budget, config.admin_api.host, config.admin_api.port,
                                              config.admin_api.token())
     chores = asyncio.gather(
         comps.budget.run_reconciler(config.budget.reconciliation_interval_secs if config.budget else 30),
-        poll_envoy_health(config, comps.processor.router))
+        poll_envoy_health(config, comps.processor.router),
+        comps.processor.calibration.run(comps.budget.ledger))
     log.info("nexus-extproc serving", extra={"grpc_port": bound, "admin_port": config.server.admin_port
                                              if runner else None, "worker": worker_index})
     stop = asyncio.Event()
@@ -134,6 +138,8 @@ async def serve_single(config: NexusConfig, worker_index: int | None = None) -> 
     if admin_api:
         await admin_api.stop(1)
     if comps.budget.ledger:
+        with contextlib.suppress(Exception):  # the samples since the last flush; a dead store loses only these
+            await comps.processor.calibration.sync(comps.budget.ledger)
         await comps.budget.ledger.close()
     log.info("stopped")
     return 0
@@ -169,7 +175,11 @@ async def serve_workers(config: NexusConfig, config_path: str, workers: int) -> 
             return False
         return all([await _grpc_serving(host, base + i) for i in range(workers)])
 
-    runner = await start_admin(budget, config.server.admin_host, config.server.admin_port, is_ready)
+    # The parent serves /v1/stats: it reads the workers' shared calibration from the store (it settles nothing).
+    calibration = Calibrator(config.estimation.calibration_half_life_hours * 3600,
+                             config.estimation.calibration_flush_secs)
+    cal_task = asyncio.create_task(calibration.run(budget.ledger)) if budget.ledger else None
+    runner = await start_admin(budget, config.server.admin_host, config.server.admin_port, is_ready, calibration)
     admin_api, _ = await start_admin_api(budget, config.admin_api.host, config.admin_api.port,
                                          config.admin_api.token())
     stop = asyncio.Event()
@@ -191,6 +201,8 @@ async def serve_workers(config: NexusConfig, config_path: str, workers: int) -> 
             await asyncio.to_thread(c.wait, config.server.grace_period_secs + 5)
         except subprocess.TimeoutExpired:
             c.kill()
+    if cal_task:
+        cal_task.cancel()
     await runner.cleanup()
     if admin_api:
         await admin_api.stop(1)

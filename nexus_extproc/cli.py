@@ -57,6 +57,41 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration(args: argparse.Namespace) -> int:
+    """`calibration show|reset`: the learned estimate ratios in the configured store (every replica rereads
+    them within `estimation.calibration_flush_secs`, so a reset reaches all of them)."""
+    import json as _json
+
+    from nexus_extproc.app import open_store
+    from nexus_extproc.calibration import Calibrator
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"nexus-extproc: {e}", file=sys.stderr)
+        return 2
+    ledger = open_store(config)
+    if ledger is None:
+        print("nexus-extproc: no budgets configured, so no store: calibration lives in each process's memory "
+              "and ends with it", file=sys.stderr)
+        return 2
+
+    async def go() -> int:
+        cal = Calibrator(config.estimation.calibration_half_life_hours * 3600)
+        try:
+            if args.action == "reset":
+                n = await cal.reset(ledger)
+                print(f"calibration reset: {n} keys dropped")
+            else:
+                await cal.sync(ledger)
+                print(_json.dumps(cal.snapshot(), indent=2))
+        finally:
+            await ledger.close()
+        return 0
+
+    return asyncio.run(go())
+
+
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--grpc-port", type=int)
@@ -73,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("config")
     h = sub.add_parser("hash-key", help="print the salted hash to use as a budget's scope.api_key_hash")
     h.add_argument("--salt-env", default="NEXUS_API_KEY_SALT")
+    cal = sub.add_parser("calibration", help="show or reset the learned estimate ratios in the store")
+    cal.add_argument("action", choices=("show", "reset"))
+    cal.add_argument("--config", required=True)
     d = sub.add_parser("demo", help="fake upstreams + ext_proc + Envoy, in the foreground")
     from nexus_extproc.admin_cli import add_admin_args, run_admin
     from nexus_extproc.demo import add_demo_args, run_demo
@@ -92,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         key = getpass.getpass("API key (not echoed): ") if sys.stdin.isatty() else sys.stdin.readline().strip()
         print(hash_api_key(key, os.environ.get(args.salt_env, "").encode()))
         return 0
+    if args.cmd == "calibration":
+        return _calibration(args)
     if args.cmd == "demo":
         return run_demo(args)
     if args.cmd in ("status", "set-limit", "override", "spend"):

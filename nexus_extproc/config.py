@@ -159,6 +159,10 @@ class EstimationConfig(_Strict):
     # Anthropic and other non-OpenAI families are counted with cl100k and scaled by this factor.
     approximation_factor: Decimal = Field(default=Decimal("1.10"), gt=0)
     p95_window: int = Field(default=200, ge=10)
+    # Learn provider-input ÷ our count per (model, tier, shape) from settlements (docs/budgets.md).
+    calibration: bool = True
+    calibration_half_life_hours: float = Field(default=168.0, gt=0)
+    calibration_flush_secs: float = Field(default=2.0, gt=0, le=300)
 
 
 class NexusConfig(_Strict):

@@ -27,3 +27,7 @@ bad_requests = Counter("nexus_bad_requests_total", "Requests answered with a 4xx
 streams_active = Gauge("nexus_streams_active", "Open ext_proc streams", multiprocess_mode="livesum")
 stream_errors = Counter("nexus_stream_errors_total", "ext_proc streams that ended in an error", ["phase"])
 sse_bad_events = Counter("nexus_sse_bad_events_total", "SSE data lines that were not JSON (skipped)")
+# Learned provider-input ÷ our-count per model and tier (all shapes pooled); every replica reads the same shared
+# sums, so the most recent value from any process is the value.
+estimate_ratio = Gauge("nexus_estimate_ratio", "Provider input tokens per counted prompt token, learned",
+                       ["model", "tier"], multiprocess_mode="mostrecent")

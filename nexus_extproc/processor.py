@@ -18,6 +18,7 @@ from typing import Any
 from nexus_extproc import constants as C
 from nexus_extproc import metrics
 from nexus_extproc.budget import Admission, BudgetService
+from nexus_extproc.calibration import Calibrator
 from nexus_extproc.config import NexusConfig
 from nexus_extproc.errors import NexusError, bad_request, not_found, payload_too_large, render_error
 from nexus_extproc.ledger import SpendRecord
@@ -77,7 +78,9 @@ class RequestState:
     asked_price: ResolvedPrice | None = None  # the cloud model's price when the request was rerouted
     priced_model: str | None = None  # the model settled at: the one that answered, when the database knows it
     tier: str = "heuristic"
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # our count, as counted (calibration learns against this)
+    prompt_estimate: int = 0  # what is reserved for: the count after calibration
+    tool_calls: int = 0  # server-side tool calls (web search, ...) reserved for
     expected_output: int = 0
     estimate: int = 0
     admission: Admission | None = None
@@ -125,6 +128,9 @@ class Processor:
         self.budget = budget
         self.router = router
         self.outputs = OutputStats(config.estimation.p95_window)
+        est = config.estimation
+        self.calibration = Calibrator(est.calibration_half_life_hours * 3600, est.calibration_flush_secs,
+                                      enabled=est.calibration)
         self._known_models = config.configured_models()
         self._trust_identity = config.identity.trust_identity_headers
         # Hash the caller's API key only when some budget is scoped by key (an HMAC per request otherwise).
@@ -210,10 +216,10 @@ class Processor:
             typical = self.config.estimation.default_output_tokens
         return typical if cap is None else min(cap, typical)
 
-    def _target(self, route: Route, model: str, prompt_tokens: int, expected_out: int) -> tuple[Target,
-                                                                                                 ResolvedPrice]:
+    def _target(self, route: Route, model: str, prompt_tokens: int, expected_out: int,
+                tool_calls: int = 0) -> tuple[Target, ResolvedPrice]:
         price = self.prices.resolve(route.provider, model)
-        est = price.estimate_micros(prompt_tokens, expected_out)
+        est = price.estimate_micros(prompt_tokens, expected_out, tool_calls)
         return Target(route.backend, route.backend_type, model, est), price  # type: ignore[arg-type]
 
     async def request_body(self, state: RequestState, body: bytes) -> Reply:
@@ -232,7 +238,11 @@ class Processor:
         state.prompt_tokens, state.tier = prompt_tokens, tier
         expected = self._expected_output(model, parsed, tr)
         state.expected_output = expected
-        requested, price = self._target(route, model, prompt_tokens, expected)
+        price = self.prices.resolve(route.provider, model)
+        adj = self.calibration.adjust(self.model_label(model, price), tier, parsed.shape.kind, prompt_tokens,
+                                      parsed.shape.server_tools)
+        state.prompt_estimate, state.tool_calls = adj.prompt_tokens, adj.tool_calls
+        requested, price = self._target(route, model, adj.prompt_tokens, expected, adj.tool_calls)
         if price.source == "unpriced" or price.source == "fallback":
             metrics.unpriced_requests.inc()
             if price.source == "unpriced":
@@ -245,7 +255,7 @@ class Processor:
         eq_price = None
         if eq is not None and route.backend_type == "cloud":
             eq_route, eq_model = eq
-            equivalent, eq_price = self._target(eq_route, eq_model, prompt_tokens, expected)
+            equivalent, eq_price = self._target(eq_route, eq_model, adj.prompt_tokens, expected)
 
         facts = RequestFacts(model, route.backend_type, state.api_key_hash, state.identity.get("user"),
                              state.identity.get("team"), state.identity.get("agent"))
@@ -436,10 +446,11 @@ class Processor:
             out = self._streamed_output_tokens(state) if state.streaming else state.expected_output
             u = state.usage
             usage = TokenUsage(
-                input_tokens=u.input_tokens if u.input_tokens is not None else state.prompt_tokens,
+                input_tokens=u.input_tokens if u.input_tokens is not None else state.prompt_estimate,
                 output_tokens=max(out, u.output_tokens or 0),
                 cache_read_tokens=u.cache_read_tokens or 0,
                 cache_write_tokens=u.cache_write_tokens or 0,
+                web_searches=max(u.web_searches or 0, state.tool_calls),
             )
             cost, source = state.price.cost_micros(usage), "estimated"
         state.final_cost, state.settle_source = cost, source
@@ -458,7 +469,8 @@ class Processor:
         """A reroute's saving: the asked-for model's price for the usage the local model reported."""
         if state.asked_price is None:
             return 0
-        u = state.usage.to_usage() if state.usage_final else TokenUsage(state.prompt_tokens, state.expected_output)
+        u = state.usage.to_usage() if state.usage_final else TokenUsage(state.prompt_estimate,
+                                                                        state.expected_output)
         return max(0, state.asked_price.cost_micros(u) - cost)
 
     async def finish(self, state: RequestState) -> None:
@@ -480,6 +492,11 @@ class Processor:
         usage = state.usage
         if state.model and usage.output_tokens is not None:
             self.outputs.record(state.model, usage.output_tokens)
+        if source == "usage" and state.asked_price is None and usage.input_tokens is not None \
+                and state.parsed is not None:
+            self.calibration.observe(self.model_label(state.model, state.price), state.tier,
+                                     state.parsed.shape.kind, state.prompt_tokens, usage.input_tokens,
+                                     usage.web_searches or 0)
         priced = self.prices.resolve(state.route.provider, state.priced_model) if state.priced_model else state.price
         asked = state.parsed.model if state.parsed is not None else state.model
         record = SpendRecord(ts=time.time(), model=self.model_label(priced.model, priced),

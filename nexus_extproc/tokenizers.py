@@ -39,10 +39,25 @@ _CL100K_PREFIXES = ("gpt-4", "gpt-3.5", "text-embedding-3", "text-embedding-ada-
 _APPROX_PREFIXES = ("claude", "llama", "mistral", "mixtral", "gemma", "gemini", "qwen", "phi", "deepseek")
 
 # OpenAI chat format: every message is wrapped as <|start|>{role/name}\n{content}<|end|>\n, and the reply
-# is primed with <|start|>assistant<|message|>. Values from OpenAI's token-counting cookbook.
+# is primed with <|start|>assistant<|message|>. Values from OpenAI's token-counting cookbook. Reasoning models
+# (o1/o3/o4, the gpt-5 family) prime the reply with one token less: measured on every recorded reasoning-model
+# exchange in ../shared/provider-recordings (o1-mini's one case is 7 above any formula and is left as is).
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
 TOKENS_REPLY_PRIMING = 3
+TOKENS_REPLY_PRIMING_REASONING = 2
+_REASONING_PREFIXES = ("o3", "o4", "gpt-5")
+
+# Function definitions, in the format OpenAI's cookbook documents ("How to count tokens with tiktoken",
+# section "Counting tokens for chat completions with tool calls"): per function a start, "name:description",
+# per property "name:type:description" and enum items, and one end per request. o200k values; the cl100k
+# models start each function with 10.
+FUNC_INIT = {"o200k_base": 7, "cl100k_base": 10}
+PROP_INIT = 3
+PROP_KEY = 3
+ENUM_INIT = -3
+ENUM_ITEM = 3
+FUNC_END = 12
 
 
 class TokenizerLoadError(RuntimeError):
@@ -91,6 +106,13 @@ def load_encoding(name: str) -> tiktoken.Encoding:
 
 
 @dataclass(frozen=True, slots=True)
+class FunctionDef:
+    name: str
+    description: str
+    properties: Sequence[tuple[str, str, str, Sequence[str]]]  # (name, type, description, enum values)
+
+
+@dataclass(frozen=True, slots=True)
 class PromptShape:
     """What a translator extracts for counting: the text values of each message, plus text outside them.
 
@@ -101,9 +123,15 @@ class PromptShape:
     names: int = 0
     extra: Sequence[str] = ()
     chat_format: bool = True
+    functions: Sequence[FunctionDef] = ()
+    # What makes the provider's count differ from ours in ways we cannot count, for calibration:
+    # "plain", "tools", "images", "thinking", "server_tools".
+    kind: str = "plain"
+    server_tools: int = 0  # server-side tools (web search, ...) the request enables
 
     def total_bytes(self) -> int:
         n = sum(len(v) for m in self.messages for v in m)
+        n += sum(len(f.description) + 16 * len(f.properties) for f in self.functions)
         return n + sum(len(x) for x in self.extra)
 
 
@@ -180,11 +208,26 @@ class TokenCounter:
             n = math.ceil(n * self._factor)
         return TokenCount(n, tier)
 
+    def _count_functions(self, enc: str, functions: Sequence[FunctionDef]) -> int:
+        n = 0
+        for f in functions:
+            n += FUNC_INIT[enc] + self._count(enc, f"{f.name}:{f.description.removesuffix('.')}")
+            if f.properties:
+                n += PROP_INIT
+                for name, typ, desc, enum in f.properties:
+                    n += PROP_KEY
+                    if enum:
+                        n += ENUM_INIT + sum(ENUM_ITEM + self._count(enc, e) for e in enum)
+                    n += self._count(enc, f"{name}:{typ}:{desc.removesuffix('.')}")
+        return n + FUNC_END
+
     def count_prompt(self, model: str | None, shape: PromptShape) -> TokenCount:
         tier, enc = self.tier_for(model)
         if enc is None:
             n_bytes = sum(len(v.encode("utf-8", "surrogatepass")) for m in shape.messages for v in m)
             n_bytes += sum(len(x.encode("utf-8", "surrogatepass")) for x in shape.extra)
+            n_bytes += sum(len(f.name) + len(f.description) + sum(len(a) + len(b) + len(c) for a, b, c, _ in
+                                                                   f.properties) for f in shape.functions)
             return TokenCount(heuristic_tokens(n_bytes), tier)
         n = 0
         for values in shape.messages:
@@ -192,8 +235,12 @@ class TokenCounter:
                 n += self._count(enc, v)
         for x in shape.extra:
             n += self._count(enc, x)
+        if shape.functions:
+            n += self._count_functions(enc, shape.functions)
         if shape.chat_format and shape.messages:
-            n += TOKENS_PER_MESSAGE * len(shape.messages) + TOKENS_PER_NAME * shape.names + TOKENS_REPLY_PRIMING
+            m = (model or "").lower()
+            priming = TOKENS_REPLY_PRIMING_REASONING if m.startswith(_REASONING_PREFIXES) else TOKENS_REPLY_PRIMING
+            n += TOKENS_PER_MESSAGE * len(shape.messages) + TOKENS_PER_NAME * shape.names + priming
         if tier == "approximation":
             n = math.ceil(n * self._factor)
         return TokenCount(n, tier)

@@ -94,4 +94,9 @@ def is_plain_text_openai(case: dict[str, Any]) -> bool:
         return isinstance(inp, str) or (isinstance(inp, list) and all(isinstance(x, str) for x in inp))
     if case["api"] != "openai_chat" or req.get("tools") or req.get("functions"):
         return False
-    return all(isinstance(m.get("content"), str) and not m.get("tool_calls") for m in req.get("messages", []))
+    return all(_text_only(m.get("content")) and not m.get("tool_calls") for m in req.get("messages", []))
+
+
+def _text_only(content: Any) -> bool:
+    return isinstance(content, str) or (isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" for p in content))

@@ -7,12 +7,15 @@ from typing import Any, ClassVar
 from nexus_extproc.errors import bad_request
 from nexus_extproc.tokenizers import PromptShape
 from nexus_extproc.translators.base import (
+    SERVER_TOOL_PREFIXES,
     ApiFamily,
     ParsedRequest,
     StreamEventInfo,
     Translator,
+    has_images,
     model_of,
     opt_int,
+    shape_kind,
     stream_flag,
     text_of,
     tools_extra,
@@ -31,6 +34,7 @@ class AnthropicMessages(Translator):
         if not isinstance(messages, list) or not messages:
             raise bad_request("'messages' must be a non-empty array")
         values: list[list[str]] = []
+        images = False
         system = doc.get("system")
         if system is not None:
             values.append(text_of(system))
@@ -39,14 +43,21 @@ class AnthropicMessages(Translator):
                 raise bad_request("each message must be an object")
             vals = [m["role"]] if isinstance(m.get("role"), str) else []
             vals.extend(text_of(m.get("content")))
+            images = images or has_images(m.get("content"))
             values.append(vals)
         max_tokens = opt_int(doc, "max_tokens")
+        tools = doc.get("tools")
+        server = sum(1 for t in tools if isinstance(t, dict) and isinstance(t.get("type"), str)
+                     and t["type"].startswith(SERVER_TOOL_PREFIXES)) if isinstance(tools, list) else 0
+        thinking = doc.get("thinking")
         return ParsedRequest(
             doc=doc,
             model=model,
             stream=stream_flag(doc),
             max_output_tokens=max_tokens,
-            shape=PromptShape(messages=values, extra=tools_extra(doc)),
+            shape=PromptShape(messages=values, extra=tools_extra(doc), server_tools=server,
+                              kind=shape_kind(server, isinstance(thinking, dict) and thinking.get("type") ==
+                                              "enabled", images, bool(tools))),
         )
 
     def response_usage(self, doc: dict[str, Any]) -> UsageReport | None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from nexus_extproc.errors import bad_request
-from nexus_extproc.tokenizers import PromptShape
+from nexus_extproc.tokenizers import FunctionDef, PromptShape
 from nexus_extproc.usage import UsageReport
 
 ApiFamily = Literal["openai", "anthropic"]
@@ -122,7 +122,74 @@ def stream_flag(doc: dict[str, Any]) -> bool:
 
 
 def tools_extra(doc: dict[str, Any]) -> list[str]:
+    """Tool definitions as one JSON text: for APIs whose tool format we cannot count exactly (Anthropic adds
+    a tool-use system prompt of its own; calibration learns that part)."""
     tools = doc.get("tools")
     if not tools:
         return []
     return [json.dumps(tools, separators=(",", ":"), ensure_ascii=False)]
+
+
+# Tools that run on the provider's side and bill per call (and feed their results back in as input tokens).
+SERVER_TOOL_PREFIXES = ("web_search", "code_interpreter", "code_execution", "file_search", "web_fetch")
+
+
+def _function_def(name: Any, description: Any, params: Any) -> FunctionDef | None:
+    if not isinstance(name, str):
+        return None
+    props: list[tuple[str, str, str, list[str]]] = []
+    raw = params.get("properties") if isinstance(params, dict) else None
+    if isinstance(raw, dict):
+        for key, spec in raw.items():
+            spec = spec if isinstance(spec, dict) else {}
+            typ = spec.get("type")
+            typ = typ if isinstance(typ, str) else ",".join(t for t in typ if isinstance(t, str)) \
+                if isinstance(typ, list) else ""
+            desc = spec.get("description")
+            enum = spec.get("enum")
+            props.append((str(key), typ, desc if isinstance(desc, str) else "",
+                          [str(e) for e in enum] if isinstance(enum, list) else []))
+    return FunctionDef(name, description if isinstance(description, str) else "", props)
+
+
+def openai_tools(doc: dict[str, Any], nested: bool) -> tuple[list[FunctionDef], int]:
+    """Function definitions (chat nests them under `function`; Responses does not) and the number of
+    server-side tools enabled."""
+    functions: list[FunctionDef] = []
+    server = 0
+    tools = doc.get("tools")
+    for t in tools if isinstance(tools, list) else ():
+        if not isinstance(t, dict):
+            continue
+        kind = t.get("type")
+        if kind == "function":
+            fn = t.get("function") if nested else t
+            if isinstance(fn, dict):
+                f = _function_def(fn.get("name"), fn.get("description"), fn.get("parameters"))
+                if f is not None:
+                    functions.append(f)
+        elif isinstance(kind, str) and kind.startswith(SERVER_TOOL_PREFIXES):
+            server += 1
+    legacy = doc.get("functions")
+    for fn in legacy if isinstance(legacy, list) else ():
+        if isinstance(fn, dict):
+            f = _function_def(fn.get("name"), fn.get("description"), fn.get("parameters"))
+            if f is not None:
+                functions.append(f)
+    return functions, server
+
+
+def has_images(content: Any) -> bool:
+    return isinstance(content, list) and any(
+        isinstance(p, dict) and p.get("type") in ("image_url", "input_image", "image", "input_file", "document")
+        for p in content)
+
+
+def shape_kind(server_tools: int, thinking: bool, images: bool, tools: bool) -> str:
+    if server_tools:
+        return "server_tools"
+    if thinking:
+        return "thinking"
+    if images:
+        return "images"
+    return "tools" if tools else "plain"

@@ -12,11 +12,13 @@ from nexus_extproc.translators.base import (
     ParsedRequest,
     StreamEventInfo,
     Translator,
+    has_images,
     model_of,
+    openai_tools,
     opt_int,
+    shape_kind,
     stream_flag,
     text_of,
-    tools_extra,
 )
 from nexus_extproc.usage import UsageReport, from_openai
 
@@ -35,6 +37,7 @@ class OpenAIChat(Translator):
             raise bad_request("'messages' must be a non-empty array")
         values: list[list[str]] = []
         names = 0
+        images = False
         for m in messages:
             if not isinstance(m, dict):
                 raise bad_request("each message must be an object")
@@ -43,14 +46,17 @@ class OpenAIChat(Translator):
             if isinstance(role, str):
                 vals.append(role)
             vals.extend(text_of(m.get("content")))
+            images = images or has_images(m.get("content"))
             name = m.get("name")
             if isinstance(name, str):
                 vals.append(name)
                 names += 1
-            for call in m.get("tool_calls") or ():
+            calls = m.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
                 if isinstance(call, dict):
                     vals.append(json.dumps(call.get("function"), separators=(",", ":"), ensure_ascii=False))
             values.append(vals)
+        functions, server = openai_tools(doc, nested=True)
         stream = stream_flag(doc)
         opts = doc.get("stream_options")
         wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
@@ -59,7 +65,8 @@ class OpenAIChat(Translator):
             model=model,
             stream=stream,
             max_output_tokens=opt_int(doc, "max_completion_tokens", "max_tokens"),
-            shape=PromptShape(messages=values, names=names, extra=tools_extra(doc)),
+            shape=PromptShape(messages=values, names=names, functions=functions, server_tools=server,
+                              kind=shape_kind(server, False, images, bool(functions))),
             client_wants_stream_usage=wants_usage,
         )
 

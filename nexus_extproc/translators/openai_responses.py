@@ -11,11 +11,13 @@ from nexus_extproc.translators.base import (
     ParsedRequest,
     StreamEventInfo,
     Translator,
+    has_images,
     model_of,
+    openai_tools,
     opt_int,
+    shape_kind,
     stream_flag,
     text_of,
-    tools_extra,
 )
 from nexus_extproc.usage import UsageReport, from_openai
 
@@ -30,6 +32,7 @@ class OpenAIResponses(Translator):
         model = model_of(doc)
         raw = doc.get("input")
         messages: list[list[str]] = []
+        images = False
         if isinstance(raw, str):
             messages.append(["user", raw])
         elif isinstance(raw, list):
@@ -39,6 +42,7 @@ class OpenAIResponses(Translator):
                 elif isinstance(item, dict):
                     vals = [item["role"]] if isinstance(item.get("role"), str) else []
                     vals.extend(text_of(item.get("content")))
+                    images = images or has_images(item.get("content"))
                     if isinstance(item.get("arguments"), str):
                         vals.append(item["arguments"])
                     if isinstance(item.get("output"), str):
@@ -48,7 +52,7 @@ class OpenAIResponses(Translator):
                     raise bad_request("'input' items must be strings or objects")
         elif raw is not None:
             raise bad_request("'input' must be a string or an array")
-        extra = tools_extra(doc)
+        functions, server = openai_tools(doc, nested=False)
         if isinstance(doc.get("instructions"), str):
             messages.insert(0, ["system", doc["instructions"]])
         if not messages:
@@ -58,7 +62,9 @@ class OpenAIResponses(Translator):
             model=model,
             stream=stream_flag(doc),
             max_output_tokens=opt_int(doc, "max_output_tokens"),
-            shape=PromptShape(messages=messages, extra=extra),
+            shape=PromptShape(messages=messages, functions=functions, server_tools=server,
+                              kind=shape_kind(server, isinstance(doc.get("reasoning"), dict), images,
+                                              bool(functions))),
         )
 
     def response_usage(self, doc: dict[str, Any]) -> UsageReport | None:

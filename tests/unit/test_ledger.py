@@ -373,3 +373,31 @@ async def test_sqlite_start_waits_for_another_worker_holding_the_file(tmp_path):
     timer.join()
     blocker.close()
     await led.close()
+
+
+async def test_calibration_sums_are_shared_decayed_and_kept(ledger_factory):
+    from nexus_extproc.calibration import Calibrator
+
+    a, b = ledger_factory(), ledger_factory()  # two replicas on one store
+    now = 1_000_000.0
+    r1, r2 = Calibrator(half_life_secs=3600), Calibrator(half_life_secs=3600)
+    r1.observe("claude-sonnet-4-5", "approximation", "plain", ours=100, provider=90, tool_calls=0)
+    r2.observe("claude-sonnet-4-5", "approximation", "plain", ours=100, provider=70, tool_calls=0)
+    await r1.sync(a, now)
+    await r2.sync(b, now)
+    await r1.sync(a, now)
+    for r in (r1, r2):  # each sees both samples: ratio (90 + 70) / 200
+        assert r.adjust("claude-sonnet-4-5", "approximation", "plain", 1000, 0).prompt_tokens == 800
+    stored = await a.merge_calibration({}, now + 3600, 3600)  # one half-life later: weight halves, ratio stays
+    s = stored["claude-sonnet-4-5|approximation|plain"]
+    assert s[3] == pytest.approx(1.0) and s[0] / s[1] == pytest.approx(0.8)
+    await a.close()
+    restarted = Calibrator(half_life_secs=3600)
+    c = ledger_factory()
+    await restarted.sync(c, now + 60)
+    assert restarted.adjust("claude-sonnet-4-5", "approximation", "plain", 1000, 0).prompt_tokens == 800
+    assert await restarted.reset(c) == 2  # the model's key and the all-models key
+    await r2.sync(b, now + 61)
+    assert not r2.adjust("claude-sonnet-4-5", "approximation", "plain", 1000, 0).calibrated
+    await b.close()
+    await c.close()

@@ -25,7 +25,8 @@ def test_chat_parse_extracts_fields():
                     "tools": [{"type": "function", "function": {"name": "f"}}]})
     assert p.model == "gpt-4o" and p.stream and p.max_output_tokens == 50
     assert p.shape.messages == [["user", "hi", "bob"]] and p.shape.names == 1
-    assert len(p.shape.extra) == 1 and not p.client_wants_stream_usage
+    assert [f.name for f in p.shape.functions] == ["f"] and not p.client_wants_stream_usage
+    assert p.shape.kind == "images"
 
 
 def test_chat_max_tokens_fallback_and_include_usage():
