@@ -23,8 +23,7 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from nexus_extproc import metrics
 from nexus_extproc.ledger import Ledger, StoreUnavailable
@@ -42,8 +41,9 @@ CALIBRATED_SHAPES_EXACT = frozenset({"server_tools", "images", "tools"})
 ANY_MODEL = "*"
 
 
-@dataclass(frozen=True, slots=True)
-class Adjustment:
+class Adjustment(NamedTuple):
+    """A NamedTuple: one is made per request, and it costs a fifth of a frozen dataclass."""
+
     prompt_tokens: int
     tool_calls: int  # server-side tool calls to reserve fees for
     calibrated: bool
@@ -53,8 +53,16 @@ def _key(model: str, tier: str, shape: str) -> str:
     return f"{model}|{tier}|{shape}"
 
 
+def _kind(shape: str) -> str:
+    """Shapes are "<api>:<kind>" (tool preambles differ between chat and Responses); the kind decides how."""
+    return shape.rpartition(":")[2]
+
+
 def applies(tier: str, shape: str) -> bool:
-    return tier != "exact" or shape in CALIBRATED_SHAPES_EXACT
+    return tier != "exact" or _kind(shape) in CALIBRATED_SHAPES_EXACT
+
+
+_Sums = list[float]  # [provider, ours, tool_calls, samples], mutated in place on the request path
 
 
 class Calibrator:
@@ -64,8 +72,9 @@ class Calibrator:
         self.flush_secs = flush_secs
         self.max_keys = max_keys
         self.enabled = enabled
-        self._view: dict[str, CalibrationSums] = {}  # shared sums as last read, plus what we saw since
-        self._pending: dict[str, list[float]] = {}
+        # Keyed by (model, tier, shape) tuples on the request path; "model|tier|shape" strings in the store.
+        self._view: dict[tuple[str, str, str], _Sums] = {}  # what adjust reads: the shared sums as last synced
+        self._pending: dict[tuple[str, str, str], _Sums] = {}
 
     # ---- request path ---------------------------------------------------------------------------
 
@@ -73,70 +82,88 @@ class Calibrator:
         """The prompt tokens to reserve for, and server-tool calls to charge fees for."""
         if not self.enabled or not applies(tier, shape):
             return Adjustment(tokens, 0, False)
-        s = self._view.get(_key(model, tier, shape))
+        s = self._view.get((model, tier, shape))
         if s is None or s[3] < MIN_SAMPLES:
-            s = self._view.get(_key(ANY_MODEL, tier, shape))
+            s = self._view.get((ANY_MODEL, tier, shape))
+        server = _kind(shape) == "server_tools"
         if s is None or s[3] < MIN_SAMPLES or s[1] <= 0:
-            if shape == "server_tools":
+            if server:
                 return Adjustment(tokens + SERVER_TOOL_PRIOR_TOKENS * server_tools, server_tools, False)
             return Adjustment(tokens, 0, False)
         provider, ours, calls, n = s
-        if shape == "server_tools":
+        if server:
             extra = min(EXTRA_MAX, max(0.0, (provider - ours) / n))
             return Adjustment(tokens + math.ceil(extra), max(server_tools, math.ceil(calls / n - 1e-9)), True)
         ratio = min(RATIO_MAX, max(RATIO_MIN, provider / ours))
-        return Adjustment(math.ceil(tokens * ratio - 1e-6), 0, True)  # decayed float sums: no ceil of 800.0000001
+        return Adjustment(math.ceil(tokens * ratio - 1e-6), 0, True)  # float sums: no ceil of 800.0000001
 
     def observe(self, model: str, tier: str, shape: str, ours: int, provider: int, tool_calls: int) -> None:
-        """One settled request with provider usage; `ours` is our raw count (before any adjustment)."""
+        """One settled request with provider usage; `ours` is our raw count (before any adjustment). Only
+        counted here; `sync` folds the samples into what `adjust` reads (and into the all-models keys)."""
         if not self.enabled or ours <= 0 or provider < 0:
             return
-        for k in (_key(model, tier, shape), _key(ANY_MODEL, tier, shape)):
-            if k not in self._view and len(self._view) >= self.max_keys:
-                continue  # bounded: model labels are already bounded, this is the backstop
-            p = self._pending.setdefault(k, [0.0, 0.0, 0.0, 0.0])
-            p[0] += provider
-            p[1] += ours
-            p[2] += tool_calls
-            p[3] += 1
-            v = self._view.get(k, (0.0, 0.0, 0.0, 0.0))
-            self._view[k] = (v[0] + provider, v[1] + ours, v[2] + tool_calls, v[3] + 1)
+        k = (model, tier, shape)
+        p = self._pending.get(k)
+        if p is None:
+            if len(self._pending) >= self.max_keys:
+                return  # bounded: model labels are already bounded, this is the backstop
+            p = self._pending[k] = [0.0, 0.0, 0.0, 0.0]
+        p[0] += provider
+        p[1] += ours
+        p[2] += tool_calls
+        p[3] += 1
+
+    def _take_pending(self) -> dict[tuple[str, str, str], _Sums]:
+        """This replica's samples since the last sync, with the all-models keys added up from them."""
+        sent, self._pending = self._pending, {}
+        out = dict(sent)
+        for (_model, tier, shape), v in sent.items():
+            a = out.setdefault((ANY_MODEL, tier, shape), [0.0, 0.0, 0.0, 0.0])
+            for i in range(4):
+                a[i] += v[i]
+        return out
 
     # ---- background -----------------------------------------------------------------------------
 
     async def sync(self, ledger: Ledger | None, now: float | None = None) -> None:
-        """Flush our samples to the shared store and take everyone's back."""
+        """Flush our samples to the shared store and take everyone's back (without a store: fold them in)."""
+        sent = self._take_pending()
         if ledger is None:
-            self._pending.clear()
+            for k, d in sent.items():
+                if k in self._view or len(self._view) < self.max_keys:
+                    v = self._view.setdefault(k, [0.0, 0.0, 0.0, 0.0])
+                    for i in range(4):
+                        v[i] += d[i]
             self._export()
             return
-        deltas: dict[str, CalibrationSums] = {k: (v[0], v[1], v[2], v[3]) for k, v in self._pending.items()}
-        self._pending = {}
+        deltas: dict[str, CalibrationSums] = {_key(*k): (v[0], v[1], v[2], v[3]) for k, v in sent.items()}
         try:
             merged = await ledger.merge_calibration(deltas, time.time() if now is None else now, self.half_life)
         except StoreUnavailable:
             metrics.store_failures.labels("calibration").inc()
-            for k, d in deltas.items():  # keep them for the next flush
-                p = self._pending.setdefault(k, [0.0, 0.0, 0.0, 0.0])
-                for i in range(4):
-                    p[i] += d[i]
+            for k, d in sent.items():  # keep them for the next flush (model keys only: ANY is re-derived)
+                if k[0] != ANY_MODEL:
+                    p = self._pending.setdefault(k, [0.0, 0.0, 0.0, 0.0])
+                    for i in range(4):
+                        p[i] += d[i]
             return
         if len(merged) > self.max_keys:
             merged = dict(sorted(merged.items(), key=lambda kv: -kv[1][3])[: self.max_keys])
-        for k, p in self._pending.items():  # samples that arrived while we were flushing
-            m = merged.get(k, (0.0, 0.0, 0.0, 0.0))
-            merged[k] = (m[0] + p[0], m[1] + p[1], m[2] + p[2], m[3] + p[3])
-        self._view = merged
+        view: dict[tuple[str, str, str], _Sums] = {}
+        for key, m in merged.items():
+            parts = key.split("|")
+            if len(parts) == 3:
+                view[(parts[0], parts[1], parts[2])] = list(m)
+        self._view = view
         self._export()
 
     async def run(self, ledger: Ledger | None) -> None:
-        with_store = ledger is not None
         while True:
             try:
                 await self.sync(ledger)
             except Exception:  # never let a store hiccup end the loop for the life of the process
                 log.exception("calibration sync failed")
-            await asyncio.sleep(self.flush_secs if with_store else 30)
+            await asyncio.sleep(self.flush_secs)
 
     async def reset(self, ledger: Ledger | None) -> int:
         self._view.clear()
@@ -149,8 +176,7 @@ class Calibrator:
 
     def snapshot(self) -> list[dict[str, Any]]:
         rows = []
-        for k, (provider, ours, calls, n) in sorted(self._view.items()):
-            model, tier, shape = k.split("|")
+        for (model, tier, shape), (provider, ours, calls, n) in sorted(self._view.items()):
             rows.append({"model": model, "tier": tier, "shape": shape, "samples": round(n, 3),
                          "ratio": round(provider / ours, 4) if ours > 0 else None,
                          "extra_tokens_per_request": round((provider - ours) / n, 1) if n > 0 else None,
@@ -160,8 +186,7 @@ class Calibrator:
 
     def _export(self) -> None:
         per: dict[tuple[str, str], list[float]] = {}
-        for k, (provider, ours, _, _) in self._view.items():
-            model, tier, _shape = k.split("|")
+        for (model, tier, _shape), (provider, ours, _, _) in self._view.items():
             acc = per.setdefault((model, tier), [0.0, 0.0])
             acc[0] += provider
             acc[1] += ours

@@ -239,8 +239,8 @@ class Processor:
         expected = self._expected_output(model, parsed, tr)
         state.expected_output = expected
         price = self.prices.resolve(route.provider, model)
-        adj = self.calibration.adjust(self.model_label(model, price), tier, parsed.shape.kind, prompt_tokens,
-                                      parsed.shape.server_tools)
+        adj = self.calibration.adjust(self.model_label(model, price), tier, f"{tr.api}:{parsed.shape.kind}",
+                                      prompt_tokens, parsed.shape.server_tools)
         state.prompt_estimate, state.tool_calls = adj.prompt_tokens, adj.tool_calls
         requested, price = self._target(route, model, adj.prompt_tokens, expected, adj.tool_calls)
         if price.source == "unpriced" or price.source == "fallback":
@@ -495,7 +495,9 @@ class Processor:
         if source == "usage" and state.asked_price is None and usage.input_tokens is not None \
                 and state.parsed is not None:
             self.calibration.observe(self.model_label(state.model, state.price), state.tier,
-                                     state.parsed.shape.kind, state.prompt_tokens, usage.input_tokens,
+                                     f"{state.translator.api}:{state.parsed.shape.kind}"
+                                     if state.translator else state.parsed.shape.kind,
+                                     state.prompt_tokens, usage.input_tokens,
                                      usage.web_searches or 0)
         priced = self.prices.resolve(state.route.provider, state.priced_model) if state.priced_model else state.price
         asked = state.parsed.model if state.parsed is not None else state.model
