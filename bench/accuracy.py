@@ -144,10 +144,11 @@ def main() -> int:
     print(f"\nAnthropic approximation tier after calibration: median {a['median']:.1%}, p95 {a['p95']:.1%}")
     print("\nweb-search requests: estimate vs billed (µ$)")
     for w in out["web_search"]:
-        print(f"  {w['name']:<44} before {w['estimate_before_micros']:>9} ({w['estimate_before_micros'] / w['billed_micros']:.2f}×)"
-              f"  after {w['estimate_after_micros']:>9} ({w['estimate_after_micros'] / w['billed_micros']:.2f}×)"
-              f"  billed {w['billed_micros']:>9}")
-    print(f"\ncalibration CPU per request (adjust + observe, in-process): {out['calibration_cpu_us_per_request']:.2f} µs")
+        b, a, billed = w["estimate_before_micros"], w["estimate_after_micros"], w["billed_micros"]
+        print(f"  {w['name']:<44} before {b:>9} ({b / billed:.2f}×)  after {a:>9} ({a / billed:.2f}×)"
+              f"  billed {billed:>9}")
+    cpu = out["calibration_cpu_us_per_request"]
+    print(f"\ncalibration CPU per request (adjust + observe, in-process): {cpu:.2f} µs")
     return 0
 
 
