@@ -56,7 +56,7 @@ class PricePlan:
     charged in full, so clamping only ever charges more.
     """
 
-    __slots__ = ("_per_request", "_tiered", "_units", "keys")
+    __slots__ = ("_tiered", "_units", "keys")
 
     def __init__(self, model_price: ModelPrice) -> None:
         registry = _library_unit_registry()
@@ -72,19 +72,7 @@ class PricePlan:
             units.append(_Unit(unit.usage_key, price, unit.per, desc))
         self._units = tuple(units)
         self._tiered = any(isinstance(u.price, TieredPrices) for u in units)
-        self._per_request = any(u.key == "requests" for u in units)
         self.keys = frozenset(u.key for u in units)
-
-    def has(self, key: str) -> bool:
-        return key in self.keys
-
-    def rate(self, key: str) -> Decimal | None:
-        """The base rate of one unit in USD per unit (tiers: the base tier), for estimates and docs."""
-        for u in self._units:
-            if u.key == key:
-                p = u.price.base if isinstance(u.price, TieredPrices) else u.price
-                return p / u.per
-        return None
 
     def cost_usd(self, usage: UsageCounts) -> Decimal:
         total_input = usage.get("input_tokens", 0) if self._tiered else 0
@@ -161,11 +149,6 @@ class ResolvedPrice:
         if web_searches:
             counts["web_searches"] = web_searches
         return self.plan.cost_micros(counts)
-
-    def web_search_fee_micros(self) -> int:
-        """What one server-side web search costs on this model (0 when the database prices none)."""
-        rate = self.plan.rate("web_searches")
-        return 0 if rate is None else ceil_micros(rate * 1_000_000)
 
 
 def _override_plan(o: PriceOverride) -> PricePlan:
