@@ -1,8 +1,7 @@
 """Issue 12: every recorded provider exchange replayed through the real Envoy and our server.
 
 Per case: the settled cost equals genai-prices' price of the recorded usage to the micro-dollar, and the
-client receives the recorded body byte for byte. Skips (with the reason) when ../shared is absent; CI has it,
-and there `NEXUS_REQUIRE_TOOLS=1` turns a missing corpus into a failure.
+client receives the recorded body byte for byte. Skips (with the reason) when ../shared is absent; CI has it.
 """
 
 from __future__ import annotations
