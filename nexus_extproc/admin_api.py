@@ -128,7 +128,7 @@ class BudgetAdmin(pb_grpc.BudgetAdminServiceServicer):
         return pb.ListSpendResponse(rows=[pb.SpendRow(
             budget=r.budget, model=r.model, day=r.day, requests=r.requests, input_tokens=r.input_tokens,
             output_tokens=r.output_tokens, cost_micros=r.cost_micros, estimate_micros=r.estimate_micros,
-            avoided_micros=r.avoided_micros)
+            avoided_micros=r.avoided_micros, reaped_micros=r.reaped_micros)
             for r in rows])
 
     async def ListAudit(self, request: pb.ListAuditRequest,

@@ -124,7 +124,8 @@ def run_admin(args: argparse.Namespace) -> int:
                 req.to.FromSeconds(int(hi))
                 resp = stub.ListSpend(req, metadata=md, timeout=30)
                 rows = [SpendRow(r.budget, r.model, r.day, r.requests, r.input_tokens, r.output_tokens,
-                                 r.cost_micros, r.estimate_micros, r.avoided_micros) for r in resp.rows]
+                                 r.cost_micros, r.estimate_micros, r.avoided_micros,
+                                 reaped_micros=r.reaped_micros) for r in resp.rows]
                 if args.format == "csv":
                     sys.stdout.write(to_csv(rows))
                 else:

@@ -10,16 +10,14 @@ budgets, and that budget is then treated as at its hard limit. So two requests n
 from __future__ import annotations
 
 import asyncio
-import json
+import functools
 import logging
 import math
-import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from pathlib import Path
 from typing import Any, cast
 from zoneinfo import ZoneInfo
 
@@ -28,8 +26,9 @@ from nexus_extproc.alerts import AlertSender, alert_payload
 from nexus_extproc.config import BudgetDefConfig, NexusConfig, ScopeConfig
 from nexus_extproc.errors import budget_exceeded, store_unavailable
 from nexus_extproc.forecast import Forecast, forecast
-from nexus_extproc.ledger import AuditRecord, Key, Ledger, SpendRecord, StoreUnavailable, Totals
-from nexus_extproc.money import usd_to_micros
+from nexus_extproc.ledger import AuditRecord, ForwardNote, Key, Ledger, SpendRecord, StoreUnavailable, Totals
+from nexus_extproc.ledger.outbox import Outbox
+from nexus_extproc.money import format_usd, usd_to_micros
 from nexus_extproc.periods import Period, period_for
 from nexus_extproc.policy import STATUS_CODE, Action, BudgetView, Decision, HardAction, PolicyInput, Target, decide
 from nexus_extproc.scopes import RequestFacts, matches
@@ -144,44 +143,6 @@ class _Plan:
     gen: int
     next_sweep: float = 0.0  # next forecast check for these budgets (at most every 10 s)
     observed: bool = False  # these periods' rollover has been recorded in the store
-
-
-class Outbox:
-    """Settlements that could not reach the store (store_failure=open), fsynced to a local file and
-    replayed in order when the store is back: settled spend is never dropped."""
-
-    def __init__(self, path: str) -> None:
-        self.path = Path(path)
-
-    def append(self, entry: dict[str, object]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(entry, separators=(",", ":")) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    async def replay(self, ledger: Ledger) -> int:
-        if not self.path.exists():
-            return 0
-        claimed = self.path.with_suffix(f".replay-{os.getpid()}")
-        try:
-            os.replace(self.path, claimed)  # atomic claim: one process replays a given batch
-        except FileNotFoundError:
-            return 0
-        lines = claimed.read_text(encoding="utf-8").splitlines()
-        done = 0
-        try:
-            for line in lines:
-                e = json.loads(line)
-                rec = SpendRecord(**e["record"])
-                await ledger.settle(e["req_id"], [tuple(i) for i in e["items"]], int(e["cost"]), rec)
-                done += 1
-        except StoreUnavailable:
-            with self.path.open("a", encoding="utf-8") as f:  # put the rest back
-                for line in lines[done:]:
-                    f.write(line + "\n")
-        claimed.unlink(missing_ok=True)
-        return done
 
 
 class BudgetService:
@@ -448,7 +409,9 @@ class BudgetService:
                 continue
             self._forecast_checked[d.name] = now
             if now - p.start.timestamp() >= 86400:
-                fc = forecast(t.settled, limit, p.start.timestamp(), p.end.timestamp(), now)
+                # Reserved spend counts as committed: the check runs at threshold crossings, when the requests
+                # that crossed are often still in flight.
+                fc = forecast(t.settled + t.reserved, limit, p.start.timestamp(), p.end.timestamp(), now)
                 if fc.exceeds(limit):
                     self._fired.add(key)
                     asyncio.get_running_loop().create_task(self._claim_and_send(d, p, "forecast", t, limit,
@@ -477,8 +440,17 @@ class BudgetService:
                 return
             except StoreUnavailable:
                 metrics.store_failures.labels("settle").inc()
-        self.outbox.append({"req_id": req_id, "items": adm.items, "cost": cost,
+        self.outbox.append({"req_id": req_id, "items": [list(i) for i in adm.items], "cost": cost,
                             "record": {k: getattr(record, k) for k in record.__slots__}})
+
+    async def mark_forwarded(self, req_id: str, note: ForwardNote) -> None:
+        """Best effort: without the mark, a reservation whose process dies is released, not charged."""
+        if self.ledger is None:
+            return
+        try:
+            await self.ledger.mark_forwarded(req_id, time.time(), note)
+        except StoreUnavailable:
+            metrics.store_failures.labels("forwarded").inc()
 
     async def release(self, req_id: str, adm: Admission) -> None:
         if self.ledger is None or not adm.reserved:
@@ -489,19 +461,43 @@ class BudgetService:
             metrics.store_failures.labels("release").inc()  # the reservation expires by its TTL
 
     async def reconcile_once(self) -> None:
+        """One pass: reap, replay, checkpoint, refresh. Each step stands alone: a failure is logged and
+        counted and the next step still runs, so one bad outbox line or a store blip never stops the loop."""
         if self.ledger is None:
             return
+        ledger = self.ledger
+        await self._step("reap", self._reap)
+        await self._step("outbox", lambda: self.outbox.replay(ledger))
+        checkpoint = getattr(ledger, "checkpoint", None)
+        if checkpoint is not None:
+            await self._step("checkpoint", checkpoint)
+        for d in self.defs:
+            await self._step("state", functools.partial(self.state, d))
+        await self._step("meta", lambda: ledger.set_meta(
+            "last_reconciliation", self.clock().strftime("%Y-%m-%dT%H:%M:%SZ")))
+
+    async def _reap(self) -> None:
+        assert self.ledger is not None
+        r = await self.ledger.reap(time.time())
+        if r.released:
+            metrics.reaped.labels("released").inc(r.released)
+            metrics.budget_events.labels("reservations_reaped").inc(r.released)
+        if r.charged:
+            metrics.reaped.labels("charged").inc(r.charged)
+            metrics.reaped_micros.inc(r.charged_micros)
+        if r.released or r.charged:
+            log.warning("reaped expired reservations: forwarded ones charged at their estimate, the rest "
+                        "released", extra={"released": r.released, "charged": r.charged,
+                                           "charged_usd": format_usd(r.charged_micros)})
+
+    async def _step(self, name: str, fn: Callable[[], Awaitable[object]]) -> None:
         try:
-            reaped = await self.ledger.reap(time.time())
-            if reaped:
-                metrics.budget_events.labels("reservations_reaped").inc(reaped)
-                log.warning("reaped expired reservations", extra={"count": reaped})
-            await self.outbox.replay(self.ledger)
-            for d in self.defs:
-                await self.state(d)
-            await self.ledger.set_meta("last_reconciliation", self.clock().strftime("%Y-%m-%dT%H:%M:%SZ"))
+            await fn()
         except StoreUnavailable:
             metrics.store_failures.labels("reconcile").inc()
+        except Exception:
+            metrics.reconciler_errors.labels(name).inc()
+            log.exception("reconciler step failed; the loop goes on", extra={"step": name})
 
     async def run_reconciler(self, interval: float, settings_interval: float = 2.0) -> None:
         """Reap, replay and refresh every `interval`; pick up runtime settings every `settings_interval`."""
@@ -514,4 +510,7 @@ class BudgetService:
                 await self.load_settings()
             except StoreUnavailable:
                 metrics.store_failures.labels("settings").inc()
+            except Exception:
+                metrics.reconciler_errors.labels("settings").inc()
+                log.exception("settings reload failed; the loop goes on")
             await asyncio.sleep(min(interval, settings_interval))

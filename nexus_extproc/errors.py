@@ -42,6 +42,10 @@ def budget_exceeded(message: str, retry_after_s: int) -> NexusError:
     return NexusError(503, "budget_exceeded", message, {"retry-after": str(max(1, retry_after_s))})
 
 
+def internal_error() -> NexusError:
+    return NexusError(500, "internal_error", "the budget filter failed on this request; it was not forwarded")
+
+
 def store_unavailable() -> NexusError:
     return NexusError(503, "budget_store_unavailable", "budget store unavailable; request not admitted")
 

@@ -31,3 +31,18 @@ sse_bad_events = Counter("nexus_sse_bad_events_total", "SSE data lines that were
 # sums, so the most recent value from any process is the value.
 estimate_ratio = Gauge("nexus_estimate_ratio", "Provider input tokens per counted prompt token, learned",
                        ["model", "tier"], multiprocess_mode="mostrecent")
+reaped = Counter("nexus_reaped_reservations_total",
+                 "Expired reservations: charged at the estimate (forwarded, then its process died) or released",
+                 ["outcome"])
+reaped_micros = Counter("nexus_reaped_charged_microdollars_total",
+                        "Micro-dollars charged by the reaper at the estimate (no usage was ever seen)")
+outbox_corrupt = Counter("nexus_outbox_corrupt_total", "Outbox lines that failed their checksum (moved aside)")
+outbox_failures = Counter("nexus_outbox_write_failures_total", "Settlements the outbox could not write")
+settlements_pending = Gauge("nexus_settlements_pending", "Settlements held in memory: neither the store nor the "
+                            "outbox took them yet (retried every pass)", multiprocess_mode="livesum")
+unmetered = Counter("nexus_unmetered_requests_total",
+                    "Requests forwarded with store_failure=open while neither the store nor the outbox works")
+reconciler_errors = Counter("nexus_reconciler_errors_total", "Reconciler steps that failed (the loop goes on)",
+                            ["step"])
+wal_checkpoints = Counter("nexus_wal_checkpoints_total", "SQLite WAL truncations (size bound or full disk)")
+worker_restarts = Counter("nexus_worker_restarts_total", "Worker processes restarted by the parent")

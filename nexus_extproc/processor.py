@@ -20,8 +20,15 @@ from nexus_extproc import metrics
 from nexus_extproc.budget import Admission, BudgetService
 from nexus_extproc.calibration import Calibrator
 from nexus_extproc.config import NexusConfig
-from nexus_extproc.errors import NexusError, bad_request, not_found, payload_too_large, render_error
-from nexus_extproc.ledger import SpendRecord
+from nexus_extproc.errors import (
+    NexusError,
+    bad_request,
+    internal_error,
+    not_found,
+    payload_too_large,
+    render_error,
+)
+from nexus_extproc.ledger import ForwardNote, SpendRecord
 from nexus_extproc.money import format_usd, usd_float
 from nexus_extproc.policy import Action, Target
 from nexus_extproc.pricing import PriceBook, ResolvedPrice, token_usage_counts
@@ -96,6 +103,17 @@ class RequestState:
     final_cost: int | None = None
     settle_source: str | None = None
     finished: bool = False
+    forwarded: bool = False  # the request-body reply went out without an immediate answer
+
+
+def _has_lone_surrogate(doc: Any) -> bool:
+    """JSON allows `\\ud800` alone, Unicode does not: such text cannot be re-encoded or forwarded as UTF-8.
+    Only run when the raw body holds a surrogate escape at all."""
+    try:
+        json.dumps(doc, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 class OutputStats:
@@ -132,6 +150,7 @@ class Processor:
         self.calibration = Calibrator(est.calibration_half_life_hours * 3600, est.calibration_flush_secs,
                                       enabled=est.calibration)
         self._known_models = config.configured_models()
+        self._background: set[asyncio.Task[None]] = set()
         self._trust_identity = config.identity.trust_identity_headers
         # Hash the caller's API key only when some budget is scoped by key (an HMAC per request otherwise).
         self._need_key = any(d.scope is not None and d.scope.api_key_hash for d in budget.defs)
@@ -195,6 +214,8 @@ class Processor:
             raise bad_request("request body is not valid JSON") from None
         if not isinstance(doc, dict):
             raise bad_request("request body must be a JSON object")
+        if (b"\\ud" in body or b"\\uD" in body) and _has_lone_surrogate(doc):
+            raise bad_request("request body contains an unpaired UTF-16 surrogate escape")
         return state.translator.parse(doc)
 
     async def _count(self, model: str, parsed: ParsedRequest) -> tuple[int, str]:
@@ -223,7 +244,31 @@ class Processor:
         return Target(route.backend, route.backend_type, model, est), price  # type: ignore[arg-type]
 
     async def request_body(self, state: RequestState, body: bytes) -> Reply:
-        """ext_proc phase `request_body` (BUFFERED): parse, count, price, decide, reserve, route."""
+        """ext_proc phase `request_body` (BUFFERED): parse, count, price, decide, reserve, route.
+
+        Whatever a client sends is answered in its API's error shape: a body that breaks parsing, counting or
+        rewriting in a way the translators did not foresee (a wrong type deep in a field, nesting past the
+        recursion limit, an unpaired surrogate) is still the client's error, a 400, never a reset stream that
+        Envoy turns into a 500. A reservation already made for it is released."""
+        try:
+            return await self._request_body(state, body)
+        except NexusError as e:
+            reply = self._error(state, e, "too_large" if e.status == 413 else "malformed")
+        except RecursionError:
+            reply = self._error(state, bad_request("request body is nested too deeply"), "malformed")
+        except UnicodeError:
+            reply = self._error(state, bad_request("request body contains text that is not valid Unicode "
+                                                   "(an unpaired surrogate escape)"), "malformed")
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError) as e:
+            log.info("request refused: a field has an unexpected type or value", extra={"error": type(e).__name__})
+            reply = self._error(state, bad_request("a field of the request has an unexpected type or value"),
+                                "malformed")
+        adm, state.admission = state.admission, None
+        if adm is not None:
+            await self.budget.release(state.req_id, adm)
+        return reply
+
+    async def _request_body(self, state: RequestState, body: bytes) -> Reply:
         assert state.translator is not None
         tr = state.translator
         try:
@@ -291,6 +336,9 @@ class Processor:
         reply.remove_headers = [h for h in state.client_nexus_headers if h != C.UPSTREAM_HEADER]
         if rerouted or add_usage:
             new_body = tr.rewrite(parsed.doc, model=state.model if rerouted else None, add_stream_usage=add_usage)
+            if len(new_body) > self.config.server.max_request_body_bytes:
+                # Envoy would refuse the grown body with a plain-text 413 after we reserved; say it here.
+                raise payload_too_large(self.config.server.max_request_body_bytes)
             reply.body = new_body
             reply.set_headers.append(("content-length", str(len(new_body))))
         if rerouted and state.route.backend_type == "local":
@@ -363,11 +411,12 @@ class Processor:
                 if ev.data is not None and ev.data != "[DONE]":
                     try:
                         doc = json.loads(ev.data)
-                    except ValueError:
-                        doc = None
+                        info = tr.stream_event(ev.event, doc) if isinstance(doc, dict) else None
+                    except (ValueError, TypeError, AttributeError, KeyError, IndexError, RecursionError):
+                        # The provider's bytes go to the client unchanged; only our reading of them is skipped.
+                        info = None
                         metrics.sse_bad_events.inc()
-                    if isinstance(doc, dict):
-                        info = tr.stream_event(ev.event, doc)
+                    if info is not None:
                         if info.usage is not None:
                             state.usage.merge(info.usage)
                             state.usage_final = state.usage_final or info.final
@@ -385,13 +434,12 @@ class Processor:
             if end_of_stream or chunk:
                 try:
                     doc = json.loads(chunk) if chunk else None
-                except ValueError:
-                    doc = None
-                if isinstance(doc, dict):
-                    u = tr.response_usage(doc)
-                    if u is not None:
-                        state.usage.merge(u)
-                        state.usage_final = u.complete
+                    u = tr.response_usage(doc) if isinstance(doc, dict) else None
+                except (ValueError, TypeError, AttributeError, KeyError, IndexError, RecursionError):
+                    u = None  # settled from our own counts, as a response without usage is
+                if u is not None:
+                    state.usage.merge(u)
+                    state.usage_final = u.complete
         if end_of_stream:
             state.response_complete = True
             reply.metadata = self._final_metadata(state)
@@ -443,7 +491,10 @@ class Processor:
             state.priced_model = price.model
             cost, source = price.cost_micros(self._provider_counts(state)), "usage"
         else:
-            out = self._streamed_output_tokens(state) if state.streaming else state.expected_output
+            # No response at all: only the output that was seen; a response without usage: what streamed, or
+            # the expected output for a JSON answer (its usage block was missing).
+            seen = state.streaming or state.response_status == 0
+            out = self._streamed_output_tokens(state) if seen else state.expected_output
             u = state.usage
             usage = TokenUsage(
                 input_tokens=u.input_tokens if u.input_tokens is not None else state.prompt_estimate,
@@ -473,6 +524,30 @@ class Processor:
                                                                         state.expected_output)
         return max(0, state.asked_price.cost_micros(u) - cost)
 
+    def internal_error(self, state: RequestState) -> Reply:
+        """A bug on the request side: answer in the client's shape and give back what was reserved."""
+        adm, state.admission = state.admission, None
+        if adm is not None:
+            task = asyncio.get_running_loop().create_task(self.budget.release(state.req_id, adm))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return self._error(state, internal_error(), "internal")
+
+    def forwarded(self, state: RequestState) -> None:
+        """The request is on its way upstream: from here on the provider bills it, so if this process dies
+        before the settlement the reaper charges the reservation instead of releasing it."""
+        state.forwarded = True
+        adm = state.admission
+        if adm is None or not adm.reserved or state.route is None:
+            return
+        note = ForwardNote(self.model_label(state.model, state.price), state.route.backend,
+                           self.model_label(state.parsed.model if state.parsed else state.model,
+                                            state.asked_price or state.price),
+                           state.prompt_tokens)
+        task = asyncio.get_running_loop().create_task(self.budget.mark_forwarded(state.req_id, note))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def finish(self, state: RequestState) -> None:
         """Runs once per stream whatever ended it (clean end, reset, client abort): settle or release."""
         if state.finished:
@@ -481,10 +556,12 @@ class Processor:
         adm = state.admission
         if adm is None or state.route is None or state.price is None:
             return
-        upstream_failed = state.response_status >= 400 or (
-            state.response_status == 0 and state.out_chars == 0)
-        if upstream_failed and not state.usage_final:
-            # Nothing was generated (upstream error or the client left before any response): not billable.
+        # The charge rule (docs/budgets.md): an upstream error without usage is not billed; a request that
+        # never left is not billed; one that left and got no answer (the client went away, the stream was
+        # reset) is billed for its prompt plus whatever output was seen streaming, since the provider did
+        # the work whether or not anyone read it.
+        not_billed = state.response_status >= 400 or (state.response_status == 0 and not state.forwarded)
+        if not_billed and not state.usage_final:
             await self.budget.release(state.req_id, adm)
             metrics.settlements.labels("released").inc()
             return

@@ -25,6 +25,7 @@ class SpendRow:
     estimate_micros: int = 0
     avoided_micros: int = 0
     model_requested: str = ""
+    reaped_micros: int = 0
 
 
 def parse_range(start: str | None, end: str | None, today: date | None = None) -> tuple[float, float]:
@@ -63,19 +64,22 @@ def roll_up(aggs: Iterable[SpendAgg], group_by: Iterable[str]) -> list[SpendRow]
         row.cost_micros += a.cost
         row.estimate_micros += a.estimate
         row.avoided_micros += a.avoided
+        row.reaped_micros += a.reaped
     return [out[k] for k in sorted(out)]
 
 
-# `model` is the model settled at (the one that answered); `model_requested` the one the client asked for.
+# `model` is the model settled at (the one that answered); `model_requested` the one the client asked for;
+# `reaped_usd` the part of `cost_usd` the reaper charged at the estimate (forwarded, its process died).
 COLUMNS = ("budget", "model", "day", "requests", "input_tokens", "output_tokens", "cost_usd", "estimate_usd",
-           "avoided_usd", "model_requested")
+           "avoided_usd", "model_requested", "reaped_usd")
 
 
 def row_dict(r: SpendRow) -> dict[str, object]:
     return {"budget": r.budget, "model": r.model, "day": r.day, "requests": r.requests,
             "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
             "cost_usd": f"{r.cost_micros / 1e6:.6f}", "estimate_usd": f"{r.estimate_micros / 1e6:.6f}",
-            "avoided_usd": f"{r.avoided_micros / 1e6:.6f}", "model_requested": r.model_requested}
+            "avoided_usd": f"{r.avoided_micros / 1e6:.6f}", "model_requested": r.model_requested,
+            "reaped_usd": f"{r.reaped_micros / 1e6:.6f}"}
 
 
 def to_csv(rows: Iterable[SpendRow]) -> str:

@@ -112,22 +112,32 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                         deadline.reschedule(now + self.idle_timeout)
                         moved = now
                     phase = req.WhichOneof("request") or "unknown"
-                    if phase == "request_headers":
-                        h = req.request_headers
-                        reply = proc.request_headers(state, header_map(h.headers), h.end_of_stream)
-                    elif phase == "request_body":
-                        reply = await proc.request_body(state, req.request_body.body)
-                    elif phase == "response_headers":
-                        reply = proc.response_headers(state, header_map(req.response_headers.headers))
-                    elif phase == "response_body":
-                        b = req.response_body
-                        reply = proc.response_body(state, b.body, b.end_of_stream)
-                    elif phase in _EMPTY:
-                        yield _EMPTY[phase]
-                        continue
-                    else:
-                        continue
+                    try:
+                        if phase == "request_headers":
+                            h = req.request_headers
+                            reply = proc.request_headers(state, header_map(h.headers), h.end_of_stream)
+                        elif phase == "request_body":
+                            reply = await proc.request_body(state, req.request_body.body)
+                        elif phase == "response_headers":
+                            reply = proc.response_headers(state, header_map(req.response_headers.headers))
+                        elif phase == "response_body":
+                            b = req.response_body
+                            reply = proc.response_body(state, b.body, b.end_of_stream)
+                        elif phase in _EMPTY:
+                            yield _EMPTY[phase]
+                            continue
+                        else:
+                            continue
+                    except Exception:
+                        # A bug, not the client's input (that is a 400 in the processor): the request side
+                        # answers in the client's error shape rather than resetting the stream (Envoy's bare
+                        # 500); the response side lets the provider's bytes through and settles from our counts.
+                        metrics.stream_errors.labels(phase).inc()
+                        log.exception("ext_proc phase failed", extra={"phase": phase})
+                        reply = proc.internal_error(state) if phase.startswith("request") else Reply()
                     yield render(phase, reply)
+                    if phase == "request_body" and reply.immediate is None:
+                        proc.forwarded(state)
                     if reply.immediate is not None:
                         return
         except TimeoutError:

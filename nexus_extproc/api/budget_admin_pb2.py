@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"nexus/budget/v1/budget_admin.proto\x12\x0fnexus.budget.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x91\x03\n\x0c\x42udgetStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06period\x18\x02 \x01(\t\x12\x14\n\x0climit_micros\x18\x03 \x01(\x03\x12\x19\n\x11\x62\x61se_limit_micros\x18\x04 \x01(\x03\x12\x16\n\x0esettled_micros\x18\x05 \x01(\x03\x12\x17\n\x0freserved_micros\x18\x06 \x01(\x03\x12\x1b\n\x13utilization_percent\x18\x07 \x01(\x01\x12\'\n\x06status\x18\x08 \x01(\x0e\x32\x17.nexus.budget.v1.Status\x12\x1a\n\x12soft_limit_percent\x18\t \x01(\x01\x12;\n\x11hard_limit_action\x18\n \x01(\x0e\x32 .nexus.budget.v1.HardLimitAction\x12\x32\n\x0eoverride_until\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nnext_reset\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\" \n\x10GetStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"C\n\x11GetStatusResponse\x12.\n\x07\x62udgets\x18\x01 \x03(\x0b\x32\x1d.nexus.budget.v1.BudgetStatus\"\x9d\x01\n\x0fSetLimitRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0climit_micros\x18\x02 \x01(\x03\x12\x1a\n\x12soft_limit_percent\x18\x03 \x01(\x01\x12;\n\x11hard_limit_action\x18\x04 \x01(\x0e\x32 .nexus.budget.v1.HardLimitAction\x12\r\n\x05\x61\x63tor\x18\x05 \x01(\t\"A\n\x10SetLimitResponse\x12-\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x1d.nexus.budget.v1.BudgetStatus\"r\n\x12SetOverrideRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0climit_micros\x18\x02 \x01(\x03\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\"D\n\x13SetOverrideResponse\x12-\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x1d.nexus.budget.v1.BudgetStatus\"v\n\x10ListSpendRequest\x12(\n\x04\x66rom\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x02to\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08group_by\x18\x03 \x03(\t\"\xbb\x01\n\x08SpendRow\x12\x0e\n\x06\x62udget\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0b\n\x03\x64\x61y\x18\x03 \x01(\t\x12\x10\n\x08requests\x18\x04 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\x03\x12\x15\n\routput_tokens\x18\x06 \x01(\x03\x12\x13\n\x0b\x63ost_micros\x18\x07 \x01(\x03\x12\x17\n\x0f\x65stimate_micros\x18\x08 \x01(\x03\x12\x16\n\x0e\x61voided_micros\x18\t \x01(\x03\"<\n\x11ListSpendResponse\x12\'\n\x04rows\x18\x01 \x03(\x0b\x32\x19.nexus.budget.v1.SpendRow\"\x8a\x01\n\nAuditEntry\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0e\n\x06\x62udget\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\x12\x11\n\told_value\x18\x05 \x01(\t\x12\x11\n\tnew_value\x18\x06 \x01(\t\"!\n\x10ListAuditRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"A\n\x11ListAuditResponse\x12,\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1b.nexus.budget.v1.AuditEntry\"\"\n\x12WatchStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"D\n\x13WatchStatusResponse\x12-\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x1d.nexus.budget.v1.BudgetStatus*a\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x11\n\rSTATUS_NORMAL\x10\x01\x12\x15\n\x11STATUS_SOFT_LIMIT\x10\x02\x12\x15\n\x11STATUS_HARD_LIMIT\x10\x03*\x94\x01\n\x0fHardLimitAction\x12!\n\x1dHARD_LIMIT_ACTION_UNSPECIFIED\x10\x00\x12\x1a\n\x16HARD_LIMIT_ACTION_WARN\x10\x01\x12!\n\x1dHARD_LIMIT_ACTION_BLOCK_CLOUD\x10\x02\x12\x1f\n\x1bHARD_LIMIT_ACTION_BLOCK_ALL\x10\x03\x32\x97\x04\n\x12\x42udgetAdminService\x12R\n\tGetStatus\x12!.nexus.budget.v1.GetStatusRequest\x1a\".nexus.budget.v1.GetStatusResponse\x12O\n\x08SetLimit\x12 .nexus.budget.v1.SetLimitRequest\x1a!.nexus.budget.v1.SetLimitResponse\x12X\n\x0bSetOverride\x12#.nexus.budget.v1.SetOverrideRequest\x1a$.nexus.budget.v1.SetOverrideResponse\x12R\n\tListSpend\x12!.nexus.budget.v1.ListSpendRequest\x1a\".nexus.budget.v1.ListSpendResponse\x12R\n\tListAudit\x12!.nexus.budget.v1.ListAuditRequest\x1a\".nexus.budget.v1.ListAuditResponse\x12Z\n\x0bWatchStatus\x12#.nexus.budget.v1.WatchStatusRequest\x1a$.nexus.budget.v1.WatchStatusResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"nexus/budget/v1/budget_admin.proto\x12\x0fnexus.budget.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x91\x03\n\x0c\x42udgetStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06period\x18\x02 \x01(\t\x12\x14\n\x0climit_micros\x18\x03 \x01(\x03\x12\x19\n\x11\x62\x61se_limit_micros\x18\x04 \x01(\x03\x12\x16\n\x0esettled_micros\x18\x05 \x01(\x03\x12\x17\n\x0freserved_micros\x18\x06 \x01(\x03\x12\x1b\n\x13utilization_percent\x18\x07 \x01(\x01\x12\'\n\x06status\x18\x08 \x01(\x0e\x32\x17.nexus.budget.v1.Status\x12\x1a\n\x12soft_limit_percent\x18\t \x01(\x01\x12;\n\x11hard_limit_action\x18\n \x01(\x0e\x32 .nexus.budget.v1.HardLimitAction\x12\x32\n\x0eoverride_until\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nnext_reset\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\" \n\x10GetStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"C\n\x11GetStatusResponse\x12.\n\x07\x62udgets\x18\x01 \x03(\x0b\x32\x1d.nexus.budget.v1.BudgetStatus\"\x9d\x01\n\x0fSetLimitRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0climit_micros\x18\x02 \x01(\x03\x12\x1a\n\x12soft_limit_percent\x18\x03 \x01(\x01\x12;\n\x11hard_limit_action\x18\x04 \x01(\x0e\x32 .nexus.budget.v1.HardLimitAction\x12\r\n\x05\x61\x63tor\x18\x05 \x01(\t\"A\n\x10SetLimitResponse\x12-\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x1d.nexus.budget.v1.BudgetStatus\"r\n\x12SetOverrideRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0climit_micros\x18\x02 \x01(\x03\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\"D\n\x13SetOverrideResponse\x12-\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x1d.nexus.budget.v1.BudgetStatus\"v\n\x10ListSpendRequest\x12(\n\x04\x66rom\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x02to\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08group_by\x18\x03 \x03(\t\"\xd2\x01\n\x08SpendRow\x12\x0e\n\x06\x62udget\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0b\n\x03\x64\x61y\x18\x03 \x01(\t\x12\x10\n\x08requests\x18\x04 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\x03\x12\x15\n\routput_tokens\x18\x06 \x01(\x03\x12\x13\n\x0b\x63ost_micros\x18\x07 \x01(\x03\x12\x17\n\x0f\x65stimate_micros\x18\x08 \x01(\x03\x12\x16\n\x0e\x61voided_micros\x18\t \x01(\x03\x12\x15\n\rreaped_micros\x18\n \x01(\x03\"<\n\x11ListSpendResponse\x12\'\n\x04rows\x18\x01 \x03(\x0b\x32\x19.nexus.budget.v1.SpendRow\"\x8a\x01\n\nAuditEntry\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0e\n\x06\x62udget\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\x12\x11\n\told_value\x18\x05 \x01(\t\x12\x11\n\tnew_value\x18\x06 \x01(\t\"!\n\x10ListAuditRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"A\n\x11ListAuditResponse\x12,\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1b.nexus.budget.v1.AuditEntry\"\"\n\x12WatchStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"D\n\x13WatchStatusResponse\x12-\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x1d.nexus.budget.v1.BudgetStatus*a\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x11\n\rSTATUS_NORMAL\x10\x01\x12\x15\n\x11STATUS_SOFT_LIMIT\x10\x02\x12\x15\n\x11STATUS_HARD_LIMIT\x10\x03*\x94\x01\n\x0fHardLimitAction\x12!\n\x1dHARD_LIMIT_ACTION_UNSPECIFIED\x10\x00\x12\x1a\n\x16HARD_LIMIT_ACTION_WARN\x10\x01\x12!\n\x1dHARD_LIMIT_ACTION_BLOCK_CLOUD\x10\x02\x12\x1f\n\x1bHARD_LIMIT_ACTION_BLOCK_ALL\x10\x03\x32\x97\x04\n\x12\x42udgetAdminService\x12R\n\tGetStatus\x12!.nexus.budget.v1.GetStatusRequest\x1a\".nexus.budget.v1.GetStatusResponse\x12O\n\x08SetLimit\x12 .nexus.budget.v1.SetLimitRequest\x1a!.nexus.budget.v1.SetLimitResponse\x12X\n\x0bSetOverride\x12#.nexus.budget.v1.SetOverrideRequest\x1a$.nexus.budget.v1.SetOverrideResponse\x12R\n\tListSpend\x12!.nexus.budget.v1.ListSpendRequest\x1a\".nexus.budget.v1.ListSpendResponse\x12R\n\tListAudit\x12!.nexus.budget.v1.ListAuditRequest\x1a\".nexus.budget.v1.ListAuditResponse\x12Z\n\x0bWatchStatus\x12#.nexus.budget.v1.WatchStatusRequest\x1a$.nexus.budget.v1.WatchStatusResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nexus.budget.v1.budget_admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STATUS']._serialized_start=1729
-  _globals['_STATUS']._serialized_end=1826
-  _globals['_HARDLIMITACTION']._serialized_start=1829
-  _globals['_HARDLIMITACTION']._serialized_end=1977
+  _globals['_STATUS']._serialized_start=1752
+  _globals['_STATUS']._serialized_end=1849
+  _globals['_HARDLIMITACTION']._serialized_start=1852
+  _globals['_HARDLIMITACTION']._serialized_end=2000
   _globals['_BUDGETSTATUS']._serialized_start=89
   _globals['_BUDGETSTATUS']._serialized_end=490
   _globals['_GETSTATUSREQUEST']._serialized_start=492
@@ -53,19 +53,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTSPENDREQUEST']._serialized_start=1008
   _globals['_LISTSPENDREQUEST']._serialized_end=1126
   _globals['_SPENDROW']._serialized_start=1129
-  _globals['_SPENDROW']._serialized_end=1316
-  _globals['_LISTSPENDRESPONSE']._serialized_start=1318
-  _globals['_LISTSPENDRESPONSE']._serialized_end=1378
-  _globals['_AUDITENTRY']._serialized_start=1381
-  _globals['_AUDITENTRY']._serialized_end=1519
-  _globals['_LISTAUDITREQUEST']._serialized_start=1521
-  _globals['_LISTAUDITREQUEST']._serialized_end=1554
-  _globals['_LISTAUDITRESPONSE']._serialized_start=1556
-  _globals['_LISTAUDITRESPONSE']._serialized_end=1621
-  _globals['_WATCHSTATUSREQUEST']._serialized_start=1623
-  _globals['_WATCHSTATUSREQUEST']._serialized_end=1657
-  _globals['_WATCHSTATUSRESPONSE']._serialized_start=1659
-  _globals['_WATCHSTATUSRESPONSE']._serialized_end=1727
-  _globals['_BUDGETADMINSERVICE']._serialized_start=1980
-  _globals['_BUDGETADMINSERVICE']._serialized_end=2515
+  _globals['_SPENDROW']._serialized_end=1339
+  _globals['_LISTSPENDRESPONSE']._serialized_start=1341
+  _globals['_LISTSPENDRESPONSE']._serialized_end=1401
+  _globals['_AUDITENTRY']._serialized_start=1404
+  _globals['_AUDITENTRY']._serialized_end=1542
+  _globals['_LISTAUDITREQUEST']._serialized_start=1544
+  _globals['_LISTAUDITREQUEST']._serialized_end=1577
+  _globals['_LISTAUDITRESPONSE']._serialized_start=1579
+  _globals['_LISTAUDITRESPONSE']._serialized_end=1644
+  _globals['_WATCHSTATUSREQUEST']._serialized_start=1646
+  _globals['_WATCHSTATUSREQUEST']._serialized_end=1680
+  _globals['_WATCHSTATUSRESPONSE']._serialized_start=1682
+  _globals['_WATCHSTATUSRESPONSE']._serialized_end=1750
+  _globals['_BUDGETADMINSERVICE']._serialized_start=2003
+  _globals['_BUDGETADMINSERVICE']._serialized_end=2538
 # @@protoc_insertion_point(module_scope)

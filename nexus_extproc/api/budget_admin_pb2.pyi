@@ -120,7 +120,7 @@ class ListSpendRequest(_message.Message):
     def __init__(self, to: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group_by: _Optional[_Iterable[str]] = ..., **kwargs) -> None: ...
 
 class SpendRow(_message.Message):
-    __slots__ = ("budget", "model", "day", "requests", "input_tokens", "output_tokens", "cost_micros", "estimate_micros", "avoided_micros")
+    __slots__ = ("budget", "model", "day", "requests", "input_tokens", "output_tokens", "cost_micros", "estimate_micros", "avoided_micros", "reaped_micros")
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DAY_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class SpendRow(_message.Message):
     COST_MICROS_FIELD_NUMBER: _ClassVar[int]
     ESTIMATE_MICROS_FIELD_NUMBER: _ClassVar[int]
     AVOIDED_MICROS_FIELD_NUMBER: _ClassVar[int]
+    REAPED_MICROS_FIELD_NUMBER: _ClassVar[int]
     budget: str
     model: str
     day: str
@@ -139,7 +140,8 @@ class SpendRow(_message.Message):
     cost_micros: int
     estimate_micros: int
     avoided_micros: int
-    def __init__(self, budget: _Optional[str] = ..., model: _Optional[str] = ..., day: _Optional[str] = ..., requests: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cost_micros: _Optional[int] = ..., estimate_micros: _Optional[int] = ..., avoided_micros: _Optional[int] = ...) -> None: ...
+    reaped_micros: int
+    def __init__(self, budget: _Optional[str] = ..., model: _Optional[str] = ..., day: _Optional[str] = ..., requests: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cost_micros: _Optional[int] = ..., estimate_micros: _Optional[int] = ..., avoided_micros: _Optional[int] = ..., reaped_micros: _Optional[int] = ...) -> None: ...
 
 class ListSpendResponse(_message.Message):
     __slots__ = ("rows",)

@@ -2,16 +2,20 @@
 
 from nexus_extproc.ledger.base import (
     AuditRecord,
+    ForwardNote,
     Key,
     Ledger,
+    ReapResult,
     SpendAgg,
     SpendRecord,
+    StoreOpenError,
     StoreUnavailable,
     Totals,
 )
 
 __all__ = [
-    "AuditRecord", "Key", "Ledger", "SpendAgg", "SpendRecord", "StoreUnavailable", "Totals", "open_ledger",
+    "AuditRecord", "ForwardNote", "Key", "Ledger", "ReapResult", "SpendAgg", "SpendRecord", "StoreOpenError",
+    "StoreUnavailable", "Totals", "open_ledger",
 ]
 
 

@@ -18,6 +18,11 @@ class StoreUnavailable(Exception):
     """The store did not answer in time or refused: the caller applies `store_failure`."""
 
 
+class StoreOpenError(RuntimeError):
+    """The store cannot be opened at all (a missing or read-only directory, a bad URL): a start-up error with
+    one line naming what failed, not a traceback."""
+
+
 class Totals(NamedTuple):
     """A NamedTuple, not a frozen dataclass: several are made per request per budget (a frozen dataclass's
     __init__ runs ~25 bytecodes, this ~5)."""
@@ -69,6 +74,35 @@ class SpendAgg:
     estimate: int
     avoided: int = 0
     model_requested: str = ""
+    reaped: int = 0  # of `cost`, what the reaper charged at the estimate (the process died, no usage seen)
+
+
+class ReapResult(NamedTuple):
+    """What one reaper pass did with expired reservations."""
+
+    released: int = 0  # never forwarded upstream: nothing was billed, the hold is dropped
+    charged: int = 0  # forwarded, then its process died: settled at the reserved estimate (source "reaped")
+    charged_micros: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardNote:
+    """What a reaped settlement records about a request whose process died: labels and counts, no text."""
+
+    model: str
+    backend: str
+    model_requested: str
+    input_tokens: int
+
+    def pack(self) -> str:
+        return f"{self.model}\t{self.backend}\t{self.model_requested}\t{self.input_tokens}"
+
+    @classmethod
+    def unpack(cls, text: str | None) -> ForwardNote:
+        parts = (text or "").split("\t")
+        if len(parts) != 4 or not parts[3].isdigit():
+            return cls("other", "unknown", "other", 0)
+        return cls(parts[0], parts[1], parts[2], int(parts[3]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,8 +142,14 @@ class Ledger(abc.ABC):
         """Drop the request's reservations unsettled; returns how many were dropped."""
 
     @abc.abstractmethod
-    async def reap(self, now: float) -> int:
-        """Release reservations past their expiry (left by crashed processes)."""
+    async def mark_forwarded(self, req_id: str, at: float, note: ForwardNote) -> None:
+        """The request went upstream: from now on the provider may bill it, so a reaper must charge it rather
+        than release it. A no-op when the reservation is already settled or released."""
+
+    @abc.abstractmethod
+    async def reap(self, now: float) -> ReapResult:
+        """Reservations past their expiry (left by a crashed or stalled process): charged at the reserved amount
+        when forwarded (a settlement with source "reaped"), released when not."""
 
     @abc.abstractmethod
     async def first_seen(self, budget: str, period: str, now: float) -> bool:

@@ -22,8 +22,10 @@ from redis.exceptions import RedisError
 from nexus_extproc.ledger.base import (
     AuditRecord,
     CalibrationSums,
+    ForwardNote,
     Key,
     Ledger,
+    ReapResult,
     ReserveResult,
     SpendAgg,
     SpendRecord,
@@ -33,8 +35,12 @@ from nexus_extproc.ledger.base import (
 )
 
 _RESERVE = """
--- KEYS: r, rexp ; ARGV: req, expires_at, amount, prefix, budgets ("budget\tperiod\tcap" lines; cap -1: none).
--- The budgets travel as one string (not an argument each): redis-py encodes every argument in Python.
+-- KEYS: r, rexp ; ARGV: req, expires_at, amount, prefix, budgets ("budget\tperiod\tcap" lines; cap -1: none),
+-- deadline (unix seconds). The budgets travel as one string (not an argument each): redis-py encodes every
+-- argument in Python. A call that reaches the server after the client gave up on it (Redis paused or
+-- overloaded past the client's timeout) does nothing: otherwise it would hold a ghost reservation for its TTL.
+local now = redis.call('TIME')
+if tonumber(now[1]) + tonumber(now[2]) / 1000000 > tonumber(ARGV[6]) then return {-1} end
 local amt = tonumber(ARGV[3])
 local items = {}
 for line in string.gmatch(ARGV[5], '[^\\n]+') do
@@ -77,10 +83,14 @@ local function unreserve(prefix, rkey, settle_cost, extra)
     local sep = string.find(f, '\\t', 1, true)
     targets[string.sub(f, 1, sep - 1)] = {string.sub(f, sep + 1), 0}
   end
+  local n = 0
   for i = 1, #held, 2 do
     local f = held[i]
     local sep = string.find(f, '\\t', 1, true)
-    targets[string.sub(f, 1, sep - 1)] = {string.sub(f, sep + 1), tonumber(held[i + 1])}
+    if sep then  -- "budget<TAB>period" = amount; `_fwd` and `_note` are the forwarded mark
+      targets[string.sub(f, 1, sep - 1)] = {string.sub(f, sep + 1), tonumber(held[i + 1])}
+      n = n + 1
+    end
   end
   for budget, pa in pairs(targets) do
     local key = prefix .. ':t:' .. budget .. ':' .. pa[1]
@@ -88,7 +98,7 @@ local function unreserve(prefix, rkey, settle_cost, extra)
     if pa[2] ~= 0 then redis.call('HINCRBY', key, 'reserved', -pa[2]) end
   end
   redis.call('DEL', rkey)
-  return #held / 2
+  return n
 end
 """
 
@@ -110,14 +120,43 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return unreserve(ARGV[2], KEYS[1], nil, {})
 """
 
+_FORWARDED = """
+-- KEYS: r ; ARGV: at, note. Only while the reservation exists: a mark after its settle must not recreate it.
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], '_fwd', ARGV[1], '_note', ARGV[2]) end
+return 1
+"""
+
+# KEYS: rexp, count ; ARGV: now, prefix, marker_ttl. Forwarded reservations are settled at their reserved amount
+# (their request went upstream, so the provider bills it), with a settled marker and a report line as a settle
+# has; the rest are released. Returns {released, charged, charged_micros}.
 _REAP = _UNRESERVE_FN + """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1000)
-local n = 0
+local released, charged, micros = 0, 0, 0
 for _, id in ipairs(ids) do
-  n = n + unreserve(ARGV[2], ARGV[2] .. ':r:' .. id, nil, {})
+  local rkey = ARGV[2] .. ':r:' .. id
+  local fwd = redis.call('HMGET', rkey, '_fwd', '_note')
+  if fwd[1] and redis.call('SET', ARGV[2] .. ':s:' .. id, '1', 'NX', 'EX', ARGV[3]) then
+    local held = redis.call('HGETALL', rkey)
+    local amount, budgets = 0, {}
+    for i = 1, #held, 2 do
+      local sep = string.find(held[i], '\t', 1, true)
+      if sep then amount = tonumber(held[i + 1]); table.insert(budgets, string.sub(held[i], 1, sep - 1)) end
+    end
+    unreserve(ARGV[2], rkey, amount, {})
+    local note = cjson.decode(fwd[2] or '{}')
+    note['req'] = id; note['ts'] = tonumber(ARGV[1]); note['cost'] = amount; note['estimate'] = amount
+    note['source'] = 'reaped'; note['budgets'] = budgets; note['out'] = 0; note['avoided'] = 0
+    redis.call('INCR', KEYS[2])
+    redis.call('RPUSH', ARGV[2] .. ':log:' .. math.floor(tonumber(ARGV[1]) / 86400), cjson.encode(note))
+    charged = charged + 1
+    micros = micros + amount
+  else
+    unreserve(ARGV[2], rkey, nil, {})
+    released = released + 1
+  end
   redis.call('ZREM', KEYS[1], id)
 end
-return n
+return {released, charged, micros}
 """
 
 # KEYS: calibration hash ; ARGV: now, half_life_s, then key, provider, ours, tool_calls, n per delta.
@@ -150,11 +189,13 @@ class RedisLedger(Ledger):
         self._r = aioredis.Redis.from_url(url, socket_timeout=self._timeout,
                                           socket_connect_timeout=self._timeout, decode_responses=True)
         self._p = key_prefix
+        self._clock_offset: float | None = None
         self._packed: dict[tuple[tuple[Key, ...], tuple[int | None, ...] | None], str] = {}
         self._reserve = self._r.register_script(_RESERVE)
         self._settle = self._r.register_script(_SETTLE)
         self._release = self._r.register_script(_RELEASE)
         self._reap = self._r.register_script(_REAP)
+        self._forwarded = self._r.register_script(_FORWARDED)
         self._calibrate = self._r.register_script(_CALIBRATE)
 
     async def _call(self, coro):  # type: ignore[no-untyped-def]
@@ -181,8 +222,15 @@ class RedisLedger(Ledger):
             if len(self._packed) >= 4096:
                 self._packed.clear()
             self._packed[(kt, caps_t)] = packed
+        if self._clock_offset is None:
+            # The deadline is in the server's clock: a replica's clock skew must not refuse (or extend) it.
+            secs, micros = await self._call(self._r.time())
+            self._clock_offset = secs + micros / 1e6 - time.time()
+        deadline = time.time() + self._clock_offset + self._timeout
         out = await self._call(self._reserve(keys=[f"{self._p}:r:{req_id}", f"{self._p}:rexp"],
-                                             args=[req_id, expires_at, amount, self._p, packed]))
+                                             args=[req_id, expires_at, amount, self._p, packed, deadline]))
+        if int(out[0]) < 0:
+            raise StoreUnavailable("redis: reserve reached the server after its deadline")
         totals = [Totals(int(out[1 + 2 * i]), int(out[2 + 2 * i])) for i in range(len(keys))]
         return ReserveResult(bool(int(out[0])), totals)
 
@@ -203,8 +251,15 @@ class RedisLedger(Ledger):
         keys = [f"{self._p}:r:{req_id}", f"{self._p}:rexp"]
         return int(await self._call(self._release(keys=keys, args=[req_id, self._p])))
 
-    async def reap(self, now: float) -> int:
-        return int(await self._call(self._reap(keys=[f"{self._p}:rexp"], args=[now, self._p])))
+    async def mark_forwarded(self, req_id: str, at: float, note: ForwardNote) -> None:
+        doc = json.dumps({"model": note.model, "backend": note.backend, "asked": note.model_requested,
+                          "in": note.input_tokens}, separators=(",", ":"))
+        await self._call(self._forwarded(keys=[f"{self._p}:r:{req_id}"], args=[at, doc]))
+
+    async def reap(self, now: float) -> ReapResult:
+        out = await self._call(self._reap(keys=[f"{self._p}:rexp", f"{self._p}:settlement_count"],
+                                          args=[now, self._p, SETTLED_MARKER_TTL_S]))
+        return ReapResult(int(out[0]), int(out[1]), int(out[2]))
 
     async def first_seen(self, budget: str, period: str, now: float) -> bool:
         key = f"{self._p}:period:{budget}:{period}"
@@ -236,7 +291,7 @@ class RedisLedger(Ledger):
         return [AuditRecord(*json.loads(r)) for r in rows]
 
     async def spend(self, start_ts: float, end_ts: float) -> list[SpendAgg]:
-        acc: dict[tuple[str, str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0, 0])
+        acc: dict[tuple[str, str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0, 0, 0])
         end_ts = min(end_ts, time.time() + 86400)
         for day in range(int(start_ts // 86400), int(end_ts // 86400) + 1):
             for raw in await self._call(self._r.lrange(f"{self._p}:log:{day}", 0, -1)):
@@ -252,7 +307,8 @@ class RedisLedger(Ledger):
                     a[3] += d["cost"]
                     a[4] += d["estimate"]
                     a[5] += d.get("avoided", 0)
-        return [SpendAgg(b, m, day, v[0], v[1], v[2], v[3], v[4], v[5], model_requested=asked)
+                    a[6] += d["cost"] if d.get("source") == "reaped" else 0
+        return [SpendAgg(b, m, day, v[0], v[1], v[2], v[3], v[4], v[5], model_requested=asked, reaped=v[6])
                 for (b, m, day, asked), v in sorted(acc.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1],
                                                                                  kv[0][3]))]
 

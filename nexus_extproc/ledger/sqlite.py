@@ -8,25 +8,36 @@ an OS crash or power loss can lose the last transactions since the WAL was synce
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
 import sqlite3
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+from nexus_extproc import metrics
 from nexus_extproc.ledger.base import (
     AuditRecord,
     CalibrationSums,
+    ForwardNote,
     Key,
     Ledger,
+    ReapResult,
     ReserveResult,
     SpendAgg,
     SpendRecord,
+    StoreOpenError,
     StoreUnavailable,
     Totals,
     decay,
 )
+
+T = TypeVar("T")
 
 log = logging.getLogger("nexus_extproc.ledger")
 
@@ -40,8 +51,11 @@ CREATE TABLE IF NOT EXISTS totals (
   UNIQUE (budget, period));
 -- One row per request: the same `amount` held in each budget of `budgets`, "budget period" lines (one statement
 -- per request, not one per budget; budget names and period keys never contain whitespace).
+-- `forwarded_at`: when the request was sent upstream (the provider bills it from then on); `note` is what a
+-- reaped settlement records ("model\tbackend\tmodel_requested\tinput_tokens").
 CREATE TABLE IF NOT EXISTS reservations (
-  req_id TEXT PRIMARY KEY, amount INTEGER NOT NULL, budgets TEXT NOT NULL, expires_at REAL NOT NULL);
+  req_id TEXT PRIMARY KEY, amount INTEGER NOT NULL, budgets TEXT NOT NULL, expires_at REAL NOT NULL,
+  forwarded_at REAL, note TEXT);
 CREATE INDEX IF NOT EXISTS reservations_expiry ON reservations (expires_at);
 CREATE TABLE IF NOT EXISTS settlements (
   req_id TEXT PRIMARY KEY, ts REAL NOT NULL, model TEXT NOT NULL, backend TEXT NOT NULL,
@@ -94,7 +108,7 @@ class _Shape:
                    '["' + '","'.join(names) + '"]' if names else "[]", select)
 
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Version 1 had no `id` in totals and one "budget period amount" line per budget in reservations. Upgraded in
 # place: totals keep their rows and sums; v1 reservations (left by a server that has stopped, so never settled)
@@ -120,6 +134,13 @@ ALTER TABLE settlements ADD COLUMN model_requested TEXT NOT NULL DEFAULT '';
 CREATE TABLE calibration (
   key TEXT PRIMARY KEY, provider REAL NOT NULL, ours REAL NOT NULL, tool_calls REAL NOT NULL, n REAL NOT NULL,
   updated REAL NOT NULL);
+"""
+
+
+# Version 3 did not know whether a reservation's request had been forwarded, so its reaper released them all.
+MIGRATE_3_TO_4 = """
+ALTER TABLE reservations ADD COLUMN forwarded_at REAL;
+ALTER TABLE reservations ADD COLUMN note TEXT;
 """
 
 
@@ -151,12 +172,22 @@ class _StaleIds(Exception):
 
 
 class SqliteLedger(Ledger):
-    def __init__(self, path: str, timeout_ms: int = 250, synchronous: str = "NORMAL") -> None:
-        if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, timeout=timeout_ms / 1000, isolation_level=None,
-                                   check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
+    def __init__(self, path: str, timeout_ms: int = 250, synchronous: str = "NORMAL",
+                 wal_max_bytes: int = 64 << 20) -> None:
+        self._path = path
+        self._wal_max_bytes = wal_max_bytes
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexus-sqlite")
+        try:
+            if path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, timeout=timeout_ms / 1000, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+        except (OSError, sqlite3.DatabaseError) as e:
+            self._thread.shutdown(wait=False)
+            raise StoreOpenError(f"cannot open the SQLite ledger at {path}: {e}") from None
+        # After each checkpoint that resets the WAL, cut the file back to this size instead of keeping its peak.
+        self._db.execute(f"PRAGMA journal_size_limit={int(wal_max_bytes)}")
         self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous.upper() == 'FULL' else 'NORMAL'}")
         self._timeout_ms = int(timeout_ms)
         self._db.execute(f"PRAGMA busy_timeout={self._timeout_ms}")
@@ -175,11 +206,13 @@ class SqliteLedger(Ledger):
             has_tables = c.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'totals'").fetchone()[0]
             if version == 0 and not has_tables:
                 _run_script(c, SCHEMA)
-            elif version in (1, 2):
+            elif version in (1, 2, 3):
                 if version == 1:
                     _release_v1_reservations(c)
                     _run_script(c, MIGRATE_1_TO_2)
-                _run_script(c, MIGRATE_2_TO_3)
+                if version <= 2:
+                    _run_script(c, MIGRATE_2_TO_3)
+                _run_script(c, MIGRATE_3_TO_4)
                 log.info("ledger schema upgraded", extra={"from_version": version, "to_version": SCHEMA_VERSION})
             elif version != SCHEMA_VERSION:
                 return int(version)
@@ -197,7 +230,7 @@ class SqliteLedger(Ledger):
             raise LedgerSchemaError(f"ledger file has schema version {bad}, this server needs {SCHEMA_VERSION}; "
                                     "point store.path at a new file (the old one keeps its history)")
 
-    def _write(self, fn, begin: bool = True):  # type: ignore[no-untyped-def]
+    def _write(self, fn: Callable[[sqlite3.Cursor], T], begin: bool = True) -> T:
         """Run `fn(cursor)` in one immediate transaction; a busy or broken store becomes StoreUnavailable."""
         cur = self._db.cursor()
         self._pending.clear()
@@ -264,7 +297,7 @@ class SqliteLedger(Ledger):
         rows.sort()  # by arm number: key order
         return [Totals(settled, reserved) for _, settled, reserved in rows]
 
-    def _retrying(self, fn):  # type: ignore[no-untyped-def]
+    def _retrying(self, fn: Callable[[sqlite3.Cursor], T]) -> T:
         """A cached id that no longer names a row (the file was replaced under us) is forgotten and looked up
         again, once: never an update that silently matches nothing."""
         try:
@@ -273,7 +306,7 @@ class SqliteLedger(Ledger):
             self._located.clear()
             return self._write(fn)
 
-    async def totals(self, budget: str, period: str) -> Totals:
+    def _totals_sync(self, budget: str, period: str) -> Totals:
         try:
             row = self._db.execute("SELECT settled, reserved FROM totals WHERE budget=? AND period=?",
                                    (budget, period)).fetchone()
@@ -281,7 +314,7 @@ class SqliteLedger(Ledger):
             raise StoreUnavailable(f"sqlite: {e}") from None
         return Totals(*row) if row else Totals(0, 0)
 
-    async def reserve(self, req_id: str, keys: Sequence[Key], amount: int, expires_at: float,
+    def _reserve_sync(self, req_id: str, keys: Sequence[Key], amount: int, expires_at: float,
                       caps: Sequence[int | None] | None = None) -> ReserveResult:
         sh = self._shape(keys)
 
@@ -294,13 +327,14 @@ class SqliteLedger(Ledger):
                                         for t, cap in zip(before, caps, strict=True)):
                 return ReserveResult(False, before)
             c.executemany(f"UPDATE totals SET reserved = reserved + ? WHERE {_ROW}", [(amount, *r) for r in loc.rows])
-            c.execute("INSERT OR REPLACE INTO reservations VALUES (?,?,?,?)", (req_id, amount, sh.text, expires_at))
+            c.execute("INSERT OR REPLACE INTO reservations VALUES (?,?,?,?,NULL,NULL)",
+                      (req_id, amount, sh.text, expires_at))
             return ReserveResult(True, [Totals(s_, r + amount) for s_, r in before])
 
         result: ReserveResult = self._retrying(tx)
         return result
 
-    async def settle(self, req_id: str, keys: Sequence[Key], cost: int, record: SpendRecord) -> bool:
+    def _settle_sync(self, req_id: str, keys: Sequence[Key], cost: int, record: SpendRecord) -> bool:
         sh = self._shape(keys)
 
         def tx(c: sqlite3.Cursor) -> bool:
@@ -349,7 +383,7 @@ class SqliteLedger(Ledger):
             n += len(sh.keys)
         return n
 
-    async def release(self, req_id: str) -> int:
+    def _release_sync(self, req_id: str) -> int:
         def tx(c: sqlite3.Cursor) -> int:
             return self._unreserve(c, c.execute("DELETE FROM reservations WHERE req_id=? RETURNING amount, budgets",
                                                 (req_id,)).fetchall())
@@ -357,15 +391,35 @@ class SqliteLedger(Ledger):
         n: int = self._write(tx)
         return n
 
-    async def reap(self, now: float) -> int:
-        def tx(c: sqlite3.Cursor) -> int:
-            return self._unreserve(c, c.execute(
-                "DELETE FROM reservations WHERE expires_at < ? RETURNING amount, budgets", (now,)).fetchall())
+    def _mark_forwarded_sync(self, req_id: str, at: float, note: ForwardNote) -> None:
+        self._write(lambda c: c.execute("UPDATE reservations SET forwarded_at=?, note=? WHERE req_id=?",
+                                        (at, note.pack(), req_id)) and None)
 
-        n: int = self._write(tx)
-        return n
+    def _reap_sync(self, now: float) -> ReapResult:
+        def tx(c: sqlite3.Cursor) -> ReapResult:
+            rows = c.execute("DELETE FROM reservations WHERE expires_at < ? "
+                             "RETURNING req_id, amount, budgets, forwarded_at, note", (now,)).fetchall()
+            released = [(amount, text) for _, amount, text, fwd, _ in rows if fwd is None]
+            self._unreserve(c, released)
+            charged = 0
+            for req_id, amount, text, fwd, note in rows:
+                if fwd is None:
+                    continue
+                sh = self._shape_of_text(text)
+                n = ForwardNote.unpack(note)
+                c.execute("INSERT OR IGNORE INTO settlements VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                          (req_id, now, n.model, n.backend, n.input_tokens, 0, amount, amount, "reaped", sh.names,
+                           0, n.model_requested))
+                settle = amount if c.rowcount == 1 else 0  # a settlement already recorded is not charged twice
+                c.executemany("UPDATE totals SET settled = settled + ?, reserved = reserved - ? "
+                              "WHERE budget=? AND period=?", [(settle, amount, b, p) for b, p in sh.keys])
+                charged += settle
+            return ReapResult(len(released), len(rows) - len(released), charged)
 
-    async def first_seen(self, budget: str, period: str, now: float) -> bool:
+        result: ReapResult = self._write(tx)
+        return result
+
+    def _first_seen_sync(self, budget: str, period: str, now: float) -> bool:
         def tx(c: sqlite3.Cursor) -> bool:
             c.execute("INSERT OR IGNORE INTO periods VALUES (?,?,?)", (budget, period, now))
             return c.rowcount == 1
@@ -373,21 +427,21 @@ class SqliteLedger(Ledger):
         first: bool = self._write(tx)
         return first
 
-    async def set_meta(self, key: str, value: str) -> None:
+    def _set_meta_sync(self, key: str, value: str) -> None:
         self._write(lambda c: c.execute("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, value)) and None)
 
-    async def get_meta(self, key: str) -> str | None:
+    def _get_meta_sync(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return row[0] if row else None
 
-    async def settlement_count(self) -> int:
+    def _settlement_count_sync(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM settlements").fetchone()[0])
 
-    async def get_settings(self, budget: str) -> dict[str, object] | None:
+    def _get_settings_sync(self, budget: str) -> dict[str, object] | None:
         row = self._db.execute("SELECT doc FROM settings WHERE budget=?", (budget,)).fetchone()
         return json.loads(row[0]) if row else None
 
-    async def put_settings(self, budget: str, settings: dict[str, object], audit: list[AuditRecord]) -> None:
+    def _put_settings_sync(self, budget: str, settings: dict[str, object], audit: list[AuditRecord]) -> None:
         def tx(c: sqlite3.Cursor) -> None:
             c.execute("INSERT OR REPLACE INTO settings VALUES (?,?)", (budget, json.dumps(settings)))
             c.executemany("INSERT INTO audit (ts, actor, budget, field, old, new) VALUES (?,?,?,?,?,?)",
@@ -395,20 +449,21 @@ class SqliteLedger(Ledger):
 
         self._write(tx)
 
-    async def audit_log(self, limit: int) -> list[AuditRecord]:
+    def _audit_log_sync(self, limit: int) -> list[AuditRecord]:
         rows = self._db.execute("SELECT ts, actor, budget, field, old, new FROM audit ORDER BY id DESC LIMIT ?",
                                 (limit,)).fetchall()
         return [AuditRecord(*r) for r in rows]
 
-    async def spend(self, start_ts: float, end_ts: float) -> list[SpendAgg]:
+    def _spend_sync(self, start_ts: float, end_ts: float) -> list[SpendAgg]:
         rows = self._db.execute(
             "SELECT j.value, s.model, date(s.ts, 'unixepoch'), COUNT(*), SUM(s.input_tokens), "
-            "SUM(s.output_tokens), SUM(s.cost), SUM(s.estimate), SUM(s.avoided), s.model_requested "
+            "SUM(s.output_tokens), SUM(s.cost), SUM(s.estimate), SUM(s.avoided), s.model_requested, "
+            "SUM(CASE WHEN s.source = 'reaped' THEN s.cost ELSE 0 END) "
             "FROM settlements s, json_each(s.budgets) j WHERE s.ts >= ? AND s.ts < ? "
             "GROUP BY 1, 2, 3, 10 ORDER BY 3, 1, 2, 10", (start_ts, end_ts)).fetchall()
         return [SpendAgg(*r) for r in rows]
 
-    async def merge_calibration(self, deltas: dict[str, CalibrationSums], now: float,
+    def _merge_calibration_sync(self, deltas: dict[str, CalibrationSums], now: float,
                                 half_life_s: float) -> dict[str, CalibrationSums]:
         def tx(c: sqlite3.Cursor) -> None:
             for key, d in deltas.items():
@@ -423,11 +478,112 @@ class SqliteLedger(Ledger):
         rows = self._db.execute("SELECT key, provider, ours, tool_calls, n, updated FROM calibration").fetchall()
         return {r[0]: decay(r[1:5], now - r[5], half_life_s) for r in rows}
 
-    async def reset_calibration(self) -> int:
+    def _reset_calibration_sync(self) -> int:
         n: int = self._write(lambda c: c.execute("DELETE FROM calibration").rowcount)
         return n
 
-    async def close(self) -> None:
+    def _checkpoint_sync(self, force: bool) -> int:
+        """Fold the WAL back into the database and cut the file to zero when it has grown past its bound (or on
+        a full disk): an unbounded WAL is what fills a small volume, and a truncated one gives the space back."""
+        if self._path == ":memory:":
+            return 0
+        try:
+            size = os.path.getsize(self._path + "-wal")
+        except OSError:
+            return 0
+        if not force and size <= self._wal_max_bytes:
+            return 0
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.DatabaseError as e:
+            log.warning("WAL checkpoint failed", extra={"error": str(e)})
+            return 0
+        metrics.wal_checkpoints.inc()
+        return size
+
+    def _close_sync(self) -> None:
         self._db.close()
+
+    # ---- the event loop's side: every call runs on the ledger's one thread -------------------------------
+
+    async def _io(self, fn: Callable[..., T], *args: object) -> T:
+        """sqlite3 blocks while another process holds the write lock (up to busy_timeout); on the event loop
+        that would stall every stream, so each call runs on this ledger's single thread (one thread: the
+        connection and the shape caches are never shared). A call that waited past the store timeout behind
+        others fails at once instead of adding its own wait to the queue."""
+        enqueued = time.monotonic()
+        limit = self._timeout_ms / 1000
+
+        def run() -> T:
+            if time.monotonic() - enqueued > limit:
+                raise StoreUnavailable("sqlite: queued past the store timeout")
+            try:
+                return fn(*args)
+            except (sqlite3.DatabaseError, StoreUnavailable) as e:
+                if "full" in str(e):  # SQLITE_FULL: give the WAL's space back so a later call can succeed
+                    self._checkpoint_sync(True)
+                if isinstance(e, StoreUnavailable):
+                    raise
+                raise StoreUnavailable(f"sqlite: {e}") from None
+
+        return await asyncio.get_running_loop().run_in_executor(self._thread, run)
+
+    async def totals(self, budget: str, period: str) -> Totals:
+        return await self._io(self._totals_sync, budget, period)
+
+    async def reserve(self, req_id: str, keys: Sequence[Key], amount: int, expires_at: float,
+                      caps: Sequence[int | None] | None = None) -> ReserveResult:
+        return await self._io(self._reserve_sync, req_id, keys, amount, expires_at, caps)
+
+    async def settle(self, req_id: str, keys: Sequence[Key], cost: int, record: SpendRecord) -> bool:
+        return await self._io(self._settle_sync, req_id, keys, cost, record)
+
+    async def release(self, req_id: str) -> int:
+        return await self._io(self._release_sync, req_id)
+
+    async def mark_forwarded(self, req_id: str, at: float, note: ForwardNote) -> None:
+        await self._io(self._mark_forwarded_sync, req_id, at, note)
+
+    async def reap(self, now: float) -> ReapResult:
+        return await self._io(self._reap_sync, now)
+
+    async def first_seen(self, budget: str, period: str, now: float) -> bool:
+        return await self._io(self._first_seen_sync, budget, period, now)
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self._io(self._set_meta_sync, key, value)
+
+    async def get_meta(self, key: str) -> str | None:
+        return await self._io(self._get_meta_sync, key)
+
+    async def settlement_count(self) -> int:
+        return await self._io(self._settlement_count_sync)
+
+    async def get_settings(self, budget: str) -> dict[str, object] | None:
+        return await self._io(self._get_settings_sync, budget)
+
+    async def put_settings(self, budget: str, settings: dict[str, object], audit: list[AuditRecord]) -> None:
+        await self._io(self._put_settings_sync, budget, settings, audit)
+
+    async def audit_log(self, limit: int) -> list[AuditRecord]:
+        return await self._io(self._audit_log_sync, limit)
+
+    async def spend(self, start_ts: float, end_ts: float) -> list[SpendAgg]:
+        return await self._io(self._spend_sync, start_ts, end_ts)
+
+    async def merge_calibration(self, deltas: dict[str, CalibrationSums], now: float,
+                                half_life_s: float) -> dict[str, CalibrationSums]:
+        return await self._io(self._merge_calibration_sync, deltas, now, half_life_s)
+
+    async def reset_calibration(self) -> int:
+        return await self._io(self._reset_calibration_sync)
+
+    async def checkpoint(self, force: bool = False) -> int:
+        """Called by the reconciler each pass; returns the WAL size folded back (0: nothing to do)."""
+        return await self._io(self._checkpoint_sync, force)
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._close_sync)
+        self._thread.shutdown(wait=False)
 
 

@@ -66,10 +66,22 @@ class Translator:
         if model is not None:
             out["model"] = model
         if add_stream_usage:
-            opts = dict(out.get("stream_options") or {})
+            opts = out.get("stream_options")
+            opts = dict(opts) if isinstance(opts, dict) else {}  # parse refused any other type
             opts["include_usage"] = True
             out["stream_options"] = opts
         return json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def stream_options_of(doc: dict[str, Any]) -> bool:
+    """Whether the client asked for stream usage itself; `stream_options` of another type than an object is
+    refused here, as the provider would, rather than failing when the body is rewritten."""
+    opts = doc.get("stream_options")
+    if opts is None:
+        return False
+    if not isinstance(opts, dict):
+        raise bad_request("'stream_options' must be an object")
+    return opts.get("include_usage") is True
 
 
 def text_of(content: Any) -> list[str]:

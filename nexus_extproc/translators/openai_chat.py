@@ -18,6 +18,7 @@ from nexus_extproc.translators.base import (
     opt_int,
     shape_kind,
     stream_flag,
+    stream_options_of,
     text_of,
 )
 from nexus_extproc.usage import UsageReport, from_openai
@@ -58,8 +59,7 @@ class OpenAIChat(Translator):
             values.append(vals)
         functions, server = openai_tools(doc, nested=True)
         stream = stream_flag(doc)
-        opts = doc.get("stream_options")
-        wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
+        wants_usage = stream_options_of(doc)
         return ParsedRequest(
             doc=doc,
             model=model,

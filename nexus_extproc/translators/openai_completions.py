@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 from nexus_extproc.errors import bad_request
 from nexus_extproc.tokenizers import PromptShape
-from nexus_extproc.translators.base import ApiFamily, ParsedRequest, model_of, opt_int, stream_flag
+from nexus_extproc.translators.base import ApiFamily, ParsedRequest, model_of, opt_int, stream_flag, stream_options_of
 from nexus_extproc.translators.openai_chat import OpenAIChat
 
 
@@ -36,13 +36,12 @@ class OpenAICompletions(OpenAIChat):
         suffix = doc.get("suffix")
         if isinstance(suffix, str):
             texts.append(suffix)
-        opts = doc.get("stream_options")
         return ParsedRequest(
             doc=doc,
             model=model,
             stream=stream_flag(doc),
             max_output_tokens=opt_int(doc, "max_tokens"),
             shape=PromptShape(messages=[], extra=texts, chat_format=False),
-            client_wants_stream_usage=isinstance(opts, dict) and opts.get("include_usage") is True,
+            client_wants_stream_usage=stream_options_of(doc),
             token_ids=ids,
         )

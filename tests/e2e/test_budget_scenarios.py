@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import time
 import uuid
@@ -14,6 +13,7 @@ import openai
 import pytest
 
 from nexus_extproc.ledger import SpendRecord, open_ledger
+from nexus_extproc.ledger.outbox import decode
 from nexus_extproc.stack import Stack
 from tests.conftest import BACKENDS
 from tests.e2e.conftest import E2E, write_config
@@ -227,7 +227,8 @@ def test_redis_down_gives_configured_outcome_within_timeout(e2e: E2E, tmp_path, 
             if outbox.exists():
                 break
             time.sleep(0.05)
-        entry = json.loads(outbox.read_text().splitlines()[0])
+        entry = decode(outbox.read_bytes().splitlines()[0])
+        assert entry is not None  # checksummed, whole
         assert entry["cost"] > 0 and entry["items"][0][0] == "global"  # spend kept for replay, not dropped
     assert time.monotonic() - t0 < 3
     assert re.search(r'nexus_store_failures_total\{operation="reserve"\} [1-9]', e2e.metrics())

@@ -10,7 +10,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from nexus_extproc.ledger import SpendRecord, open_ledger
+from nexus_extproc.ledger import ForwardNote, ReapResult, SpendRecord, open_ledger
 
 
 def rec(cost: int = 0) -> SpendRecord:
@@ -84,12 +84,32 @@ async def test_expired_reservations_are_reaped(ledger_factory):
     led = ledger_factory()
     await led.reserve("old", [("g", "p")], 30, time.time() - 1)
     await led.reserve("new", [("g", "p")], 5, time.time() + 60)
-    assert await led.reap(time.time()) == 1
+    assert await led.reap(time.time()) == ReapResult(released=1)
     assert (await led.totals("g", "p")).reserved == 5
     # A late settle of a reaped reservation still records the spend, once.
     assert await led.settle("old", [("g", "p")], 30, rec(30))
     t = await led.totals("g", "p")
     assert (t.settled, t.reserved) == (30, 5)
+    await led.close()
+
+
+async def test_reaper_charges_forwarded_reservations_once(ledger_factory):
+    """A reservation whose request went upstream is charged at its estimate when its process dies; one that
+    never left is released. A late settle from a process that was only paused does not charge it twice."""
+    led = ledger_factory()
+    await led.reserve("fw", [("g", "p"), ("team", "p")], 40, time.time() - 1)
+    await led.mark_forwarded("fw", time.time() - 2, ForwardNote("gpt-4o", "openai", "gpt-4o", 123))
+    await led.reserve("nf", [("g", "p")], 30, time.time() - 1)
+    await led.mark_forwarded("gone", time.time(), ForwardNote("gpt-4o", "openai", "gpt-4o", 1))  # no-op
+    assert await led.reap(time.time()) == ReapResult(released=1, charged=1, charged_micros=40)
+    assert await led.reap(time.time()) == ReapResult()
+    for b in ("g", "team"):
+        t = await led.totals(b, "p")
+        assert (t.settled, t.reserved) == (40, 0)
+    assert not await led.settle("fw", [("g", "p"), ("team", "p")], 55, rec(55))
+    assert (await led.totals("g", "p")).settled == 40
+    aggs = [a for a in await led.spend(0, time.time() + 10) if a.budget == "g"]
+    assert [(a.model, a.requests, a.cost, a.reaped, a.input_tokens) for a in aggs] == [("gpt-4o", 1, 40, 40, 123)]
     await led.close()
 
 
@@ -229,7 +249,7 @@ async def test_sqlite_upgrades_a_version_1_file_in_place(tmp_path):
     led = open_ledger("sqlite", path=str(path))
     assert await led.totals("global", "2026-11") == (1500, 0)
     assert await led.totals("team", "2026-11") == (900, 0)
-    assert await led.reap(1e13) == 0  # the v1 reservation is gone, not reaped twice
+    assert await led.reap(1e13) == ReapResult()  # the v1 reservation is gone, not reaped twice
     assert await led.settlement_count() == 1
     r = await led.reserve("new", [("global", "2026-11"), ("team", "2026-11")], 50, time.time() + 60,
                           caps=[2000, 2000])
@@ -238,7 +258,7 @@ async def test_sqlite_upgrades_a_version_1_file_in_place(tmp_path):
     assert await led.totals("team", "2026-11") == (940, 0)
     await led.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 4
     db.close()
     assert await open_ledger("sqlite", path=str(path)).totals("global", "2026-11") == (1540, 0)  # reopens as v2
 
