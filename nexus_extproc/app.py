@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -22,6 +23,7 @@ from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from nexus_extproc import metrics
 from nexus_extproc.admin import build_admin_app
 from nexus_extproc.admin_api import start_admin_api
 from nexus_extproc.budget import BudgetService
@@ -44,7 +46,7 @@ def open_store(config: NexusConfig) -> Ledger | None:
         return None
     s = config.store
     if s.kind == "sqlite":
-        return open_ledger("sqlite", path=s.path, timeout_ms=s.timeout_ms)
+        return open_ledger("sqlite", path=s.path, timeout_ms=s.timeout_ms, wal_max_bytes=s.wal_max_bytes)
     return open_ledger("redis", url=s.url, key_prefix=s.key_prefix, timeout_ms=s.timeout_ms)
 
 
@@ -155,18 +157,55 @@ async def _grpc_serving(host: str, port: int) -> bool:
         return False
 
 
+def spawn_worker(config_path: str, grpc_port: int, index: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "nexus_extproc", "serve", "--config", config_path,
+                             "--grpc-port", str(grpc_port), "--worker-index", str(index)], env=dict(os.environ))
+
+
 def spawn_workers(config_path: str, grpc_port: int, workers: int) -> list[subprocess.Popen[bytes]]:
-    env = dict(os.environ)
-    return [subprocess.Popen([sys.executable, "-m", "nexus_extproc", "serve", "--config", config_path,
-                              "--grpc-port", str(grpc_port), "--worker-index", str(i)], env=env)
-            for i in range(workers)]
+    return [spawn_worker(config_path, grpc_port, i) for i in range(workers)]
+
+
+CRASH_LOOP = (5, 60.0)  # more restarts than this within this many seconds: stop, the fault is not transient
+
+
+class Supervisor:
+    """Keeps N workers running: a worker that dies (OOM kill, a segfault in a C extension, kill -9) is
+    started again on its own port while the others go on serving, and its expired reservations are settled
+    or released by the reaper. Only a crash loop stops the parent, so a broken deploy still fails visibly."""
+
+    def __init__(self, config_path: str, base_port: int, workers: int) -> None:
+        self.config_path, self.base_port = config_path, base_port
+        self.children = spawn_workers(config_path, base_port, workers)
+        self.restarts: list[float] = []
+
+    def check(self) -> bool:
+        """Restart dead workers; False when they are crash-looping."""
+        for i, c in enumerate(self.children):
+            if c.poll() is None:
+                continue
+            now = time.monotonic()
+            self.restarts = [t for t in self.restarts if now - t < CRASH_LOOP[1]] + [now]
+            if len(self.restarts) > CRASH_LOOP[0]:
+                log.error("workers are crash-looping; stopping", extra={
+                    "restarts": len(self.restarts), "window_s": CRASH_LOOP[1], "exit_code": c.returncode})
+                return False
+            log.error("a worker exited; starting it again", extra={"worker": i, "exit_code": c.returncode})
+            with contextlib.suppress(Exception):
+                from prometheus_client import multiprocess
+
+                multiprocess.mark_process_dead(c.pid)  # its live gauges (open streams) no longer count
+            metrics.worker_restarts.inc()
+            self.children[i] = spawn_worker(self.config_path, self.base_port, i)
+        return True
 
 
 async def serve_workers(config: NexusConfig, config_path: str, workers: int) -> int:
     """Parent of N workers: admin listener here, ext_proc in the children, metrics summed across them."""
     mp_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="nexus-prom-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
-    children = spawn_workers(config_path, config.server.grpc_port, workers)
+    supervisor = Supervisor(config_path, config.server.grpc_port, workers)
+    children = supervisor.children
     budget = BudgetService(config, open_store(config))
     host, base = config.server.grpc_host, config.server.grpc_port
 
@@ -188,9 +227,7 @@ async def serve_workers(config: NexusConfig, config_path: str, workers: int) -> 
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.5)
-        dead = [c for c in children if c.poll() is not None]
-        if dead and not stop.is_set():
-            log.error("a worker exited; stopping", extra={"exit_code": dead[0].returncode})
+        if not stop.is_set() and not supervisor.check():
             rc = 1
             break
     for c in children:

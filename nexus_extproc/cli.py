@@ -37,9 +37,22 @@ def _serve(args: argparse.Namespace) -> int:
             uvloop.install()
         except ImportError:
             pass
-    if args.worker_index is None and config.server.workers > 1:
-        return asyncio.run(serve_workers(config, args.config, config.server.workers))
-    return asyncio.run(serve_single(config, args.worker_index))
+    from nexus_extproc.ledger import StoreOpenError
+    from nexus_extproc.ledger.sqlite import LedgerSchemaError
+
+    try:
+        if args.worker_index is None and config.server.workers > 1:
+            return asyncio.run(serve_workers(config, args.config, config.server.workers))
+        return asyncio.run(serve_single(config, args.worker_index))
+    except (StoreOpenError, LedgerSchemaError) as e:
+        print(f"nexus-extproc: cannot open the budget store: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno in (98, 48):  # EADDRINUSE (Linux, macOS)
+            print(f"nexus-extproc: a port is already in use ({e.strerror}); is another server running?",
+                  file=sys.stderr)
+            return 2
+        raise
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -94,6 +94,8 @@ class StoreConfig(_Strict):
     timeout_ms: int = Field(default=250, ge=10)
     reservation_ttl_secs: int = Field(default=900, ge=5)
     outbox_path: str = "./nexus-outbox.jsonl"
+    # SQLite's write-ahead log is truncated when it grows past this (and at once on a full disk).
+    wal_max_bytes: int = Field(default=64 << 20, ge=1 << 20)
 
 
 class BackendConfig(_Strict):

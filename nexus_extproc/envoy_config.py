@@ -140,6 +140,12 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
         "load_assignment": _endpoints("nexus_extproc", p.extproc_host, p.extproc_ports),
         "health_checks": [{"timeout": "1s", "interval": "2s", "unhealthy_threshold": 2, "healthy_threshold": 1,
                            "grpc_health_check": {"service_name": "envoy.service.ext_proc.v3.ExternalProcessor"}}],
+        # A worker that died (and is being restarted) refuses connections: eject it on the first refusal
+        # instead of waiting two health-check intervals; at most half the workers at once.
+        "outlier_detection": {"split_external_local_origin_errors": True,
+                              "consecutive_local_origin_failure": 1,
+                              "enforcing_consecutive_local_origin_failure": 100,
+                              "interval": "1s", "base_ejection_time": "2s", "max_ejection_percent": 50},
     }
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p.admin_port}}},
