@@ -186,8 +186,11 @@ class SqliteLedger(Ledger):
         except (OSError, sqlite3.DatabaseError) as e:
             self._thread.shutdown(wait=False)
             raise StoreOpenError(f"cannot open the SQLite ledger at {path}: {e}") from None
-        # After each checkpoint that resets the WAL, cut the file back to this size instead of keeping its peak.
+        # After each checkpoint that resets the WAL, cut the file back to this size instead of keeping its peak,
+        # and checkpoint by itself at half the bound (SQLite's default, 1000 pages, can overshoot a small one).
         self._db.execute(f"PRAGMA journal_size_limit={int(wal_max_bytes)}")
+        page = int(self._db.execute("PRAGMA page_size").fetchone()[0]) or 4096
+        self._db.execute(f"PRAGMA wal_autocheckpoint={max(64, min(1000, wal_max_bytes // page // 2))}")
         self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous.upper() == 'FULL' else 'NORMAL'}")
         self._timeout_ms = int(timeout_ms)
         self._db.execute(f"PRAGMA busy_timeout={self._timeout_ms}")
