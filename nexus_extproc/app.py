@@ -178,25 +178,34 @@ class Supervisor:
         self.config_path, self.base_port = config_path, base_port
         self.children = spawn_workers(config_path, base_port, workers)
         self.restarts: list[float] = []
+        self.due: dict[int, float] = {}  # worker index -> when it may start again (backoff)
 
     def check(self) -> bool:
-        """Restart dead workers; False when they are crash-looping."""
+        """Restart dead workers; False when they are crash-looping. The first restart in the window is at
+        once (a lone OOM kill costs one worker for the time it takes to start); each further one waits twice
+        as long, up to 4 s, so a worker that dies on start does not spin."""
+        now = time.monotonic()
         for i, c in enumerate(self.children):
             if c.poll() is None:
                 continue
-            now = time.monotonic()
-            self.restarts = [t for t in self.restarts if now - t < CRASH_LOOP[1]] + [now]
-            if len(self.restarts) > CRASH_LOOP[0]:
-                log.error("workers are crash-looping; stopping", extra={
-                    "restarts": len(self.restarts), "window_s": CRASH_LOOP[1], "exit_code": c.returncode})
-                return False
-            log.error("a worker exited; starting it again", extra={"worker": i, "exit_code": c.returncode})
-            with contextlib.suppress(Exception):
-                from prometheus_client import multiprocess
+            if i not in self.due:
+                self.restarts = [t for t in self.restarts if now - t < CRASH_LOOP[1]] + [now]
+                if len(self.restarts) > CRASH_LOOP[0]:
+                    log.error("workers are crash-looping; stopping", extra={
+                        "restarts": len(self.restarts), "window_s": CRASH_LOOP[1], "exit_code": c.returncode})
+                    return False
+                delay = 0.0 if len(self.restarts) == 1 else min(4.0, 0.25 * 2 ** (len(self.restarts) - 1))
+                self.due[i] = now + delay
+                log.error("a worker exited; starting it again", extra={
+                    "worker": i, "exit_code": c.returncode, "in_s": delay})
+                with contextlib.suppress(Exception):
+                    from prometheus_client import multiprocess
 
-                multiprocess.mark_process_dead(c.pid)  # its live gauges (open streams) no longer count
-            metrics.worker_restarts.inc()
-            self.children[i] = spawn_worker(self.config_path, self.base_port, i)
+                    multiprocess.mark_process_dead(c.pid)  # its live gauges (open streams) no longer count
+            if now >= self.due[i]:
+                del self.due[i]
+                metrics.worker_restarts.inc()
+                self.children[i] = spawn_worker(self.config_path, self.base_port, i)
         return True
 
 

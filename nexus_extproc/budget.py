@@ -271,6 +271,11 @@ class BudgetService:
         if not plan.defs:
             return Admission(decide(PolicyInput(requested, equivalent, None)), None)
         matched, periods, items = plan.defs, plan.periods, plan.items
+        if self.outbox.pending and self.config.store_failure == "closed":
+            # Settlements are held only in memory (neither the store nor the disk took them): closed means
+            # nothing unrecorded is sent, so refuse until the reconciler has replayed them.
+            metrics.store_failures.labels("outbox").inc()
+            raise store_unavailable()
         expires = time.time() + self.config.store.reservation_ttl_secs
         try:
             if not plan.observed:

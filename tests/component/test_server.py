@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from datetime import UTC, datetime
 
 import grpc
@@ -13,6 +14,7 @@ from nexus_extproc.app import build, start_grpc
 from nexus_extproc.server import ExternalProcessor
 from tests.component.harness import Stream, body_msg, headers_msg, req_headers, set_headers
 from tests.conftest import make_config
+from tests.garbage import PATHS, garbage
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 20}
 
@@ -211,3 +213,27 @@ async def test_idle_stream_is_closed_and_a_busy_one_is_not(counter, tmp_path):
     finally:
         await ch.close()
         await server.stop(0)
+
+
+async def test_garbage_bodies_through_the_grpc_server_never_escape_as_errors(served):
+    """What the Envoy fault test sends, without Envoy: every reply is a 4xx in the provider's shape or a
+    request-body continue, and the stream never ends with a gRPC error."""
+    _, servicer, ch = await served(budget={"monthly_limit_usd": 1000})
+    rng = random.Random(1302)
+    codes: list[int] = []
+    for i in range(300):
+        path = PATHS[i % len(PATHS)]
+        s = Stream(ch)
+        await s.send(req_headers(path))
+        r = await s.send(body_msg(garbage(rng)))
+        if r.HasField("immediate_response"):
+            code = r.immediate_response.status.code
+            assert 400 <= code < 500, (path, code, r.immediate_response.body[:200])
+            doc = json.loads(r.immediate_response.body)
+            assert "error" in doc
+        else:
+            assert r.HasField("request_body"), r
+            code = 200
+        codes.append(code)
+        await s.close()
+    assert sum(c >= 400 for c in codes) > 180

@@ -12,6 +12,7 @@ import pytest
 
 from nexus_extproc import metrics
 from nexus_extproc.budget import BudgetService
+from nexus_extproc.errors import NexusError
 from nexus_extproc.ledger import Ledger, SpendRecord, StoreUnavailable, open_ledger
 from nexus_extproc.ledger.outbox import Outbox, encode
 from nexus_extproc.policy import Action, Target
@@ -165,3 +166,26 @@ async def test_reconciler_loop_survives_a_step_that_keeps_failing(tmp_path):
     assert await real.settlement_count() == 1  # the outbox step still ran every pass
     assert await real.get_meta("last_reconciliation")
     await real.close()
+
+
+async def test_closed_mode_refuses_while_settlements_wait_in_memory(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    db = tmp_path / "l.db"
+    cfg = make_config(budget={"monthly_limit_usd": 100}, store_failure="closed",
+                      store={"kind": "sqlite", "path": str(db), "outbox_path": str(tmp_path / "file" / "ob.jsonl")})
+    led = Switchable(open_ledger("sqlite", path=str(db)))
+    svc = BudgetService(cfg, led)  # type: ignore[arg-type]
+    adm = await svc.admit("r1", CLOUD, None)
+    assert adm.decision.action is Action.ALLOW and not adm.outbox
+    led.down = True  # the store goes away while r1 is at the provider, and the disk refuses the outbox
+    await svc.settle("r1", adm, 900, SpendRecord(0, "gpt-4o", "openai", 1, 1, 20_000, "usage"))
+    assert len(svc.outbox.pending) == 1
+    led.down = False
+    with pytest.raises(NexusError) as e:
+        await svc.admit("r2", CLOUD, None)  # the store is back, but r1's settlement is only in memory
+    assert e.value.status == 503
+    await svc.reconcile_once()
+    assert svc.outbox.pending == []
+    assert (await svc.admit("r3", CLOUD, None)).decision.action is Action.ALLOW
+    assert (await led.inner.totals("global", svc.period().key)).settled == 900
+    await led.inner.close()

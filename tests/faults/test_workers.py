@@ -3,8 +3,10 @@ again on its port, and Envoy stops sending to it while it is gone."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -94,3 +96,26 @@ def test_killed_worker_is_restarted_and_the_other_keeps_serving(stack: tuple[Sta
     assert len(failed) <= 8, f"{len(failed)} of {len(statuses)} requests failed around the kill: {failed}"
     print(f"worker kill -9: {len(statuses)} requests under load ({during} before the kill), {len(failed)} failed "
           f"({sorted(set(failed))}), then 100/100 answered; parent alive, 1 restart")
+
+
+def test_supervisor_backs_off_and_stops_on_a_crash_loop(monkeypatch):
+    """Workers that die at once: restarts come later and later, and the parent gives up past the limit."""
+    from nexus_extproc import app
+
+    started: list[float] = []
+
+    def spawn(config_path: str, port: int, index: int) -> subprocess.Popen[bytes]:
+        started.append(time.monotonic())
+        return subprocess.Popen(["false"])
+
+    monkeypatch.setattr(app, "spawn_worker", spawn)
+    sup = app.Supervisor("unused.yaml", 1, 1)
+    t0 = time.monotonic()
+    while sup.check():
+        time.sleep(0.05)
+        assert time.monotonic() - t0 < 30, "never detected the crash loop"
+    gaps = [b - a for a, b in itertools.pairwise(started)]
+    assert len(started) == 1 + app.CRASH_LOOP[0]
+    assert gaps[0] < 0.5 and gaps[-1] >= 1.5 and gaps == sorted(gaps, key=lambda g: round(g, 1)), gaps
+    for c in sup.children:
+        c.wait()
