@@ -4,7 +4,7 @@ Usage is derived from the request: prompt tokens by the fake's own count (OpenAI
 message, 1 per name, 3 for the reply priming), completion = min(max tokens, N). Request headers steer it:
 `x-fake-completion-tokens`, `x-fake-cached-tokens`, `x-fake-cache-write-tokens`, `x-fake-reasoning-tokens`,
 `x-fake-delay-ms` (between stream events) and `x-fake-fault`: `truncate`, `500`, `500-mid-stream`, `slow`,
-`malformed-sse`.
+`slow-body` (headers, then the body after the delay), `malformed-sse`.
 """
 
 from __future__ import annotations
@@ -189,12 +189,22 @@ class FakeUpstream:
                                                      "refusal": None},
                              "logprobs": None, "finish_reason": "stop"}],
                 "usage": usage, "system_fingerprint": "fp_fake"}
-        return self._json(req, body, doc)
+        return await self._json(req, body, doc)
 
-    def _json(self, req: web.Request, body: dict[str, Any], doc: dict[str, Any]) -> web.Response:
+    async def _json(self, req: web.Request, body: dict[str, Any], doc: dict[str, Any]) -> web.StreamResponse:
         raw = json.dumps(body).encode()
-        if req.headers.get("x-fake-fault") == "truncate":
+        fault = req.headers.get("x-fake-fault")
+        if fault == "truncate":
             raw = raw[: len(raw) // 2]
+        if fault == "slow-body":  # headers now, the body after the delay (a provider still generating)
+            resp = web.StreamResponse(headers={**self._headers(doc), "content-type": "application/json"})
+            resp.content_length = len(raw)
+            await resp.prepare(req)
+            await resp.write(raw[:10])
+            await asyncio.sleep(_int_header(req, "x-fake-delay-ms", 500) / 1000)
+            await resp.write(raw[10:])
+            await resp.write_eof()
+            return resp
         return web.Response(body=raw, content_type="application/json", headers=self._headers(doc))
 
     async def completions(self, req: web.Request) -> web.StreamResponse:
@@ -216,7 +226,7 @@ class FakeUpstream:
         fault = await self._fault_json(req)
         if fault is not None:
             return fault
-        return self._json(req, {**base, "choices": [{"text": " tok" * completion, "index": 0, "logprobs": None,
+        return await self._json(req, {**base, "choices": [{"text": " tok" * completion, "index": 0, "logprobs": None,
                                                      "finish_reason": "length"}], "usage": usage}, doc)
 
     async def responses(self, req: web.Request) -> web.StreamResponse:
@@ -251,7 +261,7 @@ class FakeUpstream:
         fault = await self._fault_json(req)
         if fault is not None:
             return fault
-        return self._json(req, final, doc)
+        return await self._json(req, final, doc)
 
     async def embeddings(self, req: web.Request) -> web.StreamResponse:
         doc = await self._read(req)
@@ -263,7 +273,7 @@ class FakeUpstream:
         if fault is not None:
             return fault
         data = [{"object": "embedding", "index": i, "embedding": [0.0, 0.1, 0.2]} for i in range(len(texts))]
-        return self._json(req, {"object": "list", "data": data, "model": model,
+        return await self._json(req, {"object": "list", "data": data, "model": model,
                                 "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}, doc)
 
     # ---- Anthropic -------------------------------------------------------------------------------
@@ -306,7 +316,7 @@ class FakeUpstream:
         fault = await self._fault_json(req)
         if fault is not None:
             return fault
-        return self._json(req, {"id": mid, "type": "message", "role": "assistant", "model": model,
+        return await self._json(req, {"id": mid, "type": "message", "role": "assistant", "model": model,
                                 "content": [{"type": "text", "text": " ".join(["tok"] * completion)}],
                                 "stop_reason": "end_turn", "stop_sequence": None, "usage": usage}, doc)
 

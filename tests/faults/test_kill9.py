@@ -5,7 +5,10 @@ estimate (source "reaped") once its TTL has passed."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import json
 import signal
+import socket
 import time
 
 import httpx
@@ -23,7 +26,17 @@ def body(stream: bool) -> dict[str, object]:
             "stream": stream}
 
 
-@pytest.mark.parametrize("point", ["awaiting_response", "mid_sse"])
+POINTS = {
+    # The fake holds its answer 3 s: the request sits at the provider when the server dies.
+    "awaiting_response": {"x-fake-fault": "slow", "x-fake-delay-ms": "3000"},
+    # The fake sends its headers (they pass through the filter), then the body 3 s later.
+    "after_response_headers": {"x-fake-fault": "slow-body", "x-fake-delay-ms": "3000"},
+    # 40 events 100 ms apart: the server dies after the first ones reached the client.
+    "mid_sse": {"x-fake-delay-ms": "100"},
+}
+
+
+@pytest.mark.parametrize("point", list(POINTS))
 def test_kill9_charges_what_was_forwarded(e2e: E2E, tmp_path, point):
     db = tmp_path / "ledger.db"
     config = {"budget": {"monthly_limit_usd": 1000, "reconciliation_interval_secs": 1},
@@ -31,9 +44,7 @@ def test_kill9_charges_what_was_forwarded(e2e: E2E, tmp_path, point):
                         "outbox_path": str(tmp_path / "outbox.jsonl")}}
     cfg = e2e.restart(**config)
     stream = point == "mid_sse"
-    # awaiting_response: the fake holds its answer 3 s, the request sits at the provider when the server dies.
-    # mid_sse: 40 events 100 ms apart, the server dies after the first ones reached the client.
-    headers = {"x-fake-fault": "slow", "x-fake-delay-ms": "3000"} if not stream else {"x-fake-delay-ms": "100"}
+    headers = POINTS[point]
     sent = 0
     for _ in range(ROUNDS):
         before = len(e2e.fake_requests("openai"))
@@ -45,10 +56,9 @@ def test_kill9_charges_what_was_forwarded(e2e: E2E, tmp_path, point):
                         for _ in range(PER_ROUND)]
             wait_for(lambda b=before: len(e2e.fake_requests("openai")) - b >= PER_ROUND, 10,
                      "the requests to reach the provider")
-            if stream:
-                time.sleep(0.5)  # a few events have streamed
-            else:
-                time.sleep(0.3)  # the forwarded mark is written right after the body reply goes out
+            # The forwarded mark is written right after the body reply goes out; by 0.5 s a few events have
+            # streamed, or the response headers have passed the filter.
+            time.sleep(0.5)
             e2e.stack.stop_extproc(signal.SIGKILL)
             results = [f.result() for f in futs]
         assert all(r in (0, 500, 502, 503) or (stream and r == 200) for r in results), results
@@ -81,3 +91,42 @@ def _stream_until_killed(url: str, headers: dict[str, str]) -> int:
             return r.status_code
     except httpx.HTTPError:
         return 0
+
+
+def test_kill9_before_forwarding_charges_nothing(e2e: E2E, tmp_path):
+    """The server dies while Envoy is still buffering the request bodies: nothing reached the provider, so
+    nothing is charged and nothing stays reserved."""
+    db = tmp_path / "ledger.db"
+    cfg = e2e.restart(budget={"monthly_limit_usd": 1000, "reconciliation_interval_secs": 1},
+                      store={"kind": "sqlite", "path": str(db), "reservation_ttl_secs": TTL,
+                             "outbox_path": str(tmp_path / "outbox.jsonl")})
+    raw = json.dumps(body(False)).encode()
+    host, port = e2e.url.removeprefix("http://").split(":")
+    before = len(e2e.fake_requests("openai"))
+    socks = []
+    for _ in range(ROUNDS * PER_ROUND):
+        s = socket.create_connection((host, int(port)), timeout=10)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                  b"authorization: Bearer sk-test\r\ncontent-length: %d\r\n\r\n" % len(raw) + raw[:20])
+        socks.append(s)
+    time.sleep(0.5)  # the request headers went through the filter; the bodies are still coming
+    e2e.stack.stop_extproc(signal.SIGKILL)
+    for s in socks:
+        with contextlib.suppress(OSError):
+            s.sendall(raw[20:])
+    answers = []
+    for s in socks:
+        try:
+            answers.append(s.recv(64).split(b" ")[1:2])
+        except OSError:
+            answers.append([b"0"])
+        s.close()
+    e2e.stack.start_extproc(cfg)
+    e2e.wait_envoy_sees_extproc()
+    time.sleep(TTL + 2)  # past any reservation's TTL, and a reconciler pass
+    assert len(e2e.fake_requests("openai")) == before, "a request reached the provider without its filter"
+    aggs, count = ledger_spend(db)
+    assert count == 0 and not aggs
+    assert e2e.stats()["budget"]["reserved_usd"] == 0
+    print(f"kill -9 before forwarding: {len(socks)} requests, answers {sorted({a[0] for a in answers if a})}, "
+          f"0 forwarded, 0 charged")
