@@ -130,3 +130,37 @@ def test_kill9_before_forwarding_charges_nothing(e2e: E2E, tmp_path):
     assert e2e.stats()["budget"]["reserved_usd"] == 0
     print(f"kill -9 before forwarding: {len(socks)} requests, answers {sorted({a[0] for a in answers if a})}, "
           f"0 forwarded, 0 charged")
+
+
+def test_sigstop_past_message_timeout_settles_each_request_once(e2e: E2E, tmp_path):
+    """The server frozen for 2 × Envoy's message_timeout while its requests are at the provider: Envoy gives
+    up on them; once the server runs again each one is settled exactly once (by the stream's end or by the
+    reaper, never both)."""
+    db = tmp_path / "ledger.db"
+    e2e.restart(budget={"monthly_limit_usd": 1000, "reconciliation_interval_secs": 1},
+                store={"kind": "sqlite", "path": str(db), "reservation_ttl_secs": TTL,
+                       "outbox_path": str(tmp_path / "outbox.jsonl")})
+    assert e2e.stack.extproc is not None
+    n = 8
+    before = len(e2e.fake_requests("openai"))
+    headers = {"x-fake-fault": "slow", "x-fake-delay-ms": "1000"}
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        futs = [pool.submit(post, e2e.url, "/v1/chat/completions", body(False), headers) for _ in range(n)]
+        wait_for(lambda: len(e2e.fake_requests("openai")) - before >= n, 10, "the requests to reach the provider")
+        time.sleep(0.3)
+        e2e.stack.extproc.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(10)  # message_timeout is 5 s
+        finally:
+            e2e.stack.extproc.send_signal(signal.SIGCONT)
+        results = [f.result() for f in futs]
+    e2e.wait_envoy_sees_extproc()
+    aggs, count = wait_for(lambda: (lambda a: a if a[1] >= n else None)(ledger_spend(db)), TTL + 20,
+                           f"{n} settlements")
+    time.sleep(TTL + 2)  # a reaper pass after every TTL: it must find nothing more to charge
+    aggs, count = ledger_spend(db)
+    glob = [a for a in aggs if a.budget == "global"]
+    assert count == n and sum(a.requests for a in glob) == n, (count, glob)
+    assert e2e.stats()["budget"]["reserved_usd"] == 0
+    print(f"SIGSTOP 10 s: answers {sorted(set(results))}, {n} forwarded, {count} settled once each, "
+          f"{sum(a.reaped for a in glob)} µ$ by the reaper")
