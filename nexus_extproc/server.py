@@ -140,6 +140,12 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                         proc.forwarded(state)
                     if reply.immediate is not None:
                         return
+                    # Envoy sends nothing after the response's last bytes but resets the stream; ending the
+                    # call ourselves first means no read is in flight when the reset comes. grpc.aio leaks a
+                    # batch's op array when its awaiter is cancelled (grpc/grpc#43360), ~130 B per request.
+                    if (phase == "response_body" and req.response_body.end_of_stream) or (
+                            phase == "response_headers" and req.response_headers.end_of_stream):
+                        return
         except TimeoutError:
             metrics.stream_errors.labels("idle_timeout").inc()
             log.warning("ext_proc stream idle past its deadline; closing", extra={"phase": phase})
