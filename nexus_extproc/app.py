@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -127,7 +129,16 @@ async def serve_single(config: NexusConfig, worker_index: int | None = None) -> 
                                              if runner else None, "worker": worker_index})
     stop = asyncio.Event()
     _install_stop(stop)
+    recycle = None
+    limit = config.server.max_streams_per_worker
+    if limit and worker_index is not None:
+        base = config.server.grpc_port
+        recycle = asyncio.create_task(_recycle_after(
+            servicer, hs, stop, limit, config.server.recycle_drain_secs, config.server.grpc_host, port,
+            [base + i for i in range(config.server.workers)]))
     await stop.wait()
+    if recycle is not None and not recycle.done():
+        recycle.cancel()
     log.info("draining", extra={"active_streams": servicer.active})
     ready = False
     await hs.enter_graceful_shutdown()
@@ -144,7 +155,39 @@ async def serve_single(config: NexusConfig, worker_index: int | None = None) -> 
             await comps.processor.calibration.sync(comps.budget.ledger)
         await comps.budget.ledger.close()
     log.info("stopped")
-    return 0
+    return RECYCLED if recycle is not None and not recycle.cancelled() and recycle.done() else 0
+
+
+RECYCLED = 75  # exit code of a worker that left after max_streams_per_worker: the parent replaces it at once
+
+
+async def _recycle_after(servicer: ExternalProcessor, hs: health.aio.HealthServicer, stop: asyncio.Event,
+                         limit: int, drain: float, host: str, own: int, siblings: list[int]) -> bool:
+    """Leave once `limit` streams (jittered) have been served: report NOT_SERVING first and keep serving for
+    `drain` seconds, so Envoy has moved new streams to the other workers before this one stops listening."""
+    target = int(limit * random.uniform(0.9, 1.1))
+    while servicer.started < target:  # noqa: ASYNC110 (polling a counter: no per-stream wake-up)
+        await asyncio.sleep(1.0)
+    # One worker away at a time, and only while every other one serves: the lock is held until this process
+    # exits (the kernel drops it), and the next worker to take it checks that the replacement is up.
+    lock = open(os.path.join(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.gettempdir(),  # noqa: ASYNC230
+                             f"nexus-recycle-{siblings[0]}.lock"), "a")  # once per worker lifetime
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            await asyncio.sleep(1.0)
+            continue
+        if all([await _grpc_serving(host, p) for p in siblings if p != own]):
+            break
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        await asyncio.sleep(1.0)
+    log.info("recycling this worker", extra={"streams": servicer.started})
+    await hs.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await hs.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    await asyncio.sleep(drain)
+    stop.set()
+    return True
 
 
 async def _grpc_serving(host: str, port: int) -> bool:
@@ -157,13 +200,14 @@ async def _grpc_serving(host: str, port: int) -> bool:
         return False
 
 
-def spawn_worker(config_path: str, grpc_port: int, index: int) -> subprocess.Popen[bytes]:
+def spawn_worker(config_path: str, grpc_port: int, index: int, workers: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "nexus_extproc", "serve", "--config", config_path,
-                             "--grpc-port", str(grpc_port), "--worker-index", str(index)], env=dict(os.environ))
+                             "--grpc-port", str(grpc_port), "--worker-index", str(index),
+                             "--workers", str(workers)], env=dict(os.environ))
 
 
 def spawn_workers(config_path: str, grpc_port: int, workers: int) -> list[subprocess.Popen[bytes]]:
-    return [spawn_worker(config_path, grpc_port, i) for i in range(workers)]
+    return [spawn_worker(config_path, grpc_port, i, workers) for i in range(workers)]
 
 
 CRASH_LOOP = (5, 60.0)  # more restarts than this within this many seconds: stop, the fault is not transient
@@ -188,6 +232,15 @@ class Supervisor:
         for i, c in enumerate(self.children):
             if c.poll() is None:
                 continue
+            if c.returncode == RECYCLED:
+                metrics.worker_recycles.inc()
+                log.info("worker recycled; starting a fresh one", extra={"worker": i})
+                with contextlib.suppress(Exception):
+                    from prometheus_client import multiprocess
+
+                    multiprocess.mark_process_dead(c.pid)
+                self.children[i] = spawn_worker(self.config_path, self.base_port, i, len(self.children))
+                continue
             if i not in self.due:
                 self.restarts = [t for t in self.restarts if now - t < CRASH_LOOP[1]] + [now]
                 if len(self.restarts) > CRASH_LOOP[0]:
@@ -205,7 +258,7 @@ class Supervisor:
             if now >= self.due[i]:
                 del self.due[i]
                 metrics.worker_restarts.inc()
-                self.children[i] = spawn_worker(self.config_path, self.base_port, i)
+                self.children[i] = spawn_worker(self.config_path, self.base_port, i, len(self.children))
         return True
 
 

@@ -122,6 +122,12 @@ class ServerConfig(_Strict):
     admin_host: str = "127.0.0.1"
     admin_port: int = Field(default=9090, ge=0, le=65535)
     workers: int = Field(default=1, ge=1, le=64)
+    # With workers > 1: a worker that has served this many streams (±10 %, so workers do not recycle together)
+    # leaves gracefully and the parent starts a fresh one; 0 = never. It bounds native memory that grpc.aio
+    # leaks on streams Envoy resets (grpc/grpc#43360). The worker first reports NOT_SERVING for
+    # recycle_drain_secs, longer than Envoy's health check takes to notice (2 × 2 s), and keeps serving meanwhile.
+    max_streams_per_worker: int = Field(default=0, ge=0)
+    recycle_drain_secs: float = Field(default=6.0, ge=0)
     grace_period_secs: float = Field(default=20.0, ge=0)
     # Requests whose text exceeds this many bytes are tokenized in a worker thread (tiktoken releases the GIL)
     # so one huge prompt does not stall every other stream on the event loop.

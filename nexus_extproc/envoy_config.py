@@ -138,7 +138,10 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
         "typed_extension_protocol_options": _h2_options(),
         "circuit_breakers": _THRESHOLDS,
         "load_assignment": _endpoints("nexus_extproc", p.extproc_host, p.extproc_ports),
-        "health_checks": [{"timeout": "1s", "interval": "2s", "unhealthy_threshold": 2, "healthy_threshold": 1,
+        # no_traffic_interval too: Envoy otherwise checks every 60 s until it counts the cluster as used, and a
+        # worker that reports NOT_SERVING before it recycles would keep getting new streams.
+        "health_checks": [{"timeout": "1s", "interval": "2s", "no_traffic_interval": "2s", "unhealthy_threshold": 2,
+                           "healthy_threshold": 1,
                            "grpc_health_check": {"service_name": "envoy.service.ext_proc.v3.ExternalProcessor"}}],
         # A worker that died (and is being restarted) refuses connections: eject it on the first refusal
         # instead of waiting two health-check intervals; at most half the workers at once.

@@ -46,3 +46,5 @@ reconciler_errors = Counter("nexus_reconciler_errors_total", "Reconciler steps t
                             ["step"])
 wal_checkpoints = Counter("nexus_wal_checkpoints_total", "SQLite WAL truncations (size bound or full disk)")
 worker_restarts = Counter("nexus_worker_restarts_total", "Worker processes restarted by the parent")
+worker_recycles = Counter("nexus_worker_recycles_total",
+                          "Workers that left after server.max_streams_per_worker streams and were replaced")

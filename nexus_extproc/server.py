@@ -92,6 +92,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         self.idle_timeout = idle_timeout
         self.settling: set[asyncio.Task[None]] = set()
         self.active = 0
+        self.started = 0  # streams since start (worker recycling)
 
     async def Process(self, request_iterator: AsyncIterator[ep.ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[ep.ProcessingResponse]:
@@ -99,6 +100,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         state = RequestState()
         phase = "open"
         self.active += 1
+        self.started += 1
         metrics.streams_active.inc()
         loop = asyncio.get_running_loop()
         moved = loop.time()

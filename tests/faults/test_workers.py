@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -34,8 +35,7 @@ def children(pid: int) -> list[int]:
     return sorted(out)
 
 
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[tuple[Stack, Path]]:
+def start(tmp_path: Path, **server: object) -> tuple[Stack, Path]:
     s = Stack()
     try:
         s.start_fakes()
@@ -44,14 +44,23 @@ def stack(tmp_path: Path) -> Iterator[tuple[Stack, Path]]:
         cfg = write_config(s.workdir / "workers.yaml",
                            budget={"monthly_limit_usd": 1000, "reconciliation_interval_secs": 1},
                            store={"kind": "sqlite", "path": str(db), "outbox_path": str(tmp_path / "ob.jsonl"),
-                                  "reservation_ttl_secs": 5})
+                                  "reservation_ttl_secs": 5},
+                           server={"grace_period_secs": 10, **server})
         s.start_extproc(cfg, workers=2)
         s.start_envoy(workers=2)
         wait_for(lambda: post(s.base_url, "/v1/chat/completions", BODY) == 200, 20, "the stack to answer")
-        yield s, db
+        return s, db
     except BaseException:
         print(s.log("extproc")[-4000:], s.log("envoy")[-2000:])
+        s.stop()
         raise
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[tuple[Stack, Path]]:
+    s, db = start(tmp_path)
+    try:
+        yield s, db
     finally:
         s.stop()
 
@@ -104,7 +113,7 @@ def test_supervisor_backs_off_and_stops_on_a_crash_loop(monkeypatch):
 
     started: list[float] = []
 
-    def spawn(config_path: str, port: int, index: int) -> subprocess.Popen[bytes]:
+    def spawn(config_path: str, port: int, index: int, workers: int) -> subprocess.Popen[bytes]:
         started.append(time.monotonic())
         return subprocess.Popen(["false"])
 
@@ -119,3 +128,43 @@ def test_supervisor_backs_off_and_stops_on_a_crash_loop(monkeypatch):
     assert gaps[0] < 0.5 and gaps[-1] >= 1.5 and gaps == sorted(gaps, key=lambda g: round(g, 1)), gaps
     for c in sup.children:
         c.wait()
+
+
+def test_workers_recycle_without_failing_a_request(tmp_path: Path):
+    """max_streams_per_worker: each worker leaves after its streams, reporting NOT_SERVING first, and the
+    parent replaces it; under steady load no request fails and no restart is counted as a crash."""
+    s, db = start(tmp_path, max_streams_per_worker=150, recycle_drain_secs=6)
+    try:
+        assert s.extproc is not None
+        first = wait_for(lambda: (lambda c: c if len(c) == 2 else None)(children(s.extproc.pid)), 10, "workers")
+        statuses: list[int] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                statuses.append(post(s.base_url, "/v1/chat/completions", BODY, timeout=10))
+                time.sleep(0.01)
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            wait_for(lambda: not set(first) & set(children(s.extproc.pid)) and len(children(s.extproc.pid)) == 2,
+                     60, "both workers to be replaced")
+            time.sleep(3)  # and serve on the fresh ones
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        metrics = httpx.get(f"http://127.0.0.1:{s.admin_port}/metrics", timeout=5).text
+        recycles = float(re.search(r"^nexus_worker_recycles_total (\S+)", metrics, re.M).group(1))  # type: ignore[union-attr]
+        failed = [x for x in statuses if x != 200]
+        assert s.extproc.poll() is None
+        assert recycles >= 2 and "nexus_worker_restarts_total 0.0" in metrics
+        if failed:
+            print(s.log("extproc")[-3000:])
+        assert not failed, f"{len(failed)} of {len(statuses)} failed while workers recycled: {sorted(set(failed))}"
+        wait_for(lambda: ledger_spend(db)[1] >= len(statuses), 20, "every answered request settled")
+        print(f"recycling: {len(statuses)} requests, {recycles:.0f} recycles, 0 failed")
+    finally:
+        s.stop()
