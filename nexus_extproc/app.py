@@ -146,6 +146,8 @@ async def serve_single(config: NexusConfig, worker_index: int | None = None) -> 
     await servicer.drain(config.server.grace_period_secs)
     await shutdown
     chores.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await chores  # retrieved, so a clean stop logs no "exception was never retrieved"
     if runner:
         await runner.cleanup()
     if admin_api:
