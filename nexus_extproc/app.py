@@ -49,7 +49,7 @@ def open_store(config: NexusConfig) -> Ledger | None:
     s = config.store
     if s.kind == "sqlite":
         return open_ledger("sqlite", path=s.path, timeout_ms=s.timeout_ms, wal_max_bytes=s.wal_max_bytes)
-    return open_ledger("redis", url=s.url, key_prefix=s.key_prefix, timeout_ms=s.timeout_ms)
+    return open_ledger("redis", url=s.url, key_prefix=s.key_prefix, timeout_ms=s.timeout_ms, cluster=s.cluster)
 
 
 @dataclass

@@ -90,7 +90,9 @@ class StoreConfig(_Strict):
     kind: Literal["sqlite", "redis"] = "sqlite"
     path: str = "./nexus-ledger.db"
     url: str = "redis://127.0.0.1:6379/0"
-    key_prefix: str = "nexus"
+    # Redis Cluster: `url` is any node's; every key takes the hash tag {key_prefix}, one slot (ledger/redis.py).
+    cluster: bool = False
+    key_prefix: str = Field(default="nexus", min_length=1, pattern=r"^[^{}\s]+$")
     timeout_ms: int = Field(default=250, ge=10)
     reservation_ttl_secs: int = Field(default=900, ge=5)
     outbox_path: str = "./nexus-outbox.jsonl"

@@ -67,3 +67,62 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(10)
+
+
+def _cluster_ports(n: int) -> list[int]:
+    """n free ports whose cluster-bus ports (port + 10000) are free too."""
+    ports: list[int] = []
+    while len(ports) < n:
+        p = _free_port()
+        if p + 10000 > 65535 or p in ports:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p + 10000))
+            except OSError:
+                continue
+        ports.append(p)
+    return ports
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real 3-master Redis Cluster on 127.0.0.1, created with redis-cli --cluster create."""
+    binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if binary is None or cli is None:
+        if os.environ.get("NEXUS_REQUIRE_TOOLS") == "1":
+            pytest.fail("redis-server / redis-cli are not installed")
+        pytest.skip("redis-server not installed (.ci/run installs it)")
+    ports = _cluster_ports(3)
+    procs = []
+    for port in ports:
+        d = tmp_path_factory.mktemp(f"cluster-{port}")
+        procs.append(subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes", "--cluster-config-file",
+             str(d / "nodes.conf"), "--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no",
+             "--dir", str(d)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        for port in ports:
+            end = time.monotonic() + 10
+            while time.monotonic() < end:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", "0",
+                        "--cluster-yes"], check=True, capture_output=True, timeout=30)
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            info = subprocess.run([cli, "-p", str(ports[0]), "cluster", "info"], capture_output=True, text=True).stdout
+            if "cluster_state:ok" in info:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"the Redis Cluster never became ready: {info}")
+        yield f"redis://127.0.0.1:{ports[0]}/0"
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(10)

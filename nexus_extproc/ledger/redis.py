@@ -3,8 +3,14 @@
 Every mutation is a Lua script, so the limit check and the reservation are one atomic step on the server,
 and money moves with `HINCRBY` on integers (never `INCRBYFLOAT`, whose 17-digit floats drift). Keys:
 `{p}:t:{budget}:{period}` totals hash, `{p}:r:{req}` the request's reservations, `{p}:rexp` expiry index,
-`{p}:s:{req}` settled marker (idempotence), `{p}:period:{budget}:{period}` rollover marker. Scripts build
-totals keys from the prefix, so use a single Redis (or Sentinel) rather than Redis Cluster.
+`{p}:s:{req}` settled marker (idempotence), `{p}:period:{budget}:{period}` rollover marker.
+
+Redis Cluster (`store.cluster: true`): the prefix becomes a hash tag (`{nexus}:t:…`), so every key of one
+deployment lives in one slot and each script stays one atomic call on one master, multi-budget reservations
+included. The cluster then gives failover and shared operation, not ledger sharding: one master runs every
+reserve and settle. Splitting budgets over slots would need a two-phase reserve with compensation across
+masters; one master's script throughput is far above what the ext_proc servers in front of it can send
+(bench/budgets.py --store redis), so the simpler atomic design was chosen.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from nexus_extproc.ledger.base import (
@@ -183,12 +190,31 @@ return redis.call('HGETALL', KEYS[1])
 SETTLED_MARKER_TTL_S = 40 * 86400
 
 
+_TIME = "return redis.call('TIME')"  # on the node that owns the keys (in a cluster, the slot's master)
+
+# KEYS: settings, audit ; ARGV: budget, settings json, then one audit json each. One atomic step, also in a
+# cluster (a MULTI pipeline is not portable there).
+_PUT_SETTINGS = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+for i = 3, #ARGV do redis.call('LPUSH', KEYS[2], ARGV[i]) end
+return 1
+"""
+
+
 class RedisLedger(Ledger):
-    def __init__(self, url: str, key_prefix: str = "nexus", timeout_ms: int = 250) -> None:
+    def __init__(self, url: str, key_prefix: str = "nexus", timeout_ms: int = 250, cluster: bool = False) -> None:
         self._timeout = timeout_ms / 1000
-        self._r = aioredis.Redis.from_url(url, socket_timeout=self._timeout,
-                                          socket_connect_timeout=self._timeout, decode_responses=True)
-        self._p = key_prefix
+        self._r: aioredis.Redis | RedisCluster
+        if cluster:
+            self._r = RedisCluster.from_url(url, socket_timeout=self._timeout,
+                                            socket_connect_timeout=self._timeout, decode_responses=True)
+            self._p = "{" + key_prefix + "}"  # one hash tag: one slot, every script atomic on one master
+            self._uninitialized: asyncio.Lock | None = asyncio.Lock()
+        else:
+            self._r = aioredis.Redis.from_url(url, socket_timeout=self._timeout,
+                                              socket_connect_timeout=self._timeout, decode_responses=True)
+            self._p = key_prefix
+            self._uninitialized = None
         self._clock_offset: float | None = None
         self._packed: dict[tuple[tuple[Key, ...], tuple[int | None, ...] | None], str] = {}
         self._reserve = self._r.register_script(_RESERVE)
@@ -197,12 +223,25 @@ class RedisLedger(Ledger):
         self._reap = self._r.register_script(_REAP)
         self._forwarded = self._r.register_script(_FORWARDED)
         self._calibrate = self._r.register_script(_CALIBRATE)
+        self._time = self._r.register_script(_TIME)
+        self._put_settings = self._r.register_script(_PUT_SETTINGS)
 
     async def _call(self, coro):  # type: ignore[no-untyped-def]
         try:
+            if self._uninitialized is not None:
+                await self._initialize()
             return await asyncio.wait_for(coro, self._timeout)
         except (RedisError, OSError, TimeoutError) as e:
             raise StoreUnavailable(f"redis: {type(e).__name__}") from None
+
+    async def _initialize(self) -> None:
+        """A cluster client's first commands, run concurrently, race its slot discovery (redis-py connects a
+        node while another command writes to it); discover once, under a lock, before anything else."""
+        assert self._uninitialized is not None
+        async with self._uninitialized:
+            if self._uninitialized is not None and isinstance(self._r, RedisCluster):
+                await asyncio.wait_for(self._r.initialize(), max(self._timeout, 2.0))
+                self._uninitialized = None
 
     def _tkey(self, budget: str, period: str) -> str:
         return f"{self._p}:t:{budget}:{period}"
@@ -224,7 +263,7 @@ class RedisLedger(Ledger):
             self._packed[(kt, caps_t)] = packed
         if self._clock_offset is None:
             # The deadline is in the server's clock: a replica's clock skew must not refuse (or extend) it.
-            secs, micros = await self._call(self._r.time())
+            secs, micros = (int(x) for x in await self._call(self._time(keys=[f"{self._p}:rexp"])))
             self._clock_offset = secs + micros / 1e6 - time.time()
         deadline = time.time() + self._clock_offset + self._timeout
         out = await self._call(self._reserve(keys=[f"{self._p}:r:{req_id}", f"{self._p}:rexp"],
@@ -280,11 +319,10 @@ class RedisLedger(Ledger):
         return json.loads(v) if v else None
 
     async def put_settings(self, budget: str, settings: dict[str, object], audit: list[AuditRecord]) -> None:
-        pipe = self._r.pipeline(transaction=True)
-        pipe.hset(f"{self._p}:settings", budget, json.dumps(settings))
-        for a in audit:
-            pipe.lpush(f"{self._p}:audit", json.dumps([a.ts, a.actor, a.budget, a.field, a.old, a.new]))
-        await self._call(pipe.execute())
+        await self._call(self._put_settings(
+            keys=[f"{self._p}:settings", f"{self._p}:audit"],
+            args=[budget, json.dumps(settings),
+                  *(json.dumps([a.ts, a.actor, a.budget, a.field, a.old, a.new]) for a in audit)]))
 
     async def audit_log(self, limit: int) -> list[AuditRecord]:
         rows = await self._call(self._r.lrange(f"{self._p}:audit", 0, max(0, limit - 1)))

@@ -96,3 +96,24 @@ async def test_store_failure_open_admits_and_outbox_replays(tmp_path):
     assert (await svc.ledger.totals("global", svc.period().key)).settled == 1234
     await svc.reconcile_once()  # replay is idempotent: nothing is charged twice
     assert (await svc.ledger.totals("global", svc.period().key)).settled == 1234
+
+
+async def test_three_replicas_on_a_redis_cluster_never_overshoot_five_budgets(redis_cluster_url):
+    """Five budgets per request, one of them daily and capped: 3 replicas sharing a 3-master cluster."""
+    import uuid
+
+    budgets = [{"name": "global", "limit_usd": 1, "hard_limit_action": "block_all"},
+               {"name": "gpt", "scope": {"model": "gpt-*"}, "limit_usd": 100},
+               {"name": "cloud", "scope": {"backend_type": "cloud"}, "limit_usd": 100},
+               {"name": "daily", "period": "daily", "limit_usd": 100},
+               {"name": "weekly", "period": "weekly", "limit_usd": 100}]
+    store = {"kind": "redis", "url": redis_cluster_url, "cluster": True, "key_prefix": f"c{uuid.uuid4().hex[:6]}",
+             "timeout_ms": 2000}
+    cfg = make_config(budgets=budgets, store=store)
+    services = [BudgetService(cfg, open_ledger("redis", url=redis_cluster_url, key_prefix=store["key_prefix"],
+                                               timeout_ms=2000, cluster=True)) for _ in range(3)]
+    tgt = Target("openai", "cloud", "gpt-4o", 1_000_000 // 50)
+    results = await asyncio.gather(*(services[i % 3].admit(f"r{i}", tgt, None) for i in range(200)))
+    assert sum(r.decision.action is Action.ALLOW for r in results) == 50
+    for s in services:
+        await s.ledger.close()

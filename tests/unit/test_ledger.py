@@ -1,4 +1,4 @@
-"""One suite, both stores: the same behaviour is required of SQLite and Redis."""
+"""One suite, every store: the same behaviour is required of SQLite, Redis and a 3-master Redis Cluster."""
 
 import asyncio
 import time
@@ -17,7 +17,7 @@ def rec(cost: int = 0) -> SpendRecord:
     return SpendRecord(time.time(), "gpt-4o", "openai", 10, 5, cost, "usage")
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
 def ledger_factory(request, tmp_path):
     shared = uuid.uuid4().hex[:8]
 
@@ -26,6 +26,9 @@ def ledger_factory(request, tmp_path):
         name = uuid.uuid4().hex[:8] if fresh else shared
         if request.param == "sqlite":
             return open_ledger("sqlite", path=str(tmp_path / f"ledger-{name}.db"), timeout_ms=5000)
+        if request.param == "redis-cluster":
+            url = request.getfixturevalue("redis_cluster_url")
+            return open_ledger("redis", url=url, key_prefix=f"t{name}", timeout_ms=2000, cluster=True)
         url = request.getfixturevalue("redis_url")
         return open_ledger("redis", url=url, key_prefix=f"t{name}", timeout_ms=2000)
 
@@ -421,3 +424,29 @@ async def test_calibration_sums_are_shared_decayed_and_kept(ledger_factory):
     assert not r2.adjust("claude-sonnet-4-5", "approximation", "plain", 1000, 0).calibrated
     await b.close()
     await c.close()
+
+
+async def test_cluster_keeps_every_key_of_a_deployment_in_one_slot(request):
+    """Multi-budget scripts stay atomic only if every key they touch is in one slot (one master)."""
+    from redis.asyncio.cluster import RedisCluster
+
+    url = request.getfixturevalue("redis_cluster_url")
+    prefix = f"slot{uuid.uuid4().hex[:6]}"
+    led = open_ledger("redis", url=url, key_prefix=prefix, timeout_ms=2000, cluster=True)
+    items = [("global", "2026-12"), ("team-a", "2026-12"), ("daily", "2026-12-03")]
+    assert (await led.reserve("a", items, 10, time.time() + 60)).admitted
+    await led.mark_forwarded("a", time.time(), ForwardNote("gpt-4o", "openai", "gpt-4o", 5))
+    assert await led.settle("a", items, 7, rec(7))
+    await led.reserve("b", items, 10, time.time() - 1)
+    await led.reap(time.time())
+    await led.first_seen("global", "2026-12", time.time())
+    await led.set_meta("k", "v")
+    rc = RedisCluster.from_url(url, decode_responses=True)
+    try:
+        keys = [k async for k in rc.scan_iter(match="{" + prefix + "}*", target_nodes=RedisCluster.ALL_NODES)]
+        assert len(keys) >= 6, keys
+        slots = {rc.keyslot(k) for k in keys}
+        assert len(slots) == 1, slots
+    finally:
+        await rc.aclose()
+        await led.close()
