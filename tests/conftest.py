@@ -8,11 +8,13 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from nexus_extproc.config import NexusConfig, parse_config
+from nexus_extproc.stack import wait_port
 from nexus_extproc.tokenizers import TokenCounter
 
 BACKENDS = {
@@ -45,29 +47,32 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def redis_binary() -> str:
+    """redis-server, or a skip (a failure in CI, where .ci/run installs it)."""
+    binary = shutil.which("redis-server")
+    if binary is None or shutil.which("redis-cli") is None:
+        if os.environ.get("NEXUS_REQUIRE_TOOLS") == "1":
+            pytest.fail("redis-server / redis-cli are not installed")
+        pytest.skip("redis-server not installed (.ci/run installs it)")
+    return binary
+
+
+def start_redis(port: int, d: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """A redis-server on 127.0.0.1:port with its files in d, once it accepts connections."""
+    proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(d), *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port, 10, proc)
+    return proc
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("NEXUS_REQUIRE_TOOLS") == "1":
-            pytest.fail("redis-server is not installed")
-        pytest.skip("redis-server not installed (.ci/run installs it)")
     port = _free_port()
-    d = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(d)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
+    proc = start_redis(port, tmp_path_factory.mktemp("redis"))
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(10)
-
 
 def _cluster_ports(n: int) -> list[int]:
     """n free ports whose cluster-bus ports (port + 10000) are free too."""
@@ -88,28 +93,15 @@ def _cluster_ports(n: int) -> list[int]:
 @pytest.fixture(scope="session")
 def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real 3-master Redis Cluster on 127.0.0.1, created with redis-cli --cluster create."""
-    binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
-    if binary is None or cli is None:
-        if os.environ.get("NEXUS_REQUIRE_TOOLS") == "1":
-            pytest.fail("redis-server / redis-cli are not installed")
-        pytest.skip("redis-server not installed (.ci/run installs it)")
+    redis_binary()
+    cli = shutil.which("redis-cli") or "redis-cli"
     ports = _cluster_ports(3)
     procs = []
-    for port in ports:
-        d = tmp_path_factory.mktemp(f"cluster-{port}")
-        procs.append(subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes", "--cluster-config-file",
-             str(d / "nodes.conf"), "--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no",
-             "--dir", str(d)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     try:
         for port in ports:
-            end = time.monotonic() + 10
-            while time.monotonic() < end:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    time.sleep(0.05)
+            d = tmp_path_factory.mktemp(f"cluster-{port}")
+            procs.append(start_redis(port, d, "--cluster-enabled", "yes", "--cluster-config-file",
+                                     str(d / "nodes.conf"), "--cluster-node-timeout", "2000"))
         subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", "0",
                         "--cluster-yes"], check=True, capture_output=True, timeout=30)
         end = time.monotonic() + 20

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -95,13 +96,18 @@ async def test_claim_left_by_a_dead_process_is_adopted(tmp_path):
     await ledger.close()
 
 
-async def test_unwritable_disk_holds_settlements_in_memory_until_the_store_is_back(tmp_path):
+def unwritable_service(tmp_path: Path, mode: str) -> tuple[BudgetService, Switchable]:
+    """A budget service whose outbox cannot be written (a file stands where its directory should be)."""
     (tmp_path / "file").write_text("a file where the outbox directory should be")
     db = tmp_path / "l.db"
-    cfg = make_config(budget={"monthly_limit_usd": 100}, store_failure="open",
+    cfg = make_config(budget={"monthly_limit_usd": 100}, store_failure=mode,
                       store={"kind": "sqlite", "path": str(db), "outbox_path": str(tmp_path / "file" / "ob.jsonl")})
     led = Switchable(open_ledger("sqlite", path=str(db)))
-    svc = BudgetService(cfg, led)  # type: ignore[arg-type]
+    return BudgetService(cfg, led), led  # type: ignore[arg-type]
+
+
+async def test_unwritable_disk_holds_settlements_in_memory_until_the_store_is_back(tmp_path):
+    svc, led = unwritable_service(tmp_path, "open")
     led.down = True
     fails = metric(metrics.outbox_failures)
     for i in range(5):
@@ -169,12 +175,7 @@ async def test_reconciler_loop_survives_a_step_that_keeps_failing(tmp_path):
 
 
 async def test_closed_mode_refuses_while_settlements_wait_in_memory(tmp_path):
-    (tmp_path / "file").write_text("not a directory")
-    db = tmp_path / "l.db"
-    cfg = make_config(budget={"monthly_limit_usd": 100}, store_failure="closed",
-                      store={"kind": "sqlite", "path": str(db), "outbox_path": str(tmp_path / "file" / "ob.jsonl")})
-    led = Switchable(open_ledger("sqlite", path=str(db)))
-    svc = BudgetService(cfg, led)  # type: ignore[arg-type]
+    svc, led = unwritable_service(tmp_path, "closed")
     adm = await svc.admit("r1", CLOUD, None)
     assert adm.decision.action is Action.ALLOW and not adm.outbox
     led.down = True  # the store goes away while r1 is at the provider, and the disk refuses the outbox

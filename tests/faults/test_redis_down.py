@@ -6,17 +6,14 @@ production store would, so its own restart loses nothing."""
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from nexus_extproc.ledger import open_ledger
 from nexus_extproc.stack import free_port
+from tests.conftest import start_redis
 from tests.faults.conftest import E2E, post, send_threads, wait_for
 
 BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 20}
@@ -24,12 +21,7 @@ BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hello there
 
 class Redis:
     def __init__(self, d: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            if os.environ.get("NEXUS_REQUIRE_TOOLS") == "1":
-                pytest.fail("redis-server is not installed")
-            pytest.skip("redis-server not installed (.ci/run installs it)")
-        self.binary, self.dir, self.port = binary, d, free_port()
+        self.dir, self.port = d, free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -37,17 +29,7 @@ class Redis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.dir)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        end = time.monotonic() + 10
-        while time.monotonic() < end:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise TimeoutError("redis-server did not start")
+        self.proc = start_redis(self.port, self.dir, "--appendonly", "yes", "--appendfsync", "always")
 
     def kill(self) -> None:
         assert self.proc is not None

@@ -4,10 +4,7 @@ write lock held by another process. Neither may leave a ghost reservation or sta
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +15,7 @@ import pytest
 
 from nexus_extproc.ledger import StoreUnavailable, open_ledger
 from nexus_extproc.stack import free_port
+from tests.conftest import start_redis
 
 pytestmark = pytest.mark.faults
 KEYS = [("global", "2026-12")]
@@ -26,21 +24,8 @@ KEYS = [("global", "2026-12")]
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A redis-server of this test's own: it is paused, which must not stall any other test."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("NEXUS_REQUIRE_TOOLS") == "1":
-            pytest.fail("redis-server is not installed")
-        pytest.skip("redis-server not installed (.ci/run installs it)")
     port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                             "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    end = time.monotonic() + 10
-    while time.monotonic() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
+    proc = start_redis(port, tmp_path)
     try:
         yield f"redis://127.0.0.1:{port}/0", proc
     finally:
