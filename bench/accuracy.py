@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nexus_extproc.app import build  # noqa: E402
-from nexus_extproc.calibration import Calibrator  # noqa: E402
 from nexus_extproc.config import parse_config  # noqa: E402
-from nexus_extproc.processor import RequestState  # noqa: E402
+from nexus_extproc.request.calibration import Calibrator  # noqa: E402
+from nexus_extproc.request.pipeline import RequestState  # noqa: E402
 from tests.corpus import (  # noqa: E402
     SKIP_REASON,
     expected_micros,

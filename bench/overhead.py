@@ -289,10 +289,10 @@ async def ttft(url: str, body: str, n: int) -> float:
 
 def micro_benchmarks() -> None:
     """In-process CPU figures for the request path: multi-turn caching and event-loop responsiveness."""
+    from nexus_extproc.apis import for_path
     from nexus_extproc.app import build
     from nexus_extproc.config import parse_config
-    from nexus_extproc.processor import RequestState
-    from nexus_extproc.translators import for_path
+    from nexus_extproc.request.pipeline import RequestState
 
     cfg = parse_config({"backends": {"openai": {"cluster": "openai", "type": "cloud", "provider": "openai",
                                                 "default": True}}}, environ={})

@@ -25,19 +25,21 @@ from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from nexus_extproc import metrics
-from nexus_extproc.admin import build_admin_app
-from nexus_extproc.admin_api import start_admin_api
-from nexus_extproc.budget import BudgetService
-from nexus_extproc.calibration import Calibrator
+from nexus_extproc.budget.alerts import AlertSender
+from nexus_extproc.budget.service import BudgetService
 from nexus_extproc.config import NexusConfig
-from nexus_extproc.health import poll_envoy_health
+from nexus_extproc.edge.admin_grpc import start_admin_api
+from nexus_extproc.edge.admin_http import build_admin_app
+from nexus_extproc.edge.envoy_admin import poll_envoy_health
+from nexus_extproc.edge.extproc import ExternalProcessor
+from nexus_extproc.edge.webhook import post_json
 from nexus_extproc.ledger import Ledger, StoreUnavailable, open_ledger
-from nexus_extproc.pricing import PriceBook
-from nexus_extproc.processor import Processor
-from nexus_extproc.router import Router
-from nexus_extproc.server import ExternalProcessor
-from nexus_extproc.tokenizers import TokenCounter
+from nexus_extproc.metering.pricing import PriceBook
+from nexus_extproc.metering.tokenizers import TokenCounter
+from nexus_extproc.ops import metrics
+from nexus_extproc.request.calibration import Calibrator
+from nexus_extproc.request.pipeline import Processor
+from nexus_extproc.request.router import Router
 
 log = logging.getLogger("nexus_extproc")
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -67,7 +69,7 @@ def build(config: NexusConfig, counter: TokenCounter | None = None) -> Component
         action = "rejected" if config.unpriced_model_action == "reject" else "charged the fallback price"
         log.warning("configured models without a known price will be %s", action,
                     extra={"models": ",".join(missing)})
-    budget = BudgetService(config, open_store(config))
+    budget = BudgetService(config, open_store(config), alerts=AlertSender(config.alerts, post_json))
     return Components(Processor(config, counter, prices, budget, Router(config)), budget, prices)
 
 
@@ -152,6 +154,7 @@ async def serve_single(config: NexusConfig, worker_index: int | None = None) -> 
         await runner.cleanup()
     if admin_api:
         await admin_api.stop(1)
+    await comps.budget.alerts.drain(min(5.0, config.server.grace_period_secs))  # queued webhooks go out first
     if comps.budget.ledger:
         with contextlib.suppress(Exception):  # the samples since the last flush; a dead store loses only these
             await comps.processor.calibration.sync(comps.budget.ledger)
@@ -270,7 +273,7 @@ async def serve_workers(config: NexusConfig, config_path: str, workers: int) -> 
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
     supervisor = Supervisor(config_path, config.server.grpc_port, workers)
     children = supervisor.children
-    budget = BudgetService(config, open_store(config))
+    budget = BudgetService(config, open_store(config), alerts=AlertSender(config.alerts, post_json))
     host, base = config.server.grpc_host, config.server.grpc_port
 
     async def is_ready() -> bool:

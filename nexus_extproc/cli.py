@@ -27,7 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
         # shared files too, or its /metrics would sum only the children.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="nexus-prom-")
     from nexus_extproc.app import serve_single, serve_workers
-    from nexus_extproc.logs import setup_logging
+    from nexus_extproc.ops.logs import setup_logging
 
     setup_logging(config.server.log_level, config.server.log_json)
     if config.server.event_loop == "uvloop":
@@ -61,7 +61,7 @@ def _check(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"nexus-extproc: {e}", file=sys.stderr)
         return 2
-    from nexus_extproc.pricing import PriceBook
+    from nexus_extproc.metering.pricing import PriceBook
 
     missing = PriceBook(config).check_configured(config)
     for m in missing:
@@ -76,7 +76,7 @@ def _calibration(args: argparse.Namespace) -> int:
     import json as _json
 
     from nexus_extproc.app import open_store
-    from nexus_extproc.calibration import Calibrator
+    from nexus_extproc.request.calibration import Calibrator
 
     try:
         config = load_config(args.config)
@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("action", choices=("show", "reset"))
     cal.add_argument("--config", required=True)
     d = sub.add_parser("demo", help="fake upstreams + ext_proc + Envoy, in the foreground")
-    from nexus_extproc.admin_cli import add_admin_args, run_admin
     from nexus_extproc.demo import add_demo_args, run_demo
+    from nexus_extproc.edge.admin_cli import add_admin_args, run_admin
 
     add_demo_args(d)
     add_admin_args(sub)
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         import getpass
         import os
 
-        from nexus_extproc.scopes import hash_api_key
+        from nexus_extproc.budget.scopes import hash_api_key
 
         key = getpass.getpass("API key (not echoed): ") if sys.stdin.isatty() else sys.stdin.readline().strip()
         print(hash_api_key(key, os.environ.get(args.salt_env, "").encode()))

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from nexus_extproc.tokenizers import load_encoding
+from nexus_extproc.metering.tokenizers import load_encoding
 
 _ENC: dict[str, Any] = {}
 

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from nexus_extproc import metrics
 from nexus_extproc.ledger.base import Ledger, SpendRecord, StoreUnavailable
+from nexus_extproc.ops import metrics
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from nexus_extproc import metrics
 from nexus_extproc.ledger.base import (
     AuditRecord,
     CalibrationSums,
@@ -36,6 +35,7 @@ from nexus_extproc.ledger.base import (
     Totals,
     decay,
 )
+from nexus_extproc.ops import metrics
 
 T = TypeVar("T")
 

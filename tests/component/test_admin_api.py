@@ -9,11 +9,11 @@ import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
-from nexus_extproc.admin_api import start_admin_api
 from nexus_extproc.api import budget_admin_pb2 as pb
 from nexus_extproc.api import budget_admin_pb2_grpc as pb_grpc
 from nexus_extproc.app import build
-from nexus_extproc.policy import Action, Target
+from nexus_extproc.budget.policy import Action, Target
+from nexus_extproc.edge.admin_grpc import start_admin_api
 from tests.conftest import make_config
 
 TOKEN = "s3cret-token"

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from nexus_extproc.app import build, start_grpc
-from nexus_extproc.server import ExternalProcessor
+from nexus_extproc.edge.extproc import ExternalProcessor
 from tests.component.harness import Stream, body_msg, headers_msg, req_headers, set_headers
 from tests.conftest import make_config
 from tests.garbage import PATHS, garbage

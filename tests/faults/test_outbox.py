@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from nexus_extproc import metrics
-from nexus_extproc.budget import BudgetService
-from nexus_extproc.errors import NexusError
+from nexus_extproc.apis.errors import NexusError
+from nexus_extproc.budget.policy import Action, Target
+from nexus_extproc.budget.service import BudgetService
 from nexus_extproc.ledger import Ledger, SpendRecord, StoreUnavailable, open_ledger
 from nexus_extproc.ledger.outbox import Outbox, encode
-from nexus_extproc.policy import Action, Target
+from nexus_extproc.ops import metrics
 from tests.conftest import make_config
 
 pytestmark = pytest.mark.faults

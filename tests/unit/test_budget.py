@@ -6,12 +6,12 @@ from datetime import UTC, datetime
 
 import pytest
 
-from nexus_extproc import metrics
-from nexus_extproc.budget import BudgetService
-from nexus_extproc.errors import NexusError
+from nexus_extproc.apis.errors import NexusError
+from nexus_extproc.budget.periods import month_period
+from nexus_extproc.budget.policy import Action, Target
+from nexus_extproc.budget.service import BudgetService
 from nexus_extproc.ledger import SpendRecord, StoreUnavailable, open_ledger
-from nexus_extproc.periods import month_period
-from nexus_extproc.policy import Action, Target
+from nexus_extproc.ops import metrics
 from tests.conftest import make_config
 
 CLOUD = Target("openai", "cloud", "gpt-4o", 20_000)
@@ -47,7 +47,7 @@ async def test_rollover_starts_at_zero_keeps_history_and_fires_once(tmp_path, ca
     await b.current_view()
     before = rollovers()
     clock.t = datetime(2026, 12, 1, 0, 0, 0, tzinfo=UTC)
-    with caplog.at_level(logging.INFO, logger="nexus_extproc.budget"):
+    with caplog.at_level(logging.INFO, logger="nexus_extproc.budget.service"):
         va = await a.current_view()
         vb = await b.current_view()
     assert va.settled_micros == 0 and vb.settled_micros == 0

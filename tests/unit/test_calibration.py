@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nexus_extproc.calibration import EXTRA_MAX, RATIO_MAX, RATIO_MIN, SERVER_TOOL_PRIOR_TOKENS, Calibrator
+from nexus_extproc.request.calibration import EXTRA_MAX, RATIO_MAX, RATIO_MIN, SERVER_TOOL_PRIOR_TOKENS, Calibrator
 
 
 async def test_plain_exact_prompt_is_a_count_not_an_estimate():

@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nexus_extproc.app import build
-from nexus_extproc.pricing import PricePlan
-from nexus_extproc.processor import RequestState
+from nexus_extproc.metering.pricing import PricePlan
+from nexus_extproc.request.pipeline import RequestState
 from tests.conftest import make_config
 from tests.corpus import case_params, expected_micros
 
@@ -173,7 +173,7 @@ def test_plan_equals_library_calc_price(model, inp, out, read_f, write_f, reason
 # ---- the exact tier on the recorded ground truth ----------------------------------------------------
 
 def _count(counter, case):
-    from nexus_extproc.translators import for_path
+    from nexus_extproc.apis import for_path
 
     p = for_path(case["path"]).parse(case["request"])
     return counter.count_prompt(p.model, p.shape).tokens + p.token_ids

@@ -399,7 +399,7 @@ async def test_sqlite_start_waits_for_another_worker_holding_the_file(tmp_path):
 
 
 async def test_calibration_sums_are_shared_decayed_and_kept(ledger_factory):
-    from nexus_extproc.calibration import Calibrator
+    from nexus_extproc.request.calibration import Calibrator
 
     a, b = ledger_factory(), ledger_factory()  # two replicas on one store
     now = 1_000_000.0

@@ -1,6 +1,6 @@
 import logging
 
-from nexus_extproc.logs import JsonFormatter, PlainFormatter
+from nexus_extproc.ops.logs import JsonFormatter, PlainFormatter
 
 
 def _record_with_exception() -> logging.LogRecord:

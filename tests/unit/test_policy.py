@@ -2,7 +2,7 @@ from decimal import Decimal
 
 import pytest
 
-from nexus_extproc.policy import Action, BudgetView, PolicyInput, Target, decide
+from nexus_extproc.budget.policy import Action, BudgetView, PolicyInput, Target, decide
 
 CLOUD = Target("openai", "cloud", "gpt-4o-mini", 1_000)
 LOCAL_FREE = Target("ollama", "local", "llama3.1:8b", 0)

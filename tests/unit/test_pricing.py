@@ -3,8 +3,8 @@ from decimal import ROUND_CEILING, Decimal
 import pytest
 from genai_prices import Usage, calc_price
 
-from nexus_extproc.pricing import PriceBook
-from nexus_extproc.usage import TokenUsage
+from nexus_extproc.apis.usage import TokenUsage
+from nexus_extproc.metering.pricing import PriceBook
 from tests.conftest import make_config
 
 
@@ -56,7 +56,7 @@ def test_startup_check_lists_configured_models_without_price():
 
 
 def test_model_cache_is_bounded(monkeypatch):
-    from nexus_extproc import pricing
+    from nexus_extproc.metering import pricing
 
     monkeypatch.setattr(pricing, "_MAX_CACHED_MODELS", 3)
     book = PriceBook(make_config())

@@ -12,15 +12,16 @@ from zoneinfo import ZoneInfo
 import pytest
 from aiohttp import web
 
-from nexus_extproc.alerts import AlertSender, alerts_total, deliveries
-from nexus_extproc.budget import BudgetService
+from nexus_extproc.budget.alerts import AlertSender, alerts_total, deliveries
+from nexus_extproc.budget.forecast import MIN_ELAPSED_S, forecast
+from nexus_extproc.budget.periods import period_for
+from nexus_extproc.budget.policy import Action, Target
+from nexus_extproc.budget.reports import roll_up
+from nexus_extproc.budget.scopes import RequestFacts, hash_api_key, matches
+from nexus_extproc.budget.service import BudgetService
 from nexus_extproc.config import AlertsConfig, ScopeConfig
-from nexus_extproc.forecast import MIN_ELAPSED_S, forecast
+from nexus_extproc.edge.webhook import post_json
 from nexus_extproc.ledger import SpendRecord, open_ledger
-from nexus_extproc.periods import period_for
-from nexus_extproc.policy import Action, Target
-from nexus_extproc.reports import roll_up
-from nexus_extproc.scopes import RequestFacts, hash_api_key, matches
 from tests.conftest import make_config
 
 SALT = b"pepper"
@@ -108,7 +109,8 @@ def service(tmp_path, budgets, clock=None, alerts=None, **cfg):
     config = make_config(budgets=budgets, store={"kind": "sqlite", "path": str(tmp_path / "l.db")},
                          alerts=alerts or {}, **cfg)
     led = open_ledger("sqlite", path=str(tmp_path / "l.db"), timeout_ms=5000)
-    return BudgetService(config, led, clock or Clock(datetime(2026, 11, 10, tzinfo=UTC)))
+    return BudgetService(config, led, clock or Clock(datetime(2026, 11, 10, tzinfo=UTC)),
+                         alerts=AlertSender(config.alerts, post_json))
 
 
 TEAM = {"name": "team-ml", "scope": {"team": "ml"}, "limit_usd": 1, "hard_limit_action": "block_all"}
@@ -217,7 +219,7 @@ async def test_alerts_fire_exactly_once_per_threshold_across_two_workers(tmp_pat
 async def test_webhook_down_retries_then_counts_failure_without_blocking(tmp_path):
     rx = Receiver(fail=True)
     url = await rx.start()
-    sender = AlertSender(AlertsConfig(webhook_url=url, max_attempts=3, backoff_secs=0.01))
+    sender = AlertSender(AlertsConfig(webhook_url=url, max_attempts=3, backoff_secs=0.01), post_json)
     failed = deliveries.labels("failed")._value.get()
     t0 = time.perf_counter()
     sender.send({"budget": "b", "period": "p", "threshold": "80"})
@@ -264,7 +266,7 @@ def test_single_budget_block_is_the_global_monthly_budget():
 async def test_override_applies_to_any_budget(tmp_path):
     clock = Clock(datetime(2026, 11, 10, tzinfo=UTC))
     svc = service(tmp_path, [GLOBAL, TEAM], clock)
-    from nexus_extproc.budget import Settings
+    from nexus_extproc.budget.service import Settings
 
     d = svc.by_name["team-ml"]
     await svc.update_settings("team-ml", Settings(d.settings.limit_micros, d.settings.soft_limit_percent,

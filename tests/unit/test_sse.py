@@ -3,7 +3,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nexus_extproc.sse import SSEParser
+from nexus_extproc.apis.sse import SSEParser
 
 STREAM = (
     b": keep-alive comment\n\n"

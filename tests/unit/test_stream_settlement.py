@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nexus_extproc.apis import for_path
+from nexus_extproc.apis.sse import SSEParser
+from nexus_extproc.apis.usage import TokenUsage
 from nexus_extproc.app import build
-from nexus_extproc.processor import RequestState
-from nexus_extproc.sse import SSEParser
-from nexus_extproc.translators import for_path
-from nexus_extproc.usage import TokenUsage
+from nexus_extproc.request.pipeline import RequestState
 from tests.conftest import make_config
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"

@@ -1,7 +1,7 @@
 import pytest
 
-from nexus_extproc import tokenizers
-from nexus_extproc.tokenizers import PromptShape, TokenCounter, TokenizerLoadError, heuristic_tokens
+from nexus_extproc.metering import tokenizers
+from nexus_extproc.metering.tokenizers import PromptShape, TokenCounter, TokenizerLoadError, heuristic_tokens
 
 # OpenAI's token-counting cookbook example, with the prompt_tokens the API reported for it.
 COOKBOOK = [

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from nexus_extproc.errors import NexusError
-from nexus_extproc.translators import TRANSLATORS, for_path
+from nexus_extproc.apis import TRANSLATORS, for_path
+from nexus_extproc.apis.errors import NexusError
 
 CHAT = TRANSLATORS["/v1/chat/completions"]
 COMPL = TRANSLATORS["/v1/completions"]

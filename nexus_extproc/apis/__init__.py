@@ -1,11 +1,11 @@
 """One translator per provider API, chosen by request path."""
 
-from nexus_extproc.translators.anthropic_messages import AnthropicMessages
-from nexus_extproc.translators.base import ParsedRequest, StreamEventInfo, Translator
-from nexus_extproc.translators.openai_chat import OpenAIChat
-from nexus_extproc.translators.openai_completions import OpenAICompletions
-from nexus_extproc.translators.openai_embeddings import OpenAIEmbeddings
-from nexus_extproc.translators.openai_responses import OpenAIResponses
+from nexus_extproc.apis.anthropic_messages import AnthropicMessages
+from nexus_extproc.apis.base import ParsedRequest, StreamEventInfo, Translator
+from nexus_extproc.apis.openai_chat import OpenAIChat
+from nexus_extproc.apis.openai_completions import OpenAICompletions
+from nexus_extproc.apis.openai_embeddings import OpenAIEmbeddings
+from nexus_extproc.apis.openai_responses import OpenAIResponses
 
 TRANSLATORS: dict[str, Translator] = {
     t.path: t

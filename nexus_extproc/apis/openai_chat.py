@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar
 
-from nexus_extproc.errors import bad_request
-from nexus_extproc.tokenizers import PromptShape
-from nexus_extproc.translators.base import (
+from nexus_extproc.apis.base import (
     ApiFamily,
     ParsedRequest,
     StreamEventInfo,
@@ -21,7 +19,9 @@ from nexus_extproc.translators.base import (
     stream_options_of,
     text_of,
 )
-from nexus_extproc.usage import UsageReport, from_openai
+from nexus_extproc.apis.errors import bad_request
+from nexus_extproc.apis.usage import UsageReport, from_openai
+from nexus_extproc.metering.tokenizers import PromptShape
 
 
 class OpenAIChat(Translator):

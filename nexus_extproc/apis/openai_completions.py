@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from nexus_extproc.errors import bad_request
-from nexus_extproc.tokenizers import PromptShape
-from nexus_extproc.translators.base import ApiFamily, ParsedRequest, model_of, opt_int, stream_flag, stream_options_of
-from nexus_extproc.translators.openai_chat import OpenAIChat
+from nexus_extproc.apis.base import ApiFamily, ParsedRequest, model_of, opt_int, stream_flag, stream_options_of
+from nexus_extproc.apis.errors import bad_request
+from nexus_extproc.apis.openai_chat import OpenAIChat
+from nexus_extproc.metering.tokenizers import PromptShape
 
 
 def prompt_texts(value: Any, field: str) -> tuple[list[str], int]:

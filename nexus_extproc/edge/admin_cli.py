@@ -14,8 +14,8 @@ from google.protobuf import timestamp_pb2
 
 from nexus_extproc.api import budget_admin_pb2 as pb
 from nexus_extproc.api import budget_admin_pb2_grpc as pb_grpc
-from nexus_extproc.money import usd_to_micros
-from nexus_extproc.reports import COLUMNS, SpendRow, row_dict, to_csv, to_table
+from nexus_extproc.budget.reports import COLUMNS, SpendRow, row_dict, to_csv, to_table
+from nexus_extproc.metering.money import usd_to_micros
 
 STATUS_NAMES = {pb.STATUS_NORMAL: "Normal", pb.STATUS_SOFT_LIMIT: "SoftLimit", pb.STATUS_HARD_LIMIT: "HardLimit"}
 ACTIONS = {"warn": pb.HARD_LIMIT_ACTION_WARN, "block_cloud": pb.HARD_LIMIT_ACTION_BLOCK_CLOUD,
@@ -116,7 +116,7 @@ def run_admin(args: argparse.Namespace) -> int:
                     name=args.budget, limit_micros=usd_to_micros(args.limit_usd), until=until, actor=args.actor),
                     metadata=md, timeout=10).budget]
             else:
-                from nexus_extproc.reports import parse_range
+                from nexus_extproc.budget.reports import parse_range
 
                 lo, hi = parse_range(args.start, args.end)
                 req = pb.ListSpendRequest(group_by=[g for g in args.group_by.split(",") if g])

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from nexus_extproc.errors import bad_request
-from nexus_extproc.tokenizers import PromptShape
-from nexus_extproc.translators.base import (
+from nexus_extproc.apis.base import (
     ApiFamily,
     ParsedRequest,
     StreamEventInfo,
@@ -19,7 +17,9 @@ from nexus_extproc.translators.base import (
     stream_flag,
     text_of,
 )
-from nexus_extproc.usage import UsageReport, from_openai
+from nexus_extproc.apis.errors import bad_request
+from nexus_extproc.apis.usage import UsageReport, from_openai
+from nexus_extproc.metering.tokenizers import PromptShape
 
 
 class OpenAIResponses(Translator):

@@ -19,12 +19,12 @@ from google.protobuf import timestamp_pb2
 
 from nexus_extproc.api import budget_admin_pb2 as pb
 from nexus_extproc.api import budget_admin_pb2_grpc as pb_grpc
-from nexus_extproc.budget import GLOBAL_BUDGET, BudgetDef, BudgetService, Settings
+from nexus_extproc.budget.policy import HardAction
+from nexus_extproc.budget.reports import roll_up
+from nexus_extproc.budget.service import GLOBAL_BUDGET, BudgetDef, BudgetService, Settings
 from nexus_extproc.ledger import StoreUnavailable
-from nexus_extproc.policy import HardAction
-from nexus_extproc.reports import roll_up
 
-log = logging.getLogger("nexus_extproc.admin_api")
+log = logging.getLogger("nexus_extproc.edge.admin_grpc")
 
 STATUS = {"Normal": pb.STATUS_NORMAL, "SoftLimit": pb.STATUS_SOFT_LIMIT, "HardLimit": pb.STATUS_HARD_LIMIT}
 ACTION_TO_PB = {"warn": pb.HARD_LIMIT_ACTION_WARN, "block_cloud": pb.HARD_LIMIT_ACTION_BLOCK_CLOUD,

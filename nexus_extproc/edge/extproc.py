@@ -20,11 +20,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from nexus_extproc import metrics
-from nexus_extproc.constants import METADATA_NAMESPACE
-from nexus_extproc.processor import Processor, Reply, RequestState
+from nexus_extproc.ops import metrics
+from nexus_extproc.request.headers import METADATA_NAMESPACE
+from nexus_extproc.request.pipeline import Processor, Reply, RequestState
 
-log = logging.getLogger("nexus_extproc.server")
+log = logging.getLogger("nexus_extproc.edge.extproc")
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _PM = processing_mode_pb2.ProcessingMode

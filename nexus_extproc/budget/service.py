@@ -21,19 +21,28 @@ from decimal import Decimal
 from typing import Any, cast
 from zoneinfo import ZoneInfo
 
-from nexus_extproc import metrics
-from nexus_extproc.alerts import AlertSender, alert_payload
+from nexus_extproc.apis.errors import budget_exceeded, store_unavailable
+from nexus_extproc.budget.alerts import AlertSender, alert_payload
+from nexus_extproc.budget.forecast import Forecast, forecast
+from nexus_extproc.budget.periods import Period, period_for
+from nexus_extproc.budget.policy import (
+    STATUS_CODE,
+    Action,
+    BudgetView,
+    Decision,
+    HardAction,
+    PolicyInput,
+    Target,
+    decide,
+)
+from nexus_extproc.budget.scopes import RequestFacts, matches
 from nexus_extproc.config import BudgetDefConfig, NexusConfig, ScopeConfig
-from nexus_extproc.errors import budget_exceeded, store_unavailable
-from nexus_extproc.forecast import Forecast, forecast
 from nexus_extproc.ledger import AuditRecord, ForwardNote, Key, Ledger, SpendRecord, StoreUnavailable, Totals
 from nexus_extproc.ledger.outbox import Outbox
-from nexus_extproc.money import format_usd, usd_to_micros
-from nexus_extproc.periods import Period, period_for
-from nexus_extproc.policy import STATUS_CODE, Action, BudgetView, Decision, HardAction, PolicyInput, Target, decide
-from nexus_extproc.scopes import RequestFacts, matches
+from nexus_extproc.metering.money import format_usd, usd_to_micros
+from nexus_extproc.ops import metrics
 
-log = logging.getLogger("nexus_extproc.budget")
+log = logging.getLogger("nexus_extproc.budget.service")
 
 GLOBAL_BUDGET = "global"
 Clock = Callable[[], datetime]

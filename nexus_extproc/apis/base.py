@@ -11,9 +11,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from nexus_extproc.errors import bad_request
-from nexus_extproc.tokenizers import FunctionDef, PromptShape
-from nexus_extproc.usage import UsageReport
+from nexus_extproc.apis.errors import bad_request
+from nexus_extproc.apis.usage import UsageReport
+from nexus_extproc.metering.tokenizers import FunctionDef, PromptShape
 
 ApiFamily = Literal["openai", "anthropic"]
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nexus_extproc.apis.errors import NexusError, not_found
 from nexus_extproc.config import BackendConfig, NexusConfig
-from nexus_extproc.errors import NexusError, not_found
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,9 +25,9 @@ import math
 import time
 from typing import Any, NamedTuple
 
-from nexus_extproc import metrics
 from nexus_extproc.ledger import Ledger, StoreUnavailable
 from nexus_extproc.ledger.base import CalibrationSums
+from nexus_extproc.ops import metrics
 
 log = logging.getLogger(__name__)
 

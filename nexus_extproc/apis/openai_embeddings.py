@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from nexus_extproc.tokenizers import PromptShape
-from nexus_extproc.translators.base import ApiFamily, ParsedRequest, StreamEventInfo, Translator, model_of
-from nexus_extproc.translators.openai_completions import prompt_texts
-from nexus_extproc.usage import UsageReport, from_openai
+from nexus_extproc.apis.base import ApiFamily, ParsedRequest, StreamEventInfo, Translator, model_of
+from nexus_extproc.apis.openai_completions import prompt_texts
+from nexus_extproc.apis.usage import UsageReport, from_openai
+from nexus_extproc.metering.tokenizers import PromptShape
 
 
 class OpenAIEmbeddings(Translator):

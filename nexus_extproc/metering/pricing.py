@@ -26,9 +26,9 @@ from genai_prices.types import ModelPrice, Provider, TieredPrices, Usage, UsageE
 from genai_prices.types import _collect_resolved_model_prices as _library_resolved_prices
 from genai_prices.units import _get_registry as _library_unit_registry
 
+from nexus_extproc.apis.usage import TokenUsage
 from nexus_extproc.config import NexusConfig, PriceOverride
-from nexus_extproc.money import ceil_micros
-from nexus_extproc.usage import TokenUsage
+from nexus_extproc.metering.money import ceil_micros
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from nexus_extproc import constants as C
-from nexus_extproc import metrics
-from nexus_extproc.budget import Admission, BudgetService
-from nexus_extproc.calibration import Calibrator
-from nexus_extproc.config import NexusConfig
-from nexus_extproc.errors import (
+from nexus_extproc.apis import ParsedRequest, Translator, for_path
+from nexus_extproc.apis.errors import (
     NexusError,
     bad_request,
     internal_error,
@@ -28,18 +24,22 @@ from nexus_extproc.errors import (
     payload_too_large,
     render_error,
 )
+from nexus_extproc.apis.sse import SSEParser
+from nexus_extproc.apis.usage import TokenUsage, UsageReport
+from nexus_extproc.budget.policy import Action, Target
+from nexus_extproc.budget.scopes import RequestFacts, api_key_of, hash_api_key
+from nexus_extproc.budget.service import Admission, BudgetService
+from nexus_extproc.config import NexusConfig
 from nexus_extproc.ledger import ForwardNote, SpendRecord
-from nexus_extproc.money import format_usd, usd_float
-from nexus_extproc.policy import Action, Target
-from nexus_extproc.pricing import PriceBook, ResolvedPrice, token_usage_counts
-from nexus_extproc.router import Route, Router
-from nexus_extproc.scopes import RequestFacts, api_key_of, hash_api_key
-from nexus_extproc.sse import SSEParser
-from nexus_extproc.tokenizers import TokenCounter, heuristic_tokens
-from nexus_extproc.translators import ParsedRequest, Translator, for_path
-from nexus_extproc.usage import TokenUsage, UsageReport
+from nexus_extproc.metering.money import format_usd, usd_float
+from nexus_extproc.metering.pricing import PriceBook, ResolvedPrice, token_usage_counts
+from nexus_extproc.metering.tokenizers import TokenCounter, heuristic_tokens
+from nexus_extproc.ops import metrics
+from nexus_extproc.request import headers as C
+from nexus_extproc.request.calibration import Calibrator
+from nexus_extproc.request.router import Route, Router
 
-log = logging.getLogger("nexus_extproc.processor")
+log = logging.getLogger("nexus_extproc.request.pipeline")
 
 # Text kept per stream to count output tokens when a stream ends without usage; past this, chars/4.
 MAX_STREAM_TEXT = 1 << 20

@@ -12,13 +12,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from nexus_extproc.budget import GLOBAL_BUDGET, BudgetService, BudgetState
-from nexus_extproc.calibration import Calibrator
-from nexus_extproc.forecast import forecast
+from nexus_extproc.budget.forecast import forecast
+from nexus_extproc.budget.policy import STATUS_CODE
+from nexus_extproc.budget.reports import parse_range, roll_up, row_dict, to_csv
+from nexus_extproc.budget.service import GLOBAL_BUDGET, BudgetService, BudgetState
 from nexus_extproc.ledger import StoreUnavailable
-from nexus_extproc.money import usd_float
-from nexus_extproc.policy import STATUS_CODE
-from nexus_extproc.reports import parse_range, roll_up, row_dict, to_csv
+from nexus_extproc.metering.money import usd_float
+from nexus_extproc.request.calibration import Calibrator
 
 _ACTION_NAMES = {"warn": "Warn", "block_cloud": "BlockCloud", "block_all": "BlockAll"}
 

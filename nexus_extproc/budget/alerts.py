@@ -12,31 +12,38 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
-import aiohttp
 from prometheus_client import Counter
 
 from nexus_extproc.config import AlertsConfig
 
-log = logging.getLogger("nexus_extproc.alerts")
+log = logging.getLogger(__name__)
 
 alerts_total = Counter("nexus_budget_alerts_total", "Budget alerts fired (once per budget, period, threshold)",
                        ["budget", "threshold"])
 deliveries = Counter("nexus_alert_deliveries_total", "Webhook deliveries by result", ["result"])
 
 
+# (url, payload, timeout_s) -> HTTP status; raises OSError (ConnectionError) when nothing answered.
+Post = Callable[[str, dict[str, Any], float], Awaitable[int]]
+
+
 class AlertSender:
-    def __init__(self, config: AlertsConfig) -> None:
+    """Queue, retries and counting of webhook deliveries; the HTTP itself is `post` (edge/webhook.py)."""
+
+    def __init__(self, config: AlertsConfig, post: Post | None = None) -> None:
         self.config = config
+        self.post = post
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10_000)
         self._task: asyncio.Task[None] | None = None
 
     def send(self, payload: dict[str, Any]) -> None:
         alerts_total.labels(payload["budget"], str(payload["threshold"])).inc()
         log.warning("budget alert", extra={k: payload[k] for k in ("budget", "period", "threshold")})
-        if not self.config.webhook_url:
+        if not self.config.webhook_url or self.post is None:
             return
         try:
             self._queue.put_nowait(payload)
@@ -47,22 +54,18 @@ class AlertSender:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        assert self.config.webhook_url
-        timeout = aiohttp.ClientTimeout(total=self.config.timeout_secs)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            while not self._queue.empty():
-                payload = self._queue.get_nowait()
-                await self._deliver(session, payload)
+        while not self._queue.empty():
+            await self._deliver(self._queue.get_nowait())
 
-    async def _deliver(self, session: aiohttp.ClientSession, payload: dict[str, Any]) -> None:
+    async def _deliver(self, payload: dict[str, Any]) -> None:
+        assert self.post is not None
         delay = self.config.backoff_secs
         for attempt in range(1, self.config.max_attempts + 1):
             try:
-                async with session.post(self.config.webhook_url or "", json=payload) as r:
-                    if r.status < 300:
-                        deliveries.labels("delivered").inc()
-                        return
-            except (aiohttp.ClientError, TimeoutError, OSError):
+                if await self.post(self.config.webhook_url or "", payload, self.config.timeout_secs) < 300:
+                    deliveries.labels("delivered").inc()
+                    return
+            except (TimeoutError, OSError):
                 pass
             if attempt < self.config.max_attempts:
                 deliveries.labels("retried").inc()

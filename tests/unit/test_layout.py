@@ -1,0 +1,52 @@
+"""The package's layering, checked by walking every module's imports (ast, no execution)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[2] / "nexus_extproc"
+WIRE = ("grpc", "grpc_health", "aiohttp", "envoy", "google.protobuf", "xds", "udpa", "validate")
+# The edge owns the wire; app composes; api/ is generated protobuf code. fakes/, stack.py, demo.py and
+# envoy_config.py are the demo and test tooling that still ships here (to move out of the runtime package).
+WIRE_ALLOWED = ("edge/", "app.py", "api/", "fakes/", "stack.py", "demo.py", "envoy_config.py")
+
+
+def imports(path: Path) -> set[str]:
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+    return out
+
+
+def modules() -> list[tuple[str, set[str]]]:
+    return [(str(p.relative_to(PKG)), imports(p)) for p in sorted(PKG.rglob("*.py"))]
+
+
+def test_only_the_edge_and_app_touch_grpc_protobuf_http_or_envoy():
+    bad = {}
+    for rel, names in modules():
+        if rel.startswith(WIRE_ALLOWED):
+            continue
+        wire = sorted(n for n in names
+                      if any(n == w or n.startswith(w + ".") for w in WIRE) or n.endswith(("_pb2", "_pb2_grpc")))
+        if wire:
+            bad[rel] = wire
+    assert not bad, bad
+
+
+def test_nothing_below_the_edge_imports_it():
+    bad = {rel: sorted(n for n in names if n.startswith(("nexus_extproc.edge", "nexus_extproc.app")))
+           for rel, names in modules() if not rel.startswith(("edge/", "app.py", "cli.py", "demo.py", "stack.py"))}
+    assert not {k: v for k, v in bad.items() if v}, bad
+
+
+def test_the_walk_sees_the_wire_where_it_is():
+    """Guards the two tests above against a walk that finds nothing."""
+    found = dict(modules())
+    assert "grpc" in found["edge/extproc.py"] and "aiohttp" in found["edge/webhook.py"]
+    assert any(n.startswith("nexus_extproc.edge") for n in found["app.py"])
