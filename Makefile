@@ -13,10 +13,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 up: $(STAMP)
-	$(BIN)/nexus-extproc demo
+	$(BIN)/python -m nexus_dev
 
 lint: $(STAMP)
-	$(BIN)/ruff check nexus_extproc tests bench
+	$(BIN)/ruff check nexus_extproc nexus_dev tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -44,7 +44,7 @@ api: $(STAMP)
 	$(BIN)/python -m nexus_extproc.api.generate
 
 envoy-config: $(STAMP)
-	$(BIN)/python -m nexus_extproc.envoy_config > envoy/nexus.yaml
+	$(BIN)/python -m nexus_dev.envoy_config > envoy/nexus.yaml
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache nexus-demo-ledger.db*

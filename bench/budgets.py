@@ -26,12 +26,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from nexus_dev.stack import free_port
 from nexus_extproc.budget.policy import Target
 from nexus_extproc.budget.scopes import RequestFacts
 from nexus_extproc.budget.service import BudgetService
 from nexus_extproc.config import parse_config
 from nexus_extproc.ledger import Ledger, SpendRecord, open_ledger
-from nexus_extproc.stack import free_port
 
 ONE = [{"name": "global", "limit_usd": 1_000_000}]
 FIVE = [*ONE,

@@ -21,8 +21,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from overhead import Bench, chat_body, children_of, run_wrk  # noqa: E402
 
-from nexus_extproc.envoy_config import EnvoyParams, Upstream, build_config, plain_config  # noqa: E402
-from nexus_extproc.stack import HOST, free_port  # noqa: E402
+from nexus_dev.envoy_config import EnvoyParams, Upstream, build_config, plain_config  # noqa: E402
+from nexus_dev.stack import HOST, free_port  # noqa: E402
 
 
 def rss(pids: list[int]) -> int:

@@ -31,8 +31,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nexus_extproc.envoy_config import EnvoyParams, Upstream, build_config, dump, plain_config  # noqa: E402
-from nexus_extproc.stack import HOST, Stack, free_port, is_free, wait_http  # noqa: E402
+from nexus_dev.envoy_config import EnvoyParams, Upstream, build_config, dump, plain_config  # noqa: E402
+from nexus_dev.stack import HOST, Stack, free_port, is_free, wait_http  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

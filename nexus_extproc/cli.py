@@ -1,4 +1,4 @@
-"""Command line: `serve` (default), `check-config`, `demo`."""
+"""Command line: `serve` (default), `check-config`, `hash-key`, `calibration`, and the admin API commands."""
 
 from __future__ import annotations
 
@@ -124,11 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     cal = sub.add_parser("calibration", help="show or reset the learned estimate ratios in the store")
     cal.add_argument("action", choices=("show", "reset"))
     cal.add_argument("--config", required=True)
-    d = sub.add_parser("demo", help="fake upstreams + ext_proc + Envoy, in the foreground")
-    from nexus_extproc.demo import add_demo_args, run_demo
+    sub.add_parser("demo", help="moved: run `make up` (python -m nexus_dev) from a clone")
     from nexus_extproc.edge.admin_cli import add_admin_args, run_admin
 
-    add_demo_args(d)
     add_admin_args(sub)
     _add_serve_args(parser)
     args = parser.parse_args(argv)
@@ -146,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "calibration":
         return _calibration(args)
     if args.cmd == "demo":
-        return run_demo(args)
+        # The demo's fakes and its Envoy are dev tooling, not part of the installed package.
+        print("nexus-extproc: the demo runs from a clone of the repository: `make up` (python -m nexus_dev)",
+              file=sys.stderr)
+        return 2
     if args.cmd in ("status", "set-limit", "override", "spend"):
         return run_admin(args)
     return _serve(args)

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
+from nexus_dev.stack import wait_port
 from nexus_extproc.config import NexusConfig, parse_config
 from nexus_extproc.metering.tokenizers import TokenCounter
-from nexus_extproc.stack import wait_port
 
 BACKENDS = {
     "openai": {"cluster": "openai", "type": "cloud", "provider": "openai",

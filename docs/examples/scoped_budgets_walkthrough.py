@@ -14,8 +14,8 @@ import httpx
 import openai
 import yaml
 
-from nexus_extproc.fakes.webhook import WebhookReceiver
-from nexus_extproc.stack import Stack
+from nexus_dev.fakes.webhook import WebhookReceiver
+from nexus_dev.stack import Stack
 
 hook = WebhookReceiver()
 got = hook.received

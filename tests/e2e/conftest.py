@@ -14,7 +14,7 @@ import openai
 import pytest
 import yaml
 
-from nexus_extproc.stack import Stack, free_port
+from nexus_dev.stack import Stack, free_port
 from tests.conftest import BACKENDS
 
 pytestmark = pytest.mark.e2e

@@ -12,9 +12,9 @@ import httpx
 import openai
 import pytest
 
+from nexus_dev.stack import Stack
 from nexus_extproc.ledger import SpendRecord, open_ledger
 from nexus_extproc.ledger.outbox import decode
-from nexus_extproc.stack import Stack
 from tests.conftest import BACKENDS
 from tests.e2e.conftest import E2E, write_config
 
@@ -209,7 +209,7 @@ def test_sigterm_drains_in_flight_stream_and_settles(e2e: E2E, store):
 
 @pytest.mark.parametrize("mode", ["closed", "open"])
 def test_redis_down_gives_configured_outcome_within_timeout(e2e: E2E, tmp_path, mode):
-    from nexus_extproc.stack import free_port
+    from nexus_dev.stack import free_port
 
     dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     outbox = tmp_path / "outbox.jsonl"

@@ -14,8 +14,8 @@ import openai
 import pytest
 import yaml
 
+from nexus_dev.stack import HOST, REPO, Stack, free_port
 from nexus_extproc.ledger import SpendRecord, open_ledger
-from nexus_extproc.stack import HOST, REPO, Stack, free_port
 from tests.e2e.conftest import E2E, write_config
 
 MSGS = [{"role": "user", "content": "Hello"}]

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from nexus_extproc.stack import Stack, free_port, wait_port
+from nexus_dev.stack import Stack, free_port, wait_port
 from tests.conftest import BACKENDS
 from tests.corpus import ROOT, case_params, expected_micros
 

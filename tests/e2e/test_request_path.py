@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nexus_extproc.envoy_config import EnvoyParams, build_config, dump
-from nexus_extproc.stack import REPO, envoy_binary
+from nexus_dev.envoy_config import EnvoyParams, build_config, dump
+from nexus_dev.stack import REPO, envoy_binary
 
 MSGS = [{"role": "user", "content": "Say hello to the budget service."}]
 

@@ -84,8 +84,8 @@ def test_alerts_once_per_threshold_across_two_worker_processes(tmp_path, redis_u
     """50 concurrent requests over two real --workers processes: each threshold reaches the webhook once."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from nexus_extproc.fakes.webhook import WebhookReceiver
-    from nexus_extproc.stack import Stack
+    from nexus_dev.fakes.webhook import WebhookReceiver
+    from nexus_dev.stack import Stack
     from tests.e2e.conftest import write_config
 
     hook = WebhookReceiver()

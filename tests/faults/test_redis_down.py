@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from nexus_dev.stack import free_port
 from nexus_extproc.ledger import open_ledger
-from nexus_extproc.stack import free_port
 from tests.conftest import start_redis
 from tests.faults.conftest import E2E, post, send_threads, wait_for
 

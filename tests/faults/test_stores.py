@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from nexus_dev.stack import free_port
 from nexus_extproc.ledger import StoreUnavailable, open_ledger
-from nexus_extproc.stack import free_port
 from tests.conftest import start_redis
 
 pytestmark = pytest.mark.faults

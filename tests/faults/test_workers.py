@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nexus_extproc.stack import Stack, free_port
+from nexus_dev.stack import Stack, free_port
 from tests.faults.conftest import ledger_spend, post, send_threads, wait_for, write_config
 
 BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 20}

@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from nexus_extproc.stack import envoy_binary
+from nexus_dev.stack import envoy_binary
 from tests import kustomize
 
 ROOT = Path(__file__).resolve().parents[2]

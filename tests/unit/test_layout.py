@@ -7,9 +7,8 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "nexus_extproc"
 WIRE = ("grpc", "grpc_health", "aiohttp", "envoy", "google.protobuf", "xds", "udpa", "validate")
-# The edge owns the wire; app composes; api/ is generated protobuf code. fakes/, stack.py, demo.py and
-# envoy_config.py are the demo and test tooling that still ships here (to move out of the runtime package).
-WIRE_ALLOWED = ("edge/", "app.py", "api/", "fakes/", "stack.py", "demo.py", "envoy_config.py")
+# The edge owns the wire; app composes; api/ is generated protobuf code.
+WIRE_ALLOWED = ("edge/", "app.py", "api/")
 
 
 def imports(path: Path) -> set[str]:
@@ -41,7 +40,7 @@ def test_only_the_edge_and_app_touch_grpc_protobuf_http_or_envoy():
 
 def test_nothing_below_the_edge_imports_it():
     bad = {rel: sorted(n for n in names if n.startswith(("nexus_extproc.edge", "nexus_extproc.app")))
-           for rel, names in modules() if not rel.startswith(("edge/", "app.py", "cli.py", "demo.py", "stack.py"))}
+           for rel, names in modules() if not rel.startswith(("edge/", "app.py", "cli.py"))}
     assert not {k: v for k, v in bad.items() if v}, bad
 
 
@@ -50,3 +49,8 @@ def test_the_walk_sees_the_wire_where_it_is():
     found = dict(modules())
     assert "grpc" in found["edge/extproc.py"] and "aiohttp" in found["edge/webhook.py"]
     assert any(n.startswith("nexus_extproc.edge") for n in found["app.py"])
+
+
+def test_the_runtime_package_never_imports_the_dev_tooling():
+    bad = {rel: sorted(n for n in names if n.split(".")[0] == "nexus_dev") for rel, names in modules()}
+    assert not {k: v for k, v in bad.items() if v}, bad

@@ -20,7 +20,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nexus_extproc.envoy_config import EnvoyParams, Upstream, build_config, dump
+from nexus_dev.envoy_config import EnvoyParams, Upstream, build_config, dump
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
@@ -84,6 +84,9 @@ class Stack:
 
     def _spawn(self, args: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         out = open(self.workdir / f"{log_name}.log", "ab")
+        # nexus_dev is not installed in the venv (it stays out of the wheel): children find it in the clone.
+        env = dict(env if env is not None else os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
         p = subprocess.Popen(args, stdout=out if self.quiet else None, stderr=subprocess.STDOUT if self.quiet
                              else None, env=env, start_new_session=True)
         self.procs.append(p)
@@ -95,7 +98,7 @@ class Stack:
 
     def start_fakes(self, names: tuple[str, ...] = ("openai", "anthropic", "ollama")) -> None:
         self.fake_ports = {n: free_port() for n in names}
-        p = self._spawn([sys.executable, "-m", "nexus_extproc.fakes.upstream",
+        p = self._spawn([sys.executable, "-m", "nexus_dev.fakes.upstream",
                          *[f"{n}={port}" for n, port in self.fake_ports.items()]], "fakes")
         for port in self.fake_ports.values():
             wait_port(port, proc=p)

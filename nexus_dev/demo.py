@@ -9,7 +9,7 @@ import signal
 import threading
 from pathlib import Path
 
-from nexus_extproc.stack import REPO, Stack
+from nexus_dev.stack import REPO, Stack
 
 DEFAULT_CONFIG = REPO / "examples" / "demo.yaml"
 
