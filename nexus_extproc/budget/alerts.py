@@ -18,7 +18,11 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from nexus_extproc.budget.book import Book, BudgetDef
+from nexus_extproc.budget.forecast import forecast
+from nexus_extproc.budget.periods import Period
 from nexus_extproc.config import AlertsConfig
+from nexus_extproc.ledger import StoreUnavailable, Totals
 
 log = logging.getLogger(__name__)
 
@@ -87,3 +91,57 @@ def alert_payload(budget: str, period: str, threshold: Decimal | str, spend: int
     return {"budget": budget, "period": period, "threshold": str(threshold),
             "spend_usd": spend / 1e6, "reserved_usd": reserved / 1e6, "limit_usd": limit / 1e6,
             "forecast_usd": None if projected is None else projected / 1e6, "ts": int(time.time())}
+
+
+class AlertWatch:
+    """Notices threshold crossings and forecast overruns on the request path; the claim and the send run in
+    the background."""
+
+    def __init__(self, book: Book, sender: AlertSender) -> None:
+        self.book = book
+        self.sender = sender
+        self._fired: set[tuple[str, str, str]] = set()
+        self._forecast_checked: dict[str, float] = {}
+
+    def check(self, matched: list[BudgetDef], periods: list[Period], after: list[Totals]) -> None:
+        """Cheap in-process check on the request path (integer compares; the forecast at most every 10 s per
+        budget); the once-only claim and the webhook run in the background."""
+        now = self.book.clock().timestamp()
+        for d, p, t in zip(matched, periods, after, strict=True):
+            limit = d.settings.limit_at(now)
+            used_bp = (t.settled + t.reserved) * 10_000 // max(limit, 1)
+            if used_bp < d.thresholds_bp[0] if d.thresholds_bp else True:
+                if now - self._forecast_checked.get(d.name, 0.0) < 10.0:
+                    continue
+            crossed = False
+            for th, th_bp in zip(d.thresholds, d.thresholds_bp, strict=True):
+                if used_bp >= th_bp and (d.name, p.key, str(th)) not in self._fired:
+                    self._fired.add((d.name, p.key, str(th)))
+                    crossed = True
+                    asyncio.get_running_loop().create_task(self._claim_and_send(d, p, str(th), t, limit))
+            key = (d.name, p.key, "forecast")
+            if key in self._fired or (not crossed and now - self._forecast_checked.get(d.name, 0.0) < 10.0):
+                continue
+            self._forecast_checked[d.name] = now
+            if now - p.start.timestamp() >= 86400:
+                # Reserved spend counts as committed: the check runs at threshold crossings, when the requests
+                # that crossed are often still in flight.
+                fc = forecast(t.settled + t.reserved, limit, p.start.timestamp(), p.end.timestamp(), now)
+                if fc.exceeds(limit):
+                    self._fired.add(key)
+                    asyncio.get_running_loop().create_task(self._claim_and_send(d, p, "forecast", t, limit,
+                                                                                fc.projected_micros))
+
+    async def _claim_and_send(self, d: BudgetDef, p: Period, threshold: str, t: Totals, limit: int,
+                              projected: int | None = None) -> None:
+        assert self.book.ledger is not None
+        try:
+            if not await self.book.ledger.first_seen(f"alert:{d.name}:{threshold}", p.key, time.time()):
+                return  # another worker or replica sent it
+        except StoreUnavailable:
+            self._fired.discard((d.name, p.key, threshold))  # try again on a later request
+            return
+        if projected is None:
+            projected = forecast(t.settled, limit, p.start.timestamp(), p.end.timestamp(),
+                                 self.book.clock().timestamp()).projected_micros
+        self.sender.send(alert_payload(d.name, p.key, threshold, t.settled, t.reserved, limit, projected))

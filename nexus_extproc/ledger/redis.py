@@ -40,6 +40,7 @@ from nexus_extproc.ledger.base import (
     Totals,
     decay,
 )
+from nexus_extproc.memo import BoundedMemo
 
 _RESERVE = """
 -- KEYS: r, rexp ; ARGV: req, expires_at, amount, prefix, budgets ("budget\tperiod\tcap" lines; cap -1: none),
@@ -216,7 +217,7 @@ class RedisLedger(Ledger):
             self._p = key_prefix
             self._uninitialized = None
         self._clock_offset: float | None = None
-        self._packed: dict[tuple[tuple[Key, ...], tuple[int | None, ...] | None], str] = {}
+        self._packed: BoundedMemo[tuple[tuple[Key, ...], tuple[int | None, ...] | None], str] = BoundedMemo()
         self._reserve = self._r.register_script(_RESERVE)
         self._settle = self._r.register_script(_SETTLE)
         self._release = self._r.register_script(_RELEASE)
@@ -258,9 +259,7 @@ class RedisLedger(Ledger):
         if packed is None:
             packed = "\n".join(f"{b}\t{p}\t{-1 if caps_t is None or caps_t[k] is None else caps_t[k]}"
                                for k, (b, p) in enumerate(keys))
-            if len(self._packed) >= 4096:
-                self._packed.clear()
-            self._packed[(kt, caps_t)] = packed
+            self._packed.put((kt, caps_t), packed)
         if self._clock_offset is None:
             # The deadline is in the server's clock: a replica's clock skew must not refuse (or extend) it.
             secs, micros = (int(x) for x in await self._call(self._time(keys=[f"{self._p}:rexp"])))

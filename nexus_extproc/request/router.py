@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from nexus_extproc.apis.errors import NexusError, not_found
 from nexus_extproc.config import BackendConfig, NexusConfig
+from nexus_extproc.memo import BoundedMemo
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +26,7 @@ class Router:
         self._backends = config.backends
         self._equivalents = config.equivalents
         self.unhealthy: set[str] = set()  # backend names Envoy reports without healthy hosts
-        self._routes: dict[tuple[str, str], Route] = {}
+        self._routes: BoundedMemo[tuple[str, str], Route] = BoundedMemo()
 
     def _route(self, name: str, b: BackendConfig) -> Route:
         return Route(name, b.cluster, b.type, b.provider)
@@ -36,10 +37,7 @@ class Router:
         key = (family, model)
         hit = self._routes.get(key)
         if hit is None:
-            hit = self._resolve(family, model)
-            if len(self._routes) >= 4096:
-                self._routes.clear()
-            self._routes[key] = hit
+            hit = self._routes.put(key, self._resolve(family, model))
         return hit
 
     def _resolve(self, family: str, model: str) -> Route:

@@ -47,7 +47,7 @@ async def test_rollover_starts_at_zero_keeps_history_and_fires_once(tmp_path, ca
     await b.current_view()
     before = rollovers()
     clock.t = datetime(2026, 12, 1, 0, 0, 0, tzinfo=UTC)
-    with caplog.at_level(logging.INFO, logger="nexus_extproc.budget.service"):
+    with caplog.at_level(logging.INFO, logger="nexus_extproc.budget"):
         va = await a.current_view()
         vb = await b.current_view()
     assert va.settled_micros == 0 and vb.settled_micros == 0

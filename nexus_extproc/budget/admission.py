@@ -1,0 +1,195 @@
+"""Admission: the policy decision made safe by the ledger, for every budget a request falls under.
+
+`admit` reserves the request's estimate in all its budgets at once (one store round trip; caps where the
+budget's action blocks), reads each budget's status from the totals that reservation saw, and lets the
+strictest budget decide. Only when the decision changes the target (reroute) or refuses does it release and
+redo. A capped reservation that loses the race is refused atomically by the store, all or nothing across the
+budgets, and that budget is then treated as at its hard limit. So two requests never both see room for one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from nexus_extproc.apis.errors import budget_exceeded, store_unavailable
+from nexus_extproc.budget.alerts import AlertWatch
+from nexus_extproc.budget.book import GLOBAL_BUDGET, Book, BudgetDef
+from nexus_extproc.budget.periods import Period
+from nexus_extproc.budget.policy import STATUS_CODE, Action, BudgetView, Decision, PolicyInput, Target, decide
+from nexus_extproc.budget.scopes import RequestFacts
+from nexus_extproc.config import NexusConfig
+from nexus_extproc.ledger import Key, StoreUnavailable, Totals
+from nexus_extproc.ledger.outbox import Outbox
+from nexus_extproc.memo import BoundedMemo
+from nexus_extproc.ops import metrics
+
+log = logging.getLogger(__name__)
+
+_ACTION_RANK = {Action.ALLOW: 0, Action.REROUTE: 1, Action.REJECT: 2}
+
+
+@dataclass(slots=True)
+class Admission:
+    decision: Decision
+    view: BudgetView | None  # the deciding budget's view
+    items: Sequence[Key] = ()  # (budget, period) reserved against
+    reserved: int = 0
+    outbox: bool = False  # store was down and store_failure=open: settle into the outbox
+    budget: str | None = None  # the budget whose status decided
+    reset_in_s: int = 0
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What a request's budgets look like until one of their periods ends, an override lapses or a setting
+    changes: matched once per distinct request facts, so a request pays per budget only for integer compares."""
+
+    defs: list[BudgetDef]
+    names: tuple[str, ...]
+    periods: list[Period]
+    items: tuple[Key, ...]  # (budget, period key); one object per plan, which the ledger caches its shape by
+    limits: list[int]
+    soft: list[int]  # used * 10_000 below this is Normal (soft_bp * limit)
+    alert_at: list[int]  # used * 10_000 at or above this crosses the lowest alert threshold
+    caps: list[int | None]  # the limit where the hard action blocks, None for warn
+    capped: bool  # any of them blocks at its limit
+    valid_from: float
+    valid_until: float
+    gen: int
+    next_sweep: float = 0.0  # next forecast check for these budgets (at most every 10 s)
+    observed: bool = False  # these periods' rollover has been recorded in the store
+
+
+class Admitter:
+    def __init__(self, config: NexusConfig, book: Book, watch: AlertWatch, outbox: Outbox) -> None:
+        self.config = config
+        self.book = book
+        self.watch = watch
+        self.outbox = outbox
+        self._plans: BoundedMemo[RequestFacts, _Plan] = BoundedMemo()
+
+    async def admit(self, req_id: str, requested: Target, equivalent: Target | None,
+                    facts: RequestFacts | None = None) -> Admission:
+        """Reserve first in every matching budget, decide with the totals that saw, redo only on a change."""
+        if not self.book.enabled:
+            return Admission(decide(PolicyInput(requested, equivalent, None)), None)
+        assert self.book.ledger is not None
+        facts = facts or RequestFacts(requested.model, requested.backend_type)
+        now = self.book.clock()
+        ts = now.timestamp()
+        plan = self._plans.get(facts)
+        if plan is None or plan.gen != self.book.settings_gen or not plan.valid_from <= ts < plan.valid_until:
+            plan = self._plan(facts, now)
+        if not plan.defs:
+            return Admission(decide(PolicyInput(requested, equivalent, None)), None)
+        matched, periods, items = plan.defs, plan.periods, plan.items
+        if self.outbox.pending and self.config.store_failure == "closed":
+            # Settlements are held only in memory (neither the store nor the disk took them): closed means
+            # nothing unrecorded is sent, so refuse until the reconciler has replayed them.
+            metrics.store_failures.labels("outbox").inc()
+            raise store_unavailable()
+        expires = time.time() + self.config.store.reservation_ttl_secs
+        try:
+            if not plan.observed:
+                for d, p in zip(matched, periods, strict=True):
+                    await self.book.observe_period(d, p)
+                plan.observed = True
+            amount = requested.estimate_micros
+            caps = plan.caps if amount > 0 else None
+            res = await self.book.ledger.reserve(req_id, items, amount, expires, caps)
+            if res.admitted:
+                # Fast path: every budget was Normal before this request (and at the last decision), and the
+                # capped reservation fit, so the policy would allow the request as asked in each of them; skip
+                # building views and asking it once per budget. The deciding budget is the most utilised one.
+                fast, best, i, alert = True, -1, 0, ts >= plan.next_sweep
+                self.book.last_totals.update(zip(plan.names, res.totals, strict=True))
+                if not self.book.not_normal.isdisjoint(plan.names):
+                    fast = False
+                else:
+                    for k, (settled, reserved) in enumerate(res.totals):
+                        used = settled + reserved
+                        if (used - amount) * 10_000 >= plan.soft[k]:
+                            fast = False
+                            break
+                        if used * 10_000 >= plan.alert_at[k]:
+                            alert = True
+                        u = (used - amount) * 1_000_000 // plan.limits[k]
+                        if u > best:
+                            best, i = u, k
+                if fast:
+                    if alert:
+                        plan.next_sweep = ts + 10.0
+                        self.watch.check(matched, periods, res.totals)
+                    t = res.totals[i]
+                    decision = Decision(Action.ALLOW, requested, "Normal", must_fit=amount > 0 and plan.capped)
+                    return Admission(decision, self.book.view_of(matched[i], Totals(t.settled, t.reserved - amount)),
+                                     items, amount, budget=matched[i].name,
+                                     reset_in_s=periods[i].seconds_until_reset(now))
+            self.book.last_totals.update(zip(plan.names, res.totals, strict=True))
+            befores = [Totals(t.settled, t.reserved - amount) if res.admitted else t for t in res.totals]
+            views = [self.book.view_of(d, t) for d, t in zip(matched, befores, strict=True)]
+            refused = [not res.admitted and (cap := self._cap(d, amount)) is not None
+                       and t.settled + t.reserved + amount > cap for d, t in zip(matched, res.totals, strict=True)]
+            decisions = [decide(PolicyInput(requested, equivalent, v), force_hard=r)
+                         for v, r in zip(views, refused, strict=True)]
+            i = max(range(len(matched)), key=lambda k: (_ACTION_RANK[decisions[k].action],
+                                                        STATUS_CODE[decisions[k].status], views[k].utilization_ppm))
+            decision, view, deciding = decisions[i], views[i], matched[i]
+            reset = periods[i].seconds_until_reset(now)
+            self.book.note_status(matched, views)
+            if res.admitted and decision.action is Action.ALLOW and decision.target == requested:
+                self.watch.check(matched, periods, res.totals)
+                return Admission(decision, view, items, amount, budget=deciding.name, reset_in_s=reset)
+            if res.admitted:
+                await self.book.ledger.release(req_id)
+            if decision.action is Action.REJECT:
+                return Admission(decision, view, budget=deciding.name, reset_in_s=reset)
+            assert decision.target is not None
+            amount = decision.target.estimate_micros
+            res = await self.book.ledger.reserve(req_id, items, amount, expires)
+            self.watch.check(matched, periods, res.totals)
+            return Admission(decision, view, items, amount, budget=deciding.name, reset_in_s=reset)
+        except StoreUnavailable:
+            metrics.store_failures.labels("reserve").inc()
+            if self.config.store_failure == "closed":
+                raise store_unavailable() from None
+            log.warning("budget store unavailable; admitting with store_failure=open")
+            return Admission(decide(PolicyInput(requested, equivalent, None)), None, items, outbox=True)
+
+    def _plan(self, facts: RequestFacts, now: datetime) -> _Plan:
+        """Built per distinct request facts (bounded): scope matching is pure and facts repeat."""
+        matched = self.book.matching(facts)
+        ts = now.timestamp()
+        periods = [d.period(now) for d in matched]
+        limits = [d.settings.limit_at(ts) for d in matched]
+        valid_until = min([p.end.timestamp() for p in periods], default=math.inf)
+        for d in matched:  # an override in force lapses by itself: the plan must not outlive it
+            until = d.settings.override_until
+            if until is not None and ts < until:
+                valid_until = min(valid_until, until)
+        plan = _Plan(
+            matched, tuple(d.name for d in matched), periods,
+            tuple((d.name, p.key) for d, p in zip(matched, periods, strict=True)),
+            [max(lim, 1) for lim in limits],
+            [d.settings.soft_bp * lim for d, lim in zip(matched, limits, strict=True)],
+            [(d.thresholds_bp[0] if d.thresholds_bp else 0) * lim for d, lim in zip(matched, limits, strict=True)],
+            [None if d.settings.hard_limit_action == "warn" else lim for d, lim in zip(matched, limits, strict=True)],
+            any(d.settings.hard_limit_action != "warn" for d in matched),
+            max([p.start.timestamp() for p in periods], default=-math.inf), valid_until, self.book.settings_gen)
+        return self._plans.put(facts, plan)
+
+    def _cap(self, d: BudgetDef, amount: int, ts: float | None = None) -> int | None:
+        if d.settings.hard_limit_action == "warn" or amount <= 0:
+            return None
+        return d.settings.limit_at(self.book.clock().timestamp() if ts is None else ts)
+
+    def reject_error(self, adm: Admission) -> Exception:
+        name = f"budget '{adm.budget}'" if adm.budget and adm.budget != GLOBAL_BUDGET else "monthly budget"
+        reason = adm.decision.reason or "budget exhausted"
+        reason = reason.replace("monthly budget", name)
+        return budget_exceeded(reason, adm.reset_in_s)

@@ -1,0 +1,207 @@
+"""A deployment's budgets at run time: their definitions, the settings the admin API changed, each budget's
+period (and its once-only rollover) and standing. The request path and the admin edges read it through the
+service facade; admission, alerts and the reconciler share it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, cast
+from zoneinfo import ZoneInfo
+
+from nexus_extproc.budget.forecast import Forecast, forecast
+from nexus_extproc.budget.periods import Period, period_for
+from nexus_extproc.budget.policy import BudgetView, HardAction
+from nexus_extproc.budget.scopes import RequestFacts, matches
+from nexus_extproc.config import BudgetDefConfig, NexusConfig, ScopeConfig
+from nexus_extproc.ledger import AuditRecord, Ledger, Totals
+from nexus_extproc.metering.money import usd_to_micros
+from nexus_extproc.ops import metrics
+
+log = logging.getLogger(__name__)
+
+GLOBAL_BUDGET = "global"
+Clock = Callable[[], datetime]
+_ROLLOVER_EVENT = {"daily": "day_rollover", "weekly": "week_rollover", "monthly": "month_rollover"}
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class Settings:
+    """A budget's effective settings: config values, overridden at runtime through the admin API."""
+
+    limit_micros: int
+    soft_limit_percent: Decimal
+    hard_limit_action: HardAction
+    override_limit_micros: int | None = None
+    override_until: float | None = None  # unix seconds; the override reverts by itself after this
+    soft_bp: int = field(init=False, repr=False)  # soft limit in basis points, for integer compares
+
+    def __post_init__(self) -> None:
+        self.soft_bp = int(self.soft_limit_percent * 100)
+
+    def limit_at(self, now: float) -> int:
+        if self.override_limit_micros is not None and self.override_until is not None and now < self.override_until:
+            return self.override_limit_micros
+        return self.limit_micros
+
+    def to_doc(self) -> dict[str, object]:
+        return {"limit_micros": self.limit_micros, "soft_limit_percent": str(self.soft_limit_percent),
+                "hard_limit_action": self.hard_limit_action, "override_limit_micros": self.override_limit_micros,
+                "override_until": self.override_until}
+
+
+@dataclass(slots=True)
+class BudgetDef:
+    """One budget at run time: its config plus the settings the admin API may have changed."""
+
+    name: str
+    scope: ScopeConfig | None
+    period_kind: str
+    tz: ZoneInfo
+    base: Settings
+    thresholds: list[Decimal]
+    settings: Settings = field(init=False)
+
+    thresholds_bp: list[int] = field(init=False)  # thresholds in basis points, for integer compares
+    _period: Period | None = field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.settings = self.base
+        self.thresholds_bp = [int(t * 100) for t in self.thresholds]
+
+    @classmethod
+    def from_config(cls, c: BudgetDefConfig) -> BudgetDef:
+        return cls(c.name, None if c.scope == "global" else cast(ScopeConfig, c.scope), c.period,
+                   ZoneInfo(c.timezone), Settings(usd_to_micros(c.limit_usd), c.soft_limit_percent,
+                                                  c.hard_limit_action), list(c.alert_thresholds))
+
+    def period(self, now: datetime) -> Period:
+        """Cached until the period ends: computing calendar boundaries per request is wasted work."""
+        p = self._period
+        if p is None or not p.start <= now < p.end:
+            p = self._period = period_for(self.period_kind, now, self.tz)  # type: ignore[arg-type]
+        return p
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetState:
+    """A budget's standing right now, for /v1/stats, the admin API and the gauges."""
+
+    defn: BudgetDef
+    period: Period
+    view: BudgetView
+    forecast: Forecast
+
+
+class Book:
+    def __init__(self, config: NexusConfig, ledger: Ledger | None, clock: Clock) -> None:
+        self.config = config
+        self.defs = [BudgetDef.from_config(c) for c in config.budget_defs()]
+        self.by_name = {d.name: d for d in self.defs}
+        self.ledger = ledger
+        self.clock = clock
+        self.settings_gen = 0  # bumped on every settings change; plans built before it are rebuilt
+        self._seen_periods: dict[str, str] = {}
+        self.last_totals: dict[str, Totals] = {d.name: Totals(0, 0) for d in self.defs}
+        self.last_status: dict[str, str] = {d.name: "Normal" for d in self.defs}
+        self.not_normal: set[str] = set()  # budgets whose last status was not Normal (the fast path's check)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.defs) and self.ledger is not None
+
+    def period(self, name: str = GLOBAL_BUDGET) -> Period:
+        d = self.by_name.get(name) or self.defs[0]
+        return d.period(self.clock())
+
+    def view_of(self, d: BudgetDef, t: Totals) -> BudgetView:
+        s = d.settings
+        return BudgetView(s.limit_at(self.clock().timestamp()), t.settled, t.reserved, s.soft_limit_percent,
+                          s.hard_limit_action)
+
+    async def load_settings(self) -> None:
+        """Runtime changes made through the admin API (by any process) win over the config file."""
+        if self.ledger is None:
+            return
+        for d in self.defs:
+            doc = await self.ledger.get_settings(d.name)
+            if doc:
+                new = Settings(
+                    int(cast(Any, doc["limit_micros"])), Decimal(str(doc["soft_limit_percent"])),
+                    cast(HardAction, doc["hard_limit_action"]),
+                    None if doc.get("override_limit_micros") is None else int(cast(Any, doc["override_limit_micros"])),
+                    None if doc.get("override_until") is None else float(cast(Any, doc["override_until"])))
+                if new != d.settings:
+                    d.settings = new
+                    self.settings_gen += 1
+
+    async def update_settings(self, name: str, new: Settings, actor: str) -> Settings:
+        assert self.ledger is not None
+        await self.load_settings()
+        d = self.by_name[name]
+        old, now = d.settings, time.time()
+        audit = [AuditRecord(now, actor, name, k, str(v), str(new.to_doc()[k]))
+                 for k, v in old.to_doc().items() if new.to_doc()[k] != v]
+        await self.ledger.put_settings(name, new.to_doc(), audit)
+        d.settings = new
+        self.settings_gen += 1
+        for a in audit:
+            log.info("budget setting changed", extra={"budget": a.budget, "field": a.field, "old": a.old,
+                                                      "new": a.new, "actor": a.actor})
+        return new
+
+    async def observe_period(self, d: BudgetDef, period: Period) -> None:
+        """Rollover happens once across every process: the store decides who saw the new period first."""
+        if self._seen_periods.get(d.name) == period.key or self.ledger is None:
+            return
+        if await self.ledger.first_seen(d.name, period.key, time.time()):
+            meta = f"{d.name}:last_period"
+            previous = await self.ledger.get_meta(meta)
+            await self.ledger.set_meta(meta, period.key)
+            if previous is not None and previous != period.key:
+                metrics.budget_events.labels(_ROLLOVER_EVENT[d.period_kind]).inc()
+                log.info("budget period rolled over", extra={"budget": d.name, "from_period": previous,
+                                                             "to_period": period.key})
+        self._seen_periods[d.name] = period.key
+
+    async def state(self, d: BudgetDef) -> BudgetState:
+        assert self.ledger is not None
+        now = self.clock()
+        period = d.period(now)
+        await self.observe_period(d, period)
+        t = await self.ledger.totals(d.name, period.key)
+        self.last_totals[d.name] = t
+        view = self.view_of(d, t)
+        fc = forecast(t.settled, view.limit_micros, period.start.timestamp(), period.end.timestamp(),
+                      now.timestamp())
+        return BudgetState(d, period, view, fc)
+
+    async def current_view(self, name: str = GLOBAL_BUDGET) -> BudgetView | None:
+        if not self.enabled:
+            return None
+        d = self.by_name.get(name) or self.defs[0]
+        return (await self.state(d)).view
+
+    def matching(self, facts: RequestFacts) -> list[BudgetDef]:
+        return [d for d in self.defs if matches(d.scope, facts)]
+
+    def note_status(self, matched: list[BudgetDef], views: list[BudgetView]) -> None:
+        for d, v in zip(matched, views, strict=True):
+            status = v.status()
+            if status != self.last_status.get(d.name):
+                log.info("budget status changed", extra={"budget": d.name, "from_status": self.last_status.get(
+                    d.name), "to_status": status})
+                metrics.budget_events.labels(f"status_{status.lower()}").inc()
+                self.last_status[d.name] = status
+                if status == "Normal":
+                    self.not_normal.discard(d.name)
+                else:
+                    self.not_normal.add(d.name)

@@ -1,0 +1,79 @@
+"""The reconciler loop: reap expired reservations, replay the outbox, checkpoint, refresh state and settings.
+Each step stands alone, so one failure never stops the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from nexus_extproc.budget.book import Book
+from nexus_extproc.ledger import StoreUnavailable
+from nexus_extproc.ledger.outbox import Outbox
+from nexus_extproc.metering.money import format_usd
+from nexus_extproc.ops import metrics
+
+log = logging.getLogger(__name__)
+
+
+class Reconciler:
+    def __init__(self, book: Book, outbox: Outbox) -> None:
+        self.book = book
+        self.outbox = outbox
+
+    async def reconcile_once(self) -> None:
+        """One pass: reap, replay, checkpoint, refresh. Each step stands alone: a failure is logged and
+        counted and the next step still runs, so one bad outbox line or a store blip never stops the loop."""
+        if self.book.ledger is None:
+            return
+        ledger = self.book.ledger
+        await self._step("reap", self._reap)
+        await self._step("outbox", lambda: self.outbox.replay(ledger))
+        checkpoint = getattr(ledger, "checkpoint", None)
+        if checkpoint is not None:
+            await self._step("checkpoint", checkpoint)
+        for d in self.book.defs:
+            await self._step("state", functools.partial(self.book.state, d))
+        await self._step("meta", lambda: ledger.set_meta(
+            "last_reconciliation", self.book.clock().strftime("%Y-%m-%dT%H:%M:%SZ")))
+
+    async def _reap(self) -> None:
+        assert self.book.ledger is not None
+        r = await self.book.ledger.reap(time.time())
+        if r.released:
+            metrics.reaped.labels("released").inc(r.released)
+            metrics.budget_events.labels("reservations_reaped").inc(r.released)
+        if r.charged:
+            metrics.reaped.labels("charged").inc(r.charged)
+            metrics.reaped_micros.inc(r.charged_micros)
+        if r.released or r.charged:
+            log.warning("reaped expired reservations: forwarded ones charged at their estimate, the rest "
+                        "released", extra={"released": r.released, "charged": r.charged,
+                                           "charged_usd": format_usd(r.charged_micros)})
+
+    async def _step(self, name: str, fn: Callable[[], Awaitable[object]]) -> None:
+        try:
+            await fn()
+        except StoreUnavailable:
+            metrics.store_failures.labels("reconcile").inc()
+        except Exception:
+            metrics.reconciler_errors.labels(name).inc()
+            log.exception("reconciler step failed; the loop goes on", extra={"step": name})
+
+    async def run(self, interval: float, settings_interval: float = 2.0) -> None:
+        """Reap, replay and refresh every `interval`; pick up runtime settings every `settings_interval`."""
+        last = 0.0
+        while True:
+            if time.monotonic() - last >= interval:
+                await self.reconcile_once()
+                last = time.monotonic()
+            try:
+                await self.book.load_settings()
+            except StoreUnavailable:
+                metrics.store_failures.labels("settings").inc()
+            except Exception:
+                metrics.reconciler_errors.labels("settings").inc()
+                log.exception("settings reload failed; the loop goes on")
+            await asyncio.sleep(min(interval, settings_interval))

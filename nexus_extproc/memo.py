@@ -1,0 +1,25 @@
+"""One bounded memo for the per-config caches on the hot path (routes, budget plans, packed key lists).
+
+Their keys come from client input (model names, scope values), so each must be bounded; their values are
+cheap to rebuild, so dropping everything at the bound costs one miss per key, with no LRU bookkeeping on
+every hit (functools.lru_cache needs hashable arguments and its own call, and measured slower here).
+"""
+
+from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class BoundedMemo(dict[K, V], Generic[K, V]):
+    def __init__(self, limit: int = 4096) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def put(self, key: K, value: V) -> V:
+        if len(self) >= self.limit:
+            self.clear()
+        self[key] = value
+        return value
