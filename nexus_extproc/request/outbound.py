@@ -1,0 +1,97 @@
+"""The response side: the cost headers, then the body, read for usage (JSON or SSE)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from nexus_extproc.apis.sse import SSEParser
+from nexus_extproc.metering.money import format_usd
+from nexus_extproc.ops import metrics
+from nexus_extproc.request import headers as C
+from nexus_extproc.request.settle import Settlement
+from nexus_extproc.request.state import MAX_STREAM_TEXT, Reply, RequestState
+
+log = logging.getLogger(__name__)
+
+
+class Outbound(Settlement):
+    """The response phases: cost headers, then the body (JSON usage or the SSE stream)."""
+
+    def response_headers(self, state: RequestState, headers: dict[str, str]) -> Reply:
+        """ext_proc phase `response_headers`: add X-Nexus-*; stream SSE bodies instead of buffering."""
+        try:
+            state.response_status = int(headers.get(":status", "0"))
+        except ValueError:
+            state.response_status = 0
+        reply = Reply()
+        if state.route is None:
+            return reply
+        reply.set_headers = [
+            (C.H_COST_ESTIMATED, format_usd(state.estimate)),
+            (C.H_BACKEND_TYPE, state.route.backend_type),
+            (C.H_TOKEN_TIER, state.tier),
+            (C.H_REQUEST_ID, state.req_id),
+            *self._budget_headers(state),
+        ]
+        if "text/event-stream" in headers.get("content-type", ""):
+            state.streaming = True
+            state.sse = SSEParser()
+            reply.stream_response_body = True
+            reply.remove_headers.append("content-length")
+        return reply
+
+    def response_body(self, state: RequestState, chunk: bytes, end_of_stream: bool) -> Reply:
+        """ext_proc phase `response_body`: BUFFERED for JSON (one message), STREAMED for SSE (per chunk)."""
+        reply = Reply()
+        tr = state.translator
+        if tr is None or state.route is None:
+            return reply
+        if state.streaming and state.sse is not None:
+            events = state.sse.feed(chunk)
+            if end_of_stream:
+                events += state.sse.flush()
+            keep: list[bytes] = []
+            for ev in events:
+                drop = False
+                if ev.data is not None and ev.data != "[DONE]":
+                    try:
+                        doc = json.loads(ev.data)
+                        info = tr.stream_event(ev.event, doc) if isinstance(doc, dict) else None
+                    except (ValueError, TypeError, AttributeError, KeyError, IndexError, RecursionError):
+                        # The provider's bytes go to the client unchanged; only our reading of them is skipped.
+                        info = None
+                        metrics.sse_bad_events.inc()
+                    if info is not None:
+                        if info.usage is not None:
+                            state.usage.merge(info.usage)
+                            state.usage_final = state.usage_final or info.final
+                        if info.text:
+                            self._note_text(state, info.text)
+                        drop = info.usage_only and state.added_stream_usage
+                keep.append(b"" if drop else ev.raw)
+            if state.added_stream_usage:
+                # Only whole events go out (a partial one waits in the parser), so an unrequested usage
+                # chunk can be removed whole and the client sees exactly the stream it asked for.
+                out = b"".join(keep)
+                if out != chunk:
+                    reply.body = out
+        else:
+            if end_of_stream or chunk:
+                try:
+                    doc = json.loads(chunk) if chunk else None
+                    u = tr.response_usage(doc) if isinstance(doc, dict) else None
+                except (ValueError, TypeError, AttributeError, KeyError, IndexError, RecursionError):
+                    u = None  # settled from our own counts, as a response without usage is
+                if u is not None:
+                    state.usage.merge(u)
+                    state.usage_final = u.complete
+        if end_of_stream:
+            state.response_complete = True
+            reply.metadata = self._final_metadata(state)
+        return reply
+
+    def _note_text(self, state: RequestState, text: str) -> None:
+        state.out_chars += len(text)
+        if state.out_chars <= MAX_STREAM_TEXT:
+            state.out_text.append(text)
