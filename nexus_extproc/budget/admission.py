@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from nexus_extproc.apis.errors import budget_exceeded, store_unavailable
 from nexus_extproc.budget.alerts import AlertWatch
 from nexus_extproc.budget.book import GLOBAL_BUDGET, Book, BudgetDef
 from nexus_extproc.budget.periods import Period
@@ -31,6 +30,19 @@ from nexus_extproc.ops import metrics
 log = logging.getLogger(__name__)
 
 _ACTION_RANK = {Action.ALLOW: 0, Action.REROUTE: 1, Action.REJECT: 2}
+
+
+class BudgetStoreDown(Exception):
+    """The store cannot be reached and store_failure is closed: nothing may be forwarded unrecorded."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why a request is refused, as a value: the request layer renders it in the client's API shape."""
+
+    reason: str
+    budget: str | None
+    reset_in_s: int
 
 
 @dataclass(slots=True)
@@ -92,7 +104,7 @@ class Admitter:
             # Settlements are held only in memory (neither the store nor the disk took them): closed means
             # nothing unrecorded is sent, so refuse until the reconciler has replayed them.
             metrics.store_failures.labels("outbox").inc()
-            raise store_unavailable()
+            raise BudgetStoreDown()
         expires = time.time() + self.config.store.reservation_ttl_secs
         try:
             if not plan.observed:
@@ -157,7 +169,7 @@ class Admitter:
         except StoreUnavailable:
             metrics.store_failures.labels("reserve").inc()
             if self.config.store_failure == "closed":
-                raise store_unavailable() from None
+                raise BudgetStoreDown() from None
             log.warning("budget store unavailable; admitting with store_failure=open")
             return Admission(decide(PolicyInput(requested, equivalent, None)), None, items, outbox=True)
 
@@ -188,8 +200,8 @@ class Admitter:
             return None
         return d.settings.limit_at(self.book.clock().timestamp() if ts is None else ts)
 
-    def reject_error(self, adm: Admission) -> Exception:
+    @staticmethod
+    def rejection(adm: Admission) -> Rejection:
         name = f"budget '{adm.budget}'" if adm.budget and adm.budget != GLOBAL_BUDGET else "monthly budget"
-        reason = adm.decision.reason or "budget exhausted"
-        reason = reason.replace("monthly budget", name)
-        return budget_exceeded(reason, adm.reset_in_s)
+        reason = (adm.decision.reason or "budget exhausted").replace("monthly budget", name)
+        return Rejection(reason, adm.budget, adm.reset_in_s)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from nexus_extproc.budget.admission import Admission, Admitter
+from nexus_extproc.budget.admission import Admission, Admitter, BudgetStoreDown, Rejection
 from nexus_extproc.budget.alerts import AlertSender, AlertWatch
 from nexus_extproc.budget.book import GLOBAL_BUDGET, Book, BudgetDef, BudgetState, Clock, Settings, utc_now
 from nexus_extproc.budget.periods import Period
@@ -18,7 +18,17 @@ from nexus_extproc.ledger import ForwardNote, Ledger, SpendRecord, StoreUnavaila
 from nexus_extproc.ledger.outbox import Outbox
 from nexus_extproc.ops import metrics
 
-__all__ = ["GLOBAL_BUDGET", "Admission", "BudgetDef", "BudgetService", "BudgetState", "Settings", "utc_now"]
+__all__ = [
+    "GLOBAL_BUDGET",
+    "Admission",
+    "BudgetDef",
+    "BudgetService",
+    "BudgetState",
+    "BudgetStoreDown",
+    "Rejection",
+    "Settings",
+    "utc_now",
+]
 
 
 class BudgetService:
@@ -91,8 +101,8 @@ class BudgetService:
                     facts: RequestFacts | None = None) -> Admission:
         return await self.admitter.admit(req_id, requested, equivalent, facts)
 
-    def reject_error(self, adm: Admission) -> Exception:
-        return self.admitter.reject_error(adm)
+    def rejection(self, adm: Admission) -> Rejection:
+        return self.admitter.rejection(adm)
 
     async def settle(self, req_id: str, adm: Admission, cost: int, record: SpendRecord) -> None:
         if self.ledger is None or not adm.items:

@@ -2,11 +2,15 @@
 
 from nexus_extproc.ledger.base import (
     AuditRecord,
+    CalibrationStore,
+    ControlStore,
     ForwardNote,
     Key,
     Ledger,
     ReapResult,
     SpendAgg,
+    SpendLedger,
+    SpendLog,
     SpendRecord,
     StoreOpenError,
     StoreUnavailable,
@@ -14,8 +18,8 @@ from nexus_extproc.ledger.base import (
 )
 
 __all__ = [
-    "AuditRecord", "ForwardNote", "Key", "Ledger", "ReapResult", "SpendAgg", "SpendRecord", "StoreOpenError",
-    "StoreUnavailable", "Totals", "open_ledger",
+    "AuditRecord", "CalibrationStore", "ControlStore", "ForwardNote", "Key", "Ledger", "ReapResult", "SpendAgg",
+    "SpendLedger", "SpendLog", "SpendRecord", "StoreOpenError", "StoreUnavailable", "Totals", "open_ledger",
 ]
 
 

@@ -122,7 +122,10 @@ def decay(sums: CalibrationSums, age_s: float, half_life_s: float) -> Calibratio
     return (sums[0] * f, sums[1] * f, sums[2] * f, sums[3] * f)
 
 
-class Ledger(abc.ABC):
+class SpendLedger(abc.ABC):
+    """The part a request needs: reserve, settle, release, reap, and the once-only period marker. A new store
+    (Postgres, say) starts here; the other contracts add the admin API, reports and shared calibration."""
+
     @abc.abstractmethod
     async def totals(self, budget: str, period: str) -> Totals: ...
 
@@ -156,13 +159,17 @@ class Ledger(abc.ABC):
         """True for exactly one caller across every process: drives the once-only rollover event."""
 
     @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+class ControlStore(abc.ABC):
+    """Runtime settings, their audit trail and small metadata, shared by every replica."""
+
+    @abc.abstractmethod
     async def set_meta(self, key: str, value: str) -> None: ...
 
     @abc.abstractmethod
     async def get_meta(self, key: str) -> str | None: ...
-
-    @abc.abstractmethod
-    async def settlement_count(self) -> int: ...
 
     @abc.abstractmethod
     async def get_settings(self, budget: str) -> dict[str, object] | None:
@@ -175,8 +182,19 @@ class Ledger(abc.ABC):
     @abc.abstractmethod
     async def audit_log(self, limit: int) -> list[AuditRecord]: ...
 
+
+class SpendLog(abc.ABC):
+    """The settlements as a log, for reports."""
+
     @abc.abstractmethod
     async def spend(self, start_ts: float, end_ts: float) -> list[SpendAgg]: ...
+
+    @abc.abstractmethod
+    async def settlement_count(self) -> int: ...
+
+
+class CalibrationStore(abc.ABC):
+    """The estimate ratios every replica learns together."""
 
     @abc.abstractmethod
     async def merge_calibration(self, deltas: dict[str, CalibrationSums], now: float,
@@ -188,5 +206,6 @@ class Ledger(abc.ABC):
     async def reset_calibration(self) -> int:
         """Forget every learned estimate ratio; returns how many keys were dropped."""
 
-    @abc.abstractmethod
-    async def close(self) -> None: ...
+
+class Ledger(SpendLedger, ControlStore, SpendLog, CalibrationStore):
+    """Everything the shipped stores (SQLite, Redis) provide; the service takes this."""

@@ -10,11 +10,14 @@ from nexus_extproc.apis import ParsedRequest, for_path
 from nexus_extproc.apis.errors import (
     NexusError,
     bad_request,
+    budget_exceeded,
     not_found,
     payload_too_large,
+    store_unavailable,
 )
 from nexus_extproc.budget.policy import Action
 from nexus_extproc.budget.scopes import RequestFacts, api_key_of, hash_api_key
+from nexus_extproc.budget.service import BudgetStoreDown
 from nexus_extproc.metering.money import usd_float
 from nexus_extproc.ops import metrics
 from nexus_extproc.request import headers as C
@@ -141,18 +144,17 @@ class Inbound(Estimation):
                              state.identity.get("team"), state.identity.get("agent"))
         try:
             adm = await self.budget.admit(state.req_id, requested, equivalent, facts)
-        except NexusError as e:
+        except BudgetStoreDown:
             metrics.requests_total.labels("rejected").inc()
-            return self._error(state, e, "store_unavailable")
+            return self._error(state, store_unavailable(), "store_unavailable")
         state.admission = adm
         d = adm.decision
         metrics.requests_total.labels(d.action.value).inc()
         if d.action is Action.REJECT:
             log.info("request rejected by budget", extra={"status": d.status,
                                                            "model": self.model_label(model, price)})
-            err = self.budget.reject_error(adm)
-            assert isinstance(err, NexusError)
-            return self._error(state, err, "budget")
+            rej = self.budget.rejection(adm)
+            return self._error(state, budget_exceeded(rej.reason, rej.reset_in_s), "budget")
 
         assert d.target is not None
         rerouted = d.action is Action.REROUTE

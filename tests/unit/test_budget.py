@@ -6,10 +6,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from nexus_extproc.apis.errors import NexusError
 from nexus_extproc.budget.periods import month_period
 from nexus_extproc.budget.policy import Action, Target
-from nexus_extproc.budget.service import BudgetService
+from nexus_extproc.budget.service import BudgetService, BudgetStoreDown
 from nexus_extproc.ledger import SpendRecord, StoreUnavailable, open_ledger
 from nexus_extproc.ops import metrics
 from tests.conftest import make_config
@@ -75,11 +74,11 @@ class DownLedger:
         return fail
 
 
-async def test_store_failure_closed_is_503():
+async def test_store_failure_closed_refuses_as_a_value_the_request_layer_renders():
+    """The budget says "store down"; the request layer turns it into the provider-shaped 503 (e2e: faults)."""
     svc = BudgetService(make_config(budget={"monthly_limit_usd": 1}), DownLedger())  # type: ignore[arg-type]
-    with pytest.raises(NexusError) as e:
+    with pytest.raises(BudgetStoreDown):
         await svc.admit("r", CLOUD, None)
-    assert e.value.status == 503
 
 
 async def test_store_failure_open_admits_and_outbox_replays(tmp_path):

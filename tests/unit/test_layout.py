@@ -54,3 +54,10 @@ def test_the_walk_sees_the_wire_where_it_is():
 def test_the_runtime_package_never_imports_the_dev_tooling():
     bad = {rel: sorted(n for n in names if n.split(".")[0] == "nexus_dev") for rel, names in modules()}
     assert not {k: v for k, v in bad.items() if v}, bad
+
+
+def test_budget_and_ledger_know_nothing_of_client_apis_or_the_request_path():
+    """A refusal leaves the budget as a value (Rejection, BudgetStoreDown); the request layer renders it."""
+    bad = {rel: sorted(n for n in names if n.startswith(("nexus_extproc.apis", "nexus_extproc.request")))
+           for rel, names in modules() if rel.startswith(("budget/", "ledger/"))}
+    assert not {k: v for k, v in bad.items() if v}, bad
