@@ -16,6 +16,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from nexus_extproc.terms import HardAction
+
 ENV_PREFIX = "NEXUS_"
 
 
@@ -26,7 +28,7 @@ class _Strict(BaseModel):
 class BudgetConfig(_Strict):
     monthly_limit_usd: Decimal = Field(gt=0)
     soft_limit_percent: Decimal = Field(default=Decimal(80), gt=0, le=100)
-    hard_limit_action: Literal["warn", "block_cloud", "block_all"] = "warn"
+    hard_limit_action: HardAction = "warn"
     reconciliation_interval_secs: int = Field(default=60, ge=1)
     always_send_status_headers: bool = False
 
@@ -52,7 +54,7 @@ class BudgetDefConfig(_Strict):
     timezone: str = "UTC"
     limit_usd: Decimal = Field(gt=0)
     soft_limit_percent: Decimal = Field(default=Decimal(80), gt=0, le=100)
-    hard_limit_action: Literal["warn", "block_cloud", "block_all"] = "warn"
+    hard_limit_action: HardAction = "warn"
     alert_thresholds: list[Decimal] = Field(default_factory=lambda: [Decimal(80), Decimal(90), Decimal(100)])
 
     @field_validator("timezone")

@@ -18,4 +18,14 @@ def for_path(path: str) -> Translator | None:
     return TRANSLATORS.get(path.split("?", 1)[0].rstrip("/") or "/")
 
 
-__all__ = ["TRANSLATORS", "ParsedRequest", "StreamEventInfo", "Translator", "for_path"]
+def family_for_path(path: str) -> str:
+    """Whose error shape a request gets, also on a path no profile serves (`/v1/messages/batches` is still an
+    Anthropic client): the family of the profile whose path it extends, else OpenAI's."""
+    t = for_path(path)
+    if t is not None:
+        return t.family
+    bare = path.split("?", 1)[0]
+    return next((t.family for p, t in TRANSLATORS.items() if bare.startswith(p + "/")), "openai")
+
+
+__all__ = ["TRANSLATORS", "ParsedRequest", "StreamEventInfo", "Translator", "family_for_path", "for_path"]

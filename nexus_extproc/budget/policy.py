@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal
 
-BudgetStatus = Literal["Normal", "SoftLimit", "HardLimit"]
-STATUS_CODE: dict[BudgetStatus, int] = {"Normal": 0, "SoftLimit": 1, "HardLimit": 2}
-HardAction = Literal["warn", "block_cloud", "block_all"]
+from nexus_extproc.terms import STATUS_CODE, BudgetStatus, HardAction
+
+__all__ = ["STATUS_CODE", "Action", "BudgetStatus", "BudgetView", "Decision", "HardAction", "PolicyInput", "Target",
+           "decide"]
 
 
 class Action(enum.Enum):

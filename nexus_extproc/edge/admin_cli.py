@@ -15,12 +15,9 @@ from google.protobuf import timestamp_pb2
 from nexus_extproc.api import budget_admin_pb2 as pb
 from nexus_extproc.api import budget_admin_pb2_grpc as pb_grpc
 from nexus_extproc.budget.reports import COLUMNS, SpendRow, row_dict, to_csv, to_table
+from nexus_extproc.edge.pb_terms import ACTION_FROM_PB, ACTION_TO_PB, STATUS_FROM_PB
 from nexus_extproc.metering.money import usd_to_micros
 
-STATUS_NAMES = {pb.STATUS_NORMAL: "Normal", pb.STATUS_SOFT_LIMIT: "SoftLimit", pb.STATUS_HARD_LIMIT: "HardLimit"}
-ACTIONS = {"warn": pb.HARD_LIMIT_ACTION_WARN, "block_cloud": pb.HARD_LIMIT_ACTION_BLOCK_CLOUD,
-           "block_all": pb.HARD_LIMIT_ACTION_BLOCK_ALL}
-ACTION_NAMES = {v: k for k, v in ACTIONS.items()}
 STATUS_COLUMNS = ("budget", "period", "status", "spent_usd", "reserved_usd", "limit_usd", "utilization",
                   "action", "override_until", "resets")
 
@@ -40,7 +37,7 @@ def add_admin_args(sub: argparse._SubParsersAction) -> None:
     p.add_argument("limit_usd", type=str)
     p.add_argument("--budget", default="global")
     p.add_argument("--soft-limit-percent", type=float, default=0.0)
-    p.add_argument("--hard-limit-action", choices=sorted(ACTIONS))
+    p.add_argument("--hard-limit-action", choices=sorted(ACTION_TO_PB))
     p.add_argument("--actor", default=os.environ.get("USER", "cli"))
     p = sub.add_parser("override", help="raise a budget's limit until a time; it reverts by itself")
     common(p)
@@ -73,10 +70,10 @@ def _duration(s: str) -> timedelta:
 
 
 def _status_row(b: Any) -> dict[str, object]:
-    return {"budget": b.name, "period": b.period, "status": STATUS_NAMES.get(b.status, "?"),
+    return {"budget": b.name, "period": b.period, "status": STATUS_FROM_PB.get(b.status, "?"),
             "spent_usd": f"{b.settled_micros / 1e6:.6f}", "reserved_usd": f"{b.reserved_micros / 1e6:.6f}",
             "limit_usd": f"{b.limit_micros / 1e6:.2f}", "utilization": f"{b.utilization_percent:.2f}%",
-            "action": ACTION_NAMES.get(b.hard_limit_action, "?"),
+            "action": ACTION_FROM_PB.get(b.hard_limit_action, "?"),
             "override_until": b.override_until.ToDatetime(UTC).isoformat() if b.HasField("override_until") else "",
             "resets": b.next_reset.ToDatetime(UTC).date().isoformat()}
 
@@ -106,7 +103,7 @@ def run_admin(args: argparse.Namespace) -> int:
                 budgets = [stub.SetLimit(pb.SetLimitRequest(
                     name=args.budget, limit_micros=usd_to_micros(args.limit_usd),
                     soft_limit_percent=args.soft_limit_percent,
-                    hard_limit_action=ACTIONS.get(args.hard_limit_action or "", pb.HARD_LIMIT_ACTION_UNSPECIFIED),
+                    hard_limit_action=ACTION_TO_PB.get(args.hard_limit_action, pb.HARD_LIMIT_ACTION_UNSPECIFIED),
                     actor=args.actor),
                     metadata=md, timeout=10).budget]
             elif args.cmd == "override":

@@ -19,17 +19,13 @@ from google.protobuf import timestamp_pb2
 
 from nexus_extproc.api import budget_admin_pb2 as pb
 from nexus_extproc.api import budget_admin_pb2_grpc as pb_grpc
-from nexus_extproc.budget.policy import HardAction
 from nexus_extproc.budget.reports import roll_up
 from nexus_extproc.budget.service import GLOBAL_BUDGET, BudgetDef, BudgetService, Settings
+from nexus_extproc.edge.pb_terms import ACTION_FROM_PB, ACTION_TO_PB, STATUS_TO_PB
 from nexus_extproc.ledger import StoreUnavailable
 
 log = logging.getLogger("nexus_extproc.edge.admin_grpc")
 
-STATUS = {"Normal": pb.STATUS_NORMAL, "SoftLimit": pb.STATUS_SOFT_LIMIT, "HardLimit": pb.STATUS_HARD_LIMIT}
-ACTION_TO_PB = {"warn": pb.HARD_LIMIT_ACTION_WARN, "block_cloud": pb.HARD_LIMIT_ACTION_BLOCK_CLOUD,
-                "block_all": pb.HARD_LIMIT_ACTION_BLOCK_ALL}
-ACTION_FROM_PB: dict[int, HardAction] = {v: k for k, v in ACTION_TO_PB.items()}  # type: ignore[misc]
 
 
 def _ts(seconds: float) -> timestamp_pb2.Timestamp:
@@ -71,7 +67,7 @@ class BudgetAdmin(pb_grpc.BudgetAdminServiceServicer):
         out = pb.BudgetStatus(
             name=d.name, period=period.key, limit_micros=view.limit_micros, base_limit_micros=s.limit_micros,
             settled_micros=view.settled_micros, reserved_micros=view.reserved_micros,
-            utilization_percent=float(view.utilization()), status=STATUS[view.status()],
+            utilization_percent=float(view.utilization()), status=STATUS_TO_PB[view.status()],
             soft_limit_percent=float(s.soft_limit_percent), hard_limit_action=ACTION_TO_PB[s.hard_limit_action],
             next_reset=_ts(period.end.timestamp()))
         if s.override_until is not None and s.override_until > b.clock().timestamp():

@@ -6,7 +6,7 @@ import json
 import logging
 from typing import Any
 
-from nexus_extproc.apis import ParsedRequest, for_path
+from nexus_extproc.apis import ParsedRequest, family_for_path, for_path
 from nexus_extproc.apis.errors import (
     NexusError,
     bad_request,
@@ -43,7 +43,7 @@ class Inbound(Estimation):
     def request_headers(self, state: RequestState, headers: dict[str, str], end_of_stream: bool) -> Reply:
         """ext_proc phase `request_headers`: pick the translator; the decision waits for the body."""
         state.path = headers.get(":path", "")
-        state.family = "anthropic" if state.path.startswith("/v1/messages") else "openai"
+        state.family = family_for_path(state.path)
         state.client_nexus_headers = [k for k in headers if k.startswith(C.CLIENT_HEADER_PREFIX)]
         if self._trust_identity:
             state.identity = {k: headers[h] for k, h in (("user", C.H_USER), ("team", C.H_TEAM), ("agent", C.H_AGENT))

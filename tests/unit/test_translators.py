@@ -117,3 +117,14 @@ def test_rewrite_sets_model_and_stream_usage():
                         add_stream_usage=True)
     doc = json.loads(body)
     assert doc["model"] == "b" and doc["stream_options"] == {"x": 1, "include_usage": True}
+
+
+def test_the_error_family_comes_from_the_profiles_even_on_paths_they_do_not_serve():
+    from nexus_extproc.apis import TRANSLATORS, family_for_path
+
+    for path, t in TRANSLATORS.items():
+        assert family_for_path(path) == t.family
+        assert family_for_path(path + "?beta=true") == t.family
+    assert family_for_path("/v1/messages/batches") == "anthropic"
+    assert family_for_path("/v1/chat/completions/abc") == "openai"
+    assert family_for_path("/v1/models") == "openai"
