@@ -289,7 +289,6 @@ async def ttft(url: str, body: str, n: int) -> float:
 
 def micro_benchmarks() -> None:
     """In-process CPU figures for the request path: multi-turn caching and event-loop responsiveness."""
-    from nexus_extproc.apis import for_path
     from nexus_extproc.app import build
     from nexus_extproc.config import parse_config
     from nexus_extproc.request.pipeline import RequestState
@@ -304,7 +303,8 @@ def micro_benchmarks() -> None:
 
     async def one(body: bytes) -> None:
         st = RequestState()
-        st.translator = for_path("/v1/chat/completions")
+        proc.request_headers(st, {":method": "POST", ":path": "/v1/chat/completions",
+                                  "content-type": "application/json"}, False)
         await proc.request_body(st, body)
 
     async def main() -> None:

@@ -41,7 +41,3 @@ def period_for(kind: PeriodKind, now: datetime, tz: ZoneInfo | None = None) -> P
     start = start.replace(tzinfo=None).replace(tzinfo=tzinfo).astimezone(UTC)
     end = end.replace(tzinfo=None).replace(tzinfo=tzinfo).astimezone(UTC)
     return Period(key, start, end)
-
-
-def month_period(now: datetime) -> Period:
-    return period_for("monthly", now)

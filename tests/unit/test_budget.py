@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from nexus_extproc.budget.periods import month_period
+from nexus_extproc.budget.periods import Period, period_for
 from nexus_extproc.budget.policy import Action, Target
 from nexus_extproc.budget.service import BudgetService, BudgetStoreDown
 from nexus_extproc.ledger import SpendRecord, StoreUnavailable, open_ledger
@@ -26,6 +26,10 @@ class Clock:
 
     def __call__(self):
         return self.t
+
+
+def month_period(now: datetime) -> Period:
+    return period_for("monthly", now)
 
 
 def test_month_period_is_calendar_month():

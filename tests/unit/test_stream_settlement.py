@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nexus_extproc.apis import for_path
-from nexus_extproc.apis.sse import SSEParser
 from nexus_extproc.apis.usage import TokenUsage
 from nexus_extproc.app import build
 from nexus_extproc.request.pipeline import RequestState
+from tests.builders import admitted_state
 from tests.conftest import make_config
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
@@ -34,15 +34,8 @@ def processor(counter):
 
 
 def run_stream(processor, name: str, chunks: list[bytes]) -> RequestState:
-    path, model, provider, _ = CASES[name]
-    st_ = RequestState()
-    st_.translator = for_path(path)
-    st_.route = processor.router.route(st_.translator.family, model)
-    st_.model = model
-    st_.price = processor.prices.resolve(provider, model)
-    st_.response_status = 200
-    st_.streaming = True
-    st_.sse = SSEParser()
+    path, model, _, _ = CASES[name]
+    st_ = asyncio.run(admitted_state(processor, path, model))
     for i, c in enumerate(chunks):
         processor.response_body(st_, c, i == len(chunks) - 1)
     return st_
@@ -99,11 +92,8 @@ def test_truncated_anthropic_stream_is_estimated_not_message_start_usage(process
 
 def test_usage_chunk_removed_only_when_filter_added_it(processor):
     raw = (FIX / "openai_chat_usage.sse").read_bytes()
-    st_ = RequestState()
-    st_.translator = for_path("/v1/chat/completions")
-    st_.route = processor.router.route("openai", "o3")
-    st_.model, st_.price, st_.streaming, st_.sse = "o3", processor.prices.resolve("openai", "o3"), True, SSEParser()
-    st_.added_stream_usage = True
+    st_ = asyncio.run(admitted_state(processor, "/v1/chat/completions", "o3"))
+    assert st_.added_stream_usage  # the filter asked for usage: the client did not
     out = b""
     for i in range(0, len(raw), 50):  # the client sees whole events only, and never the usage chunk
         r = processor.response_body(st_, raw[i:i + 50], i + 50 >= len(raw))
