@@ -21,6 +21,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from importlib import resources
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -42,164 +43,23 @@ from nexus_extproc.ledger.base import (
 )
 from nexus_extproc.memo import BoundedMemo
 
-_RESERVE = """
--- KEYS: r, rexp ; ARGV: req, expires_at, amount, prefix, budgets ("budget\tperiod\tcap" lines; cap -1: none),
--- deadline (unix seconds). The budgets travel as one string (not an argument each): redis-py encodes every
--- argument in Python. A call that reaches the server after the client gave up on it (Redis paused or
--- overloaded past the client's timeout) does nothing: otherwise it would hold a ghost reservation for its TTL.
-local now = redis.call('TIME')
-if tonumber(now[1]) + tonumber(now[2]) / 1000000 > tonumber(ARGV[6]) then return {-1} end
-local amt = tonumber(ARGV[3])
-local items = {}
-for line in string.gmatch(ARGV[5], '[^\\n]+') do
-  local b, p, cap = string.match(line, '^([^\\t]+)\\t([^\\t]+)\\t(-?%d+)$')
-  table.insert(items, {b .. '\\t' .. p, tonumber(cap), ARGV[4] .. ':t:' .. b .. ':' .. p})
-end
-local seen = {}
-local ok = 1
-for i, it in ipairs(items) do
-  local t = redis.call('HMGET', it[3], 'settled', 'reserved')
-  seen[i] = {tonumber(t[1]) or 0, tonumber(t[2]) or 0}
-  if it[2] >= 0 and seen[i][1] + seen[i][2] + amt > it[2] then ok = 0 end
-end
-local out = {ok}
-local held = {}
-for i, it in ipairs(items) do
-  if ok == 1 then
-    redis.call('HINCRBY', it[3], 'reserved', amt)
-    table.insert(held, it[1])
-    table.insert(held, amt)
-    seen[i][2] = seen[i][2] + amt
-  end
-  table.insert(out, seen[i][1])
-  table.insert(out, seen[i][2])
-end
-if ok == 1 then
-  if #held > 0 then redis.call('HSET', KEYS[1], unpack(held)) end
-  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-end
-return out
-"""
 
-# Shared by settle, release and reap: move one request's reservations out of the totals.
-_UNRESERVE_FN = """
-local function unreserve(prefix, rkey, settle_cost, extra)
-  local held = redis.call('HGETALL', rkey)
-  local targets = {}
-  for i = 1, #extra do
-    local f = extra[i]
-    local sep = string.find(f, '\\t', 1, true)
-    targets[string.sub(f, 1, sep - 1)] = {string.sub(f, sep + 1), 0}
-  end
-  local n = 0
-  for i = 1, #held, 2 do
-    local f = held[i]
-    local sep = string.find(f, '\\t', 1, true)
-    if sep then  -- "budget<TAB>period" = amount; `_fwd` and `_note` are the forwarded mark
-      targets[string.sub(f, 1, sep - 1)] = {string.sub(f, sep + 1), tonumber(held[i + 1])}
-      n = n + 1
-    end
-  end
-  for budget, pa in pairs(targets) do
-    local key = prefix .. ':t:' .. budget .. ':' .. pa[1]
-    if settle_cost ~= nil then redis.call('HINCRBY', key, 'settled', settle_cost) end
-    if pa[2] ~= 0 then redis.call('HINCRBY', key, 'reserved', -pa[2]) end
-  end
-  redis.call('DEL', rkey)
-  return n
-end
-"""
+def _lua(name: str) -> str:
+    """The ledger's Lua scripts live beside this module as .lua files (ledger/lua/), each with its KEYS/ARGV."""
+    return (resources.files(__package__) / "lua" / f"{name}.lua").read_text()
 
-_SETTLE = _UNRESERVE_FN + """
--- KEYS: r, rexp, settled-marker, count, day ; ARGV: req, cost, prefix, marker_ttl, record_json,
--- budgets ("budget\tperiod" lines)
-if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[4]) then return 0 end
-local extra = {}
-for line in string.gmatch(ARGV[6], '[^\\n]+') do table.insert(extra, line) end
-unreserve(ARGV[3], KEYS[1], tonumber(ARGV[2]), extra)
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('INCR', KEYS[4])
-redis.call('RPUSH', KEYS[5], ARGV[5])
-return 1
-"""
 
-_RELEASE = _UNRESERVE_FN + """
-redis.call('ZREM', KEYS[2], ARGV[1])
-return unreserve(ARGV[2], KEYS[1], nil, {})
-"""
-
-_FORWARDED = """
--- KEYS: r ; ARGV: at, note. Only while the reservation exists: a mark after its settle must not recreate it.
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], '_fwd', ARGV[1], '_note', ARGV[2]) end
-return 1
-"""
-
-# KEYS: rexp, count ; ARGV: now, prefix, marker_ttl. Forwarded reservations are settled at their reserved amount
-# (their request went upstream, so the provider bills it), with a settled marker and a report line as a settle
-# has; the rest are released. Returns {released, charged, charged_micros}.
-_REAP = _UNRESERVE_FN + """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1000)
-local released, charged, micros = 0, 0, 0
-for _, id in ipairs(ids) do
-  local rkey = ARGV[2] .. ':r:' .. id
-  local fwd = redis.call('HMGET', rkey, '_fwd', '_note')
-  if fwd[1] and redis.call('SET', ARGV[2] .. ':s:' .. id, '1', 'NX', 'EX', ARGV[3]) then
-    local held = redis.call('HGETALL', rkey)
-    local amount, budgets = 0, {}
-    for i = 1, #held, 2 do
-      local sep = string.find(held[i], '\t', 1, true)
-      if sep then amount = tonumber(held[i + 1]); table.insert(budgets, string.sub(held[i], 1, sep - 1)) end
-    end
-    unreserve(ARGV[2], rkey, amount, {})
-    local note = cjson.decode(fwd[2] or '{}')
-    note['req'] = id; note['ts'] = tonumber(ARGV[1]); note['cost'] = amount; note['estimate'] = amount
-    note['source'] = 'reaped'; note['budgets'] = budgets; note['out'] = 0; note['avoided'] = 0
-    redis.call('INCR', KEYS[2])
-    redis.call('RPUSH', ARGV[2] .. ':log:' .. math.floor(tonumber(ARGV[1]) / 86400), cjson.encode(note))
-    charged = charged + 1
-    micros = micros + amount
-  else
-    unreserve(ARGV[2], rkey, nil, {})
-    released = released + 1
-  end
-  redis.call('ZREM', KEYS[1], id)
-end
-return {released, charged, micros}
-"""
-
-# KEYS: calibration hash ; ARGV: now, half_life_s, then key, provider, ours, tool_calls, n per delta.
-# Decay and add in one step on the server, so replicas flushing at once never lose each other's samples.
-# Stored as "provider ours tool_calls n updated" strings; floats are fine here: a ratio, not money.
-_CALIBRATE = """
-local now = tonumber(ARGV[1])
-local hl = tonumber(ARGV[2])
-for i = 3, #ARGV, 5 do
-  local old = redis.call('HGET', KEYS[1], ARGV[i])
-  local p, o, t, n = 0, 0, 0, 0
-  if old then
-    local a, b, c, d, u = string.match(old, '^(%S+) (%S+) (%S+) (%S+) (%S+)$')
-    local f = 0.5 ^ (math.max(0, now - tonumber(u)) / hl)
-    p, o, t, n = tonumber(a) * f, tonumber(b) * f, tonumber(c) * f, tonumber(d) * f
-  end
-  p = p + tonumber(ARGV[i + 1]); o = o + tonumber(ARGV[i + 2])
-  t = t + tonumber(ARGV[i + 3]); n = n + tonumber(ARGV[i + 4])
-  redis.call('HSET', KEYS[1], ARGV[i], string.format('%.17g %.17g %.17g %.17g %.17g', p, o, t, n, now))
-end
-return redis.call('HGETALL', KEYS[1])
-"""
+_UNRESERVE_FN = _lua("unreserve")  # shared by settle, release and reap
+_RESERVE = _lua("reserve")
+_SETTLE = _UNRESERVE_FN + _lua("settle")
+_RELEASE = _UNRESERVE_FN + _lua("release")
+_FORWARDED = _lua("forwarded")
+_REAP = _UNRESERVE_FN + _lua("reap")
+_CALIBRATE = _lua("calibrate")
+_TIME = _lua("time")  # on the node that owns the keys (in a cluster, the slot's master)
+_PUT_SETTINGS = _lua("put_settings")
 
 SETTLED_MARKER_TTL_S = 40 * 86400
-
-
-_TIME = "return redis.call('TIME')"  # on the node that owns the keys (in a cluster, the slot's master)
-
-# KEYS: settings, audit ; ARGV: budget, settings json, then one audit json each. One atomic step, also in a
-# cluster (a MULTI pipeline is not portable there).
-_PUT_SETTINGS = """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-for i = 3, #ARGV do redis.call('LPUSH', KEYS[2], ARGV[i]) end
-return 1
-"""
 
 
 class RedisLedger(Ledger):

@@ -1,0 +1,5 @@
+-- KEYS: settings, audit ; ARGV: budget, settings json, then one audit json each. One atomic step, also in a
+-- cluster (a MULTI pipeline is not portable there).
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+for i = 3, #ARGV do redis.call('LPUSH', KEYS[2], ARGV[i]) end
+return 1

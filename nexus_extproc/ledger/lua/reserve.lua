@@ -1,0 +1,36 @@
+-- KEYS: r, rexp ; ARGV: req, expires_at, amount, prefix, budgets ("budget	period	cap" lines; cap -1: none),
+-- deadline (unix seconds). The budgets travel as one string (not an argument each): redis-py encodes every
+-- argument in Python. A call that reaches the server after the client gave up on it (Redis paused or
+-- overloaded past the client's timeout) does nothing: otherwise it would hold a ghost reservation for its TTL.
+local now = redis.call('TIME')
+if tonumber(now[1]) + tonumber(now[2]) / 1000000 > tonumber(ARGV[6]) then return {-1} end
+local amt = tonumber(ARGV[3])
+local items = {}
+for line in string.gmatch(ARGV[5], '[^\n]+') do
+  local b, p, cap = string.match(line, '^([^\t]+)\t([^\t]+)\t(-?%d+)$')
+  table.insert(items, {b .. '\t' .. p, tonumber(cap), ARGV[4] .. ':t:' .. b .. ':' .. p})
+end
+local seen = {}
+local ok = 1
+for i, it in ipairs(items) do
+  local t = redis.call('HMGET', it[3], 'settled', 'reserved')
+  seen[i] = {tonumber(t[1]) or 0, tonumber(t[2]) or 0}
+  if it[2] >= 0 and seen[i][1] + seen[i][2] + amt > it[2] then ok = 0 end
+end
+local out = {ok}
+local held = {}
+for i, it in ipairs(items) do
+  if ok == 1 then
+    redis.call('HINCRBY', it[3], 'reserved', amt)
+    table.insert(held, it[1])
+    table.insert(held, amt)
+    seen[i][2] = seen[i][2] + amt
+  end
+  table.insert(out, seen[i][1])
+  table.insert(out, seen[i][2])
+end
+if ok == 1 then
+  if #held > 0 then redis.call('HSET', KEYS[1], unpack(held)) end
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+end
+return out

@@ -1,0 +1,10 @@
+-- KEYS: r, rexp, settled-marker, count, day ; ARGV: req, cost, prefix, marker_ttl, record_json,
+-- budgets ("budget	period" lines)
+if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[4]) then return 0 end
+local extra = {}
+for line in string.gmatch(ARGV[6], '[^\n]+') do table.insert(extra, line) end
+unreserve(ARGV[3], KEYS[1], tonumber(ARGV[2]), extra)
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('INCR', KEYS[4])
+redis.call('RPUSH', KEYS[5], ARGV[5])
+return 1
