@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nexus_dev.envoy_config import EnvoyParams, Upstream, build_config, dump, plain_config  # noqa: E402
-from nexus_dev.stack import HOST, Stack, free_port, is_free, wait_http  # noqa: E402
+from nexus_dev.stack import HOST, Stack, envoy_binary, free_port, is_free, wait_http  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -180,7 +180,7 @@ class Bench:
         port, admin = free_port(), free_port()
         cfg = self.work / "upstream.yaml"
         cfg.write_text(yaml.safe_dump(upstream_envoy_config(port, admin)))
-        p = self.stack._spawn([shutil.which("envoy") or "envoy", "-c", str(cfg), "--concurrency", "1",
+        p = self.stack._spawn([envoy_binary(), "-c", str(cfg), "--concurrency", "1",
                                "--log-level", "error", "--base-id", str(free_port())], "upstream")
         wait_http(f"http://{HOST}:{admin}/ready", proc=p)
         return port
@@ -190,7 +190,7 @@ class Bench:
         admin = cfg_doc["admin"]["address"]["socket_address"]["port_value"]
         cfg = self.work / f"{name}.yaml"
         cfg.write_text(dump(cfg_doc))
-        p = self.stack._spawn([shutil.which("envoy") or "envoy", "-c", str(cfg), "--concurrency", "2",
+        p = self.stack._spawn([envoy_binary(), "-c", str(cfg), "--concurrency", "2",
                                "--log-level", "error", "--base-id", str(free_port())], name)
         wait_http(f"http://{HOST}:{admin}/ready", proc=p)
         return p, listen, admin
