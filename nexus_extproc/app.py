@@ -240,11 +240,7 @@ class Supervisor:
             if c.returncode == RECYCLED:
                 metrics.worker_recycles.inc()
                 log.info("worker recycled; starting a fresh one", extra={"worker": i})
-                with contextlib.suppress(Exception):
-                    from prometheus_client import multiprocess
-
-                    multiprocess.mark_process_dead(c.pid)
-                self.children[i] = spawn_worker(self.config_path, self.base_port, i, len(self.children))
+                self._replace(i, c)
                 continue
             if i not in self.due:
                 self.restarts = [t for t in self.restarts if now - t < CRASH_LOOP[1]] + [now]
@@ -256,15 +252,18 @@ class Supervisor:
                 self.due[i] = now + delay
                 log.error("a worker exited; starting it again", extra={
                     "worker": i, "exit_code": c.returncode, "in_s": delay})
-                with contextlib.suppress(Exception):
-                    from prometheus_client import multiprocess
-
-                    multiprocess.mark_process_dead(c.pid)  # its live gauges (open streams) no longer count
             if now >= self.due[i]:
                 del self.due[i]
                 metrics.worker_restarts.inc()
-                self.children[i] = spawn_worker(self.config_path, self.base_port, i, len(self.children))
+                self._replace(i, c)
         return True
+
+    def _replace(self, i: int, dead: subprocess.Popen[bytes]) -> None:
+        with contextlib.suppress(Exception):
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(dead.pid)  # its live gauges (open streams) no longer count
+        self.children[i] = spawn_worker(self.config_path, self.base_port, i, len(self.children))
 
 
 async def serve_workers(config: NexusConfig, config_path: str, workers: int) -> int:
