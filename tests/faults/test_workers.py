@@ -71,11 +71,15 @@ def test_killed_worker_is_restarted_and_the_other_keeps_serving(stack: tuple[Sta
     parent = s.extproc.pid
     workers = wait_for(lambda: (lambda c: c if len(c) == 2 else None)(children(parent)), 10, "two workers")
     statuses: list[int] = []
+    failures: list[float] = []  # when each failed request was answered
     stop = threading.Event()
 
     def load() -> None:
         while not stop.is_set():
-            statuses.append(post(s.base_url, "/v1/chat/completions", BODY, timeout=10))
+            status = post(s.base_url, "/v1/chat/completions", BODY, timeout=10)
+            statuses.append(status)
+            if status != 200:
+                failures.append(time.monotonic())
 
     threads = [threading.Thread(target=load) for _ in range(4)]
     for t in threads:
@@ -83,9 +87,11 @@ def test_killed_worker_is_restarted_and_the_other_keeps_serving(stack: tuple[Sta
     try:
         time.sleep(1)
         os.kill(workers[0], signal.SIGKILL)
+        killed = time.monotonic()
         during = len(statuses)
         new = wait_for(lambda: (lambda c: c if len(c) == 2 and workers[0] not in c else None)(children(parent)),
                        15, "the dead worker to be started again")
+        respawned = time.monotonic()
         time.sleep(3)  # load goes on while the new worker comes up and Envoy takes it back
     finally:
         stop.set()
@@ -102,7 +108,13 @@ def test_killed_worker_is_restarted_and_the_other_keeps_serving(stack: tuple[Sta
     # Every request that was answered is in the ledger (the dead worker's in-flight ones settle by the reaper).
     answered = statuses.count(200) + 100 + 1
     wait_for(lambda: ledger_spend(db)[1] >= answered, 20, f"{answered} settlements")
-    assert len(failed) <= 8, f"{len(failed)} of {len(statuses)} requests failed around the kill: {failed}"
+    # What may fail: each load thread's request in flight on the dead worker, and the few sent before Envoy's
+    # ejection reaches its worker threads or while an expired ejection re-tests a worker not yet listening.
+    # What must not: failures that go on after the new worker is up (ejection 2 s, health checks every 2 s).
+    timeline = f"failures at {[round(t - killed, 2) for t in failures]} s, respawned at {respawned - killed:.2f} s"
+    assert len(failed) <= 16, f"{len(failed)} of {len(statuses)} requests failed around the kill; {timeline}"
+    assert all(t - respawned < 6 for t in failures), f"failures went on after the restart; {timeline}"
+    print(timeline)
     print(f"worker kill -9: {len(statuses)} requests under load ({during} before the kill), {len(failed)} failed "
           f"({sorted(set(failed))}), then 100/100 answered; parent alive, 1 restart")
 
