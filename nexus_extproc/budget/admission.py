@@ -19,7 +19,16 @@ from datetime import datetime
 from nexus_extproc.budget.alerts import AlertWatch
 from nexus_extproc.budget.book import GLOBAL_BUDGET, Book, BudgetDef
 from nexus_extproc.budget.periods import Period
-from nexus_extproc.budget.policy import STATUS_CODE, Action, BudgetView, Decision, PolicyInput, Target, decide
+from nexus_extproc.budget.policy import (
+    Action,
+    BudgetView,
+    Decision,
+    PolicyInput,
+    Target,
+    decide,
+    reservation_cap,
+    strictest,
+)
 from nexus_extproc.budget.scopes import RequestFacts
 from nexus_extproc.config import NexusConfig
 from nexus_extproc.ledger import Key, StoreUnavailable, Totals
@@ -28,9 +37,6 @@ from nexus_extproc.memo import BoundedMemo
 from nexus_extproc.ops import metrics
 
 log = logging.getLogger(__name__)
-
-_ACTION_RANK = {Action.ALLOW: 0, Action.REROUTE: 1, Action.REJECT: 2}
-
 
 class BudgetStoreDown(Exception):
     """The store cannot be reached and store_failure is closed: nothing may be forwarded unrecorded."""
@@ -68,8 +74,7 @@ class _Plan:
     limits: list[int]
     soft: list[int]  # used * 10_000 below this is Normal (soft_bp * limit)
     alert_at: list[int]  # used * 10_000 at or above this crosses the lowest alert threshold
-    caps: list[int | None]  # the limit where the hard action blocks, None for warn
-    capped: bool  # any of them blocks at its limit
+    caps: list[int | None]  # policy.reservation_cap per budget for a priced request
     valid_from: float
     valid_until: float
     gen: int
@@ -116,8 +121,8 @@ class Admitter:
             res = await self.book.ledger.reserve(req_id, items, amount, expires, caps)
             if res.admitted:
                 # Fast path: every budget was Normal before this request (and at the last decision), and the
-                # capped reservation fit, so the policy would allow the request as asked in each of them; skip
-                # building views and asking it once per budget. The deciding budget is the most utilised one.
+                # capped reservation fit, so the policy allows the request as asked in each of them and the
+                # strictest is the most utilised: ask it for that one budget instead of building every view.
                 fast, best, i, alert = True, -1, 0, ts >= plan.next_sweep
                 self.book.last_totals.update(zip(plan.names, res.totals, strict=True))
                 if not self.book.not_normal.isdisjoint(plan.names):
@@ -138,19 +143,20 @@ class Admitter:
                         plan.next_sweep = ts + 10.0
                         self.watch.check(matched, periods, res.totals)
                     t = res.totals[i]
-                    decision = Decision(Action.ALLOW, requested, "Normal", must_fit=amount > 0 and plan.capped)
-                    return Admission(decision, self.book.view_of(matched[i], Totals(t.settled, t.reserved - amount)),
-                                     items, amount, budget=matched[i].name,
-                                     reset_in_s=periods[i].seconds_until_reset(now))
+                    view = self.book.view_of(matched[i], Totals(t.settled, t.reserved - amount))
+                    decision = decide(PolicyInput(requested, equivalent, view))
+                    if decision.action is Action.ALLOW and decision.target == requested:
+                        return Admission(decision, view, items, amount, budget=matched[i].name,
+                                         reset_in_s=periods[i].seconds_until_reset(now))
             self.book.last_totals.update(zip(plan.names, res.totals, strict=True))
             befores = [Totals(t.settled, t.reserved - amount) if res.admitted else t for t in res.totals]
             views = [self.book.view_of(d, t) for d, t in zip(matched, befores, strict=True)]
-            refused = [not res.admitted and (cap := self._cap(d, amount)) is not None
-                       and t.settled + t.reserved + amount > cap for d, t in zip(matched, res.totals, strict=True)]
+            refused = [not res.admitted and (cap := reservation_cap(v.hard_limit_action, v.limit_micros, amount))
+                       is not None and t.settled + t.reserved + amount > cap
+                       for v, t in zip(views, res.totals, strict=True)]
             decisions = [decide(PolicyInput(requested, equivalent, v), force_hard=r)
                          for v, r in zip(views, refused, strict=True)]
-            i = max(range(len(matched)), key=lambda k: (_ACTION_RANK[decisions[k].action],
-                                                        STATUS_CODE[decisions[k].status], views[k].utilization_ppm))
+            i = strictest(decisions, views)
             decision, view, deciding = decisions[i], views[i], matched[i]
             reset = periods[i].seconds_until_reset(now)
             self.book.note_status(matched, views)
@@ -190,15 +196,9 @@ class Admitter:
             [max(lim, 1) for lim in limits],
             [d.settings.soft_bp * lim for d, lim in zip(matched, limits, strict=True)],
             [(d.thresholds_bp[0] if d.thresholds_bp else 0) * lim for d, lim in zip(matched, limits, strict=True)],
-            [None if d.settings.hard_limit_action == "warn" else lim for d, lim in zip(matched, limits, strict=True)],
-            any(d.settings.hard_limit_action != "warn" for d in matched),
+            [reservation_cap(d.settings.hard_limit_action, lim, 1) for d, lim in zip(matched, limits, strict=True)],
             max([p.start.timestamp() for p in periods], default=-math.inf), valid_until, self.book.settings_gen)
         return self._plans.put(facts, plan)
-
-    def _cap(self, d: BudgetDef, amount: int, ts: float | None = None) -> int | None:
-        if d.settings.hard_limit_action == "warn" or amount <= 0:
-            return None
-        return d.settings.limit_at(self.book.clock().timestamp() if ts is None else ts)
 
     @staticmethod
     def rejection(adm: Admission) -> Rejection:

@@ -15,7 +15,7 @@ from typing import Literal
 from nexus_extproc.terms import STATUS_CODE, BudgetStatus, HardAction
 
 __all__ = ["STATUS_CODE", "Action", "BudgetStatus", "BudgetView", "Decision", "HardAction", "PolicyInput", "Target",
-           "decide"]
+           "decide", "reservation_cap", "strictest"]
 
 
 class Action(enum.Enum):
@@ -79,8 +79,22 @@ class Decision:
     target: Target | None
     status: BudgetStatus
     reason: str | None = None  # X-Nexus-Route-Reason, or why a request was rejected
-    # Reserve with a cap at the limit: the admission is only valid if the estimate still fits.
-    must_fit: bool = False
+
+
+def reservation_cap(action: HardAction, limit_micros: int, amount: int) -> int | None:
+    """Where a reservation must be refused by the store: at the limit when the action blocks, so concurrent
+    requests cannot each fit and together overshoot; nowhere for warn or for what costs nothing."""
+    return None if action == "warn" or amount <= 0 else limit_micros
+
+
+_ACTION_RANK = {Action.ALLOW: 0, Action.REROUTE: 1, Action.REJECT: 2}
+
+
+def strictest(decisions: list[Decision], views: list[BudgetView]) -> int:
+    """The budget that decides when a request falls under several: the harshest action, then the worst
+    status, then the most utilised."""
+    return max(range(len(decisions)), key=lambda k: (_ACTION_RANK[decisions[k].action],
+                                                     STATUS_CODE[decisions[k].status], views[k].utilization_ppm))
 
 
 def decide(inp: PolicyInput, *, force_hard: bool = False) -> Decision:
@@ -99,7 +113,7 @@ def decide(inp: PolicyInput, *, force_hard: bool = False) -> Decision:
     if not hard:
         if status == "SoftLimit" and eq is not None and req.backend_type == "cloud":
             return Decision(Action.REROUTE, eq, status, "budget-soft-limit")
-        return Decision(Action.ALLOW, req, status, must_fit=action != "warn" and req.estimate_micros > 0)
+        return Decision(Action.ALLOW, req, status)
 
     shown: BudgetStatus = "HardLimit" if status == "HardLimit" or force_hard else status
     if action == "warn":

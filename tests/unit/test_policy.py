@@ -2,7 +2,7 @@ from decimal import Decimal
 
 import pytest
 
-from nexus_extproc.budget.policy import Action, BudgetView, PolicyInput, Target, decide
+from nexus_extproc.budget.policy import Action, BudgetView, PolicyInput, Target, decide, reservation_cap, strictest
 
 CLOUD = Target("openai", "cloud", "gpt-4o-mini", 1_000)
 LOCAL_FREE = Target("ollama", "local", "llama3.1:8b", 0)
@@ -43,7 +43,7 @@ def test_policy_table(pct, action, eq, want, backend, status, reason):
 
 def test_no_budget_always_allows_without_reservation_cap():
     d = decide(PolicyInput(CLOUD, LOCAL_FREE, None))
-    assert d.action is Action.ALLOW and d.status == "Normal" and not d.must_fit
+    assert d.action is Action.ALLOW and d.status == "Normal" and d.target == CLOUD
 
 
 def test_request_that_would_cross_limit_is_treated_as_hard_under_blocking_actions():
@@ -59,10 +59,25 @@ def test_local_request_passes_block_cloud_and_free_local_passes_block_all():
     assert decide(PolicyInput(local_req, None, view(150, "block_all"))).action is Action.ALLOW
 
 
-def test_allow_under_blocking_action_must_fit_and_force_hard_rejects():
+def test_blocking_actions_cap_the_reservation_and_force_hard_rejects():
+    assert reservation_cap("block_all", 1_000_000, 5) == 1_000_000
+    assert reservation_cap("block_cloud", 1_000_000, 5) == 1_000_000
+    assert reservation_cap("warn", 1_000_000, 5) is None
+    assert reservation_cap("block_all", 1_000_000, 0) is None  # what costs nothing never needs room
     v = view(10, "block_all")
-    assert decide(PolicyInput(CLOUD, None, v)).must_fit
+    assert decide(PolicyInput(CLOUD, None, v)).action is Action.ALLOW
     assert decide(PolicyInput(CLOUD, None, v), force_hard=True).action is Action.REJECT
+
+
+def test_strictest_budget_decides():
+    views = [view(10, "warn"), view(90, "block_cloud"), view(95, "warn")]
+    decisions = [decide(PolicyInput(CLOUD, LOCAL_FREE, v)) for v in views]
+    assert [d.action for d in decisions] == [Action.ALLOW, Action.REROUTE, Action.REROUTE]
+    assert strictest(decisions, views) == 2  # same action and status: the most utilised
+    views[0] = view(10, "block_all")  # the least utilised, but its capped reservation lost the race
+    decisions[0] = decide(PolicyInput(CLOUD, LOCAL_FREE, views[0]), force_hard=True)
+    assert decisions[0].action is Action.REROUTE and decisions[0].status == "HardLimit"
+    assert strictest(decisions, views) == 0
 
 
 def test_utilization_is_exact_decimal():
