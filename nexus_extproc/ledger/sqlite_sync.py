@@ -40,6 +40,7 @@ from nexus_extproc.ledger.sqlite_schema import (
     _release_v1_reservations,
     _run_script,
 )
+from nexus_extproc.memo import BoundedMemo
 from nexus_extproc.ops import metrics
 
 T = TypeVar("T")
@@ -110,8 +111,8 @@ class SyncSqlite:
         self._db.execute(f"PRAGMA busy_timeout={self._timeout_ms}")
         self._located: dict[_Shape, _Located] = {}  # committed rows only
         self._pending: dict[_Shape, _Located] = {}  # located in the running transaction: kept on commit only
-        self._shapes: dict[tuple[Key, ...], _Shape] = {}
         self._shapes_by_text: dict[str, _Shape] = {}
+        self._shapes: BoundedMemo[tuple[Key, ...], _Shape] = BoundedMemo(on_clear=self._forget_shapes)
         self._migrate()
 
     def _migrate(self) -> None:
@@ -180,12 +181,12 @@ class SyncSqlite:
         t = keys if type(keys) is tuple else tuple(keys)
         sh = self._shapes.get(t)
         if sh is None:
-            if len(self._shapes) >= 4096:
-                self._shapes.clear()
-                self._shapes_by_text.clear()
-                self._located.clear()
-            sh = self._shapes[t] = self._shapes_by_text.setdefault((new := _Shape.of(t)).text, new)
+            sh = self._shapes.put(t, self._shapes_by_text.setdefault((new := _Shape.of(t)).text, new))
         return sh
+
+    def _forget_shapes(self) -> None:
+        self._shapes_by_text.clear()
+        self._located.clear()
 
     def _shape_of_text(self, text: str) -> _Shape:
         sh = self._shapes_by_text.get(text)

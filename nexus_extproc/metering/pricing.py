@@ -28,6 +28,7 @@ from genai_prices.units import _get_registry as _library_unit_registry
 
 from nexus_extproc.apis.usage import TokenUsage
 from nexus_extproc.config import NexusConfig, PriceOverride
+from nexus_extproc.memo import BoundedMemo
 from nexus_extproc.metering.money import ceil_micros
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 PriceSource = Literal["override", "genai-prices", "fallback", "unpriced"]
 UsageCounts = Mapping[str, int]
 
-_MAX_CACHED_MODELS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +210,8 @@ class PriceBook:
         self._overrides = config.prices
         self._fallback = _override_plan(config.fallback_price)
         self._reject_unpriced = config.unpriced_model_action == "reject"
-        self._cache: dict[tuple[str, str], ResolvedPrice] = {}
+        # Model names come from clients and responses: bounded like every cache keyed by client input.
+        self._cache: BoundedMemo[tuple[str, str], ResolvedPrice] = BoundedMemo()
         self._lock = threading.Lock()
         self.usage = UsageExtraction()
 
@@ -234,10 +235,7 @@ class PriceBook:
             return hit
         price = self._lookup(provider, model)
         with self._lock:
-            # Model names come from clients and responses: never let them grow the cache without bound.
-            if len(self._cache) < _MAX_CACHED_MODELS or price.known:
-                self._cache[key] = price
-        return price
+            return self._cache.put(key, price)
 
     def check_configured(self, config: NexusConfig) -> list[str]:
         """Start-up check (SPEC §2.3): configured models that fall to the fallback or would be rejected."""
