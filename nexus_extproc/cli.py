@@ -12,9 +12,12 @@ from nexus_extproc.config import ConfigError, load_config, parse_config
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from nexus_extproc.metering.pricing import check_price_providers
+
     try:
         config = load_config(args.config) if args.config else parse_config(
             {"backends": {"openai": {"cluster": "openai", "type": "cloud", "provider": "openai"}}})
+        check_price_providers(config)
     except ConfigError as e:
         print(f"nexus-extproc: {e}", file=sys.stderr)
         return 2
@@ -56,12 +59,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from nexus_extproc.metering.pricing import PriceBook, check_price_providers
+
     try:
         config = load_config(args.config)
+        check_price_providers(config)
     except ConfigError as e:
         print(f"nexus-extproc: {e}", file=sys.stderr)
         return 2
-    from nexus_extproc.metering.pricing import PriceBook
 
     missing = PriceBook(config).check_configured(config)
     for m in missing:

@@ -105,9 +105,17 @@ class StoreConfig(_Strict):
 class BackendConfig(_Strict):
     cluster: str
     type: Literal["cloud", "local"]
+    # The client API this backend speaks (SPEC §2.3 names it `provider`): which requests it may receive.
     provider: Literal["openai", "anthropic"]
     models: list[str] = Field(default_factory=list)
     default: bool = False
+    # Whose prices it charges, as a genai-prices provider id, when that is not the API's owner: an
+    # OpenAI-compatible backend at Azure, Groq or OpenRouter speaks `openai` but bills its own prices.
+    price_provider: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+
+    @property
+    def prices_from(self) -> str:
+        return self.price_provider or self.provider
 
     def serves(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, pat) for pat in self.models)

@@ -27,7 +27,7 @@ from genai_prices.types import _collect_resolved_model_prices as _library_resolv
 from genai_prices.units import _get_registry as _library_unit_registry
 
 from nexus_extproc.apis.usage import TokenUsage
-from nexus_extproc.config import NexusConfig, PriceOverride
+from nexus_extproc.config import ConfigError, NexusConfig, PriceOverride
 from nexus_extproc.memo import BoundedMemo
 from nexus_extproc.metering.money import ceil_micros
 
@@ -205,6 +205,16 @@ class UsageExtraction:
         return model, usage_counts(usage)
 
 
+def check_price_providers(config: NexusConfig) -> None:
+    """A `price_provider` the price database does not know would price every request at the fallback:
+    refuse it at start-up, naming the key."""
+    known = {p.id for p in data_snapshot.get_snapshot().providers}
+    for name, b in config.backends.items():
+        if b.price_provider is not None and b.price_provider not in known:
+            raise ConfigError(f"backends.{name}.price_provider: {b.price_provider!r} is not a genai-prices "
+                              f"provider (known: {', '.join(sorted(known))})")
+
+
 class PriceBook:
     def __init__(self, config: NexusConfig) -> None:
         self._overrides = config.prices
@@ -240,7 +250,7 @@ class PriceBook:
     def check_configured(self, config: NexusConfig) -> list[str]:
         """Start-up check (SPEC §2.3): configured models that fall to the fallback or would be rejected."""
         missing = []
-        providers = {b.provider for b in config.backends.values()}
+        providers = {b.prices_from for b in config.backends.values()}
         for model in sorted(config.configured_models()):
             if not any(self.resolve(p, model).known for p in providers):
                 missing.append(model)

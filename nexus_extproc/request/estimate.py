@@ -40,6 +40,6 @@ class Estimation(Core):
 
     def _target(self, route: Route, model: str, prompt_tokens: int, expected_out: int,
                 tool_calls: int = 0) -> tuple[Target, ResolvedPrice]:
-        price = self.prices.resolve(route.provider, model)
+        price = self.prices.resolve(route.price_provider, model)
         est = price.estimate_micros(prompt_tokens, expected_out, tool_calls)
         return Target(route.backend, route.backend_type, model, est), price  # type: ignore[arg-type]

@@ -121,7 +121,7 @@ class Inbound(Estimation):
         state.prompt_tokens, state.tier = prompt_tokens, tier
         expected = self._expected_output(model, parsed, tr)
         state.expected_output = expected
-        price = self.prices.resolve(route.provider, model)
+        price = self.prices.resolve(route.price_provider, model)
         adj = self.calibration.adjust(self.model_label(model, price), tier, f"{tr.api}:{parsed.shape.kind}",
                                       prompt_tokens, parsed.shape.server_tools)
         state.prompt_estimate, state.tool_calls = adj.prompt_tokens, adj.tool_calls

@@ -18,7 +18,8 @@ class Route:
     backend: str
     cluster: str
     backend_type: str  # "cloud" | "local"
-    provider: str
+    api: str  # the client API family it speaks
+    price_provider: str  # the genai-prices provider whose prices it charges
 
 
 class Router:
@@ -29,7 +30,7 @@ class Router:
         self._routes: BoundedMemo[tuple[str, str], Route] = BoundedMemo()
 
     def _route(self, name: str, b: BackendConfig) -> Route:
-        return Route(name, b.cluster, b.type, b.provider)
+        return Route(name, b.cluster, b.type, b.provider, b.prices_from)
 
     def route(self, family: str, model: str) -> Route:
         """Memoised (bounded): the answer depends only on the config, and glob-matching every backend's model

@@ -36,7 +36,7 @@ class Settlement(Core):
         answered = state.usage.model
         if not answered or answered == state.model or state.route.backend_type != "cloud":
             return state.price
-        p = self.prices.resolve(state.route.provider, answered)
+        p = self.prices.resolve(state.route.price_provider, answered)
         if not p.known or (state.price.source == "override" and p.source != "override"):
             return state.price
         return p
@@ -149,7 +149,8 @@ class Settlement(Core):
                                      if state.translator else state.parsed.shape.kind,
                                      state.prompt_tokens, usage.input_tokens,
                                      usage.web_searches or 0)
-        priced = self.prices.resolve(state.route.provider, state.priced_model) if state.priced_model else state.price
+        priced = (self.prices.resolve(state.route.price_provider, state.priced_model) if state.priced_model
+                  else state.price)
         asked = state.parsed.model if state.parsed is not None else state.model
         record = SpendRecord(ts=time.time(), model=self.model_label(priced.model, priced),
                              model_requested=self.model_label(asked, state.asked_price or state.price),

@@ -69,3 +69,26 @@ def test_money_is_exact_integers():
     total = sum(p.cost_micros(TokenUsage(7, 3)) for _ in range(1000))
     assert total == 1000 * int((Decimal(7) * Decimal("0.15") + 3 * Decimal("0.6")).to_integral_value(
         rounding=ROUND_CEILING))
+
+
+def test_openai_compatible_backend_charges_its_own_price_provider():
+    """`provider` is the API a backend speaks; `price_provider` is whose price list it bills by."""
+    from nexus_extproc.config import ConfigError
+    from nexus_extproc.metering.pricing import check_price_providers
+    from nexus_extproc.request.router import Router
+    from tests.conftest import BACKENDS
+
+    groq = {"cluster": "groq", "type": "cloud", "provider": "openai", "price_provider": "groq",
+            "models": ["llama-3.1-8b-instant"]}
+    cfg = make_config(backends={**BACKENDS, "groq": groq})
+    check_price_providers(cfg)
+    route = Router(cfg).route("openai", "llama-3.1-8b-instant")
+    assert (route.backend, route.api, route.price_provider) == ("groq", "openai", "groq")
+    book = PriceBook(cfg)
+    priced = book.resolve(route.price_provider, "llama-3.1-8b-instant")
+    assert priced.known
+    assert priced.cost_micros(TokenUsage(1000, 100)) == reference_micros("llama-3.1-8b-instant", "groq",
+                                                                         TokenUsage(1000, 100))
+    assert "llama-3.1-8b-instant" not in book.check_configured(cfg)  # priced by groq, not the fallback
+    with pytest.raises(ConfigError, match=r"backends\.groq\.price_provider: 'nope'"):
+        check_price_providers(make_config(backends={**BACKENDS, "groq": {**groq, "price_provider": "nope"}}))
