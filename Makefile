@@ -4,13 +4,17 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint typecheck unit e2e bench envoy-config api clean
+.PHONY: lock up test lint typecheck unit e2e bench envoy-config api clean
 
-$(STAMP): pyproject.toml
+# Installs exactly what uv.lock pins (uv itself comes from PyPI into the venv); `make lock` re-resolves.
+$(STAMP): pyproject.toml uv.lock
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q 'uv>=0.9,<1'
+	VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/uv sync -q --frozen --inexact --extra dev --active
 	touch $(STAMP)
+
+lock: $(STAMP)
+	$(BIN)/uv lock
 
 up: $(STAMP)
 	$(BIN)/python -m nexus_dev
