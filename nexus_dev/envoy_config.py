@@ -95,7 +95,19 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
         "name": "envoy.filters.http.ext_proc",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": {"envoy_grpc": {"cluster_name": "nexus_extproc"}, "timeout": "10s"},
+            # A stream that cannot reach a worker (killed, or restarted and not yet listening) opens again on
+            # another worker instead of failing the request: previous_hosts keeps the retry off the same one.
+            # Only failures before the worker saw anything: a retried reset could reserve a request twice.
+            "grpc_service": {"envoy_grpc": {"cluster_name": "nexus_extproc"}, "timeout": "10s",
+                             "retry_policy": {
+                                 "retry_on": "connect-failure,refused-stream",
+                                 "num_retries": 2,
+                                 "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.1s"},
+                                 "retry_host_predicate": [{
+                                     "name": "envoy.retry_host_predicates.previous_hosts",
+                                     "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host"
+                                                               ".previous_hosts.v3.PreviousHostsPredicate"}}],
+                                 "host_selection_retry_max_attempts": 3}},
             # Fail closed: with `true`, an ext_proc outage would pass requests unpriced and unbilled.
             "failure_mode_allow": p.failure_mode_allow,
             # Default 200 ms fails 100 KB prompts under load; counting them takes a few ms plus queueing.
