@@ -25,6 +25,7 @@ from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from nexus_extproc.budget.admin import BudgetAdmin
 from nexus_extproc.budget.alerts import AlertSender
 from nexus_extproc.budget.service import BudgetService
 from nexus_extproc.config import NexusConfig
@@ -88,7 +89,7 @@ async def start_grpc(servicer: ExternalProcessor, host: str, port: int) -> tuple
     return server, bound, hs
 
 
-async def start_admin(budget: BudgetService, host: str, port: int, ready,  # type: ignore[no-untyped-def]
+async def start_admin(budget: BudgetAdmin, host: str, port: int, ready,  # type: ignore[no-untyped-def]
                       calibration: Calibrator | None = None) -> web.AppRunner:
     runner = web.AppRunner(build_admin_app(budget, ready, calibration), access_log=None)
     await runner.setup()
@@ -119,9 +120,9 @@ async def serve_single(config: NexusConfig, worker_index: int | None = None) -> 
     with contextlib.suppress(StoreUnavailable):
         await comps.budget.load_settings()
     if worker_index is None:
-        runner = await start_admin(comps.budget, config.server.admin_host, config.server.admin_port, is_ready,
+        runner = await start_admin(comps.budget.admin, config.server.admin_host, config.server.admin_port, is_ready,
                                    comps.processor.calibration)
-        admin_api, _ = await start_admin_api(comps.budget, config.admin_api.host, config.admin_api.port,
+        admin_api, _ = await start_admin_api(comps.budget.admin, config.admin_api.host, config.admin_api.port,
                                              config.admin_api.token())
     chores = asyncio.gather(
         comps.budget.run_reconciler(config.budget.reconciliation_interval_secs if config.budget else 30),
@@ -284,8 +285,8 @@ async def serve_workers(config: NexusConfig, config_path: str, workers: int) -> 
     calibration = Calibrator(config.estimation.calibration_half_life_hours * 3600,
                              config.estimation.calibration_flush_secs)
     cal_task = asyncio.create_task(calibration.run(budget.ledger)) if budget.ledger else None
-    runner = await start_admin(budget, config.server.admin_host, config.server.admin_port, is_ready, calibration)
-    admin_api, _ = await start_admin_api(budget, config.admin_api.host, config.admin_api.port,
+    runner = await start_admin(budget.admin, config.server.admin_host, config.server.admin_port, is_ready, calibration)
+    admin_api, _ = await start_admin_api(budget.admin, config.admin_api.host, config.admin_api.port,
                                          config.admin_api.token())
     stop = asyncio.Event()
     _install_stop(stop)

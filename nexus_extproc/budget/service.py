@@ -1,26 +1,27 @@
-"""The budget facade the request path and the admin edges use: admission, settlement, state and settings,
-the reconciler. The work is in book.py (definitions, settings, periods, state), admission.py, alerts.py and
-reconciler.py; this class wires them to one ledger and one outbox."""
+"""The budget facade the request path uses: admission, settlement and the reconciler. The work is in book.py
+(definitions, settings, periods, state), admission.py, alerts.py and reconciler.py; this class wires them to one
+ledger and one outbox. The admin edges get `admin` (admin.py), which reads and changes the same book."""
 
 from __future__ import annotations
 
 import time
 
+from nexus_extproc.budget.admin import BudgetAdmin
 from nexus_extproc.budget.admission import Admission, Admitter, BudgetStoreDown, Rejection
 from nexus_extproc.budget.alerts import AlertSender, AlertWatch
 from nexus_extproc.budget.book import GLOBAL_BUDGET, Book, BudgetDef, BudgetState, Clock, Settings, utc_now
-from nexus_extproc.budget.periods import Period
-from nexus_extproc.budget.policy import BudgetView, Target
+from nexus_extproc.budget.policy import Target
 from nexus_extproc.budget.reconciler import Reconciler
 from nexus_extproc.budget.scopes import RequestFacts
 from nexus_extproc.config import NexusConfig
-from nexus_extproc.ledger import ForwardNote, Ledger, SpendRecord, StoreUnavailable, Totals
+from nexus_extproc.ledger import ForwardNote, Ledger, SpendRecord, StoreUnavailable
 from nexus_extproc.ledger.outbox import Outbox
 from nexus_extproc.ops import metrics
 
 __all__ = [
     "GLOBAL_BUDGET",
     "Admission",
+    "BudgetAdmin",
     "BudgetDef",
     "BudgetService",
     "BudgetState",
@@ -43,6 +44,7 @@ class BudgetService:
         self.watch = AlertWatch(self.book, self.alerts)
         self.admitter = Admitter(config, self.book, self.watch, self.outbox)
         self.reconciler = Reconciler(self.book, self.outbox)
+        self.admin = BudgetAdmin(self.book)
 
     # The book's state, as callers have always read it.
     @property
@@ -58,10 +60,6 @@ class BudgetService:
         return self.book.defs
 
     @property
-    def by_name(self) -> dict[str, BudgetDef]:
-        return self.book.by_name
-
-    @property
     def clock(self) -> Clock:
         return self.book.clock
 
@@ -70,30 +68,11 @@ class BudgetService:
         self.book.clock = clock
 
     @property
-    def last_totals(self) -> dict[str, Totals]:
-        return self.book.last_totals
-
-    @property
     def enabled(self) -> bool:
         return self.book.enabled
 
-    def period(self, name: str = GLOBAL_BUDGET) -> Period:
-        return self.book.period(name)
-
-    def view_of(self, d: BudgetDef, t: Totals) -> BudgetView:
-        return self.book.view_of(d, t)
-
-    async def state(self, d: BudgetDef) -> BudgetState:
-        return await self.book.state(d)
-
-    async def current_view(self, name: str = GLOBAL_BUDGET) -> BudgetView | None:
-        return await self.book.current_view(name)
-
     async def load_settings(self) -> None:
         await self.book.load_settings()
-
-    async def update_settings(self, name: str, new: Settings, actor: str) -> Settings:
-        return await self.book.update_settings(name, new, actor)
 
     # ---- the request path ------------------------------------------------------------------------
 

@@ -19,8 +19,8 @@ from google.protobuf import timestamp_pb2
 
 from nexus_extproc.api import budget_admin_pb2 as pb
 from nexus_extproc.api import budget_admin_pb2_grpc as pb_grpc
-from nexus_extproc.budget.reports import roll_up
-from nexus_extproc.budget.service import GLOBAL_BUDGET, BudgetDef, BudgetService, Settings
+from nexus_extproc.budget.admin import BudgetAdmin as BudgetFacade
+from nexus_extproc.budget.book import GLOBAL_BUDGET, BudgetDef, Settings
 from nexus_extproc.edge.pb_terms import ACTION_FROM_PB, ACTION_TO_PB, STATUS_TO_PB
 from nexus_extproc.ledger import StoreUnavailable
 
@@ -35,7 +35,7 @@ def _ts(seconds: float) -> timestamp_pb2.Timestamp:
 
 
 class BudgetAdmin(pb_grpc.BudgetAdminServiceServicer):
-    def __init__(self, budget: BudgetService, token: str, watch_interval: float = 0.5) -> None:
+    def __init__(self, budget: BudgetFacade, token: str, watch_interval: float = 0.5) -> None:
         self.budget = budget
         self._token = f"Bearer {token}".encode()
         self.watch_interval = watch_interval
@@ -50,10 +50,10 @@ class BudgetAdmin(pb_grpc.BudgetAdminServiceServicer):
         if not self.budget.enabled:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no budget is configured")
         if not name and one:
-            name = GLOBAL_BUDGET if GLOBAL_BUDGET in self.budget.by_name else self.budget.defs[0].name
+            name = GLOBAL_BUDGET if self.budget.find(GLOBAL_BUDGET) else self.budget.defs[0].name
         if not name:
             return list(self.budget.defs)
-        d = self.budget.by_name.get(name)
+        d = self.budget.find(name)
         if d is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "unknown budget")
         assert d is not None
@@ -70,7 +70,7 @@ class BudgetAdmin(pb_grpc.BudgetAdminServiceServicer):
             utilization_percent=float(view.utilization()), status=STATUS_TO_PB[view.status()],
             soft_limit_percent=float(s.soft_limit_percent), hard_limit_action=ACTION_TO_PB[s.hard_limit_action],
             next_reset=_ts(period.end.timestamp()))
-        if s.override_until is not None and s.override_until > b.clock().timestamp():
+        if s.override_until is not None and s.override_until > b.now().timestamp():
             out.override_until.CopyFrom(_ts(s.override_until))
         return out
 
@@ -101,7 +101,7 @@ class BudgetAdmin(pb_grpc.BudgetAdminServiceServicer):
         await self._auth(context)
         (d,) = await self._defs(request.name, context, one=True)
         until = request.until.seconds
-        if request.limit_micros <= 0 or until <= self.budget.clock().timestamp():
+        if request.limit_micros <= 0 or until <= self.budget.now().timestamp():
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "need limit_micros > 0 and a future 'until'")
         await self.budget.load_settings()
         cur = d.settings
@@ -113,12 +113,10 @@ class BudgetAdmin(pb_grpc.BudgetAdminServiceServicer):
     async def ListSpend(self, request: pb.ListSpendRequest,
                         context: grpc.aio.ServicerContext) -> pb.ListSpendResponse:
         await self._auth(context)
-        if self.budget.ledger is None:
-            return pb.ListSpendResponse()
         start = request.__getattribute__("from").seconds if request.HasField("from") else 0
         end = request.to.seconds if request.HasField("to") else time.time() + 86400
         try:
-            rows = roll_up(await self.budget.ledger.spend(start, end), list(request.group_by))
+            rows = await self.budget.spend(start, end, list(request.group_by))
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return pb.ListSpendResponse(rows=[pb.SpendRow(
@@ -130,9 +128,7 @@ class BudgetAdmin(pb_grpc.BudgetAdminServiceServicer):
     async def ListAudit(self, request: pb.ListAuditRequest,
                         context: grpc.aio.ServicerContext) -> pb.ListAuditResponse:
         await self._auth(context)
-        if self.budget.ledger is None:
-            return pb.ListAuditResponse()
-        entries = await self.budget.ledger.audit_log(request.limit or 100)
+        entries = await self.budget.audit(request.limit or 100)
         return pb.ListAuditResponse(entries=[pb.AuditEntry(
             time=_ts(a.ts), actor=a.actor, budget=a.budget, field=a.field, old_value=a.old, new_value=a.new)
             for a in entries])
@@ -156,7 +152,7 @@ class BudgetAdmin(pb_grpc.BudgetAdminServiceServicer):
             await asyncio.sleep(self.watch_interval)
 
 
-async def start_admin_api(budget: BudgetService, host: str, port: int, token: str | None) -> tuple[
+async def start_admin_api(budget: BudgetFacade, host: str, port: int, token: str | None) -> tuple[
         grpc.aio.Server | None, int]:
     if not token:
         log.warning("admin gRPC API disabled: no token configured (admin_api.token_file or $NEXUS_ADMIN_TOKEN)")

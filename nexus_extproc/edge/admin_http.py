@@ -12,10 +12,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from nexus_extproc.budget.admin import BudgetAdmin
+from nexus_extproc.budget.book import GLOBAL_BUDGET, BudgetState
 from nexus_extproc.budget.forecast import forecast
 from nexus_extproc.budget.policy import STATUS_CODE
-from nexus_extproc.budget.reports import parse_range, roll_up, row_dict, to_csv
-from nexus_extproc.budget.service import GLOBAL_BUDGET, BudgetService, BudgetState
+from nexus_extproc.budget.reports import parse_range, row_dict, to_csv
 from nexus_extproc.ledger import StoreUnavailable
 from nexus_extproc.metering.money import usd_float
 from nexus_extproc.request.calibration import Calibrator
@@ -39,13 +40,12 @@ def _budget_doc(st: BudgetState, last_reconciliation: str | None) -> dict[str, A
     }
 
 
-async def stats_doc(budget: BudgetService, calibration: Calibrator | None = None) -> dict[str, Any]:
+async def stats_doc(budget: BudgetAdmin, calibration: Calibrator | None = None) -> dict[str, Any]:
     """SPEC §6: `budget` is the global budget (null without one); `budgets` lists every budget; `calibration`
     the learned estimate ratios (docs/budgets.md)."""
     if not budget.enabled:
         return {"budget": None, "calibration": calibration.snapshot() if calibration else []}
-    assert budget.ledger is not None
-    last = await budget.ledger.get_meta("last_reconciliation")
+    last = await budget.last_reconciliation()
     states = [await budget.state(d) for d in budget.defs]
     out: dict[str, Any] = {"budget": None, "budgets": []}
     for st in states:
@@ -69,7 +69,7 @@ async def stats_doc(budget: BudgetService, calibration: Calibrator | None = None
 class BudgetCollector:
     """Budget gauges per budget, from the shared ledger's totals as last read, so every worker agrees."""
 
-    def __init__(self, budget: BudgetService) -> None:
+    def __init__(self, budget: BudgetAdmin) -> None:
         self.budget = budget
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -91,12 +91,12 @@ class BudgetCollector:
                                             "Projected seconds until the limit is reached (+Inf: not this period)",
                                             labels=["budget"]),
         }
-        now = self.budget.clock()
+        now = self.budget.now()
         for d in self.budget.defs:
-            t = self.budget.last_totals[d.name]
-            view = self.budget.view_of(d, t)
+            view = self.budget.last_view(d)
             p = d.period(now)
-            fc = forecast(t.settled, view.limit_micros, p.start.timestamp(), p.end.timestamp(), now.timestamp())
+            fc = forecast(view.settled_micros, view.limit_micros, p.start.timestamp(), p.end.timestamp(),
+                          now.timestamp())
             fams["spending"].add_metric([d.name], usd_float(view.settled_micros))
             fams["reserved"].add_metric([d.name], usd_float(view.reserved_micros))
             fams["limit"].add_metric([d.name], usd_float(view.limit_micros))
@@ -107,7 +107,7 @@ class BudgetCollector:
         yield from fams.values()
 
 
-def build_admin_app(budget: BudgetService, is_ready: Callable[[], Awaitable[bool]],
+def build_admin_app(budget: BudgetAdmin, is_ready: Callable[[], Awaitable[bool]],
                     calibration: Calibrator | None = None) -> web.Application:
     multiproc = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
     if multiproc:
@@ -148,7 +148,7 @@ def build_admin_app(budget: BudgetService, is_ready: Callable[[], Awaitable[bool
             fmt = q.get("format", "json")
             if fmt not in ("json", "csv"):
                 raise ValueError("format must be json or csv")
-            rows = roll_up(await budget.ledger.spend(lo, hi), group_by) if budget.ledger else []
+            rows = await budget.spend(lo, hi, group_by)
         except ValueError as e:
             return web.json_response({"error": str(e)}, status=400)
         except StoreUnavailable:

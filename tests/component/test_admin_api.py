@@ -34,7 +34,7 @@ async def admin(counter, tmp_path):
                                                                           "path": str(tmp_path / "l.db")}), counter)
     clock = Clock()
     comps.budget.clock = clock
-    server, port = await start_admin_api(comps.budget, "127.0.0.1", 0, TOKEN)
+    server, port = await start_admin_api(comps.budget.admin, "127.0.0.1", 0, TOKEN)
     ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     yield comps, pb_grpc.BudgetAdminServiceStub(ch), clock
     await ch.close()
@@ -101,9 +101,9 @@ async def test_override_raises_then_reverts_by_itself(admin):
     r = await stub.SetOverride(pb.SetOverrideRequest(name="global", limit_micros=50_000_000, until=until),
                                metadata=AUTH)
     assert r.budget.limit_micros == 50_000_000 and r.budget.base_limit_micros == 10_000_000
-    assert (await comps.budget.current_view()).limit_micros == 50_000_000
+    assert (await comps.budget.book.current_view()).limit_micros == 50_000_000
     clock.t += timedelta(hours=2, seconds=1)
-    assert (await comps.budget.current_view()).limit_micros == 10_000_000
+    assert (await comps.budget.book.current_view()).limit_micros == 10_000_000
     st = (await stub.GetStatus(pb.GetStatusRequest(), metadata=AUTH)).budgets[0]
     assert st.limit_micros == 10_000_000 and not st.HasField("override_until")
 

@@ -117,7 +117,7 @@ async def test_sse_response_switches_to_streamed_mode(served):
 async def test_soft_limit_reroutes_and_rewrites_body(served):
     comps, _, ch = await served(budget={"monthly_limit_usd": 1, "soft_limit_percent": 50})
     led = comps.budget.ledger
-    period = comps.budget.period().key
+    period = comps.budget.book.period().key
     await led.reserve("seed", [("global", period)], 600_000, 9e12)
     s = Stream(ch)
     await s.send(req_headers())
@@ -163,7 +163,7 @@ async def test_cancelled_stream_still_settles_once(served):
         if await comps.budget.ledger.settlement_count() == 1:
             break
         await asyncio.sleep(0.02)
-    t = await comps.budget.ledger.totals("global", comps.budget.period().key)
+    t = await comps.budget.ledger.totals("global", comps.budget.book.period().key)
     assert t.reserved == 0 and t.settled > 0
     assert await comps.budget.ledger.settlement_count() == 1
 
@@ -177,7 +177,7 @@ async def test_upstream_error_releases_reservation(served):
     await s.send(body_msg({"error": {"message": "x"}}, response=True))
     await s.close()
     await asyncio.sleep(0.2)
-    t = await comps.budget.ledger.totals("global", comps.budget.period().key)
+    t = await comps.budget.ledger.totals("global", comps.budget.book.period().key)
     assert (t.settled, t.reserved) == (0, 0)
 
 

@@ -120,7 +120,7 @@ async def test_unwritable_disk_holds_settlements_in_memory_until_the_store_is_ba
     led.down = False
     await svc.reconcile_once()
     assert svc.outbox.pending == [] and metric(metrics.settlements_pending) == 0
-    t = await led.inner.totals("global", svc.period().key)
+    t = await led.inner.totals("global", svc.book.period().key)
     assert t.settled == 3500 and await led.inner.settlement_count() == 5
     await led.inner.close()
 
@@ -186,5 +186,5 @@ async def test_closed_mode_refuses_while_settlements_wait_in_memory(tmp_path):
     await svc.reconcile_once()
     assert svc.outbox.pending == []
     assert (await svc.admit("r3", CLOUD, None)).decision.action is Action.ALLOW
-    assert (await led.inner.totals("global", svc.period().key)).settled == 900
+    assert (await led.inner.totals("global", svc.book.period().key)).settled == 900
     await led.inner.close()

@@ -46,13 +46,13 @@ async def test_rollover_starts_at_zero_keeps_history_and_fires_once(tmp_path, ca
     b = BudgetService(cfg, open_ledger("sqlite", path=str(tmp_path / "l.db")), clock)  # a second worker
     adm = await a.admit("r1", CLOUD, None)
     await a.settle("r1", adm, 500_000, SpendRecord(0, "gpt-4o", "openai", 1, 1, 20_000, "usage"))
-    assert (await a.current_view()).settled_micros == 500_000
-    await b.current_view()
+    assert (await a.book.current_view()).settled_micros == 500_000
+    await b.book.current_view()
     before = rollovers()
     clock.t = datetime(2026, 12, 1, 0, 0, 0, tzinfo=UTC)
     with caplog.at_level(logging.INFO, logger="nexus_extproc.budget"):
-        va = await a.current_view()
-        vb = await b.current_view()
+        va = await a.book.current_view()
+        vb = await b.book.current_view()
     assert va.settled_micros == 0 and vb.settled_micros == 0
     assert rollovers() == before + 1
     assert sum("rolled over" in r.message for r in caplog.records) == 1
@@ -96,9 +96,9 @@ async def test_store_failure_open_admits_and_outbox_replays(tmp_path):
     assert (tmp_path / "outbox.jsonl").exists()
     svc.ledger = open_ledger("sqlite", path=str(tmp_path / "l.db"))
     await svc.reconcile_once()
-    assert (await svc.ledger.totals("global", svc.period().key)).settled == 1234
+    assert (await svc.ledger.totals("global", svc.book.period().key)).settled == 1234
     await svc.reconcile_once()  # replay is idempotent: nothing is charged twice
-    assert (await svc.ledger.totals("global", svc.period().key)).settled == 1234
+    assert (await svc.ledger.totals("global", svc.book.period().key)).settled == 1234
 
 
 async def test_three_replicas_on_a_redis_cluster_never_overshoot_five_budgets(redis_cluster_url):

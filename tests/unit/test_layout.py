@@ -61,3 +61,29 @@ def test_budget_and_ledger_know_nothing_of_client_apis_or_the_request_path():
     bad = {rel: sorted(n for n in names if n.startswith(("nexus_extproc.apis", "nexus_extproc.request")))
            for rel, names in modules() if rel.startswith(("budget/", "ledger/"))}
     assert not {k: v for k, v in bad.items() if v}, bad
+
+
+def test_the_admin_edges_go_through_the_budget_facade_not_the_store():
+    """The admin edges take budget.admin.BudgetAdmin; neither imports the ledger nor touches `.ledger`."""
+    for rel in ("edge/admin_http.py", "edge/admin_grpc.py"):
+        tree = ast.parse((PKG / rel).read_text())
+        reach = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr in ("ledger", "book")]
+        assert not reach, f"{rel} reaches into the store at lines {reach}"
+        assert "nexus_extproc.budget.admin" in imports(PKG / rel)
+
+
+def test_no_class_carries_more_than_a_dozen_public_methods():
+    """The ledgers implement four small protocols (SpendLedger, ControlStore, SpendLog, CalibrationStore) and are
+    the one allowed exception: their surface is the sum of those contracts."""
+    allowed = {"SqliteLedger", "RedisLedger", "FaultyLedger"}
+    big = {}
+    for path in sorted(PKG.rglob("*.py")):
+        if path.name.endswith(("_pb2.py", "_pb2_grpc.py")):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.name not in allowed:
+                public = [m.name for m in node.body if isinstance(m, ast.FunctionDef | ast.AsyncFunctionDef)
+                          and not m.name.startswith("_")]
+                if len(set(public)) > 13:
+                    big[f"{path.relative_to(PKG)}:{node.name}"] = len(set(public))
+    assert not big, big

@@ -123,7 +123,7 @@ async def test_second_budget_rejecting_leaves_no_reservation_in_the_first(tmp_pa
     big = Target("openai", "cloud", "gpt-4o", 2_000_000)  # more than team-ml's $1
     adm = await svc.admit("r1", big, None, facts)
     assert adm.decision.action is Action.REJECT and adm.budget == "team-ml"
-    p = svc.period().key
+    p = svc.book.period().key
     assert (await svc.ledger.totals("global", p)).reserved == 0
     assert (await svc.ledger.totals("team-ml", p)).reserved == 0
     # The same request from another team only counts against the global budget.
@@ -140,7 +140,7 @@ async def test_strictest_budget_decides_and_reserve_settle_apply_to_all(tmp_path
     adm = await svc.admit("r", Target("openai", "cloud", "gpt-4o-mini", 100), eq, facts)
     assert adm.decision.action is Action.REROUTE and adm.budget == "team-ml"
     assert adm.decision.status == "SoftLimit" and adm.view.limit_micros == 1_000_000
-    p = svc.period().key
+    p = svc.book.period().key
     assert {n for n, _ in adm.items} == {"global", "team-ml"}
     assert (await svc.ledger.totals("global", p)).settled == 600_000
     assert (await svc.ledger.totals("team-ml", p)).settled == 600_000
@@ -156,9 +156,9 @@ async def test_rollover_per_period_kind(tmp_path, kind, before, after):
     svc = service(tmp_path, [{"name": "b", "period": kind, "limit_usd": 1}], clock)
     adm = await svc.admit("r", Target("openai", "cloud", "gpt-4o", 10), None)
     await svc.settle("r", adm, 400_000, SpendRecord(time.time(), "gpt-4o", "openai", 1, 1, 10, "usage"))
-    assert (await svc.current_view("b")).settled_micros == 400_000
+    assert (await svc.book.current_view("b")).settled_micros == 400_000
     clock.t = after
-    assert (await svc.current_view("b")).settled_micros == 0
+    assert (await svc.book.current_view("b")).settled_micros == 0
     assert (await svc.ledger.totals("b", period_for(kind, before).key)).settled == 400_000  # history kept
 
 
@@ -268,11 +268,12 @@ async def test_override_applies_to_any_budget(tmp_path):
     svc = service(tmp_path, [GLOBAL, TEAM], clock)
     from nexus_extproc.budget.service import Settings
 
-    d = svc.by_name["team-ml"]
-    await svc.update_settings("team-ml", Settings(d.settings.limit_micros, d.settings.soft_limit_percent,
+    d = svc.admin.find("team-ml")
+    assert d is not None
+    await svc.admin.update_settings("team-ml", Settings(d.settings.limit_micros, d.settings.soft_limit_percent,
                                                   d.settings.hard_limit_action, 5_000_000,
                                                   (clock.t + timedelta(hours=1)).timestamp()), "ops")
-    assert (await svc.current_view("team-ml")).limit_micros == 5_000_000
+    assert (await svc.book.current_view("team-ml")).limit_micros == 5_000_000
     clock.t += timedelta(hours=2)
-    assert (await svc.current_view("team-ml")).limit_micros == 1_000_000
+    assert (await svc.book.current_view("team-ml")).limit_micros == 1_000_000
     assert [a.field for a in await svc.ledger.audit_log(10)] == ["override_until", "override_limit_micros"]
