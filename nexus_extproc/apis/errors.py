@@ -38,7 +38,14 @@ def not_found(message: str) -> NexusError:
     return NexusError(404, "not_found_error", message)
 
 
-def budget_exceeded(message: str, retry_after_s: int) -> NexusError:
+# The wording of a budget refusal, by the policy's refusal code (budget.policy.REJECT_*).
+_REFUSALS = {"cloud_blocked": "cloud backends are blocked: {name} exhausted", "budget_exhausted": "{name} exhausted"}
+
+
+def budget_exceeded(code: str, budget: str | None, retry_after_s: int) -> NexusError:
+    """`budget` is the deciding budget's name, None for the global (monthly) one."""
+    name = f"budget '{budget}'" if budget else "monthly budget"
+    message = _REFUSALS.get(code, "{name} exhausted").format(name=name)
     return NexusError(503, "budget_exceeded", message, {"retry-after": str(max(1, retry_after_s))})
 
 

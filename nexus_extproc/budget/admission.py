@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from nexus_extproc.budget.alerts import AlertWatch
-from nexus_extproc.budget.book import GLOBAL_BUDGET, Book, BudgetDef
+from nexus_extproc.budget.book import Book, BudgetDef
 from nexus_extproc.budget.periods import Period
 from nexus_extproc.budget.policy import (
+    REJECT_EXHAUSTED,
     Action,
     BudgetView,
     Decision,
@@ -46,8 +47,8 @@ class BudgetStoreDown(Exception):
 class Rejection:
     """Why a request is refused, as a value: the request layer renders it in the client's API shape."""
 
-    reason: str
-    budget: str | None
+    code: str  # policy.REJECT_*
+    budget: str | None  # the deciding budget's name
     reset_in_s: int
 
 
@@ -202,6 +203,4 @@ class Admitter:
 
     @staticmethod
     def rejection(adm: Admission) -> Rejection:
-        name = f"budget '{adm.budget}'" if adm.budget and adm.budget != GLOBAL_BUDGET else "monthly budget"
-        reason = (adm.decision.reason or "budget exhausted").replace("monthly budget", name)
-        return Rejection(reason, adm.budget, adm.reset_in_s)
+        return Rejection(adm.decision.reason or REJECT_EXHAUSTED, adm.budget, adm.reset_in_s)

@@ -78,7 +78,13 @@ class Decision:
     action: Action
     target: Target | None
     status: BudgetStatus
-    reason: str | None = None  # X-Nexus-Route-Reason, or why a request was rejected
+    # X-Nexus-Route-Reason of a reroute, or the refusal code of a rejection (REJECT_* below): a code, not
+    # prose, so the wording lives once, where the request layer renders the client's error.
+    reason: str | None = None
+
+
+REJECT_CLOUD_BLOCKED = "cloud_blocked"  # block_cloud, and no healthy local equivalent
+REJECT_EXHAUSTED = "budget_exhausted"  # block_all
 
 
 def reservation_cap(action: HardAction, limit_micros: int, amount: int) -> int | None:
@@ -125,10 +131,10 @@ def decide(inp: PolicyInput, *, force_hard: bool = False) -> Decision:
             return Decision(Action.ALLOW, req, shown)
         if eq is not None:
             return Decision(Action.REROUTE, eq, shown, "budget-hard-limit")
-        return Decision(Action.REJECT, None, shown, "cloud backends are blocked: monthly budget exhausted")
+        return Decision(Action.REJECT, None, shown, REJECT_CLOUD_BLOCKED)
     # block_all: only what costs nothing passes.
     if req.estimate_micros == 0:
         return Decision(Action.ALLOW, req, shown)
     if eq is not None and eq.estimate_micros == 0:
         return Decision(Action.REROUTE, eq, shown, "budget-hard-limit")
-    return Decision(Action.REJECT, None, shown, "monthly budget exhausted")
+    return Decision(Action.REJECT, None, shown, REJECT_EXHAUSTED)

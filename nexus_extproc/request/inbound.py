@@ -17,7 +17,7 @@ from nexus_extproc.apis.errors import (
 )
 from nexus_extproc.budget.policy import Action
 from nexus_extproc.budget.scopes import RequestFacts, api_key_of, hash_api_key
-from nexus_extproc.budget.service import BudgetStoreDown
+from nexus_extproc.budget.service import GLOBAL_BUDGET, BudgetStoreDown
 from nexus_extproc.metering.money import usd_float
 from nexus_extproc.ops import metrics
 from nexus_extproc.request import headers as C
@@ -154,7 +154,8 @@ class Inbound(Estimation):
             log.info("request rejected by budget", extra={"status": d.status,
                                                            "model": self.model_label(model, price)})
             rej = self.budget.rejection(adm)
-            return self._error(state, budget_exceeded(rej.reason, rej.reset_in_s), "budget")
+            named = None if rej.budget == GLOBAL_BUDGET else rej.budget
+            return self._error(state, budget_exceeded(rej.code, named, rej.reset_in_s), "budget")
 
         assert d.target is not None
         rerouted = d.action is Action.REROUTE

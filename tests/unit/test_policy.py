@@ -2,7 +2,17 @@ from decimal import Decimal
 
 import pytest
 
-from nexus_extproc.budget.policy import Action, BudgetView, PolicyInput, Target, decide, reservation_cap, strictest
+from nexus_extproc.budget.policy import (
+    REJECT_CLOUD_BLOCKED,
+    REJECT_EXHAUSTED,
+    Action,
+    BudgetView,
+    PolicyInput,
+    Target,
+    decide,
+    reservation_cap,
+    strictest,
+)
 
 CLOUD = Target("openai", "cloud", "gpt-4o-mini", 1_000)
 LOCAL_FREE = Target("ollama", "local", "llama3.1:8b", 0)
@@ -39,6 +49,18 @@ def test_policy_table(pct, action, eq, want, backend, status, reason):
     assert (d.target.backend if d.target else None) == backend
     if want is not Action.REJECT:
         assert d.reason == reason
+    else:
+        assert d.reason == (REJECT_CLOUD_BLOCKED if action == "block_cloud" else REJECT_EXHAUSTED)
+
+
+def test_a_refusal_is_worded_once_where_it_is_rendered():
+    from nexus_extproc.apis.errors import budget_exceeded, render_error
+
+    e = budget_exceeded(REJECT_CLOUD_BLOCKED, "team-ml", 30)
+    assert (e.status, e.message, e.headers) == (503, "cloud backends are blocked: budget 'team-ml' exhausted",
+                                                {"retry-after": "30"})
+    assert budget_exceeded(REJECT_EXHAUSTED, None, 0).message == "monthly budget exhausted"
+    assert b'"type":"error"' in render_error("anthropic", e)
 
 
 def test_no_budget_always_allows_without_reservation_cap():
