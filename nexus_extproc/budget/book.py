@@ -168,8 +168,10 @@ class Book:
             await self.ledger.set_meta(meta, period.key)
             if previous is not None and previous != period.key:
                 metrics.budget_events.labels(_ROLLOVER_EVENT[d.period_kind]).inc()
-                log.info("budget period rolled over", extra={"budget": d.name, "from_period": previous,
-                                                             "to_period": period.key})
+                # The seed's words ("Budget month rollover, resetting spending"), which operators grep for.
+                unit = {"monthly": "month", "weekly": "week", "daily": "day"}.get(d.period_kind, d.period_kind)
+                log.info(f"Budget {unit} rollover, resetting spending",
+                         extra={"budget": d.name, "from_period": previous, "to_period": period.key})
         self._seen_periods[d.name] = period.key
 
     async def state(self, d: BudgetDef) -> BudgetState:
@@ -197,8 +199,11 @@ class Book:
         for d, v in zip(matched, views, strict=True):
             status = v.status()
             if status != self.last_status.get(d.name):
-                log.info("budget status changed", extra={"budget": d.name, "from_status": self.last_status.get(
-                    d.name), "to_status": status})
+                # Reaching the hard limit under `warn` lets every request through: that is worth a warning.
+                level = logging.WARNING if status == "HardLimit" else logging.INFO
+                log.log(level, "budget status changed", extra={
+                    "budget": d.name, "from_status": self.last_status.get(d.name), "to_status": status,
+                    "hard_limit_action": d.settings.hard_limit_action})
                 metrics.budget_events.labels(f"status_{status.lower()}").inc()
                 self.last_status[d.name] = status
                 if status == "Normal":

@@ -132,9 +132,6 @@ def decide(inp: PolicyInput, *, force_hard: bool = False) -> Decision:
         if eq is not None:
             return Decision(Action.REROUTE, eq, shown, "budget-hard-limit")
         return Decision(Action.REJECT, None, shown, REJECT_CLOUD_BLOCKED)
-    # block_all: only what costs nothing passes.
-    if req.estimate_micros == 0:
-        return Decision(Action.ALLOW, req, shown)
-    if eq is not None and eq.estimate_micros == 0:
-        return Decision(Action.REROUTE, eq, shown, "budget-hard-limit")
+    # block_all: every request, local models included (seed quickstart: "Block all agents → requests fail
+    # with 503").
     return Decision(Action.REJECT, None, shown, REJECT_EXHAUSTED)

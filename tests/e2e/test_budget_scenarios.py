@@ -127,9 +127,10 @@ def test_hard_limit_block_all_and_warn(e2e: E2E, store):
     with pytest.raises(openai.APIStatusError) as e:
         e2e.openai().chat.completions.create(model="gpt-4o-mini", messages=MSGS, max_tokens=3)
     assert e.value.status_code == 503
-    # A local model priced at 0 still passes block_all.
-    ok = e2e.openai().chat.completions.create(model="llama3.1:8b", messages=MSGS, max_tokens=3)
-    assert ok.choices
+    # block_all blocks every request, a local model priced at 0 included (seed quickstart).
+    with pytest.raises(openai.APIStatusError) as e:
+        e2e.openai().chat.completions.create(model="llama3.1:8b", messages=MSGS, max_tokens=3)
+    assert e.value.status_code == 503 and e.value.response.headers["x-nexus-backend-type"] == "local"
     e2e.restart(budget={"monthly_limit_usd": 100, "hard_limit_action": "warn"}, store=store, equivalents={})
     raw = e2e.openai().chat.completions.with_raw_response.create(model="gpt-4o", messages=MSGS, max_tokens=3)
     assert raw.http_response.status_code == 200 and raw.headers["x-nexus-budget-status"] == "HardLimit"

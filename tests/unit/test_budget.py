@@ -55,7 +55,7 @@ async def test_rollover_starts_at_zero_keeps_history_and_fires_once(tmp_path, ca
         vb = await b.book.current_view()
     assert va.settled_micros == 0 and vb.settled_micros == 0
     assert rollovers() == before + 1
-    assert sum("rolled over" in r.message for r in caplog.records) == 1
+    assert sum(r.getMessage() == "Budget month rollover, resetting spending" for r in caplog.records) == 1
     assert (await a.ledger.totals("global", "2026-11")).settled == 500_000  # history kept
 
 
@@ -120,3 +120,16 @@ async def test_three_replicas_on_a_redis_cluster_never_overshoot_five_budgets(re
     assert sum(r.decision.action is Action.ALLOW for r in results) == 50
     for s in services:
         await s.ledger.close()
+
+
+async def test_warn_at_the_hard_limit_allows_and_logs_a_warning(tmp_path, caplog):
+    cfg = make_config(budget={"monthly_limit_usd": 1, "hard_limit_action": "warn"},
+                      store={"kind": "sqlite", "path": str(tmp_path / "l.db")})
+    svc = BudgetService(cfg, open_ledger("sqlite", path=str(tmp_path / "l.db")))
+    adm = await svc.admit("r1", CLOUD, None)
+    await svc.settle("r1", adm, 1_500_000, SpendRecord(0, "gpt-4o", "openai", 1, 1, 20_000, "usage"))
+    with caplog.at_level(logging.INFO, logger="nexus_extproc.budget"):
+        adm = await svc.admit("r2", CLOUD, None)
+    assert adm.decision.action is Action.ALLOW and adm.decision.status == "HardLimit"
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and r.getMessage() == "budget status changed"]
+    assert [(r.to_status, r.hard_limit_action) for r in warned] == [("HardLimit", "warn")]  # type: ignore[attr-defined]

@@ -36,7 +36,7 @@ TABLE = [
     (100, "warn", LOCAL_FREE, Action.REROUTE, "ollama", "HardLimit", "budget-soft-limit"),
     (100, "block_cloud", LOCAL_FREE, Action.REROUTE, "ollama", "HardLimit", "budget-hard-limit"),
     (100, "block_cloud", None, Action.REJECT, None, "HardLimit", None),
-    (120, "block_all", LOCAL_FREE, Action.REROUTE, "ollama", "HardLimit", "budget-hard-limit"),
+    (120, "block_all", LOCAL_FREE, Action.REJECT, None, "HardLimit", None),
     (120, "block_all", LOCAL_PAID, Action.REJECT, None, "HardLimit", None),
     (120, "block_all", None, Action.REJECT, None, "HardLimit", None),
 ]
@@ -51,6 +51,38 @@ def test_policy_table(pct, action, eq, want, backend, status, reason):
         assert d.reason == reason
     else:
         assert d.reason == (REJECT_CLOUD_BLOCKED if action == "block_cloud" else REJECT_EXHAUSTED)
+
+
+LOCAL_REQ = Target("ollama", "local", "llama3.1:8b", 0)
+# The seed's actions over every kind of request and status, written out row by row:
+# (action, status %, request kind) -> (action, backend, reason). A kind is a requested target and its equivalent.
+KINDS = {"cloud+eq": (CLOUD, LOCAL_FREE), "cloud": (CLOUD, None), "local": (LOCAL_REQ, None)}
+ACTIONS = ("warn", "block_cloud", "block_all")
+SEED = {
+    **{(a, 10, k): (Action.ALLOW, "ollama" if k == "local" else "openai", None)
+       for a in ACTIONS for k in KINDS},
+    **{(a, 85, "cloud+eq"): (Action.REROUTE, "ollama", "budget-soft-limit") for a in ACTIONS},
+    **{(a, 85, "cloud"): (Action.ALLOW, "openai", None) for a in ACTIONS},
+    **{(a, 85, "local"): (Action.ALLOW, "ollama", None) for a in ACTIONS},
+    ("warn", 100, "cloud+eq"): (Action.REROUTE, "ollama", "budget-soft-limit"),  # soft-limit reroutes still apply
+    ("warn", 100, "cloud"): (Action.ALLOW, "openai", None),
+    ("warn", 100, "local"): (Action.ALLOW, "ollama", None),
+    ("block_cloud", 100, "cloud+eq"): (Action.REROUTE, "ollama", "budget-hard-limit"),
+    ("block_cloud", 100, "cloud"): (Action.REJECT, None, REJECT_CLOUD_BLOCKED),
+    ("block_cloud", 100, "local"): (Action.ALLOW, "ollama", None),
+    ("block_all", 100, "cloud+eq"): (Action.REJECT, None, REJECT_EXHAUSTED),
+    ("block_all", 100, "cloud"): (Action.REJECT, None, REJECT_EXHAUSTED),
+    ("block_all", 100, "local"): (Action.REJECT, None, REJECT_EXHAUSTED),
+}
+
+
+@pytest.mark.parametrize(("action", "pct", "kind"), sorted(SEED))
+def test_actions_as_the_seed_says(action, pct, kind):
+    requested, eq = KINDS[kind]
+    d = decide(PolicyInput(requested, eq, view(pct, action)))
+    want, backend, reason = SEED[(action, pct, kind)]
+    assert (d.action, d.target.backend if d.target else None, d.reason) == (want, backend, reason)
+    assert d.status == {10: "Normal", 85: "SoftLimit", 100: "HardLimit"}[pct]
 
 
 def test_a_refusal_is_worded_once_where_it_is_rendered():
@@ -75,12 +107,6 @@ def test_request_that_would_cross_limit_is_treated_as_hard_under_blocking_action
     assert decide(PolicyInput(CLOUD, None, v)).action is Action.ALLOW
 
 
-def test_local_request_passes_block_cloud_and_free_local_passes_block_all():
-    local_req = Target("ollama", "local", "llama3.1:8b", 0)
-    assert decide(PolicyInput(local_req, None, view(150, "block_cloud"))).action is Action.ALLOW
-    assert decide(PolicyInput(local_req, None, view(150, "block_all"))).action is Action.ALLOW
-
-
 def test_blocking_actions_cap_the_reservation_and_force_hard_rejects():
     assert reservation_cap("block_all", 1_000_000, 5) == 1_000_000
     assert reservation_cap("block_cloud", 1_000_000, 5) == 1_000_000
@@ -96,7 +122,7 @@ def test_strictest_budget_decides():
     decisions = [decide(PolicyInput(CLOUD, LOCAL_FREE, v)) for v in views]
     assert [d.action for d in decisions] == [Action.ALLOW, Action.REROUTE, Action.REROUTE]
     assert strictest(decisions, views) == 2  # same action and status: the most utilised
-    views[0] = view(10, "block_all")  # the least utilised, but its capped reservation lost the race
+    views[0] = view(10, "block_cloud")  # the least utilised, but its capped reservation lost the race
     decisions[0] = decide(PolicyInput(CLOUD, LOCAL_FREE, views[0]), force_hard=True)
     assert decisions[0].action is Action.REROUTE and decisions[0].status == "HardLimit"
     assert strictest(decisions, views) == 0
