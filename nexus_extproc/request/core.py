@@ -80,9 +80,16 @@ class Core:
     def _error(self, state: RequestState, err: NexusError, reason: str) -> Reply:
         if err.status < 500:
             metrics.bad_requests.labels(reason).inc()
-        headers = [("content-type", "application/json"), *err.headers.items()]
+        # The filter's own answers carry the same X-Nexus-* headers as a forwarded one, as far as the request got:
+        # no estimate or tier for a body that could not be parsed, no budget status before admission.
+        headers = [("content-type", "application/json"), *err.headers.items(), (C.H_REQUEST_ID, state.req_id)]
         if state.route is not None:
             headers.append((C.H_BACKEND_TYPE, state.route.backend_type))
+        if state.counted:
+            headers.append((C.H_TOKEN_TIER, state.tier))
+        if state.estimated:
+            headers.append((C.H_COST_ESTIMATED, format_usd(state.estimate)))
+        headers.extend(self._budget_headers(state))
         return Reply(immediate=Immediate(err.status, render_error(state.family, err), headers,
                                          f"nexus_{err.code}"))
 

@@ -118,7 +118,7 @@ class Inbound(Estimation):
         state.parsed = parsed
         state.route = route
         prompt_tokens, tier = await self._count(model, parsed)
-        state.prompt_tokens, state.tier = prompt_tokens, tier
+        state.prompt_tokens, state.tier, state.counted = prompt_tokens, tier, True
         expected = self._expected_output(model, parsed, tr)
         state.expected_output = expected
         price = self.prices.resolve(route.price_provider, model)
@@ -126,6 +126,8 @@ class Inbound(Estimation):
                                       prompt_tokens, parsed.shape.server_tools)
         state.prompt_estimate, state.tool_calls = adj.prompt_tokens, adj.tool_calls
         requested, price = self._target(route, model, adj.prompt_tokens, expected, adj.tool_calls)
+        if price.source != "unpriced":  # what a refusal shows: the estimate of what was asked
+            state.estimate, state.estimated = requested.estimate_micros, True
         if price.source == "unpriced" or price.source == "fallback":
             metrics.unpriced_requests.inc()
             if price.source == "unpriced":

@@ -58,6 +58,8 @@ class RequestState:
     asked_price: ResolvedPrice | None = None  # the cloud model's price when the request was rerouted
     priced_model: str | None = None  # the model settled at: the one that answered, when the database knows it
     tier: str = "heuristic"
+    counted: bool = False  # the prompt was counted: `tier` means something
+    estimated: bool = False  # `estimate` was computed (a refusal may come before or after)
     prompt_tokens: int = 0  # our count, as counted (calibration learns against this)
     prompt_estimate: int = 0  # what is reserved for: the count after calibration
     tool_calls: int = 0  # server-side tool calls (web search, ...) reserved for

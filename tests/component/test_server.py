@@ -149,6 +149,23 @@ async def test_hard_limit_block_all_is_503_with_retry_after(served):
     assert h["retry-after"] == "3600" and h["content-type"] == "application/json"
     assert json.loads(im.body) == {"type": "error", "error": {"type": "budget_exceeded",
                                                                "message": "monthly budget exhausted"}}
+    # The filter's own 503 carries the headers a forwarded answer would (README "Response headers").
+    assert h["x-nexus-budget-status"] == "HardLimit" and h["x-nexus-budget-name"] == "global"
+    assert h["x-nexus-budget-remaining"] == "0.00" and h["x-nexus-budget-utilization"] == "100.00"
+    assert float(h["x-nexus-cost-estimated"]) > 0 and h["x-nexus-token-tier"] == "approximation"
+    assert h["x-nexus-backend-type"] == "cloud" and len(h["x-nexus-request-id"]) == 32
+
+
+async def test_a_refused_body_gets_the_headers_that_apply(served):
+    """A 400 for a body that could not be parsed: a request id, nothing that needs an estimate."""
+    _, _, ch = await served(budget={"monthly_limit_usd": 1})
+    s = Stream(ch)
+    await s.send(req_headers())
+    r = await s.send(body_msg(b'{"model": "gpt-4o", "messages": '))
+    im = r.immediate_response
+    h = set_headers(im.headers)
+    assert im.status.code == 400 and len(h["x-nexus-request-id"]) == 32
+    assert not {"x-nexus-cost-estimated", "x-nexus-token-tier", "x-nexus-budget-status"} & set(h)
 
 
 async def test_cancelled_stream_still_settles_once(served):
