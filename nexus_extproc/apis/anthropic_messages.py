@@ -12,6 +12,7 @@ from nexus_extproc.apis.base import (
     Translator,
     has_images,
     model_of,
+    openai_signs,
     opt_int,
     shape_kind,
     stream_flag,
@@ -30,6 +31,11 @@ class AnthropicMessages(Translator):
 
     def parse(self, doc: dict[str, Any]) -> ParsedRequest:
         model = model_of(doc)
+        wrong_api = openai_signs(doc)
+        if wrong_api is not None:
+            raise bad_request(wrong_api)
+        if "max_tokens" not in doc:  # the real API refuses it too: "max_tokens: Field required"
+            raise bad_request("max_tokens: Field required")
         messages = doc.get("messages")
         if not isinstance(messages, list) or not messages:
             raise bad_request("'messages' must be a non-empty array")

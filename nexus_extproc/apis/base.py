@@ -41,6 +41,57 @@ class StreamEventInfo:
     final: bool = False
 
 
+def _block_types(doc: dict[str, Any]) -> set[str]:
+    """The `type` of every content block in every message (both APIs put parts in `content` arrays)."""
+    out: set[str] = set()
+    messages = doc.get("messages")
+    for m in messages if isinstance(messages, list) else ():
+        content = m.get("content") if isinstance(m, dict) else None
+        for part in content if isinstance(content, list) else ():
+            if isinstance(part, dict) and isinstance(part.get("type"), str):
+                out.add(part["type"])
+    return out
+
+
+def _tool_keys(doc: dict[str, Any]) -> set[str]:
+    tools = doc.get("tools")
+    return {k for t in tools if isinstance(t, dict) for k in t} if isinstance(tools, list) else set()
+
+
+def anthropic_signs(doc: dict[str, Any]) -> str | None:
+    """What marks a body as Anthropic Messages, never valid in OpenAI chat (whose API refuses each of them):
+    sent to the wrong path it would be forwarded at a fallback price and fail upstream."""
+    if "system" in doc:
+        return "'system' is a top-level field of Anthropic's Messages API (/v1/messages)"
+    if "stop_sequences" in doc:
+        return "'stop_sequences' belongs to Anthropic's Messages API (/v1/messages)"
+    if "input_schema" in _tool_keys(doc):
+        return "tools with 'input_schema' belong to Anthropic's Messages API (/v1/messages)"
+    foreign = _block_types(doc) & {"tool_use", "tool_result", "document", "thinking", "redacted_thinking"}
+    if foreign:
+        return f"content blocks of type {sorted(foreign)[0]!r} belong to Anthropic's Messages API (/v1/messages)"
+    return None
+
+
+def openai_signs(doc: dict[str, Any]) -> str | None:
+    """What marks a body as OpenAI chat, never valid in Anthropic Messages (whose API refuses each of them)."""
+    messages = doc.get("messages")
+    roles = {m.get("role") for m in messages if isinstance(m, dict)} if isinstance(messages, list) else set()
+    # Not "system": Anthropic answers 200 to a system-role message (a recorded exchange does it).
+    wrong = sorted(r for r in roles & {"tool", "function"} if isinstance(r, str))
+    if wrong:
+        return f"a message with role {wrong[0]!r} belongs to OpenAI's chat API (/v1/chat/completions)"
+    for key in ("max_completion_tokens", "response_format", "stream_options", "functions", "n", "logprobs"):
+        if key in doc:
+            return f"{key!r} belongs to OpenAI's chat API (/v1/chat/completions)"
+    if "function" in _tool_keys(doc):
+        return "tools with 'function' belong to OpenAI's chat API (/v1/chat/completions)"
+    foreign = _block_types(doc) & {"image_url", "input_audio", "file"}
+    if foreign:
+        return f"content parts of type {sorted(foreign)[0]!r} belong to OpenAI's chat API (/v1/chat/completions)"
+    return None
+
+
 class Translator:
     api: ClassVar[str]
     family: ClassVar[ApiFamily]

@@ -10,6 +10,7 @@ from nexus_extproc.apis.base import (
     ParsedRequest,
     StreamEventInfo,
     Translator,
+    anthropic_signs,
     has_images,
     model_of,
     openai_tools,
@@ -33,6 +34,9 @@ class OpenAIChat(Translator):
 
     def parse(self, doc: dict[str, Any]) -> ParsedRequest:
         model = model_of(doc)
+        wrong_api = anthropic_signs(doc)
+        if wrong_api is not None:
+            raise bad_request(wrong_api)
         messages = doc.get("messages")
         if not isinstance(messages, list) or not messages:
             raise bad_request("'messages' must be a non-empty array")

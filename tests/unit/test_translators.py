@@ -128,3 +128,45 @@ def test_the_error_family_comes_from_the_profiles_even_on_paths_they_do_not_serv
     assert family_for_path("/v1/messages/batches") == "anthropic"
     assert family_for_path("/v1/chat/completions/abc") == "openai"
     assert family_for_path("/v1/models") == "openai"
+
+
+ANTHROPIC_BODIES = [
+    {"model": "claude-sonnet-4-5", "max_tokens": 10, "system": "be brief",
+     "messages": [{"role": "user", "content": "x"}]},
+    {"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}],
+     "tools": [{"name": "f", "description": "d", "input_schema": {"type": "object"}}]},
+    {"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]},
+]
+OPENAI_BODIES = [
+    {"model": "gpt-4o", "max_tokens": 10, "messages": [{"role": "user", "content": "x"},
+                                                       {"role": "tool", "tool_call_id": "t", "content": "y"}]},
+    {"model": "gpt-4o", "max_completion_tokens": 10, "messages": [{"role": "user", "content": "x"}]},
+    {"model": "gpt-4o", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}],
+     "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+    {"model": "gpt-4o", "max_tokens": 10, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]},
+]
+
+
+@pytest.mark.parametrize("doc", ANTHROPIC_BODIES)
+def test_an_anthropic_body_on_the_chat_path_is_refused_naming_its_path(doc):
+    with pytest.raises(NexusError) as e:
+        CHAT.parse(doc)
+    assert e.value.status == 400 and "/v1/messages" in e.value.message
+    assert ANTH.parse(doc).model == "claude-sonnet-4-5"  # and it is fine where it belongs
+
+
+@pytest.mark.parametrize("doc", OPENAI_BODIES)
+def test_an_openai_body_on_the_messages_path_is_refused_naming_its_path(doc):
+    with pytest.raises(NexusError) as e:
+        ANTH.parse({**doc, "max_tokens": 10})
+    assert e.value.status == 400 and "/v1/chat/completions" in e.value.message
+    assert CHAT.parse(doc).model == "gpt-4o"
+
+
+def test_an_anthropic_request_needs_max_tokens_as_the_real_api_says():
+    with pytest.raises(NexusError) as e:
+        ANTH.parse({"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "x"}]})
+    assert e.value.status == 400 and e.value.message == "max_tokens: Field required"
