@@ -67,10 +67,12 @@ class Reconciler:
         last = 0.0
         while True:
             if time.monotonic() - last >= interval:
-                await self.reconcile_once()
+                with metrics.reconciler_duration.labels("BudgetReconciler").time():
+                    await self.reconcile_once()
                 last = time.monotonic()
             try:
-                await self.book.load_settings()
+                with metrics.reconciler_duration.labels("SettingsReloader").time():
+                    await self.book.load_settings()
             except StoreUnavailable:
                 metrics.store_failures.labels("settings").inc()
             except Exception:

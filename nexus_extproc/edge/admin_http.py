@@ -21,6 +21,7 @@ from nexus_extproc.ledger import StoreUnavailable
 from nexus_extproc.metering.money import usd_float
 from nexus_extproc.request.calibration import Calibrator
 
+LABELS = ["budget", "billing_month"]
 _ACTION_NAMES = {"warn": "Warn", "block_cloud": "BlockCloud", "block_all": "BlockAll"}
 
 
@@ -67,7 +68,9 @@ async def stats_doc(budget: BudgetAdmin, calibration: Calibrator | None = None) 
 
 
 class BudgetCollector:
-    """Budget gauges per budget, from the shared ledger's totals as last read, so every worker agrees."""
+    """Budget gauges per budget, from the shared ledger's totals as last read, so every worker agrees. Each
+    carries the seed's `billing_month`: the budget's current period key (`2026-12`, or the day or week key
+    for daily and weekly budgets), so a past period's series ends when its period does."""
 
     def __init__(self, budget: BudgetAdmin) -> None:
         self.budget = budget
@@ -77,19 +80,19 @@ class BudgetCollector:
             return
         fams = {
             "spending": GaugeMetricFamily("nexus_budget_spending_usd", "Settled spend this period (USD)",
-                                          labels=["budget"]),
+                                          labels=LABELS),
             "reserved": GaugeMetricFamily("nexus_budget_reserved_usd", "Reserved, not yet settled (USD)",
-                                          labels=["budget"]),
-            "limit": GaugeMetricFamily("nexus_budget_limit_usd", "Budget limit (USD)", labels=["budget"]),
+                                          labels=LABELS),
+            "limit": GaugeMetricFamily("nexus_budget_limit_usd", "Budget limit (USD)", labels=LABELS),
             "util": GaugeMetricFamily("nexus_budget_utilization_percent", "(settled + reserved) / limit × 100",
-                                      labels=["budget"]),
+                                      labels=LABELS),
             "status": GaugeMetricFamily("nexus_budget_status", "0 Normal, 1 SoftLimit, 2 HardLimit",
-                                        labels=["budget"]),
+                                        labels=LABELS),
             "forecast": GaugeMetricFamily("nexus_budget_forecast_usd", "Projected spend at period end (USD)",
-                                          labels=["budget"]),
+                                          labels=LABELS),
             "exhaustion": GaugeMetricFamily("nexus_budget_exhaustion_seconds",
                                             "Projected seconds until the limit is reached (+Inf: not this period)",
-                                            labels=["budget"]),
+                                            labels=LABELS),
         }
         now = self.budget.now()
         for d in self.budget.defs:
@@ -97,13 +100,14 @@ class BudgetCollector:
             p = d.period(now)
             fc = forecast(view.settled_micros, view.limit_micros, p.start.timestamp(), p.end.timestamp(),
                           now.timestamp())
-            fams["spending"].add_metric([d.name], usd_float(view.settled_micros))
-            fams["reserved"].add_metric([d.name], usd_float(view.reserved_micros))
-            fams["limit"].add_metric([d.name], usd_float(view.limit_micros))
-            fams["util"].add_metric([d.name], float(view.utilization()))
-            fams["status"].add_metric([d.name], STATUS_CODE[view.status()])
-            fams["forecast"].add_metric([d.name], usd_float(fc.projected_micros))
-            fams["exhaustion"].add_metric([d.name], math.inf if fc.exhaustion_in_s is None else fc.exhaustion_in_s)
+            labels = [d.name, p.key]
+            fams["spending"].add_metric(labels, usd_float(view.settled_micros))
+            fams["reserved"].add_metric(labels, usd_float(view.reserved_micros))
+            fams["limit"].add_metric(labels, usd_float(view.limit_micros))
+            fams["util"].add_metric(labels, float(view.utilization()))
+            fams["status"].add_metric(labels, STATUS_CODE[view.status()])
+            fams["forecast"].add_metric(labels, usd_float(fc.projected_micros))
+            fams["exhaustion"].add_metric(labels, math.inf if fc.exhaustion_in_s is None else fc.exhaustion_in_s)
         yield from fams.values()
 
 

@@ -8,6 +8,7 @@ import logging
 import aiohttp
 
 from nexus_extproc.config import NexusConfig
+from nexus_extproc.ops import metrics
 from nexus_extproc.ops.health import local_unhealthy
 from nexus_extproc.request.router import Router
 
@@ -21,8 +22,9 @@ async def poll_envoy_health(config: NexusConfig, router: Router) -> None:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
         while True:
             try:
-                async with session.get(f"{url.rstrip('/')}/clusters?format=json") as r:
-                    doc = await r.json(content_type=None)
+                with metrics.reconciler_duration.labels("EnvoyHealthPoller").time():
+                    async with session.get(f"{url.rstrip('/')}/clusters?format=json") as r:
+                        doc = await r.json(content_type=None)
                 down = local_unhealthy(config, doc)
                 if down != router.unhealthy:
                     log.info("local backend health changed", extra={"unhealthy": ",".join(sorted(down)) or "-"})

@@ -42,6 +42,12 @@ settlements_pending = Gauge("nexus_settlements_pending", "Settlements held in me
                             "outbox took them yet (retried every pass)", multiprocess_mode="livesum")
 unmetered = Counter("nexus_unmetered_requests_total",
                     "Requests forwarded with store_failure=open while neither the store nor the outbox works")
+# One pass of each background loop, by the seed's loop names (its PromQL asks for reconciler="BudgetReconciler").
+reconciler_duration = Histogram("nexus_reconciler_duration_seconds", "Duration of one pass of a background loop",
+                                ["reconciler"], buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+RECONCILERS = ("BudgetReconciler", "SettingsReloader", "CalibrationSync", "EnvoyHealthPoller")
+for _name in RECONCILERS:
+    reconciler_duration.labels(_name)
 reconciler_errors = Counter("nexus_reconciler_errors_total", "Reconciler steps that failed (the loop goes on)",
                             ["step"])
 wal_checkpoints = Counter("nexus_wal_checkpoints_total", "SQLite WAL truncations (size bound or full disk)")

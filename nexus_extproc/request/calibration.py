@@ -160,7 +160,8 @@ class Calibrator:
     async def run(self, ledger: Ledger | None) -> None:
         while True:
             try:
-                await self.sync(ledger)
+                with metrics.reconciler_duration.labels("CalibrationSync").time():
+                    await self.sync(ledger)
             except Exception:  # never let a store hiccup end the loop for the life of the process
                 log.exception("calibration sync failed")
             await asyncio.sleep(self.flush_secs)

@@ -20,9 +20,12 @@ from tests.e2e.conftest import E2E
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC_METRICS = {
-    "nexus_budget_spending_usd": {"budget"}, "nexus_budget_limit_usd": {"budget"},
-    "nexus_budget_utilization_percent": {"budget"}, "nexus_budget_status": {"budget"},
-    "nexus_budget_forecast_usd": {"budget"}, "nexus_budget_exhaustion_seconds": {"budget"},
+    "nexus_budget_spending_usd": {"budget", "billing_month"}, "nexus_budget_limit_usd": {"budget", "billing_month"},
+    "nexus_budget_utilization_percent": {"budget", "billing_month"},
+    "nexus_budget_status": {"budget", "billing_month"},
+    "nexus_budget_forecast_usd": {"budget", "billing_month"},
+    "nexus_budget_exhaustion_seconds": {"budget", "billing_month"},
+    "nexus_reconciler_duration_seconds": {"reconciler"},
     "nexus_cost_per_request_usd": {"model", "backend_type"},
     "nexus_token_count_duration_seconds": set(), "nexus_token_count_tier_total": {"tier", "model"},
     "nexus_budget_events_total": {"event_type"}, "nexus_requests_total": {"decision"},
