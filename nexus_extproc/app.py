@@ -35,6 +35,7 @@ from nexus_extproc.edge.envoy_admin import poll_envoy_health
 from nexus_extproc.edge.extproc import ExternalProcessor
 from nexus_extproc.edge.webhook import post_json
 from nexus_extproc.ledger import Ledger, StoreUnavailable, open_ledger
+from nexus_extproc.metering.money import format_usd
 from nexus_extproc.metering.pricing import PriceBook
 from nexus_extproc.metering.tokenizers import TokenCounter
 from nexus_extproc.ops import metrics
@@ -120,6 +121,10 @@ async def serve_single(config: NexusConfig, worker_index: int | None = None) -> 
     with contextlib.suppress(StoreUnavailable):
         await comps.budget.load_settings()
     if worker_index is None:
+        for d in comps.budget.defs:  # where each budget's limit and action come from (a runtime one also warns)
+            log.info("budget", extra={"budget": d.name, "limit_usd": format_usd(d.settings.limit_micros, 2),
+                                      "hard_limit_action": d.settings.hard_limit_action,
+                                      **BudgetAdmin.provenance(d)})
         runner = await start_admin(comps.budget.admin, config.server.admin_host, config.server.admin_port, is_ready,
                                    comps.processor.calibration)
         admin_api, _ = await start_admin_api(comps.budget.admin, config.admin_api.host, config.admin_api.port,

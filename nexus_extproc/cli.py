@@ -153,6 +153,6 @@ def main(argv: list[str] | None = None) -> int:
         print("nexus-extproc: the demo runs from a clone of the repository: `make up` (python -m nexus_dev)",
               file=sys.stderr)
         return 2
-    if args.cmd in ("status", "set-limit", "override", "spend"):
+    if args.cmd in ("status", "set-limit", "reset-limit", "override", "spend"):
         return run_admin(args)
     return _serve(args)

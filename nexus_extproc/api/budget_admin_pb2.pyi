@@ -23,6 +23,12 @@ class HardLimitAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HARD_LIMIT_ACTION_WARN: _ClassVar[HardLimitAction]
     HARD_LIMIT_ACTION_BLOCK_CLOUD: _ClassVar[HardLimitAction]
     HARD_LIMIT_ACTION_BLOCK_ALL: _ClassVar[HardLimitAction]
+
+class SettingsSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SETTINGS_SOURCE_UNSPECIFIED: _ClassVar[SettingsSource]
+    SETTINGS_SOURCE_CONFIG: _ClassVar[SettingsSource]
+    SETTINGS_SOURCE_RUNTIME: _ClassVar[SettingsSource]
 STATUS_UNSPECIFIED: Status
 STATUS_NORMAL: Status
 STATUS_SOFT_LIMIT: Status
@@ -31,9 +37,12 @@ HARD_LIMIT_ACTION_UNSPECIFIED: HardLimitAction
 HARD_LIMIT_ACTION_WARN: HardLimitAction
 HARD_LIMIT_ACTION_BLOCK_CLOUD: HardLimitAction
 HARD_LIMIT_ACTION_BLOCK_ALL: HardLimitAction
+SETTINGS_SOURCE_UNSPECIFIED: SettingsSource
+SETTINGS_SOURCE_CONFIG: SettingsSource
+SETTINGS_SOURCE_RUNTIME: SettingsSource
 
 class BudgetStatus(_message.Message):
-    __slots__ = ("name", "period", "limit_micros", "base_limit_micros", "settled_micros", "reserved_micros", "utilization_percent", "status", "soft_limit_percent", "hard_limit_action", "override_until", "next_reset")
+    __slots__ = ("name", "period", "limit_micros", "base_limit_micros", "settled_micros", "reserved_micros", "utilization_percent", "status", "soft_limit_percent", "hard_limit_action", "override_until", "next_reset", "source", "set_by", "set_at")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PERIOD_FIELD_NUMBER: _ClassVar[int]
     LIMIT_MICROS_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +55,9 @@ class BudgetStatus(_message.Message):
     HARD_LIMIT_ACTION_FIELD_NUMBER: _ClassVar[int]
     OVERRIDE_UNTIL_FIELD_NUMBER: _ClassVar[int]
     NEXT_RESET_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SET_BY_FIELD_NUMBER: _ClassVar[int]
+    SET_AT_FIELD_NUMBER: _ClassVar[int]
     name: str
     period: str
     limit_micros: int
@@ -58,7 +70,10 @@ class BudgetStatus(_message.Message):
     hard_limit_action: HardLimitAction
     override_until: _timestamp_pb2.Timestamp
     next_reset: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., period: _Optional[str] = ..., limit_micros: _Optional[int] = ..., base_limit_micros: _Optional[int] = ..., settled_micros: _Optional[int] = ..., reserved_micros: _Optional[int] = ..., utilization_percent: _Optional[float] = ..., status: _Optional[_Union[Status, str]] = ..., soft_limit_percent: _Optional[float] = ..., hard_limit_action: _Optional[_Union[HardLimitAction, str]] = ..., override_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_reset: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    source: SettingsSource
+    set_by: str
+    set_at: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., period: _Optional[str] = ..., limit_micros: _Optional[int] = ..., base_limit_micros: _Optional[int] = ..., settled_micros: _Optional[int] = ..., reserved_micros: _Optional[int] = ..., utilization_percent: _Optional[float] = ..., status: _Optional[_Union[Status, str]] = ..., soft_limit_percent: _Optional[float] = ..., hard_limit_action: _Optional[_Union[HardLimitAction, str]] = ..., override_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_reset: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[_Union[SettingsSource, str]] = ..., set_by: _Optional[str] = ..., set_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ("name",)
@@ -87,6 +102,20 @@ class SetLimitRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., limit_micros: _Optional[int] = ..., soft_limit_percent: _Optional[float] = ..., hard_limit_action: _Optional[_Union[HardLimitAction, str]] = ..., actor: _Optional[str] = ...) -> None: ...
 
 class SetLimitResponse(_message.Message):
+    __slots__ = ("budget",)
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    budget: BudgetStatus
+    def __init__(self, budget: _Optional[_Union[BudgetStatus, _Mapping]] = ...) -> None: ...
+
+class ResetLimitRequest(_message.Message):
+    __slots__ = ("name", "actor")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    actor: str
+    def __init__(self, name: _Optional[str] = ..., actor: _Optional[str] = ...) -> None: ...
+
+class ResetLimitResponse(_message.Message):
     __slots__ = ("budget",)
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     budget: BudgetStatus

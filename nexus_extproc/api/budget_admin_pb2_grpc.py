@@ -46,6 +46,11 @@ class BudgetAdminServiceStub:
                 request_serializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.SetLimitRequest.SerializeToString,
                 response_deserializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.SetLimitResponse.FromString,
                 _registered_method=True)
+        self.ResetLimit = channel.unary_unary(
+                '/nexus.budget.v1.BudgetAdminService/ResetLimit',
+                request_serializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.ResetLimitRequest.SerializeToString,
+                response_deserializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.ResetLimitResponse.FromString,
+                _registered_method=True)
         self.SetOverride = channel.unary_unary(
                 '/nexus.budget.v1.BudgetAdminService/SetOverride',
                 request_serializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.SetOverrideRequest.SerializeToString,
@@ -82,6 +87,13 @@ class BudgetAdminServiceServicer:
 
     def SetLimit(self, request, context):
         """SetLimit changes a budget's limit and thresholds; persisted in the store and audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetLimit(self, request, context):
+        """ResetLimit drops a budget's runtime settings (SetLimit, SetOverride): the config file applies again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -127,6 +139,11 @@ def add_BudgetAdminServiceServicer_to_server(servicer, server):
                     servicer.SetLimit,
                     request_deserializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.SetLimitRequest.FromString,
                     response_serializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.SetLimitResponse.SerializeToString,
+            ),
+            'ResetLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetLimit,
+                    request_deserializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.ResetLimitRequest.FromString,
+                    response_serializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.ResetLimitResponse.SerializeToString,
             ),
             'SetOverride': grpc.unary_unary_rpc_method_handler(
                     servicer.SetOverride,
@@ -205,6 +222,33 @@ class BudgetAdminService:
             '/nexus.budget.v1.BudgetAdminService/SetLimit',
             nexus_dot_budget_dot_v1_dot_budget__admin__pb2.SetLimitRequest.SerializeToString,
             nexus_dot_budget_dot_v1_dot_budget__admin__pb2.SetLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.budget.v1.BudgetAdminService/ResetLimit',
+            nexus_dot_budget_dot_v1_dot_budget__admin__pb2.ResetLimitRequest.SerializeToString,
+            nexus_dot_budget_dot_v1_dot_budget__admin__pb2.ResetLimitResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,17 @@ class BudgetAdmin:
     async def update_settings(self, name: str, new: Settings, actor: str) -> Settings:
         return await self._book.update_settings(name, new, actor)
 
+    async def reset_settings(self, name: str, actor: str) -> Settings:
+        return await self._book.reset_settings(name, actor)
+
+    @staticmethod
+    def provenance(d: BudgetDef) -> dict[str, object]:
+        """Where the budget's limit and action come from, for /v1/stats and the admin API."""
+        if d.set_by is None:
+            return {"source": "config"}
+        return {"source": "runtime", "set_by": d.set_by, "set_at": d.set_at,
+                "differs_from_config": Book.differences(d)}
+
     async def spend(self, start_ts: float, end_ts: float, group_by: list[str]) -> list[SpendRow]:
         """Raises ValueError for an unknown grouping."""
         ledger = self._book.ledger

@@ -69,6 +69,9 @@ class BudgetDef:
     base: Settings
     thresholds: list[Decimal]
     settings: Settings = field(init=False)
+    # Where the settings come from: None while the config applies, else who set them at runtime and when.
+    set_by: str | None = field(init=False, default=None)
+    set_at: float | None = field(init=False, default=None)
 
     thresholds_bp: list[int] = field(init=False)  # thresholds in basis points, for integer compares
     _period: Period | None = field(init=False, default=None, repr=False)
@@ -128,7 +131,9 @@ class Book:
                           s.hard_limit_action)
 
     async def load_settings(self) -> None:
-        """Runtime changes made through the admin API (by any process) win over the config file."""
+        """Runtime changes made through the admin API (by any process) win over the config file until
+        `reset-limit` drops them. A runtime setting that differs from the config is logged as a warning once
+        per change, so a config edit that seems to do nothing explains itself."""
         if self.ledger is None:
             return
         for d in self.defs:
@@ -139,9 +144,37 @@ class Book:
                     cast(HardAction, doc["hard_limit_action"]),
                     None if doc.get("override_limit_micros") is None else int(cast(Any, doc["override_limit_micros"])),
                     None if doc.get("override_until") is None else float(cast(Any, doc["override_until"])))
-                if new != d.settings:
-                    d.settings = new
-                    self.settings_gen += 1
+                set_by = str(doc.get("set_by") or "unknown")
+                set_at = None if doc.get("set_at") is None else float(cast(Any, doc["set_at"]))
+            else:
+                new, set_by, set_at = d.base, None, None
+            if new != d.settings or set_by != d.set_by:
+                d.settings, d.set_by, d.set_at = new, set_by, set_at
+                self.settings_gen += 1
+                if set_by is not None and new != d.base:
+                    log.warning("a runtime setting overrides the config for this budget (nexus-extproc reset-limit "
+                                "drops it)", extra={"budget": d.name, "set_by": set_by, **self.differences(d)})
+
+    @staticmethod
+    def differences(d: BudgetDef) -> dict[str, str]:
+        """config value -> runtime value, per field that differs."""
+        base, cur = d.base.to_doc(), d.settings.to_doc()
+        return {k: f"{base[k]} -> {cur[k]}" for k in cur if cur[k] != base[k]}
+
+    async def reset_settings(self, name: str, actor: str) -> Settings:
+        """Drop the runtime setting: the config file applies again, on every replica at its next reload."""
+        assert self.ledger is not None
+        await self.load_settings()
+        d = self.by_name[name]
+        now = time.time()
+        audit = [AuditRecord(now, actor, name, k, str(v), str(d.base.to_doc()[k]))
+                 for k, v in d.settings.to_doc().items() if d.base.to_doc()[k] != v]
+        audit.append(AuditRecord(now, actor, name, "source", "runtime" if d.set_by else "config", "config"))
+        await self.ledger.put_settings(name, None, audit)
+        d.settings, d.set_by, d.set_at = d.base, None, None
+        self.settings_gen += 1
+        log.info("budget setting reset to the config", extra={"budget": name, "actor": actor})
+        return d.settings
 
     async def update_settings(self, name: str, new: Settings, actor: str) -> Settings:
         assert self.ledger is not None
@@ -150,8 +183,8 @@ class Book:
         old, now = d.settings, time.time()
         audit = [AuditRecord(now, actor, name, k, str(v), str(new.to_doc()[k]))
                  for k, v in old.to_doc().items() if new.to_doc()[k] != v]
-        await self.ledger.put_settings(name, new.to_doc(), audit)
-        d.settings = new
+        await self.ledger.put_settings(name, {**new.to_doc(), "set_by": actor, "set_at": now}, audit)
+        d.settings, d.set_by, d.set_at = new, actor, now
         self.settings_gen += 1
         for a in audit:
             log.info("budget setting changed", extra={"budget": a.budget, "field": a.field, "old": a.old,

@@ -1,4 +1,4 @@
-"""`nexus-extproc status | set-limit | override | spend`: the admin gRPC API from a terminal."""
+"""`nexus-extproc status | set-limit | reset-limit | override | spend`: the admin gRPC API from a terminal."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from nexus_extproc.edge.pb_terms import ACTION_FROM_PB, ACTION_TO_PB, STATUS_FRO
 from nexus_extproc.metering.money import usd_to_micros
 
 STATUS_COLUMNS = ("budget", "period", "status", "spent_usd", "reserved_usd", "limit_usd", "utilization",
-                  "action", "override_until", "resets")
+                  "action", "override_until", "resets", "source")
 
 
 def add_admin_args(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +38,10 @@ def add_admin_args(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", default="global")
     p.add_argument("--soft-limit-percent", type=float, default=0.0)
     p.add_argument("--hard-limit-action", choices=sorted(ACTION_TO_PB))
+    p.add_argument("--actor", default=os.environ.get("USER", "cli"))
+    p = sub.add_parser("reset-limit", help="drop a budget's runtime settings: the config applies again (audited)")
+    common(p)
+    p.add_argument("--budget", default="global")
     p.add_argument("--actor", default=os.environ.get("USER", "cli"))
     p = sub.add_parser("override", help="raise a budget's limit until a time; it reverts by itself")
     common(p)
@@ -75,7 +79,15 @@ def _status_row(b: Any) -> dict[str, object]:
             "limit_usd": f"{b.limit_micros / 1e6:.2f}", "utilization": f"{b.utilization_percent:.2f}%",
             "action": ACTION_FROM_PB.get(b.hard_limit_action, "?"),
             "override_until": b.override_until.ToDatetime(UTC).isoformat() if b.HasField("override_until") else "",
-            "resets": b.next_reset.ToDatetime(UTC).date().isoformat()}
+            "resets": b.next_reset.ToDatetime(UTC).date().isoformat(),
+            "source": _source(b)}
+
+
+def _source(b: Any) -> str:
+    if b.source != pb.SETTINGS_SOURCE_RUNTIME:
+        return "config"
+    when = b.set_at.ToDatetime(UTC).strftime("%Y-%m-%dT%H:%MZ") if b.HasField("set_at") else "?"
+    return f"runtime ({b.set_by}, {when})"
 
 
 def _print(rows: list[dict[str, object]], columns: tuple[str, ...], fmt: str) -> None:
@@ -106,6 +118,9 @@ def run_admin(args: argparse.Namespace) -> int:
                     hard_limit_action=ACTION_TO_PB.get(args.hard_limit_action, pb.HARD_LIMIT_ACTION_UNSPECIFIED),
                     actor=args.actor),
                     metadata=md, timeout=10).budget]
+            elif args.cmd == "reset-limit":
+                budgets = [stub.ResetLimit(pb.ResetLimitRequest(name=args.budget, actor=args.actor),
+                                           metadata=md, timeout=10).budget]
             elif args.cmd == "override":
                 until = timestamp_pb2.Timestamp()
                 until.FromDatetime(datetime.now(UTC) + _duration(args.duration))

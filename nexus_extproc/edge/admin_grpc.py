@@ -72,6 +72,12 @@ class BudgetAdmin(pb_grpc.BudgetAdminServiceServicer):
             next_reset=_ts(period.end.timestamp()))
         if s.override_until is not None and s.override_until > b.now().timestamp():
             out.override_until.CopyFrom(_ts(s.override_until))
+        if d.set_by is None:
+            out.source = pb.SETTINGS_SOURCE_CONFIG
+        else:
+            out.source, out.set_by = pb.SETTINGS_SOURCE_RUNTIME, d.set_by
+            if d.set_at is not None:
+                out.set_at.CopyFrom(_ts(d.set_at))
         return out
 
     async def GetStatus(self, request: pb.GetStatusRequest,
@@ -95,6 +101,13 @@ class BudgetAdmin(pb_grpc.BudgetAdminServiceServicer):
                        cur.override_limit_micros, cur.override_until)
         await self.budget.update_settings(d.name, new, request.actor or "admin-api")
         return pb.SetLimitResponse(budget=await self._status(d))
+
+    async def ResetLimit(self, request: pb.ResetLimitRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ResetLimitResponse:
+        await self._auth(context)
+        (d,) = await self._defs(request.name, context, one=True)
+        await self.budget.reset_settings(d.name, request.actor or "admin-api")
+        return pb.ResetLimitResponse(budget=await self._status(d))
 
     async def SetOverride(self, request: pb.SetOverrideRequest,
                           context: grpc.aio.ServicerContext) -> pb.SetOverrideResponse:

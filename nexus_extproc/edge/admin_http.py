@@ -60,6 +60,7 @@ async def stats_doc(budget: BudgetAdmin, calibration: Calibrator | None = None) 
             "scope": "global" if scope is None else scope.model_dump(exclude_none=True),
             "forecast_usd": usd_float(st.forecast.projected_micros),
             "exhaustion_in_seconds": st.forecast.exhaustion_in_s,
+            "settings": BudgetAdmin.provenance(st.defn),
         })
         del doc["billing_month"]
         out["budgets"].append(doc)

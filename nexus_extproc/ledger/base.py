@@ -176,8 +176,10 @@ class ControlStore(abc.ABC):
         """Runtime overrides of a budget's config (limit, thresholds, temporary raise), if any."""
 
     @abc.abstractmethod
-    async def put_settings(self, budget: str, settings: dict[str, object], audit: list[AuditRecord]) -> None:
-        """Store new settings and their audit records in one step."""
+    async def put_settings(self, budget: str, settings: dict[str, object] | None,
+                           audit: list[AuditRecord]) -> None:
+        """Store new settings (None: drop them, so the config applies again) and their audit records in one
+        step."""
 
     @abc.abstractmethod
     async def audit_log(self, limit: int) -> list[AuditRecord]: ...

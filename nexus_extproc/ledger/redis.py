@@ -177,10 +177,11 @@ class RedisLedger(Ledger):
         v = await self._call(self._r.hget(f"{self._p}:settings", budget))
         return json.loads(v) if v else None
 
-    async def put_settings(self, budget: str, settings: dict[str, object], audit: list[AuditRecord]) -> None:
+    async def put_settings(self, budget: str, settings: dict[str, object] | None,
+                           audit: list[AuditRecord]) -> None:
         await self._call(self._put_settings(
             keys=[f"{self._p}:settings", f"{self._p}:audit"],
-            args=[budget, json.dumps(settings),
+            args=[budget, "" if settings is None else json.dumps(settings),
                   *(json.dumps([a.ts, a.actor, a.budget, a.field, a.old, a.new]) for a in audit)]))
 
     async def audit_log(self, limit: int) -> list[AuditRecord]:

@@ -96,7 +96,8 @@ class SqliteLedger(SyncSqlite, Ledger):
     async def get_settings(self, budget: str) -> dict[str, object] | None:
         return await self._io(self._get_settings_sync, budget)
 
-    async def put_settings(self, budget: str, settings: dict[str, object], audit: list[AuditRecord]) -> None:
+    async def put_settings(self, budget: str, settings: dict[str, object] | None,
+                           audit: list[AuditRecord]) -> None:
         await self._io(self._put_settings_sync, budget, settings, audit)
 
     async def audit_log(self, limit: int) -> list[AuditRecord]:

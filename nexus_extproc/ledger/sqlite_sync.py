@@ -359,9 +359,13 @@ class SyncSqlite:
         row = self._db.execute("SELECT doc FROM settings WHERE budget=?", (budget,)).fetchone()
         return json.loads(row[0]) if row else None
 
-    def _put_settings_sync(self, budget: str, settings: dict[str, object], audit: list[AuditRecord]) -> None:
+    def _put_settings_sync(self, budget: str, settings: dict[str, object] | None,
+                           audit: list[AuditRecord]) -> None:
         def tx(c: sqlite3.Cursor) -> None:
-            c.execute("INSERT OR REPLACE INTO settings VALUES (?,?)", (budget, json.dumps(settings)))
+            if settings is None:
+                c.execute("DELETE FROM settings WHERE budget=?", (budget,))
+            else:
+                c.execute("INSERT OR REPLACE INTO settings VALUES (?,?)", (budget, json.dumps(settings)))
             c.executemany("INSERT INTO audit (ts, actor, budget, field, old, new) VALUES (?,?,?,?,?,?)",
                           [(a.ts, a.actor, a.budget, a.field, a.old, a.new) for a in audit])
 

@@ -47,6 +47,7 @@ CALLS = [
     ("SetOverride", pb.SetOverrideRequest(name="global", limit_micros=1)),
     ("ListSpend", pb.ListSpendRequest()),
     ("ListAudit", pb.ListAuditRequest()),
+    ("ResetLimit", pb.ResetLimitRequest(name="global")),
 ]
 
 
@@ -131,3 +132,34 @@ async def test_list_spend_groups(admin):
     assert {(r.model, r.requests, r.cost_micros) for r in rows} == {("gpt-4o", 2, 201), ("claude-3-5-haiku", 1, 102)}
     total = (await stub.ListSpend(pb.ListSpendRequest(), metadata=AUTH)).rows
     assert len(total) == 1 and total[0].cost_micros == 303 and total[0].input_tokens == 30
+
+
+async def test_a_runtime_limit_says_where_it_comes_from_and_reset_gives_the_config_back(admin, counter, tmp_path,
+                                                                                       caplog):
+    comps, stub, _ = admin
+    st = (await stub.GetStatus(pb.GetStatusRequest(), metadata=AUTH)).budgets[0]
+    assert st.source == pb.SETTINGS_SOURCE_CONFIG and not st.set_by
+    r = await stub.SetLimit(pb.SetLimitRequest(name="global", limit_micros=80_000_000, actor="alice"), metadata=AUTH)
+    assert (r.budget.source, r.budget.set_by, r.budget.limit_micros) == (pb.SETTINGS_SOURCE_RUNTIME, "alice",
+                                                                         80_000_000)
+    assert r.budget.HasField("set_at")
+    # Another replica (or a restart) on the same store sees the runtime setting, says so and warns once.
+    other = build(make_config(budget={"monthly_limit_usd": 10}, store={"kind": "sqlite",
+                                                                       "path": str(tmp_path / "l.db")}), counter)
+    with caplog.at_level("WARNING", logger="nexus_extproc.budget"):
+        await other.budget.load_settings()
+        await other.budget.load_settings()
+    warned = [rec for rec in caplog.records if "overrides the config" in rec.getMessage()]
+    assert len(warned) == 1 and warned[0].limit_micros == "10000000 -> 80000000"  # type: ignore[attr-defined]
+    assert other.budget.admin.provenance(other.budget.defs[0])["set_by"] == "alice"
+    # reset-limit: the config applies again, here and (at its next reload) on the other replica; audited.
+    r = await stub.ResetLimit(pb.ResetLimitRequest(name="global", actor="bob"), metadata=AUTH)
+    assert (r.budget.source, r.budget.limit_micros) == (pb.SETTINGS_SOURCE_CONFIG, 10_000_000)
+    await other.budget.load_settings()
+    assert other.budget.defs[0].settings.limit_micros == 10_000_000
+    assert other.budget.admin.provenance(other.budget.defs[0]) == {"source": "config"}
+    audit = (await stub.ListAudit(pb.ListAuditRequest(limit=10), metadata=AUTH)).entries
+    assert ("source", "runtime", "config", "bob") in {(a.field, a.old_value, a.new_value, a.actor) for a in audit}
+    assert ("limit_micros", "80000000", "10000000", "bob") in {(a.field, a.old_value, a.new_value, a.actor)
+                                                              for a in audit}
+    await other.budget.ledger.close()

@@ -100,9 +100,19 @@ def test_cli_status_set_limit_and_spend(live: E2E):
     assert r.returncode == 0, r.stderr
     header, row = r.stdout.splitlines()[:2]
     assert header.split()[:4] == ["BUDGET", "PERIOD", "STATUS", "SPENT_USD"] and row.split()[0] == "global"
+    assert live.stats()["budgets"][0]["settings"] == {"source": "config"}
     r = cli(live, "set-limit", "250", "--actor", "ci")
-    assert r.returncode == 0 and "250.00" in r.stdout
+    assert r.returncode == 0 and "250.00" in r.stdout and "runtime (ci, " in r.stdout
     assert live.stats()["budget"]["monthly_limit_usd"] == 250.0
+    settings = live.stats()["budgets"][0]["settings"]
+    assert settings["source"] == "runtime" and settings["set_by"] == "ci"
+    assert settings["differs_from_config"] == {"limit_micros": "100000000 -> 250000000"}
+    r = cli(live, "reset-limit", "--actor", "ci")
+    assert r.returncode == 0 and "100.00" in r.stdout and "config" in r.stdout, r.stdout + r.stderr
+    assert live.stats()["budgets"][0]["settings"] == {"source": "config"}
+    assert live.stats()["budget"]["monthly_limit_usd"] == 100.0
+    r = cli(live, "set-limit", "250", "--actor", "ci")
+    assert r.returncode == 0
     r = cli(live, "spend", "--group-by", "model", "--format", "json")
     rows = json.loads(r.stdout)
     assert {"gpt-4o", "gpt-4o-mini", "other"} <= {row["model"] for row in rows}
