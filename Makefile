@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml uv.lock
 lock: $(STAMP)
 	$(BIN)/uv lock
 
+# `make up ARGS=--fresh` starts from an empty demo ledger; any `python -m nexus_dev --help` flag works.
 up: $(STAMP)
-	$(BIN)/python -m nexus_dev
+	$(BIN)/python -m nexus_dev $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check nexus_extproc nexus_dev tests bench

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nexus_dev.envoy_config import EnvoyParams, Upstream, build_config, dump
+from nexus_extproc.ops.procs import preexec_die_with_parent
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
@@ -81,14 +82,16 @@ class Stack:
     extproc: subprocess.Popen[bytes] | None = None
     envoy: subprocess.Popen[bytes] | None = None
     quiet: bool = True
+    die_with_parent: bool = False  # the demo: its children end with it, also when it is killed -9
 
     def _spawn(self, args: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         out = open(self.workdir / f"{log_name}.log", "ab")
         # nexus_dev is not installed in the venv (it stays out of the wheel): children find it in the clone.
         env = dict(env if env is not None else os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+        pre = preexec_die_with_parent() if self.die_with_parent else None
         p = subprocess.Popen(args, stdout=out if self.quiet else None, stderr=subprocess.STDOUT if self.quiet
-                             else None, env=env, start_new_session=True)
+                             else None, env=env, start_new_session=True, preexec_fn=pre)
         self.procs.append(p)
         return p
 

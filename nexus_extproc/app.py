@@ -39,6 +39,7 @@ from nexus_extproc.metering.money import format_usd
 from nexus_extproc.metering.pricing import PriceBook
 from nexus_extproc.metering.tokenizers import TokenCounter
 from nexus_extproc.ops import metrics
+from nexus_extproc.ops.procs import PARENT_ENV
 from nexus_extproc.request.calibration import Calibrator
 from nexus_extproc.request.pipeline import Processor
 from nexus_extproc.request.router import Router
@@ -212,9 +213,10 @@ async def _grpc_serving(host: str, port: int) -> bool:
 
 
 def spawn_worker(config_path: str, grpc_port: int, index: int, workers: int) -> subprocess.Popen[bytes]:
+    # A worker ends with its parent, also when the parent is killed -9 (it sets PR_SET_PDEATHSIG itself).
     return subprocess.Popen([sys.executable, "-m", "nexus_extproc", "serve", "--config", config_path,
                              "--grpc-port", str(grpc_port), "--worker-index", str(index),
-                             "--workers", str(workers)], env=dict(os.environ))
+                             "--workers", str(workers)], env={**os.environ, PARENT_ENV: str(os.getpid())})
 
 
 def spawn_workers(config_path: str, grpc_port: int, workers: int) -> list[subprocess.Popen[bytes]]:

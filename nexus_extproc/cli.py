@@ -44,6 +44,10 @@ def _serve(args: argparse.Namespace) -> int:
     from nexus_extproc.ledger.sqlite import LedgerSchemaError
 
     try:
+        if args.worker_index is not None:
+            from nexus_extproc.ops.procs import die_with_parent_from_env
+
+            die_with_parent_from_env()
         if args.worker_index is None and config.server.workers > 1:
             return asyncio.run(serve_workers(config, args.config, config.server.workers))
         return asyncio.run(serve_single(config, args.worker_index))

@@ -180,3 +180,20 @@ def test_workers_recycle_without_failing_a_request(tmp_path: Path):
         print(f"recycling: {len(statuses)} requests, {recycles:.0f} recycles, 0 failed")
     finally:
         s.stop()
+
+
+def test_workers_end_with_their_parent_when_it_is_killed_9(stack: tuple[Stack, Path]):
+    s, _ = stack
+    assert s.extproc is not None
+    parent = s.extproc.pid
+    workers = wait_for(lambda: (lambda c: c if len(c) == 2 else None)(children(parent)), 10, "two workers")
+    s.extproc.kill()
+    s.extproc.wait(10)
+    def ended(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            return True
+
+    assert wait_for(lambda: all(ended(w) for w in workers), 15, "the workers to end with their parent")
+    print(f"parent kill -9: workers {workers} ended with it")
