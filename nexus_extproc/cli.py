@@ -8,7 +8,7 @@ import os
 import sys
 import tempfile
 
-from nexus_extproc.config import ConfigError, load_config, parse_config
+from nexus_extproc.config import ConfigError, NexusConfig, load_config, parse_config
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -31,6 +31,12 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="nexus-prom-")
     from nexus_extproc.app import serve_single, serve_workers
     from nexus_extproc.ops.logs import setup_logging
+
+    if args.worker_index is None:
+        taken = _taken_port(config)
+        if taken:
+            print(f"nexus-extproc: {taken}", file=sys.stderr)
+            return 2
 
     setup_logging(config.server.log_level, config.server.log_json)
     if config.server.event_loop == "uvloop":
@@ -60,6 +66,29 @@ def _serve(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         raise
+
+
+def _taken_port(config: NexusConfig) -> str | None:
+    """The first port the server would bind that another process listens on, with the way to move it; checked
+    before anything starts, as the servers bind (SO_REUSEADDR: TIME_WAIT of a last run is no conflict)."""
+    import socket
+
+    srv = config.server
+    wanted = [(srv.grpc_host, srv.grpc_port + i, "the ext_proc gRPC port", "--grpc-port or server.grpc_port")
+              for i in range(srv.workers)]
+    wanted.append((srv.admin_host, srv.admin_port, "the admin HTTP port", "--admin-port or server.admin_port"))
+    if config.admin_api.token():
+        wanted.append((config.admin_api.host, config.admin_api.port, "the admin gRPC API port", "admin_api.port"))
+    for host, port, what, how in wanted:
+        if port == 0:
+            continue
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError:
+                return f"port {port} ({what}) on {host} is in use; is another server running? Move it with {how}"
+    return None
 
 
 def _check(args: argparse.Namespace) -> int:

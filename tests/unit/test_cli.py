@@ -36,3 +36,20 @@ def test_hash_key_is_salted(tmp_path):
     a = run("hash-key", stdin="sk-abc\n", env={**os.environ, "NEXUS_API_KEY_SALT": "s1"}).stdout.strip()
     b = run("hash-key", stdin="sk-abc\n", env={**os.environ, "NEXUS_API_KEY_SALT": "s2"}).stdout.strip()
     assert a.startswith("hmac-sha256:") and a != b and "sk-abc" not in a
+
+
+def test_serve_names_a_taken_port_and_how_to_move_it(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        f = tmp_path / "c.yaml"
+        f.write_text("backends: {openai: {cluster: openai, type: cloud, provider: openai}}\n"
+                     f"store: {{kind: sqlite, path: {tmp_path / 'l.db'}}}\n")
+        r = run("serve", "--config", str(f), "--grpc-port", str(port), "--admin-port", "0")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"port {port} (the ext_proc gRPC port)" in lines[0] and "--grpc-port" in lines[0], \
+        r.stderr
