@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: lock up test lint typecheck unit e2e bench envoy-config api clean
+.PHONY: image lock up test lint typecheck unit e2e bench envoy-config api clean
 
 # Installs exactly what uv.lock pins (uv itself comes from PyPI into the venv); `make lock` re-resolves.
 $(STAMP): pyproject.toml uv.lock
@@ -52,4 +52,12 @@ envoy-config: $(STAMP)
 	$(BIN)/python -m nexus_dev.envoy_config > envoy/nexus.yaml
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache nexus-demo-ledger.db*
+	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache nexus-demo-ledger.db*
+
+# The runtime image (Containerfile): the wheel and the locked runtime wheels for this venv's Python, then an
+# offline build. BASE must carry the same CPython minor version (3.11 for the default and for Debian bookworm).
+IMAGE ?= localhost/nexus-extproc:0.1.0
+BASE ?= docker.io/library/python:3.11-slim-bookworm
+image: $(STAMP)
+	$(BIN)/python -m nexus_dev.image build/wheels
+	buildah bud --isolation chroot --format docker --build-arg BASE=$(BASE) -t $(IMAGE) -f Containerfile .
