@@ -74,8 +74,8 @@ def test_spend_is_recorded_exactly_and_stats_match_spec(e2e: E2E, store):
                       "next_reset_date"}
     assert b["status"] == "Normal" and b["billing_month"] == period() and b["hard_limit_action"] == "Warn"
     m = e2e.metrics()
-    assert f'nexus_budget_limit_usd{{budget="global",billing_month="{period()}"}} 100.0' in m
-    assert f'nexus_budget_status{{budget="global",billing_month="{period()}"}} 0.0' in m
+    assert f'nexus_budget_limit_usd{{billing_month="{period()}",budget="global"}} 100.0' in m
+    assert f'nexus_budget_status{{billing_month="{period()}",budget="global"}} 0.0' in m
     assert 'nexus_reconciler_duration_seconds_count{reconciler="BudgetReconciler"}' in m
 
 

@@ -67,8 +67,8 @@ def test_agent_budget_reroutes_with_its_name_in_headers(e2e: E2E, store):
     assert seen[0] == ("openai", None)
     assert ("ollama", "agent-bot") in seen  # once the agent's daily budget is spent, it runs locally
     m = e2e.metrics()
-    assert re.search(r'nexus_budget_limit_usd\{budget="agent-bot",billing_month="\d{4}-\d{2}-\d{2}"\} 0.0001', m)
-    assert re.search(r'nexus_budget_forecast_usd\{budget="team-ml",billing_month="[^"]+"\}', m)
+    assert re.search(r'nexus_budget_limit_usd\{billing_month="\d{4}-\d{2}-\d{2}",budget="agent-bot"\} 0.0001', m)
+    assert re.search(r'nexus_budget_forecast_usd\{billing_month="[^"]+",budget="team-ml"\}', m)
 
 
 def test_identity_headers_ignored_unless_trusted(e2e: E2E, store):
