@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: image lock up test lint typecheck unit e2e bench envoy-config api clean
+.PHONY: deploy-assets image lock up test lint typecheck unit e2e bench envoy-config api clean
 
 # Installs exactly what uv.lock pins (uv itself comes from PyPI into the venv); `make lock` re-resolves.
 $(STAMP): pyproject.toml uv.lock
@@ -47,6 +47,10 @@ bench: $(STAMP)
 
 api: $(STAMP)
 	$(BIN)/python -m nexus_extproc.api.generate
+
+# deploy/kubernetes/base, the redis-ha config and the mesh manifests, rendered from the Helm chart.
+deploy-assets: $(STAMP)
+	$(BIN)/python -m nexus_dev.deploy_assets
 
 envoy-config: $(STAMP)
 	$(BIN)/python -m nexus_dev.envoy_config > envoy/nexus.yaml

@@ -80,7 +80,7 @@ def test_dashboard_and_rules_only_use_metrics_that_exist(live: E2E):
     titles = {p["title"] for p in dash["panels"]}
     assert {"Budget utilization", "Cost per request (heatmap)", "Token count tier", "Budget status timeline",
             "Decisions", "Spend this period vs limit"} <= titles
-    for g in yaml.safe_load((ROOT / "deploy/prometheus/rules.yaml").read_text())["groups"]:
+    for g in yaml.safe_load((ROOT / "deploy/helm/nexus-extproc/files/prometheus-rules.yaml").read_text())["groups"]:
         for r in g["rules"]:
             names |= set(re.findall(r"nexus_[a-z_]+", r["expr"]))
     assert names

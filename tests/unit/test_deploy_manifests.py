@@ -8,32 +8,15 @@ import subprocess
 from pathlib import Path
 
 import jsonschema
-import kubernetes_validate
 import pytest
 import yaml
 
 from nexus_dev.stack import envoy_binary
-from tests import crds, kustomize
+from tests import kustomize
+from tests.manifests import validate
 
 ROOT = Path(__file__).resolve().parents[2]
-K8S_VERSION = "1.30.0"
-# The Prometheus Operator's CRDs are not among the upstream ones in ../shared/crds: ServiceMonitor and
-# PrometheusRule keep a hand-written schema (tests/schemas/crds.yaml); everything else is checked by tests/crds.py.
-CRD_SCHEMAS = yaml.safe_load((ROOT / "tests/schemas/crds.yaml").read_text())
 OVERLAYS = ["base", "overlays/sqlite-single", "overlays/redis-ha"]
-
-
-def validate(obj: dict) -> None:
-    assert obj["metadata"]["name"]
-    key = f"{obj['apiVersion']}/{obj['kind']}"
-    group = obj["apiVersion"].split("/")[0]
-    if group.endswith(("istio.io", "envoyproxy.io", "gateway.networking.k8s.io")):
-        crds.validate(obj)
-    elif key in CRD_SCHEMAS["kinds"]:
-        schema = {"$defs": CRD_SCHEMAS["$defs"], **CRD_SCHEMAS["kinds"][key]}
-        jsonschema.validate(obj["spec"], schema)
-    else:
-        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -38,6 +38,16 @@ def test_buf_lint_clean():
 
 def test_promtool_check_rules():
     promtool = tool("promtool")
-    r = subprocess.run([promtool, "check", "rules", str(ROOT / "deploy" / "prometheus" / "rules.yaml")],
+    rules = ROOT / "deploy/helm/nexus-extproc/files/prometheus-rules.yaml"
+    r = subprocess.run([promtool, "check", "rules", str(rules)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_promtool_rule_unit_tests():
+    """Series fed in, alerts asserted: soft and hard limit, unpriced share (and a quiet one), store failures,
+    stream errors (tests/prometheus/rules_test.yaml)."""
+    promtool = tool("promtool")
+    r = subprocess.run([promtool, "test", "rules", str(ROOT / "tests/prometheus/rules_test.yaml")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
