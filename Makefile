@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: deploy-assets image lock up test lint typecheck unit e2e bench envoy-config api clean
+.PHONY: deploy-assets image lock up test test-py313 lint typecheck unit e2e bench envoy-config api clean
 
 # Installs exactly what uv.lock pins (uv itself comes from PyPI into the venv); `make lock` re-resolves.
 $(STAMP): pyproject.toml uv.lock
@@ -33,6 +33,19 @@ node_modules/.bin/buf: package.json
 
 test: $(STAMP) lint typecheck node_modules/.bin/buf
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(MAKE) --no-print-directory test-py313
+
+# The unit and component tiers again on the newest supported Python (pyenv's 3.13 where it exists), from the
+# same lock. Missing 3.13 skips with a note, or fails under NEXUS_REQUIRE_TOOLS (CI).
+PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) $(shell command -v python3.13 2>/dev/null))
+VENV313 := .venv-3.13
+test-py313: $(STAMP)
+	@if [ -z "$(PY313)" ]; then \
+	  if [ "$$NEXUS_REQUIRE_TOOLS" = 1 ]; then echo "python3.13 not found"; exit 1; fi; \
+	  echo "python3.13 not found: the 3.13 tier is skipped"; exit 0; fi; \
+	[ -x $(VENV313)/bin/python ] || $(BIN)/uv venv -q --python $(PY313) $(VENV313); \
+	VIRTUAL_ENV=$(abspath $(VENV313)) $(BIN)/uv sync -q --frozen --inexact --extra dev --active && \
+	$(VENV313)/bin/python -m pytest -q -p no:cacheprovider tests/unit tests/component
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit tests/component
@@ -56,7 +69,7 @@ envoy-config: $(STAMP)
 	$(BIN)/python -m nexus_dev.envoy_config > envoy/nexus.yaml
 
 clean:
-	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache nexus-demo-ledger.db*
+	rm -rf $(VENV) $(VENV313) build .mypy_cache .ruff_cache .pytest_cache nexus-demo-ledger.db*
 
 # The runtime image (Containerfile): the wheel and the locked runtime wheels for this venv's Python, then an
 # offline build. BASE must carry the same CPython minor version (3.11 for the default and for Debian bookworm).
