@@ -75,6 +75,11 @@ def test_the_wheel_carries_package_data_and_no_dev_tooling(installed: tuple[Path
     assert "nexus_extproc/py.typed" in names
     assert [n for n in names if n.startswith("nexus_extproc/ledger/lua/") and n.endswith(".lua")]
     assert any(n.endswith("LICENSE") for n in names)
+    # The production Envoy config and the admin API protos, byte for byte as in the repository.
+    zf = zipfile.ZipFile(wheel)
+    assert zf.read("nexus_extproc/assets/envoy-nexus.yaml") == (ROOT / "envoy" / "nexus.yaml").read_bytes()
+    proto = "nexus/budget/v1/budget_admin.proto"
+    assert zf.read(f"nexus_extproc/assets/protos/{proto}") == (ROOT / "protos" / proto).read_bytes()
 
 
 def test_lowest_dependencies_import_every_module_and_check_the_config(installed: tuple[Path, Path]):
