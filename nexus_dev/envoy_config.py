@@ -49,6 +49,23 @@ class EnvoyParams:
     failure_mode_allow: bool = False
     access_log_path: str = "/dev/stdout"
     local_health_interval: str = "5s"
+    # Three ext_proc exchanges per JSON request instead of four: no response-headers message (the X-Nexus-*
+    # headers come from the request phase's metadata through the route), and the response body BUFFERED for
+    # JSON or STREAMED for a stream request, chosen by route from the request body's `stream` field.
+    # False: the four-exchange design the mesh integrations use (bench/overhead.py compares both).
+    skip_response_headers: bool = True
+
+
+# The X-Nexus-* headers the server publishes as request-phase metadata (request/core.py _nexus_headers).
+NEXUS_RESPONSE_HEADERS = ("x-nexus-cost-estimated", "x-nexus-backend-type", "x-nexus-token-tier",
+                          "x-nexus-request-id", "x-nexus-budget-name", "x-nexus-budget-status",
+                          "x-nexus-budget-utilization", "x-nexus-budget-remaining", "x-nexus-route-reason")
+_EXT_PROC = "envoy.filters.http.ext_proc"
+
+
+def _mode(response_header: str, response_body: str) -> dict[str, str]:
+    return {"request_header_mode": "SEND", "request_body_mode": "BUFFERED", "response_header_mode": response_header,
+            "response_body_mode": response_body, "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"}
 
 
 def _h2_options() -> dict[str, Any]:
@@ -91,7 +108,7 @@ def _upstream_cluster(u: Upstream, health_interval: str) -> dict[str, Any]:
 
 
 def build_config(p: EnvoyParams) -> dict[str, Any]:
-    ext_proc = {
+    ext_proc: dict[str, Any] = {
         "name": "envoy.filters.http.ext_proc",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
@@ -116,13 +133,36 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
             "allow_mode_override": True,
             # Envoy drops dynamic metadata from the server unless its namespace is listed here.
             "metadata_options": {"receiving_namespaces": {"untyped": ["nexus.extproc"]}},
-            "processing_mode": {
-                "request_header_mode": "SEND", "request_body_mode": "BUFFERED",
-                "response_header_mode": "SEND", "response_body_mode": "BUFFERED",
-                "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
-            },
+            "processing_mode": _mode("SKIP", "BUFFERED") if p.skip_response_headers else _mode("SEND", "BUFFERED"),
         },
     }
+    if p.skip_response_headers:
+        # The status of a response whose headers are not sent: it comes with the first body message.
+        ext_proc["typed_config"]["response_attributes"] = ["response.code"]
+    route_action = {"cluster_header": "x-nexus-upstream", "timeout": "600s", "auto_host_rewrite": True}
+    routes: list[dict[str, Any]] = [{"match": {"prefix": "/"}, "route": route_action}]
+    filters: list[dict[str, Any]] = [ext_proc]
+    if p.skip_response_headers:
+        headers_to_add = [{"header": {"key": h, "value": f"%DYNAMIC_METADATA(nexus.extproc:{h})%"},
+                           "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"} for h in NEXUS_RESPONSE_HEADERS]
+        stream = {"match": {"prefix": "/", "dynamic_metadata": [{"filter": "nexus.request", "path": [{"key": "stream"}],
+                                                                  "value": {"bool_match": True}}]},
+                  "route": route_action,
+                  # A stream request's response goes to the server chunk by chunk (it may drop the usage
+                  # chunk it asked for on the client's behalf); decided before ext_proc's first message.
+                  "typed_per_filter_config": {_EXT_PROC: {
+                      "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                      "overrides": {"processing_mode": _mode("SKIP", "STREAMED")}}}}
+        routes = [stream, *routes]
+        for r in routes:
+            r["response_headers_to_add"] = headers_to_add
+        # Reads `stream` from a JSON request body before ext_proc's first message, so the route above (and its
+        # processing mode) is known when the exchange starts. A body it cannot read takes the default route.
+        filters.insert(0, {"name": "envoy.filters.http.json_to_metadata", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
+            "request_rules": {"rules": [{"selectors": [{"key": "stream"}],
+                                         "on_present": {"metadata_namespace": "nexus.request", "key": "stream"}}],
+                              "allow_content_types": ["application/json", "application/json; charset=utf-8"]}}})
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
                  ".HttpConnectionManager",
@@ -133,13 +173,8 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
         "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
             "path": p.access_log_path, "log_format": {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}}}}],
-        "route_config": {"name": "llm", "virtual_hosts": [{
-            "name": "llm", "domains": ["*"],
-            "routes": [{"match": {"prefix": "/"},
-                        "route": {"cluster_header": "x-nexus-upstream", "timeout": "600s",
-                                  "auto_host_rewrite": True}}],
-        }]},
-        "http_filters": [ext_proc, {"name": "envoy.filters.http.router", "typed_config": {
+        "route_config": {"name": "llm", "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}]},
+        "http_filters": [*filters, {"name": "envoy.filters.http.router", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
     }
     extproc_cluster = {

@@ -47,6 +47,15 @@ def header_map(hm: Any) -> dict[str, str]:
     return {h.key: h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value for h in hm.headers}
 
 
+def response_code(req: ep.ProcessingRequest) -> int:
+    """The `response.code` attribute (envoy/nexus.yaml asks for it): the status when headers were skipped."""
+    attrs = req.attributes.get("envoy.filters.http.ext_proc")
+    if attrs is None:
+        return 0
+    v = attrs.fields.get("response.code")
+    return int(v.number_value) if v is not None else 0
+
+
 def _hvo(key: str, value: str) -> base_pb2.HeaderValueOption:
     # raw_value, not value: Envoy 1.40 sets headers empty when only `value` is given.
     return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, raw_value=value.encode()),
@@ -124,6 +133,8 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                             reply = proc.response_headers(state, header_map(req.response_headers.headers))
                         elif phase == "response_body":
                             b = req.response_body
+                            if not state.response_started:
+                                proc.response_start(state, response_code(req))
                             reply = proc.response_body(state, b.body, b.end_of_stream)
                         elif phase in _EMPTY:
                             yield _EMPTY[phase]

@@ -93,6 +93,14 @@ class Core:
         return Reply(immediate=Immediate(err.status, render_error(state.family, err), headers,
                                          f"nexus_{err.code}"))
 
+    def _nexus_headers(self, state: RequestState) -> list[tuple[str, str]]:
+        """The X-Nexus-* headers of an answer that passed the filter. All are known once the request is
+        admitted, so they also travel as request-phase metadata that Envoy's route turns into response headers
+        without a response-headers exchange."""
+        assert state.route is not None
+        return [(C.H_COST_ESTIMATED, format_usd(state.estimate)), (C.H_BACKEND_TYPE, state.route.backend_type),
+                (C.H_TOKEN_TIER, state.tier), (C.H_REQUEST_ID, state.req_id), *self._budget_headers(state)]
+
     def _budget_headers(self, state: RequestState) -> list[tuple[str, str]]:
         adm = state.admission
         out: list[tuple[str, str]] = []

@@ -188,6 +188,7 @@ class Inbound(Estimation):
             "backend_type": state.route.backend_type, "tokens_in": prompt_tokens,
             "cost_estimated_usd": usd_float(state.estimate), "decision": d.action.value,
             "token_tier": tier,
+            **dict(self._nexus_headers(state)),  # envoy/nexus.yaml's routes add them to the response
         }
         if log.isEnabledFor(logging.DEBUG):
             log.debug("decision", extra={"decision": d.action.value, "status": d.status,

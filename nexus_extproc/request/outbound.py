@@ -6,9 +6,7 @@ import json
 import logging
 
 from nexus_extproc.apis.sse import SSEParser
-from nexus_extproc.metering.money import format_usd
 from nexus_extproc.ops import metrics
-from nexus_extproc.request import headers as C
 from nexus_extproc.request.settle import Settlement
 from nexus_extproc.request.state import MAX_STREAM_TEXT, Reply, RequestState
 
@@ -19,27 +17,34 @@ class Outbound(Settlement):
     """The response phases: cost headers, then the body (JSON usage or the SSE stream)."""
 
     def response_headers(self, state: RequestState, headers: dict[str, str]) -> Reply:
-        """ext_proc phase `response_headers`: add X-Nexus-*; stream SSE bodies instead of buffering."""
+        """ext_proc phase `response_headers`, where Envoy sends them (the mesh integrations do; envoy/nexus.yaml
+        skips the exchange, adding the X-Nexus-* headers from the request phase's metadata instead): add the
+        headers; stream SSE bodies instead of buffering them."""
         try:
             state.response_status = int(headers.get(":status", "0"))
         except ValueError:
             state.response_status = 0
+        state.response_started = True
         reply = Reply()
         if state.route is None:
             return reply
-        reply.set_headers = [
-            (C.H_COST_ESTIMATED, format_usd(state.estimate)),
-            (C.H_BACKEND_TYPE, state.route.backend_type),
-            (C.H_TOKEN_TIER, state.tier),
-            (C.H_REQUEST_ID, state.req_id),
-            *self._budget_headers(state),
-        ]
+        reply.set_headers = self._nexus_headers(state)
         if "text/event-stream" in headers.get("content-type", ""):
             state.streaming = True
             state.sse = SSEParser()
             reply.stream_response_body = True
             reply.remove_headers.append("content-length")
         return reply
+
+    def response_start(self, state: RequestState, status: int) -> None:
+        """The response's first body message when its headers were not sent to us: the status comes from the
+        `response.code` attribute, the shape from the request (Envoy's route already picked STREAMED for a
+        stream request, BUFFERED otherwise)."""
+        state.response_status = status
+        state.response_started = True
+        if state.parsed is not None and state.parsed.stream and status < 400:
+            state.streaming = True
+            state.sse = SSEParser()
 
     def response_body(self, state: RequestState, chunk: bytes, end_of_stream: bool) -> Reply:
         """ext_proc phase `response_body`: BUFFERED for JSON (one message), STREAMED for SSE (per chunk)."""

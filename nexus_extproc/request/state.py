@@ -68,6 +68,7 @@ class RequestState:
     admission: Admission | None = None
     added_stream_usage: bool = False
     response_status: int = 0
+    response_started: bool = False  # response headers, or the first body message where headers are skipped
     streaming: bool = False
     sse: SSEParser | None = None
     usage: UsageReport = field(default_factory=UsageReport)

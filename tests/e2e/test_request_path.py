@@ -130,3 +130,72 @@ def test_access_log_carries_final_cost(e2e):
     line = [ln for ln in log.splitlines() if "tokens_out=2 settlement=usage" in ln][-1]
     assert "model=gpt-4o" in line and "decision=allowed" in line
     assert float(line.split(" cost=")[1].split()[0]) > 0
+
+
+def _ext_proc_messages(admin_port: int) -> int:
+    text = httpx.get(f"http://127.0.0.1:{admin_port}/stats?filter=ext_proc.stream_msgs_received", timeout=5).text
+    return sum(int(v) for k, _, v in (ln.partition(": ") for ln in text.splitlines()) if v.strip().isdigit())
+
+
+def test_a_json_request_costs_three_ext_proc_messages_and_a_stream_keeps_streaming(e2e):
+    """envoy/nexus.yaml skips the response-headers exchange: request headers, request body, one buffered
+    response body for JSON; a stream request is routed (json_to_metadata reads `stream`) to STREAMED chunks."""
+    before = _ext_proc_messages(e2e.stack.envoy_admin_port)
+    for _ in range(5):
+        raw = e2e.openai().chat.completions.with_raw_response.create(model="gpt-4o", messages=MSGS, max_tokens=5)
+        assert raw.headers["x-nexus-backend-type"] == "cloud" and len(raw.headers["x-nexus-request-id"]) == 32
+    time.sleep(0.2)
+    assert _ext_proc_messages(e2e.stack.envoy_admin_port) - before == 15
+    # A stream: its events arrive one by one (the fake paces them), not buffered to the end.
+    arrivals = []
+    t0 = time.monotonic()
+    with httpx.stream("POST", f"{e2e.url}/v1/chat/completions", timeout=30,
+                      headers={"x-fake-delay-ms": "50", "x-fake-completion-tokens": "6"},
+                      json={"model": "gpt-4o", "messages": MSGS, "max_tokens": 6, "stream": True}) as r:
+        assert r.headers["x-nexus-token-tier"] == "exact" and r.headers["x-nexus-backend-type"] == "cloud"
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                arrivals.append(time.monotonic() - t0)
+                assert '"usage"' not in line or '"choices": []' not in line  # the usage chunk we asked for: hidden
+    assert len(arrivals) >= 6 and arrivals[-1] - arrivals[0] > 0.15, arrivals
+
+
+def test_the_four_exchange_mode_of_the_mesh_integrations_still_works(e2e, tmp_path):
+    """Istio's EnvoyFilter and Envoy Gateway send the response headers: the server adds X-Nexus-* there and
+    picks STREAMED for SSE by mode_override, as before."""
+    from nexus_dev.stack import free_port
+
+    params = e2e.stack.envoy_params()
+    params.skip_response_headers = False
+    params.listen_port, params.admin_port = free_port(), free_port()
+    cfg = tmp_path / "four.yaml"
+    cfg.write_text(dump(build_config(params)))
+    proc = subprocess.Popen([envoy_binary(), "-c", str(cfg), "--base-id", str(free_port()), "--log-level", "error"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{params.listen_port}"
+        end = time.monotonic() + 20
+        while True:
+            try:
+                r = httpx.post(f"{url}/v1/chat/completions", json={"model": "gpt-4o", "messages": MSGS,
+                                                                   "max_tokens": 5}, timeout=10)
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < end, "the four-exchange Envoy never answered"
+            time.sleep(0.3)
+        assert r.headers["x-nexus-backend-type"] == "cloud" and "x-nexus-cost-estimated" in r.headers
+        before = _ext_proc_messages(params.admin_port)
+        httpx.post(f"{url}/v1/chat/completions", json={"model": "gpt-4o", "messages": MSGS, "max_tokens": 5},
+                   timeout=10)
+        time.sleep(0.2)
+        assert _ext_proc_messages(params.admin_port) - before == 4
+        with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=30,
+                          json={"model": "gpt-4o", "messages": MSGS, "max_tokens": 4, "stream": True}) as s:
+            lines = [ln for ln in s.iter_lines() if ln.startswith("data: ")]
+            assert s.headers["x-nexus-token-tier"] == "exact"
+        assert lines[-1] == "data: [DONE]" and not any('"choices": []' in ln for ln in lines)
+    finally:
+        proc.terminate()
+        proc.wait(10)
