@@ -5,7 +5,10 @@ the bottleneck; the Python fake upstream for multi-chunk SSE and time-to-first-t
 upstream, and Envoy + ext_proc → the same upstream. Drives each with the same wrk load and prints req/s,
 p50/p99 latency, CPU per request of Envoy and of the ext_proc processes (from /proc), and the ratios.
 
-    python bench/overhead.py [--duration 8] [--quick]
+    python bench/overhead.py [--duration 8] [--quick] [--json FILE]
+
+`--json FILE` writes every figure (each case's req/s, p50/p99, CPU per request of Envoy and of ext_proc, ext_proc
+messages per request, the floor of a null grpc.aio processor, per-chunk CPU, TTFT, ratios) for machines.
 
 Everything binds to 127.0.0.1; every load is bounded by --duration.
 """
@@ -166,6 +169,17 @@ def envoy_stat(admin_port: int, name: str) -> int:
             if k.endswith(name):
                 return int(v)
     return 0
+
+
+def messages_per_request(port: int, admin: int, body: str, n: int = 50) -> float:
+    """ext_proc messages Envoy sent per request, over n sequential requests (no load running)."""
+    before = envoy_stat(admin, "ext_proc.stream_msgs_received")
+    for _ in range(n):
+        req = urllib.request.Request(f"http://{HOST}:{port}/v1/chat/completions", data=body.encode(),
+                                     headers={"content-type": "application/json"})
+        urllib.request.urlopen(req, timeout=10).read()
+    time.sleep(0.3)
+    return (envoy_stat(admin, "ext_proc.stream_msgs_received") - before) / n
 
 
 class Bench:
@@ -348,7 +362,9 @@ def main() -> int:
     ap.add_argument("--redis-url", default=None, help="run the budget-on case on this Redis too")
     ap.add_argument("--budget-rounds", type=int, default=6, help="rounds of the one vs five budgets comparison")
     ap.add_argument("--budgets-only", action="store_true", help="plain Envoy and the one vs five budgets comparison")
+    ap.add_argument("--json", metavar="FILE", help="also write every figure to FILE as JSON")
     args = ap.parse_args()
+    figures: dict[str, object] = {"machine": {"cores": os.cpu_count()}, "cases": [], "ratios": {}}
     b = Bench(args)
     body_1k, body_100k = chat_body(1024), chat_body(100 * 1024)
     try:
@@ -367,8 +383,41 @@ def main() -> int:
             compare_budget_counts(b, up, body_1k, plain, [])
             return 0
         ext = b.measure("Envoy + ext_proc (1 worker)", eport, ee, x1, body_1k, 16)
-        m0 = envoy_stat(eadmin, "ext_proc.stream_msgs_received")
         ratios = [("1 KB JSON c=16, 1 worker", ext.rps / plain.rps)]
+        msgs_per_req = messages_per_request(eport, eadmin, body_1k)
+        print(f"  ext_proc messages per request: {msgs_per_req:.2f}")
+        figures["messages_per_json_request"] = round(msgs_per_req, 2)
+
+        # The lever this design pulls: the same server behind the four-exchange Envoy config (response
+        # headers sent), measured in the same run.
+        p4 = EnvoyParams(listen_address=HOST, listen_port=free_port(), admin_port=free_port(), extproc_ports=[g1],
+                         upstreams=[Upstream("openai", HOST, up)], access_log_path="/dev/null",
+                         skip_response_headers=False)
+        e4, e4port, e4admin = b.start_envoy(build_config(p4), "ext1-four")
+        ext4 = b.measure("Envoy + ext_proc, 4 exchanges", e4port, e4, x1, body_1k, 16)
+        m4 = messages_per_request(e4port, e4admin, body_1k)
+        print(f"  four-exchange config: {m4:.2f} messages per request; three vs four: "
+              f"{ext.extproc_cpu_us - ext4.extproc_cpu_us:+.0f} µs ext_proc CPU, "
+              f"{ext.envoy_cpu_us - ext4.envoy_cpu_us:+.0f} µs Envoy CPU per request")
+        figures["four_exchange"] = {"messages_per_request": round(m4, 2), "rps": ext4.rps,
+                                    "extproc_cpu_us": ext4.extproc_cpu_us, "envoy_cpu_us": ext4.envoy_cpu_us}
+        ratios.append(("1 KB JSON c=16, 4 exchanges", ext4.rps / plain.rps))
+
+        # The floor: a null grpc.aio processor (bench/null_extproc.py) behind the same config; the client
+        # names the cluster itself since the null server routes nothing.
+        null_port = free_port()
+        nx = b.stack._spawn([sys.executable, str(ROOT / "bench" / "null_extproc.py"), str(null_port)], "null")
+        time.sleep(1.5)
+        pn = EnvoyParams(listen_address=HOST, listen_port=free_port(), admin_port=free_port(),
+                         extproc_ports=[null_port], upstreams=[Upstream("openai", HOST, up)],
+                         access_log_path="/dev/null")
+        en, enport, _ = b.start_envoy(build_config(pn), "null")
+        null = b.measure("Envoy + null ext_proc (floor)", enport, en, nx, body_1k, 16, {"x-nexus-upstream": "openai"})
+        print(f"  ours above the null processor's floor: {ext.extproc_cpu_us - null.extproc_cpu_us:+.0f} µs "
+              f"CPU per request ({(ext.extproc_cpu_us - null.extproc_cpu_us) / max(msgs_per_req, 1):.0f} µs per "
+              f"message)")
+        figures["null_floor_extproc_cpu_us"] = null.extproc_cpu_us
+        figures["ours_above_floor_us"] = ext.extproc_cpu_us - null.extproc_cpu_us
 
         x2, g2 = b.start_extproc(None, 2)
         params2 = EnvoyParams(listen_address=HOST, listen_port=free_port(), admin_port=free_port(),
@@ -377,7 +426,6 @@ def main() -> int:
         ee2, eport2, _ = b.start_envoy(build_config(params2), "ext2")
         ext2 = b.measure("Envoy + ext_proc (2 workers)", eport2, ee2, x2, body_1k, 16)
         ratios.append(("1 KB JSON c=16, 2 workers", ext2.rps / plain.rps))
-        print(f"  ext_proc messages per request: {m0 / max(1, ext.requests):.1f}")
 
         if not args.quick:
             print("\nBudget on (ledger reserve + settle per request), 1 KB JSON, 16 connections, 1 worker")
@@ -434,15 +482,19 @@ def main() -> int:
                                         b.args.duration, paced, b.work)
             msgs = envoy_stat(efadmin, "ext_proc.stream_msgs_received") - before_msgs
             x_cpu_us = (cpu_seconds(children_of(x1.pid)) - x_before) * 1e6
-            chunks = msgs - 4 * total  # every message beyond the 4 of a JSON request is a streamed body chunk
+            base = round(msgs_per_req)  # the messages of a JSON request; every one beyond is a streamed chunk
+            chunks = msgs - base * total
             per_chunk = (x_cpu_us - total * ext.extproc_cpu_us) / max(1, chunks)
             print(f"    {total} streamed responses, {msgs / max(1, total):.1f} ext_proc messages each; "
                   f"ext_proc CPU {x_cpu_us / max(1, total):.0f} µs per response, ≈{per_chunk:.0f} µs per streamed "
-                  f"chunk beyond the 4-message JSON request's {ext.extproc_cpu_us:.0f} µs")
+                  f"chunk beyond the {base}-message JSON request's {ext.extproc_cpu_us:.0f} µs")
+            figures["stream"] = {"messages_per_response": round(msgs / max(1, total), 1),
+                                 "extproc_cpu_us_per_chunk": round(per_chunk)}
             t_plain = asyncio.run(ttft(f"http://{HOST}:{pfport}/v1/chat/completions", sse40, 40))
             t_ext = asyncio.run(ttft(f"http://{HOST}:{efport}/v1/chat/completions", sse40, 40))
             print(f"    time to first token (median of 40, sequential): plain {t_plain:.2f} ms, "
                   f"ext_proc {t_ext:.2f} ms, difference {t_ext - t_plain:+.2f} ms")
+            figures["ttft_ms"] = {"plain": t_plain, "ext_proc": t_ext, "added": t_ext - t_plain}
             del m1
 
         print("\nIn-process request path")
@@ -451,6 +503,11 @@ def main() -> int:
         print("\nRatios (Envoy + ext_proc req/s ÷ plain Envoy req/s, same run)")
         for name, ratio in ratios:
             print(f"  {name:<40} {ratio:.3f}×")
+        if args.json:
+            figures["cases"] = [r.__dict__ for r in b.results]
+            figures["ratios"] = {name: round(ratio, 4) for name, ratio in ratios}
+            Path(args.json).write_text(json.dumps(figures, indent=2))
+            print(f"figures written to {args.json}")
         return 0
     finally:
         b.stack.stop()

@@ -218,8 +218,9 @@ def plain_config(listen_port: int, admin_port: int, upstream_port: int) -> dict[
                                    upstreams=[Upstream("openai", "127.0.0.1", upstream_port)],
                                    access_log_path="/dev/null"))
     hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    hcm["http_filters"] = hcm["http_filters"][1:]
-    hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"] = {"cluster": "openai", "timeout": "600s"}
+    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.router"]
+    hcm["route_config"]["virtual_hosts"][0]["routes"] = [{"match": {"prefix": "/"},
+                                                          "route": {"cluster": "openai", "timeout": "600s"}}]
     cfg["static_resources"]["clusters"] = cfg["static_resources"]["clusters"][1:]
     return cfg
 
