@@ -30,7 +30,7 @@ async def admitted_state(processor: Processor, path: str, model: str, *, stream:
     assert r.immediate is None, r.immediate
     r = await processor.request_body(st, json.dumps(request_doc(path, model, stream, **extra)).encode())
     assert r.immediate is None, r.immediate
-    processor.forwarded(st)
+    await processor.forwarded(st)
     ctype = "text/event-stream" if stream else "application/json"
     processor.response_headers(st, {":status": str(status), "content-type": ctype})
     return st

@@ -148,9 +148,9 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                         metrics.stream_errors.labels(phase).inc()
                         log.exception("ext_proc phase failed", extra={"phase": phase})
                         reply = proc.internal_error(state) if phase.startswith("request") else Reply()
-                    yield render(phase, reply)
                     if phase == "request_body" and reply.immediate is None:
-                        proc.forwarded(state)
+                        await proc.forwarded(state)  # recorded before Envoy can send it upstream
+                    yield render(phase, reply)
                     if reply.immediate is not None:
                         return
                     # Envoy sends nothing after the response's last bytes but resets the stream; ending the

@@ -8,7 +8,6 @@ an OS crash or power loss can lose the last transactions since the WAL was synce
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -60,7 +59,7 @@ class SqliteLedger(SyncSqlite, Ledger):
                     raise
                 raise StoreUnavailable(f"sqlite: {e}") from None
 
-        return await asyncio.get_running_loop().run_in_executor(self._thread, run)
+        return await self._thread.call(run)
 
     async def totals(self, budget: str, period: str) -> Totals:
         return await self._io(self._totals_sync, budget, period)
@@ -118,5 +117,5 @@ class SqliteLedger(SyncSqlite, Ledger):
         return await self._io(self._checkpoint_sync, force)
 
     async def close(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._thread, self._close_sync)
-        self._thread.shutdown(wait=False)
+        await self._thread.call(self._close_sync)
+        self._thread.shutdown()

@@ -11,7 +11,6 @@ import logging
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -30,6 +29,7 @@ from nexus_extproc.ledger.base import (
     Totals,
     decay,
 )
+from nexus_extproc.ledger.one_thread import OneThread
 from nexus_extproc.ledger.sqlite_schema import (
     MIGRATE_1_TO_2,
     MIGRATE_2_TO_3,
@@ -91,7 +91,7 @@ class SyncSqlite:
                  wal_max_bytes: int = 64 << 20) -> None:
         self._path = path
         self._wal_max_bytes = wal_max_bytes
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexus-sqlite")
+        self._thread = OneThread("nexus-sqlite")
         try:
             if path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +99,7 @@ class SyncSqlite:
                                        check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
         except (OSError, sqlite3.DatabaseError) as e:
-            self._thread.shutdown(wait=False)
+            self._thread.shutdown()
             raise StoreOpenError(f"cannot open the SQLite ledger at {path}: {e}") from None
         # After each checkpoint that resets the WAL, cut the file back to this size instead of keeping its peak,
         # and checkpoint by itself at half the bound (SQLite's default, 1000 pages, can overshoot a small one).

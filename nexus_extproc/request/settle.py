@@ -106,9 +106,12 @@ class Settlement(Core):
             task.add_done_callback(self._background.discard)
         return self._error(state, internal_error(), "internal")
 
-    def forwarded(self, state: RequestState) -> None:
-        """The request is on its way upstream: from here on the provider bills it, so if this process dies
-        before the settlement the reaper charges the reservation instead of releasing it."""
+    async def forwarded(self, state: RequestState) -> None:
+        """The request is about to go upstream: from here on the provider bills it, so if this process dies
+        before the settlement the reaper charges the reservation instead of releasing it. Awaited before the
+        request-body reply goes out: a worker killed right after the reply would otherwise leave a forwarded,
+        answered request whose reservation the reaper releases (seen once Envoy stopped sending the response
+        headers, which used to turn such a request into a 500)."""
         state.forwarded = True
         adm = state.admission
         if adm is None or not adm.reserved or state.route is None:
@@ -117,9 +120,7 @@ class Settlement(Core):
                            self.model_label(state.parsed.model if state.parsed else state.model,
                                             state.asked_price or state.price),
                            state.prompt_tokens)
-        task = asyncio.get_running_loop().create_task(self.budget.mark_forwarded(state.req_id, note))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        await self.budget.mark_forwarded(state.req_id, note)
 
     async def finish(self, state: RequestState) -> None:
         """Runs once per stream whatever ended it (clean end, reset, client abort): settle or release."""
