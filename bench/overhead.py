@@ -209,15 +209,15 @@ class Bench:
         wait_http(f"http://{HOST}:{admin}/ready", proc=p)
         return p, listen, admin
 
-    def start_extproc(self, budget: dict | None, workers: int, budgets: list[dict] | None = None
-                      ) -> tuple[subprocess.Popen[bytes], int]:
+    def start_extproc(self, budget: dict | None, workers: int, budgets: list[dict] | None = None,
+                      uds: str | None = None) -> tuple[subprocess.Popen[bytes], int]:
         grpc_port, admin = free_port(), free_port()
         while workers > 1 and not all(is_free(grpc_port + i) for i in range(workers)):
             grpc_port = free_port()
         doc: dict = {"backends": {"openai": {"cluster": "openai", "type": "cloud", "provider": "openai",
                                              "default": True}},
                      "server": {"grpc_port": grpc_port, "admin_port": admin, "workers": workers,
-                                "log_level": "WARNING"}}
+                                "log_level": "WARNING", "uds_path": uds}}
         if budget:
             doc["store"] = budget
             if budgets:
@@ -425,6 +425,21 @@ def main() -> int:
                               access_log_path="/dev/null")
         ee2, eport2, _ = b.start_envoy(build_config(params2), "ext2")
         ext2 = b.measure("Envoy + ext_proc (2 workers)", eport2, ee2, x2, body_1k, 16)
+
+        # Envoy -> ext_proc over a Unix socket instead of TCP loopback, same server build, same run.
+        sock = str(b.work / "extproc.sock")
+        xu, _ = b.start_extproc(None, 1, uds=sock)
+        pu = EnvoyParams(listen_address=HOST, listen_port=free_port(), admin_port=free_port(), extproc_uds=[sock],
+                         upstreams=[Upstream("openai", HOST, up)], access_log_path="/dev/null")
+        eu, euport, _ = b.start_envoy(build_config(pu), "ext-uds")
+        uds = b.measure("Envoy + ext_proc over a Unix socket", euport, eu, xu, body_1k, 16)
+        print(f"  Unix socket vs TCP: {uds.rps / max(ext.rps, 1):.3f}x req/s, "
+              f"{uds.extproc_cpu_us - ext.extproc_cpu_us:+.0f} µs ext_proc, "
+              f"{uds.envoy_cpu_us - ext.envoy_cpu_us:+.0f} µs Envoy CPU per request")
+        ratios.append(("1 KB JSON c=16, Unix socket", uds.rps / plain.rps))
+        figures["uds_vs_tcp"] = {"rps_ratio": uds.rps / max(ext.rps, 1),
+                                 "extproc_cpu_us": uds.extproc_cpu_us - ext.extproc_cpu_us,
+                                 "envoy_cpu_us": uds.envoy_cpu_us - ext.envoy_cpu_us}
         ratios.append(("1 KB JSON c=16, 2 workers", ext2.rps / plain.rps))
 
         if not args.quick:

@@ -39,6 +39,8 @@ class EnvoyParams:
     admin_port: int = 9901
     extproc_host: str = "127.0.0.1"
     extproc_ports: list[int] = field(default_factory=lambda: [50051])
+    # Unix sockets of the server (server.uds_path): used instead of the TCP ports when given.
+    extproc_uds: list[str] = field(default_factory=list)
     upstreams: list[Upstream] = field(default_factory=lambda: [
         Upstream("openai", "api.openai.com", 443, tls=True),
         Upstream("anthropic", "api.anthropic.com", 443, tls=True),
@@ -77,6 +79,11 @@ def _h2_options() -> dict[str, Any]:
 def _endpoints(name: str, host: str, ports: list[int]) -> dict[str, Any]:
     return {"cluster_name": name, "endpoints": [{"lb_endpoints": [
         {"endpoint": {"address": {"socket_address": {"address": host, "port_value": p}}}} for p in ports]}]}
+
+
+def _pipes(name: str, paths: list[str]) -> dict[str, Any]:
+    return {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+        {"endpoint": {"address": {"pipe": {"path": path}}}} for path in paths]}]}
 
 
 _THRESHOLDS = {"thresholds": [{"max_connections": 100000, "max_pending_requests": 100000,
@@ -184,7 +191,8 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
         "lb_policy": "LEAST_REQUEST",
         "typed_extension_protocol_options": _h2_options(),
         "circuit_breakers": _THRESHOLDS,
-        "load_assignment": _endpoints("nexus_extproc", p.extproc_host, p.extproc_ports),
+        "load_assignment": (_pipes("nexus_extproc", p.extproc_uds) if p.extproc_uds
+                            else _endpoints("nexus_extproc", p.extproc_host, p.extproc_ports)),
         # no_traffic_interval too: Envoy otherwise checks every 60 s until it counts the cluster as used, and a
         # worker that reports NOT_SERVING before it recycles would keep getting new streams.
         "health_checks": [{"timeout": "1s", "interval": "2s", "no_traffic_interval": "2s", "unhealthy_threshold": 2,

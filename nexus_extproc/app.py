@@ -76,8 +76,8 @@ def build(config: NexusConfig, counter: TokenCounter | None = None) -> Component
     return Components(Processor(config, counter, prices, budget, Router(config)), budget, prices)
 
 
-async def start_grpc(servicer: ExternalProcessor, host: str, port: int) -> tuple[grpc.aio.Server, int,
-                                                                                   health.aio.HealthServicer]:
+async def start_grpc(servicer: ExternalProcessor, host: str, port: int, uds: str | None = None
+                     ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)])
     ep_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
     hs = health.aio.HealthServicer()
@@ -85,6 +85,11 @@ async def start_grpc(servicer: ExternalProcessor, host: str, port: int) -> tuple
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind gRPC on {host}:{port}")
+    if uds:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(uds)  # a socket file left by a process that died: nobody listens on it
+        if server.add_insecure_port(f"unix:{uds}") == 0:
+            raise OSError(f"cannot bind gRPC on unix:{uds}")
     await server.start()
     await hs.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await hs.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -111,7 +116,10 @@ async def serve_single(config: NexusConfig, worker_index: int | None = None) -> 
     comps = build(config)
     servicer = ExternalProcessor(comps.processor, config.server.stream_idle_timeout_secs)
     port = config.server.grpc_port + (worker_index or 0)
-    server, bound, hs = await start_grpc(servicer, config.server.grpc_host, port)
+    uds = config.server.uds_path
+    if uds and worker_index is not None and config.server.workers > 1:
+        uds = f"{uds}.{worker_index}"
+    server, bound, hs = await start_grpc(servicer, config.server.grpc_host, port, uds)
     runner = None
     ready = True
 

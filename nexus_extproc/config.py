@@ -131,6 +131,9 @@ class PriceOverride(_Strict):
 class ServerConfig(_Strict):
     grpc_host: str = "127.0.0.1"
     grpc_port: int = Field(default=50051, ge=0, le=65535)
+    # Also serve ext_proc on this Unix socket (worker i of several: PATH.i), for an Envoy on the same host
+    # (`pipe` endpoints). TCP stays on for health checks and tools.
+    uds_path: str | None = None
     admin_host: str = "127.0.0.1"
     admin_port: int = Field(default=9090, ge=0, le=65535)
     workers: int = Field(default=1, ge=1, le=64)

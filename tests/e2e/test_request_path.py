@@ -199,3 +199,34 @@ def test_the_four_exchange_mode_of_the_mesh_integrations_still_works(e2e, tmp_pa
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_envoy_reaches_the_server_over_a_unix_socket(tmp_path):
+    """server.uds_path: the server also listens on a Unix socket; Envoy's cluster uses a `pipe` endpoint."""
+    from nexus_dev.stack import Stack
+    from tests.e2e.conftest import write_config
+
+    sock = str(tmp_path / "extproc.sock")
+    stack = Stack()
+    try:
+        stack.start_fakes(("openai",))
+        stack.start_extproc(write_config(stack.workdir / "uds.yaml", budget={"monthly_limit_usd": 10},
+                                         store={"kind": "sqlite", "path": str(tmp_path / "l.db")},
+                                         server={"uds_path": sock, "grace_period_secs": 5}))
+        from nexus_dev.stack import free_port
+
+        stack.envoy_port, stack.envoy_admin_port = free_port(), free_port()
+        params = stack.envoy_params()
+        params.extproc_uds = [sock]
+        stack.start_envoy(params=params)
+        assert Path(sock).is_socket()
+        r = httpx.post(f"{stack.base_url}/v1/chat/completions", timeout=10,
+                       json={"model": "gpt-4o", "messages": MSGS, "max_tokens": 5})
+        assert r.status_code == 200 and r.headers["x-nexus-backend-type"] == "cloud"
+        time.sleep(0.5)
+        stats = httpx.get(f"http://127.0.0.1:{stack.admin_port}/v1/stats", timeout=5).json()
+        assert stats["budget"]["current_spending_usd"] > 0
+        cfg = (stack.workdir / "envoy.yaml").read_text()
+        assert f"path: {sock}" in cfg and "pipe:" in cfg
+    finally:
+        stack.stop()
