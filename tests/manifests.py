@@ -29,3 +29,26 @@ def validate(obj: dict) -> None:
         jsonschema.validate(obj["spec"], schema)
     else:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def check_workload(objs: list[dict], external: frozenset | set = frozenset()) -> dict:
+    """The nexus-extproc Deployment holds together: selectors select its pods, every volume has one source and
+    points at an object that exists (rendered here, or named in `external`), probes use the admin endpoints,
+    and it runs as non-root. Returns the objects by (kind, name)."""
+    by = {(o["kind"], o["metadata"]["name"]): o for o in objs}
+    dep = by[("Deployment", "nexus-extproc")]
+    pod = dep["spec"]["template"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    for svc in (o for o in objs if o["kind"] == "Service" and o["metadata"]["name"].startswith("nexus-extproc")):
+        assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    for v in pod["spec"]["volumes"]:
+        assert len(set(v) - {"name"}) == 1, f"volume {v['name']} has more than one source"
+        for kind, ref in (("ConfigMap", v.get("configMap", {}).get("name")),
+                          ("Secret", v.get("secret", {}).get("secretName")),
+                          ("PersistentVolumeClaim", v.get("persistentVolumeClaim", {}).get("claimName"))):
+            if ref:
+                assert (kind, ref) in by or (kind, ref) in external, f"{kind} {ref} is referenced but not rendered"
+    c = pod["spec"]["containers"][0]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    return by

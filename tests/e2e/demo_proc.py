@@ -12,31 +12,9 @@ from pathlib import Path
 import httpx
 
 from nexus_dev.stack import REPO, free_port
+from tests.procs import alive, descendants
 
-
-def descendants(pid: int) -> set[int]:
-    parents: dict[int, int] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = Path(f"/proc/{d}/stat").read_text()
-            except OSError:
-                continue
-            parents[int(d)] = int(stat.rsplit(")", 1)[1].split()[1])
-    out: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {c for c, p in parents.items() if p in frontier} - out
-        out |= frontier
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+__all__ = ["Demo", "alive", "descendants"]
 
 
 class Demo:

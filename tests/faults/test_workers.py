@@ -18,21 +18,9 @@ import pytest
 
 from nexus_dev.stack import Stack, free_port
 from tests.faults.conftest import ledger_spend, post, send_threads, wait_for, write_config
+from tests.procs import alive, children
 
 BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 20}
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = Path(f"/proc/{d}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(d))
-    return sorted(out)
 
 
 def start(tmp_path: Path, **server: object) -> tuple[Stack, Path]:
@@ -189,11 +177,5 @@ def test_workers_end_with_their_parent_when_it_is_killed_9(stack: tuple[Stack, P
     workers = wait_for(lambda: (lambda c: c if len(c) == 2 else None)(children(parent)), 10, "two workers")
     s.extproc.kill()
     s.extproc.wait(10)
-    def ended(pid: int) -> bool:
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-        except OSError:
-            return True
-
-    assert wait_for(lambda: all(ended(w) for w in workers), 15, "the workers to end with their parent")
+    assert wait_for(lambda: not any(alive(w) for w in workers), 15, "the workers to end with their parent")
     print(f"parent kill -9: workers {workers} ended with it")

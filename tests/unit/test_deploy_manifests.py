@@ -13,7 +13,7 @@ import yaml
 
 from nexus_dev.stack import envoy_binary
 from tests import kustomize
-from tests.manifests import validate
+from tests.manifests import check_workload, validate
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS = ["base", "overlays/sqlite-single", "overlays/redis-ha"]
@@ -26,24 +26,9 @@ def test_kustomize_renders_and_validates(overlay):
     assert {"Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget", "ServiceMonitor"} <= kinds
     for o in objs:
         validate(o)
-    by = {(o["kind"], o["metadata"]["name"]): o for o in objs}
+    by = check_workload(objs)
     dep = by[("Deployment", "nexus-extproc")]
     pod = dep["spec"]["template"]
-    # Selectors select the pods; volumes point at objects that exist; probes use the admin endpoints.
-    assert dep["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
-    for svc in (o for o in objs if o["kind"] == "Service" and o["metadata"]["name"].startswith("nexus-extproc")):
-        assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
-    for v in pod["spec"]["volumes"]:
-        assert len(set(v) - {"name"}) == 1, f"volume {v['name']} has more than one source"
-        if "configMap" in v:
-            assert ("ConfigMap", v["configMap"]["name"]) in by
-        if "secret" in v:
-            assert ("Secret", v["secret"]["secretName"]) in by
-        if "persistentVolumeClaim" in v:
-            assert ("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"]) in by
-    c = pod["spec"]["containers"][0]
-    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     # The shipped config inside the ConfigMap is one the server accepts.
     from nexus_extproc.config import parse_config
 

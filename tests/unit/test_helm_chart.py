@@ -11,7 +11,7 @@ import yaml
 
 from nexus_dev.deploy_assets import CHART, assets
 from nexus_extproc.config import parse_config
-from tests.manifests import validate
+from tests.manifests import check_workload, validate
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk is a dev dependency (make installs it)")
 
@@ -53,23 +53,13 @@ def test_every_rendered_object_validates_and_the_workload_holds_together(combo):
     objs = render(values)
     for o in objs:
         validate(o)
-    by = {(o["kind"], o["metadata"]["name"]): o for o in objs}
-    dep = by[("Deployment", "nexus-extproc")]
-    pod = dep["spec"]["template"]
-    assert dep["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
-    for svc in (o for o in objs if o["kind"] == "Service"):
-        assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
-    c = pod["spec"]["containers"][0]
-    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert pod["spec"]["securityContext"]["runAsUser"] == 65532 and c["securityContext"]["readOnlyRootFilesystem"]
     external = {("ConfigMap", values.get("existingConfigMap")), ("Secret", values.get("adminToken", {}).get(
         "existingSecret")), ("PersistentVolumeClaim", "my-ledger")}
-    for v in pod["spec"]["volumes"]:
-        for kind, ref in (("ConfigMap", v.get("configMap", {}).get("name")),
-                          ("Secret", v.get("secret", {}).get("secretName")),
-                          ("PersistentVolumeClaim", v.get("persistentVolumeClaim", {}).get("claimName"))):
-            if ref:
-                assert (kind, ref) in by or (kind, ref) in external, f"{kind} {ref} is referenced but not rendered"
+    by = check_workload(objs, external)
+    dep = by[("Deployment", "nexus-extproc")]
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert dep["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 65532
+    assert c["securityContext"]["readOnlyRootFilesystem"]
     store = values.get("store", {})
     if ("ConfigMap", "nexus-extproc-config") in by:
         cfg = parse_config(yaml.safe_load(by[("ConfigMap", "nexus-extproc-config")]["data"]["config.yaml"]),
