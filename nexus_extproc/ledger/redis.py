@@ -41,6 +41,7 @@ from nexus_extproc.ledger.base import (
     Totals,
     decay,
 )
+from nexus_extproc.ledger.redis_batch import ScriptBatcher
 from nexus_extproc.memo import BoundedMemo
 
 
@@ -86,6 +87,14 @@ class RedisLedger(Ledger):
         self._calibrate = self._r.register_script(_CALIBRATE)
         self._time = self._r.register_script(_TIME)
         self._put_settings = self._r.register_script(_PUT_SETTINGS)
+        # One pipeline per event-loop tick for the per-request scripts (not in a cluster: its pipelines split
+        # by node, and every key here is in one slot anyway).
+        self._batch = None if cluster else ScriptBatcher(self._r)  # type: ignore[arg-type]
+
+    def _script(self, script, keys: list[str], args: list[object]):  # type: ignore[no-untyped-def]
+        if self._batch is not None:
+            return self._batch.run(script, keys, args)
+        return script(keys=keys, args=args)
 
     async def _call(self, coro):  # type: ignore[no-untyped-def]
         try:
@@ -125,8 +134,8 @@ class RedisLedger(Ledger):
             secs, micros = (int(x) for x in await self._call(self._time(keys=[f"{self._p}:rexp"])))
             self._clock_offset = secs + micros / 1e6 - time.time()
         deadline = time.time() + self._clock_offset + self._timeout
-        out = await self._call(self._reserve(keys=[f"{self._p}:r:{req_id}", f"{self._p}:rexp"],
-                                             args=[req_id, expires_at, amount, self._p, packed, deadline]))
+        out = await self._call(self._script(self._reserve, [f"{self._p}:r:{req_id}", f"{self._p}:rexp"],
+                                            [req_id, expires_at, amount, self._p, packed, deadline]))
         if int(out[0]) < 0:
             raise StoreUnavailable("redis: reserve reached the server after its deadline")
         totals = [Totals(int(out[1 + 2 * i]), int(out[2 + 2 * i])) for i in range(len(keys))]
@@ -142,8 +151,8 @@ class RedisLedger(Ledger):
                           "budgets": [b for b, _ in items], "avoided": record.avoided,
                           "asked": record.model_requested}, separators=(",", ":"))
         fields = "\n".join(f"{b}\t{p}" for b, p in items)
-        return bool(int(await self._call(self._settle(
-            keys=keys, args=[req_id, cost, self._p, SETTLED_MARKER_TTL_S, doc, fields]))))
+        return bool(int(await self._call(self._script(
+            self._settle, keys, [req_id, cost, self._p, SETTLED_MARKER_TTL_S, doc, fields]))))
 
     async def release(self, req_id: str) -> int:
         keys = [f"{self._p}:r:{req_id}", f"{self._p}:rexp"]
@@ -152,7 +161,7 @@ class RedisLedger(Ledger):
     async def mark_forwarded(self, req_id: str, at: float, note: ForwardNote) -> None:
         doc = json.dumps({"model": note.model, "backend": note.backend, "asked": note.model_requested,
                           "in": note.input_tokens}, separators=(",", ":"))
-        await self._call(self._forwarded(keys=[f"{self._p}:r:{req_id}"], args=[at, doc]))
+        await self._call(self._script(self._forwarded, [f"{self._p}:r:{req_id}"], [at, doc]))
 
     async def reap(self, now: float) -> ReapResult:
         out = await self._call(self._reap(keys=[f"{self._p}:rexp", f"{self._p}:settlement_count"],

@@ -450,3 +450,30 @@ async def test_cluster_keeps_every_key_of_a_deployment_in_one_slot(request):
     finally:
         await rc.aclose()
         await led.close()
+
+
+async def test_redis_script_calls_of_one_tick_share_a_round_trip_and_survive_a_script_flush(redis_url):
+    """The per-request scripts of concurrent requests go out as one pipeline (ledger/redis_batch.py); each is
+    still its own atomic script, and a Redis that lost its scripts (restart, SCRIPT FLUSH) loads them again."""
+    import uuid as _uuid
+
+    from nexus_extproc.ledger.redis import RedisLedger
+
+    led = RedisLedger(redis_url, key_prefix=f"b{_uuid.uuid4().hex[:8]}")
+    assert led._batch is not None
+    sizes: list[int] = []
+    flush = led._batch._flush
+
+    async def spy(batch):  # type: ignore[no-untyped-def]
+        sizes.append(len(batch))
+        await flush(batch)
+
+    led._batch._flush = spy  # type: ignore[method-assign]
+    key = [("global", "2026-12")]
+    await led._r.script_flush()
+    results = await asyncio.gather(*(led.reserve(f"r{i}", key, 10, time.time() + 60, caps=[150])
+                                     for i in range(20)))
+    assert sum(r.admitted for r in results) == 15  # the cap holds call by call inside the batch
+    assert max(sizes) > 1 and sum(sizes) == 20, sizes
+    assert (await led.totals("global", "2026-12")).reserved == 150
+    await led.close()
