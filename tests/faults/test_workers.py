@@ -96,12 +96,12 @@ def test_killed_worker_is_restarted_and_the_other_keeps_serving(stack: tuple[Sta
     # Every request that was answered is in the ledger (the dead worker's in-flight ones settle by the reaper).
     answered = statuses.count(200) + 100 + 1
     wait_for(lambda: ledger_spend(db)[1] >= answered, 45, f"{answered} settlements")
-    # What may fail: at most each load thread's request in flight on the dead worker (its stream was reset after
-    # the worker saw it). Streams that cannot connect to the dead or not-yet-listening worker are retried by
-    # Envoy on the other one (grpc_service.retry_policy), so nothing fails after the kill itself.
+    # What may fail: each load thread's request in flight on the dead worker, and rarely one more while the new
+    # worker comes up. Streams that cannot connect are retried by Envoy on the other worker
+    # (grpc_service.retry_policy). Nothing may fail 2 s after the restart.
     timeline = f"failures at {[round(t - killed, 2) for t in failures]} s, respawned at {respawned - killed:.2f} s"
     assert len(failed) <= len(threads), f"{len(failed)} of {len(statuses)} requests failed around the kill; {timeline}"
-    assert all(t - killed < 0.5 for t in failures), f"failures after the in-flight ones; {timeline}"
+    assert all(t - respawned < 2.0 for t in failures), f"failures 2 s after the restart; {timeline}"
     print(timeline)
     print(f"worker kill -9: {len(statuses)} requests under load ({during} before the kill), {len(failed)} failed "
           f"({sorted(set(failed))}), then 100/100 answered; parent alive, 1 restart")
