@@ -78,6 +78,10 @@ class IdentityConfig(_Strict):
     # x-nexus-user/-team/-agent are honoured for budget scopes only when an authenticator in front of this
     # filter (jwt_authn, ext_authz) sets them; otherwise a client could pick its own budget.
     trust_identity_headers: bool = False
+    # x-nexus-task / x-nexus-tags are recorded on each settlement for reports; they never pick a budget, but
+    # a client could still file its spend under another team's task, so they too need an authenticator (or a
+    # route that sets them) in front.
+    trust_attribution_headers: bool = False
     api_key_salt_env: str = "NEXUS_API_KEY_SALT"
 
 

@@ -6,14 +6,16 @@ from __future__ import annotations
 from datetime import datetime
 
 from nexus_extproc.budget.book import Book, BudgetDef, BudgetState, Settings
+from nexus_extproc.budget.insights import Insights
 from nexus_extproc.budget.policy import BudgetView
-from nexus_extproc.budget.reports import SpendRow, roll_up
+from nexus_extproc.budget.reports import SpendRow
 from nexus_extproc.ledger import AuditRecord, Totals
 
 
 class BudgetAdmin:
     def __init__(self, book: Book) -> None:
         self._book = book
+        self.insights = Insights(book)  # reports, exports, forecasts, recommendations
 
     @property
     def enabled(self) -> bool:
@@ -55,8 +57,7 @@ class BudgetAdmin:
 
     async def spend(self, start_ts: float, end_ts: float, group_by: list[str]) -> list[SpendRow]:
         """Raises ValueError for an unknown grouping."""
-        ledger = self._book.ledger
-        return roll_up(await ledger.spend(start_ts, end_ts), group_by) if ledger else []
+        return await self.insights.spend(start_ts, end_ts, group_by)
 
     async def audit(self, limit: int) -> list[AuditRecord]:
         ledger = self._book.ledger

@@ -10,7 +10,10 @@ from datetime import UTC, date, datetime, timedelta
 
 from nexus_extproc.ledger import SpendAgg
 
-GROUPS = ("budget", "model", "day", "model_requested")
+# `day` is the UTC day; `week` its ISO week (2026-W49) and `month` its month (2026-12), the daily, weekly and
+# monthly roll-ups. `tag` splits a settlement's tag list: one with two tags counts in both tags' rows, so tag
+# rows overlap and their sum is not the total (every other grouping partitions it).
+GROUPS = ("budget", "model", "day", "week", "month", "model_requested", "backend", "task", "tag")
 
 
 @dataclass(slots=True)
@@ -26,6 +29,14 @@ class SpendRow:
     avoided_micros: int = 0
     model_requested: str = ""
     reaped_micros: int = 0
+    week: str = ""
+    month: str = ""
+    backend: str = ""
+    task: str = ""
+    tag: str = ""
+    cache_read_tokens: int = 0
+    output_reserved: int = 0
+    streamed: int = 0
 
 
 def parse_range(start: str | None, end: str | None, today: date | None = None) -> tuple[float, float]:
@@ -54,24 +65,36 @@ def roll_up(aggs: Iterable[SpendAgg], group_by: Iterable[str]) -> list[SpendRow]
         raise ValueError(f"group_by must be among {', '.join(GROUPS)}")
     out: dict[tuple[str, ...], SpendRow] = {}
     for a in aggs:
-        k = tuple(getattr(a, g) for g in keys)
-        row = out.get(k)
-        if row is None:
-            row = out[k] = SpendRow(**dict(zip(keys, k, strict=True)))
-        row.requests += a.requests
-        row.input_tokens += a.input_tokens
-        row.output_tokens += a.output_tokens
-        row.cost_micros += a.cost
-        row.estimate_micros += a.estimate
-        row.avoided_micros += a.avoided
-        row.reaped_micros += a.reaped
+        attrs = {"budget": a.budget, "model": a.model, "day": a.day, "week": iso_week(a.day), "month": a.day[:7],
+                 "model_requested": a.model_requested, "backend": a.backend, "task": a.task}
+        for tag in (a.tags.split(",") if a.tags else [""]) if "tag" in keys else [""]:
+            attrs["tag"] = tag
+            k = tuple(attrs[g] for g in keys)
+            row = out.get(k)
+            if row is None:
+                row = out[k] = SpendRow(**dict(zip(keys, k, strict=True)))  # type: ignore[arg-type]
+            row.requests += a.requests
+            row.input_tokens += a.input_tokens
+            row.output_tokens += a.output_tokens
+            row.cost_micros += a.cost
+            row.estimate_micros += a.estimate
+            row.avoided_micros += a.avoided
+            row.reaped_micros += a.reaped
+            row.cache_read_tokens += a.cache_read_tokens
+            row.output_reserved += a.output_reserved
+            row.streamed += a.streamed
     return [out[k] for k in sorted(out)]
+
+
+def iso_week(day: str) -> str:
+    y, w, _ = date.fromisoformat(day).isocalendar()
+    return f"{y}-W{w:02d}"
 
 
 # `model` is the model settled at (the one that answered); `model_requested` the one the client asked for;
 # `reaped_usd` the part of `cost_usd` the reaper charged at the estimate (forwarded, its process died).
-COLUMNS = ("budget", "model", "day", "requests", "input_tokens", "output_tokens", "cost_usd", "estimate_usd",
-           "avoided_usd", "model_requested", "reaped_usd")
+COLUMNS = ("budget", "model", "day", "week", "month", "backend", "task", "tag", "requests", "input_tokens",
+           "output_tokens", "cost_usd", "estimate_usd", "avoided_usd", "model_requested", "reaped_usd")
 
 
 def row_dict(r: SpendRow) -> dict[str, object]:
@@ -79,7 +102,8 @@ def row_dict(r: SpendRow) -> dict[str, object]:
             "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
             "cost_usd": f"{r.cost_micros / 1e6:.6f}", "estimate_usd": f"{r.estimate_micros / 1e6:.6f}",
             "avoided_usd": f"{r.avoided_micros / 1e6:.6f}", "model_requested": r.model_requested,
-            "reaped_usd": f"{r.reaped_micros / 1e6:.6f}"}
+            "reaped_usd": f"{r.reaped_micros / 1e6:.6f}", "week": r.week, "month": r.month, "backend": r.backend,
+            "task": r.task, "tag": r.tag}
 
 
 def to_csv(rows: Iterable[SpendRow]) -> str:

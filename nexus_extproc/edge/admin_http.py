@@ -14,6 +14,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from nexus_extproc.budget.admin import BudgetAdmin
 from nexus_extproc.budget.book import GLOBAL_BUDGET, BudgetState
+from nexus_extproc.budget.focus import to_focus_csv
 from nexus_extproc.budget.forecast import forecast
 from nexus_extproc.budget.policy import STATUS_CODE
 from nexus_extproc.budget.reports import parse_range, row_dict, to_csv
@@ -151,8 +152,11 @@ def build_admin_app(budget: BudgetAdmin, is_ready: Callable[[], Awaitable[bool]]
             lo, hi = parse_range(q.get("from"), q.get("to"))
             group_by = [g for g in q.get("group_by", "model").split(",") if g]
             fmt = q.get("format", "json")
-            if fmt not in ("json", "csv"):
-                raise ValueError("format must be json or csv")
+            if fmt not in ("json", "csv", "focus"):
+                raise ValueError("format must be json, csv or focus")
+            if fmt == "focus":
+                return web.Response(text=to_focus_csv(await budget.insights.focus(lo, hi)), content_type="text/csv",
+                                    headers={"Content-Disposition": "attachment; filename=nexus-focus.csv"})
             rows = await budget.spend(lo, hi, group_by)
         except ValueError as e:
             return web.json_response({"error": str(e)}, status=400)

@@ -48,6 +48,14 @@ class SpendRecord:
     avoided: int = 0  # rerouted: what the asked-for cloud model would have cost for the same usage, minus cost
     # The model the client asked for; `model` is the one settled at (the answering model, or a reroute's target).
     model_requested: str = ""
+    # Attribution from the trusted x-nexus-task / x-nexus-tags headers ("" when absent); tags are the
+    # normalised comma list (sorted, unique), so reports can split them again.
+    task: str = ""
+    tags: str = ""
+    team: str = ""  # the trusted x-nexus-team (FOCUS SubAccountId)
+    cache_read_tokens: int = 0  # of input_tokens, read from the provider's prompt cache
+    output_reserved: int = 0  # output tokens the estimate reserved for (max_tokens, or the model's expectation)
+    streamed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +83,13 @@ class SpendAgg:
     avoided: int = 0
     model_requested: str = ""
     reaped: int = 0  # of `cost`, what the reaper charged at the estimate (the process died, no usage seen)
+    backend: str = ""
+    task: str = ""
+    tags: str = ""
+    cache_read_tokens: int = 0
+    output_reserved: int = 0
+    streamed: int = 0
+    team: str = ""  # how many of `requests` were streamed (SSE)
 
 
 class ReapResult(NamedTuple):
@@ -93,16 +108,18 @@ class ForwardNote:
     backend: str
     model_requested: str
     input_tokens: int
+    task: str = ""
+    tags: str = ""
 
     def pack(self) -> str:
-        return f"{self.model}\t{self.backend}\t{self.model_requested}\t{self.input_tokens}"
+        return f"{self.model}\t{self.backend}\t{self.model_requested}\t{self.input_tokens}\t{self.task}\t{self.tags}"
 
     @classmethod
     def unpack(cls, text: str | None) -> ForwardNote:
         parts = (text or "").split("\t")
-        if len(parts) != 4 or not parts[3].isdigit():
+        if len(parts) not in (4, 6) or not parts[3].isdigit():  # 4: written before task and tags existed
             return cls("other", "unknown", "other", 0)
-        return cls(parts[0], parts[1], parts[2], int(parts[3]))
+        return cls(parts[0], parts[1], parts[2], int(parts[3]), *parts[4:6])
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +206,10 @@ class SpendLog(abc.ABC):
     """The settlements as a log, for reports."""
 
     @abc.abstractmethod
-    async def spend(self, start_ts: float, end_ts: float) -> list[SpendAgg]: ...
+    async def spend(self, start_ts: float, end_ts: float, per_budget: bool = True) -> list[SpendAgg]:
+        """Aggregates at the finest grain reports need. per_budget: one row set per budget a settlement counted
+        against (budget reports); otherwise each settlement once, budget "" (exports that must not double
+        count, and spend no budget matched)."""
 
     @abc.abstractmethod
     async def settlement_count(self) -> int: ...

@@ -149,7 +149,10 @@ class RedisLedger(Ledger):
                           "in": record.input_tokens, "out": record.output_tokens, "cost": cost,
                           "estimate": record.estimate, "source": record.source,
                           "budgets": [b for b, _ in items], "avoided": record.avoided,
-                          "asked": record.model_requested}, separators=(",", ":"))
+                          "asked": record.model_requested, "task": record.task, "tags": record.tags,
+                          "team": record.team,
+                          "cr": record.cache_read_tokens, "or": record.output_reserved,
+                          "st": int(record.streamed)}, separators=(",", ":"))
         fields = "\n".join(f"{b}\t{p}" for b, p in items)
         return bool(int(await self._call(self._script(
             self._settle, keys, [req_id, cost, self._p, SETTLED_MARKER_TTL_S, doc, fields]))))
@@ -160,7 +163,7 @@ class RedisLedger(Ledger):
 
     async def mark_forwarded(self, req_id: str, at: float, note: ForwardNote) -> None:
         doc = json.dumps({"model": note.model, "backend": note.backend, "asked": note.model_requested,
-                          "in": note.input_tokens}, separators=(",", ":"))
+                          "in": note.input_tokens, "task": note.task, "tags": note.tags}, separators=(",", ":"))
         await self._call(self._script(self._forwarded, [f"{self._p}:r:{req_id}"], [at, doc]))
 
     async def reap(self, now: float) -> ReapResult:
@@ -197,8 +200,9 @@ class RedisLedger(Ledger):
         rows = await self._call(self._r.lrange(f"{self._p}:audit", 0, max(0, limit - 1)))
         return [AuditRecord(*json.loads(r)) for r in rows]
 
-    async def spend(self, start_ts: float, end_ts: float) -> list[SpendAgg]:
-        acc: dict[tuple[str, str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0, 0, 0])
+    async def spend(self, start_ts: float, end_ts: float, per_budget: bool = True) -> list[SpendAgg]:
+        # (budget, model, day, asked, backend, task, tags, team) -> sums, the SQLite ledger's grain
+        acc: dict[tuple[str, ...], list[int]] = defaultdict(lambda: [0] * 10)
         end_ts = min(end_ts, time.time() + 86400)
         for day in range(int(start_ts // 86400), int(end_ts // 86400) + 1):
             for raw in await self._call(self._r.lrange(f"{self._p}:log:{day}", 0, -1)):
@@ -206,18 +210,16 @@ class RedisLedger(Ledger):
                 if not start_ts <= d["ts"] < end_ts:
                     continue
                 day_s = datetime.fromtimestamp(d["ts"], UTC).strftime("%Y-%m-%d")
-                for b in d.get("budgets", []):
-                    a = acc[(b, d["model"], day_s, d.get("asked", ""))]
-                    a[0] += 1
-                    a[1] += d["in"]
-                    a[2] += d["out"]
-                    a[3] += d["cost"]
-                    a[4] += d["estimate"]
-                    a[5] += d.get("avoided", 0)
-                    a[6] += d["cost"] if d.get("source") == "reaped" else 0
-        return [SpendAgg(b, m, day, v[0], v[1], v[2], v[3], v[4], v[5], model_requested=asked, reaped=v[6])
-                for (b, m, day, asked), v in sorted(acc.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1],
-                                                                                 kv[0][3]))]
+                for b in d.get("budgets", []) if per_budget else [""]:
+                    a = acc[(b, d["model"], day_s, d.get("asked", ""), d.get("backend", ""), d.get("task", ""),
+                             d.get("tags", ""), d.get("team", ""))]
+                    for i, v in enumerate((1, d["in"], d["out"], d["cost"], d["estimate"], d.get("avoided", 0),
+                                           d["cost"] if d.get("source") == "reaped" else 0, d.get("cr", 0),
+                                           d.get("or", 0), d.get("st", 0))):
+                        a[i] += v
+        return [SpendAgg(k[0], k[1], k[2], v[0], v[1], v[2], v[3], v[4], v[5], model_requested=k[3], reaped=v[6], backend=k[4], task=k[5],
+                         tags=k[6], cache_read_tokens=v[7], output_reserved=v[8], streamed=v[9], team=k[7])
+                for k, v in sorted(acc.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1], *kv[0][3:]))]
 
     async def merge_calibration(self, deltas: dict[str, CalibrationSums], now: float,
                                 half_life_s: float) -> dict[str, CalibrationSums]:

@@ -102,8 +102,8 @@ class SqliteLedger(SyncSqlite, Ledger):
     async def audit_log(self, limit: int) -> list[AuditRecord]:
         return await self._io(self._audit_log_sync, limit)
 
-    async def spend(self, start_ts: float, end_ts: float) -> list[SpendAgg]:
-        return await self._io(self._spend_sync, start_ts, end_ts)
+    async def spend(self, start_ts: float, end_ts: float, per_budget: bool = True) -> list[SpendAgg]:
+        return await self._io(self._spend_sync, start_ts, end_ts, per_budget)
 
     async def merge_calibration(self, deltas: dict[str, CalibrationSums], now: float,
                                 half_life_s: float) -> dict[str, CalibrationSums]:

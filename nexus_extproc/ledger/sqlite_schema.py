@@ -26,7 +26,10 @@ CREATE TABLE IF NOT EXISTS settlements (
   cost INTEGER NOT NULL, estimate INTEGER NOT NULL, source TEXT NOT NULL,
   budgets TEXT NOT NULL DEFAULT '[]',  -- JSON array of the budgets it counted against
   avoided INTEGER NOT NULL DEFAULT 0,
-  model_requested TEXT NOT NULL DEFAULT '');
+  model_requested TEXT NOT NULL DEFAULT '',
+  task TEXT NOT NULL DEFAULT '', tags TEXT NOT NULL DEFAULT '', team TEXT NOT NULL DEFAULT '',
+  cache_read_tokens INTEGER NOT NULL DEFAULT 0, output_reserved INTEGER NOT NULL DEFAULT 0,
+  streamed INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS calibration (
   key TEXT PRIMARY KEY, provider REAL NOT NULL, ours REAL NOT NULL, tool_calls REAL NOT NULL, n REAL NOT NULL,
   updated REAL NOT NULL);
@@ -41,7 +44,7 @@ CREATE INDEX IF NOT EXISTS settlements_ts ON settlements (ts);
 """
 
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Version 1 had no `id` in totals and one "budget period amount" line per budget in reservations. Upgraded in
 # place: totals keep their rows and sums; v1 reservations (left by a server that has stopped, so never settled)
@@ -74,6 +77,17 @@ CREATE TABLE calibration (
 MIGRATE_3_TO_4 = """
 ALTER TABLE reservations ADD COLUMN forwarded_at REAL;
 ALTER TABLE reservations ADD COLUMN note TEXT;
+"""
+
+
+# Version 4 had no task, tag or team attribution, cache reads, reserved output or stream flag on settlements.
+MIGRATE_4_TO_5 = """
+ALTER TABLE settlements ADD COLUMN task TEXT NOT NULL DEFAULT '';
+ALTER TABLE settlements ADD COLUMN tags TEXT NOT NULL DEFAULT '';
+ALTER TABLE settlements ADD COLUMN team TEXT NOT NULL DEFAULT '';
+ALTER TABLE settlements ADD COLUMN cache_read_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE settlements ADD COLUMN output_reserved INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE settlements ADD COLUMN streamed INTEGER NOT NULL DEFAULT 0;
 """
 
 

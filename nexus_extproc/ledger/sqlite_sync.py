@@ -34,6 +34,7 @@ from nexus_extproc.ledger.sqlite_schema import (
     MIGRATE_1_TO_2,
     MIGRATE_2_TO_3,
     MIGRATE_3_TO_4,
+    MIGRATE_4_TO_5,
     SCHEMA,
     SCHEMA_VERSION,
     LedgerSchemaError,
@@ -124,13 +125,15 @@ class SyncSqlite:
             has_tables = c.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'totals'").fetchone()[0]
             if version == 0 and not has_tables:
                 _run_script(c, SCHEMA)
-            elif version in (1, 2, 3):
+            elif version in (1, 2, 3, 4):
                 if version == 1:
                     _release_v1_reservations(c)
                     _run_script(c, MIGRATE_1_TO_2)
                 if version <= 2:
                     _run_script(c, MIGRATE_2_TO_3)
-                _run_script(c, MIGRATE_3_TO_4)
+                if version <= 3:
+                    _run_script(c, MIGRATE_3_TO_4)
+                _run_script(c, MIGRATE_4_TO_5)
                 log.info("ledger schema upgraded", extra={"from_version": version, "to_version": SCHEMA_VERSION})
             elif version != SCHEMA_VERSION:
                 return int(version)
@@ -269,10 +272,11 @@ class SyncSqlite:
                     held_names = {b for b, _ in held.keys}
                     amounts = [row[0] if b in held_names else 0 for b, _ in target.keys]
             try:
-                c.execute("INSERT INTO settlements VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                c.execute("INSERT INTO settlements VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                           (req_id, record.ts, record.model, record.backend, record.input_tokens,
                            record.output_tokens, cost, record.estimate, record.source, target.names, record.avoided,
-                           record.model_requested))
+                           record.model_requested, record.task, record.tags, record.team, record.cache_read_tokens,
+                           record.output_reserved, int(record.streamed)))
             except sqlite3.IntegrityError:
                 raise _AlreadySettled from None  # idempotent: a second settle changes nothing
             if row is not None:
@@ -325,9 +329,9 @@ class SyncSqlite:
                     continue
                 sh = self._shape_of_text(text)
                 n = ForwardNote.unpack(note)
-                c.execute("INSERT OR IGNORE INTO settlements VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                c.execute("INSERT OR IGNORE INTO settlements VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                           (req_id, now, n.model, n.backend, n.input_tokens, 0, amount, amount, "reaped", sh.names,
-                           0, n.model_requested))
+                           0, n.model_requested, n.task, n.tags, "", 0, 0, 0))
                 settle = amount if c.rowcount == 1 else 0  # a settlement already recorded is not charged twice
                 c.executemany("UPDATE totals SET settled = settled + ?, reserved = reserved - ? "
                               "WHERE budget=? AND period=?", [(settle, amount, b, p) for b, p in sh.keys])
@@ -376,13 +380,17 @@ class SyncSqlite:
                                 (limit,)).fetchall()
         return [AuditRecord(*r) for r in rows]
 
-    def _spend_sync(self, start_ts: float, end_ts: float) -> list[SpendAgg]:
+    def _spend_sync(self, start_ts: float, end_ts: float, per_budget: bool = True) -> list[SpendAgg]:
+        budget, source = ("j.value", "settlements s, json_each(s.budgets) j") if per_budget else \
+            ("''", "settlements s")
         rows = self._db.execute(
-            "SELECT j.value, s.model, date(s.ts, 'unixepoch'), COUNT(*), SUM(s.input_tokens), "
+            f"SELECT {budget}, s.model, date(s.ts, 'unixepoch'), COUNT(*), SUM(s.input_tokens), "
             "SUM(s.output_tokens), SUM(s.cost), SUM(s.estimate), SUM(s.avoided), s.model_requested, "
-            "SUM(CASE WHEN s.source = 'reaped' THEN s.cost ELSE 0 END) "
-            "FROM settlements s, json_each(s.budgets) j WHERE s.ts >= ? AND s.ts < ? "
-            "GROUP BY 1, 2, 3, 10 ORDER BY 3, 1, 2, 10", (start_ts, end_ts)).fetchall()
+            "SUM(CASE WHEN s.source = 'reaped' THEN s.cost ELSE 0 END), s.backend, s.task, s.tags, "
+            "SUM(s.cache_read_tokens), SUM(s.output_reserved), SUM(s.streamed), s.team "
+            f"FROM {source} WHERE s.ts >= ? AND s.ts < ? "
+            "GROUP BY 1, 2, 3, 10, 12, 13, 14, 18 ORDER BY 3, 1, 2, 10, 12, 13, 14, 18",
+            (start_ts, end_ts)).fetchall()
         return [SpendAgg(*r) for r in rows]
 
     def _merge_calibration_sync(self, deltas: dict[str, CalibrationSums], now: float,

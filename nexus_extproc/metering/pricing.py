@@ -247,6 +247,16 @@ class PriceBook:
         with self._lock:
             return self._cache.put(key, price)
 
+    def list_prices(self, provider: str, model: str) -> dict[str, int]:
+        """Micro-dollars per 1M tokens by token type (input, cache_read, output), for exports: a cache read
+        without its own price costs what an input token does."""
+        plan = self.resolve(provider, model).plan
+        m = 1_000_000
+        cache = plan.cost_micros({"input_tokens": m, "cache_read_tokens": m}) if "cache_read_tokens" in plan.keys \
+            else plan.cost_micros({"input_tokens": m})
+        return {"input": plan.cost_micros({"input_tokens": m}), "cache_read": cache,
+                "output": plan.cost_micros({"output_tokens": m})}
+
     def check_configured(self, config: NexusConfig) -> list[str]:
         """Start-up check (SPEC §2.3): configured models that fall to the fallback or would be rejected."""
         missing = []

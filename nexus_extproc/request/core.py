@@ -63,6 +63,7 @@ class Core:
         self._known_models = config.configured_models()
         self._background: set[asyncio.Task[None]] = set()
         self._trust_identity = config.identity.trust_identity_headers
+        self._trust_attribution = config.identity.trust_attribution_headers
         # Hash the caller's API key only when some budget is scoped by key (an HMAC per request otherwise).
         self._need_key = any(d.scope is not None and d.scope.api_key_hash for d in budget.defs)
         self._salt = os.environ.get(config.identity.api_key_salt_env, "").encode()

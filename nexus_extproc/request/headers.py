@@ -17,6 +17,8 @@ H_BUDGET_NAME = "x-nexus-budget-name"  # which budget's status decided (with sev
 H_USER = "x-nexus-user"
 H_TEAM = "x-nexus-team"
 H_AGENT = "x-nexus-agent"
+H_TASK = "x-nexus-task"  # attribution only (reports), never budget selection
+H_TAGS = "x-nexus-tags"
 
 METADATA_NAMESPACE = "nexus.extproc"
 

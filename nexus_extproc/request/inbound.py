@@ -21,6 +21,7 @@ from nexus_extproc.budget.service import GLOBAL_BUDGET, BudgetStoreDown
 from nexus_extproc.metering.money import usd_float
 from nexus_extproc.ops import metrics
 from nexus_extproc.request import headers as C
+from nexus_extproc.request.attribution import BadAttribution, parse_tags, parse_task
 from nexus_extproc.request.estimate import Estimation
 from nexus_extproc.request.state import Reply, RequestState
 
@@ -54,6 +55,12 @@ class Inbound(Estimation):
         state.translator = for_path(state.path)
         if state.translator is None:
             return self._error(state, not_found("path not served by the budget filter"), "unknown_path")
+        if self._trust_attribution:
+            try:
+                state.task = parse_task(headers.get(C.H_TASK))
+                state.tags = parse_tags(headers.get(C.H_TAGS))
+            except BadAttribution as e:
+                return self._error(state, bad_request(str(e)), "bad_attribution")
         if headers.get(":method", "POST") != "POST" or end_of_stream:
             return self._error(state, bad_request("a JSON request body is required"), "no_body")
         try:

@@ -119,7 +119,7 @@ class Settlement(Core):
         note = ForwardNote(self.model_label(state.model, state.price), state.route.backend,
                            self.model_label(state.parsed.model if state.parsed else state.model,
                                             state.asked_price or state.price),
-                           state.prompt_tokens)
+                           state.prompt_tokens, state.task, state.tags)
         await self.budget.mark_forwarded(state.req_id, note)
 
     async def finish(self, state: RequestState) -> None:
@@ -159,7 +159,10 @@ class Settlement(Core):
                              input_tokens=usage.input_tokens if usage.input_tokens is not None
                              else state.prompt_tokens,
                              output_tokens=usage.output_tokens or 0, estimate=state.estimate, source=source,
-                             avoided=self._avoided(state, cost))
+                             avoided=self._avoided(state, cost), task=state.task, tags=state.tags,
+                             team=state.identity.get("team", ""),
+                             cache_read_tokens=usage.cache_read_tokens or 0,
+                             output_reserved=state.expected_output, streamed=state.streaming)
         await self.budget.settle(state.req_id, adm, cost, record)
         metrics.settlements.labels(source).inc()
         metrics.cost_per_request.labels(self.model_label(state.model, state.price),

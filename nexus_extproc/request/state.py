@@ -50,6 +50,8 @@ class RequestState:
     translator: Translator | None = None
     client_nexus_headers: list[str] = field(default_factory=list)
     identity: dict[str, str] = field(default_factory=dict)  # trusted x-nexus-user/-team/-agent only
+    task: str = ""  # trusted x-nexus-task, validated (request/attribution.py)
+    tags: str = ""  # trusted x-nexus-tags, normalised
     api_key_hash: str | None = None
     parsed: ParsedRequest | None = None
     route: Route | None = None
