@@ -132,6 +132,15 @@ class AlertWatch:
                     asyncio.get_running_loop().create_task(self._claim_and_send(d, p, "forecast", t, limit,
                                                                                 fc.projected_micros))
 
+    def forecast_overrun(self, d: BudgetDef, p: Period, t: Totals, limit: int, projected: int) -> None:
+        """From the reconciler's series forecast: the end-of-period projection passes the limit. Same once-only
+        claim as the request path's check, so whichever sees it first sends the one alert."""
+        key = (d.name, p.key, "forecast")
+        if key in self._fired:
+            return
+        self._fired.add(key)
+        asyncio.get_running_loop().create_task(self._claim_and_send(d, p, "forecast", t, limit, projected))
+
     async def _claim_and_send(self, d: BudgetDef, p: Period, threshold: str, t: Totals, limit: int,
                               projected: int | None = None) -> None:
         assert self.book.ledger is not None

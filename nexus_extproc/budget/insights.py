@@ -4,8 +4,11 @@ facade grows into a hub."""
 
 from __future__ import annotations
 
-from nexus_extproc.budget.book import Book
+import time
+
+from nexus_extproc.budget.book import Book, BudgetDef
 from nexus_extproc.budget.focus import PriceInfo, focus_rows
+from nexus_extproc.budget.projection import BudgetProjection, project
 from nexus_extproc.budget.reports import SpendRow, roll_up
 from nexus_extproc.metering.pricing import PriceBook
 
@@ -16,6 +19,7 @@ class Insights:
     def __init__(self, book: Book) -> None:
         self._book = book
         self._prices: PriceBook | None = None  # built on first export: the request path never pays for it
+        self._projections: dict[str, tuple[float, BudgetProjection]] = {}
 
     @property
     def prices(self) -> PriceBook:
@@ -43,3 +47,15 @@ class Insights:
         if ledger is None:
             return []
         return focus_rows(await ledger.spend(start_ts, end_ts, per_budget=False), self.price_info)
+
+    async def forecast(self, d: BudgetDef, name: str | None = None, max_age_s: float = 30.0) -> BudgetProjection:
+        """Cached for `max_age_s`: it reads up to 56 days of settlements, and /v1/stats may be polled."""
+        key = name or d.name
+        hit = self._projections.get(key)
+        if hit is not None and time.monotonic() - hit[0] < max_age_s:
+            return hit[1]
+        p = await project(self._book, d, key)
+        if len(self._projections) > 10_000:
+            self._projections.clear()
+        self._projections[key] = (time.monotonic(), p)
+        return p

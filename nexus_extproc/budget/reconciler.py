@@ -9,7 +9,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from nexus_extproc.budget.book import Book
+from nexus_extproc.budget.alerts import AlertWatch
+from nexus_extproc.budget.book import Book, BudgetDef
+from nexus_extproc.budget.projection import project
 from nexus_extproc.ledger import StoreUnavailable
 from nexus_extproc.ledger.outbox import Outbox
 from nexus_extproc.metering.money import format_usd
@@ -19,9 +21,10 @@ log = logging.getLogger(__name__)
 
 
 class Reconciler:
-    def __init__(self, book: Book, outbox: Outbox) -> None:
+    def __init__(self, book: Book, outbox: Outbox, watch: AlertWatch | None = None) -> None:
         self.book = book
         self.outbox = outbox
+        self.watch = watch
 
     async def reconcile_once(self) -> None:
         """One pass: reap, replay, checkpoint, refresh. Each step stands alone: a failure is logged and
@@ -36,8 +39,20 @@ class Reconciler:
             await self._step("checkpoint", checkpoint)
         for d in self.book.defs:
             await self._step("state", functools.partial(self.book.state, d))
+            if self.watch is not None:
+                await self._step("forecast", functools.partial(self._forecast, d))
         await self._step("meta", lambda: ledger.set_meta(
             "last_reconciliation", self.book.clock().strftime("%Y-%m-%dT%H:%M:%SZ")))
+
+    async def _forecast(self, d: BudgetDef) -> None:
+        """The series forecast's end-of-period point passing the limit fires the forecast alert (once per
+        period, across replicas)."""
+        assert self.watch is not None
+        p = await project(self.book, d)
+        if p.overrun_likely and p.series.history_days >= 3:
+            st = await self.book.state(d)
+            self.watch.forecast_overrun(d, st.period, self.book.last_totals[d.name], p.limit_micros,
+                                        p.end_of_period.point_micros)
 
     async def _reap(self) -> None:
         assert self.book.ledger is not None

@@ -43,7 +43,7 @@ class BudgetService:
         self.always_headers = bool(config.budget and config.budget.always_send_status_headers)
         self.watch = AlertWatch(self.book, self.alerts)
         self.admitter = Admitter(config, self.book, self.watch, self.outbox)
-        self.reconciler = Reconciler(self.book, self.outbox)
+        self.reconciler = Reconciler(self.book, self.outbox, self.watch)
         self.admin = BudgetAdmin(self.book)
 
     # The book's state, as callers have always read it.

@@ -62,6 +62,7 @@ async def stats_doc(budget: BudgetAdmin, calibration: Calibrator | None = None) 
             "forecast_usd": usd_float(st.forecast.projected_micros),
             "exhaustion_in_seconds": st.forecast.exhaustion_in_s,
             "settings": BudgetAdmin.provenance(st.defn),
+            "forecasts": (await budget.insights.forecast(st.defn)).doc(),
         })
         del doc["billing_month"]
         out["budgets"].append(doc)

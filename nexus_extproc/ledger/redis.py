@@ -217,7 +217,8 @@ class RedisLedger(Ledger):
                                            d["cost"] if d.get("source") == "reaped" else 0, d.get("cr", 0),
                                            d.get("or", 0), d.get("st", 0))):
                         a[i] += v
-        return [SpendAgg(k[0], k[1], k[2], v[0], v[1], v[2], v[3], v[4], v[5], model_requested=k[3], reaped=v[6], backend=k[4], task=k[5],
+        return [SpendAgg(k[0], k[1], k[2], v[0], v[1], v[2], v[3], v[4], v[5], model_requested=k[3], reaped=v[6],
+                         backend=k[4], task=k[5],
                          tags=k[6], cache_read_tokens=v[7], output_reserved=v[8], streamed=v[9], team=k[7])
                 for k, v in sorted(acc.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1], *kv[0][3:]))]
 
