@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from nexus_extproc.budget.alert_history import AlertHistory
 from nexus_extproc.budget.book import Book, BudgetDef, BudgetState, Settings
 from nexus_extproc.budget.insights import Insights
 from nexus_extproc.budget.policy import BudgetView
@@ -16,6 +17,7 @@ class BudgetAdmin:
     def __init__(self, book: Book) -> None:
         self._book = book
         self.insights = Insights(book)  # reports, exports, forecasts, recommendations
+        self.alerts = AlertHistory(book)
 
     @property
     def enabled(self) -> bool:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from decimal import Decimal
 from typing import Any
 
@@ -31,31 +32,57 @@ alerts_total = Counter("nexus_budget_alerts_total", "Budget alerts fired (once p
 deliveries = Counter("nexus_alert_deliveries_total", "Webhook deliveries by result", ["result"])
 
 
-# (url, payload, timeout_s) -> HTTP status; raises OSError (ConnectionError) when nothing answered.
-Post = Callable[[str, dict[str, Any], float], Awaitable[int]]
+# (url, payload, timeout_s) -> (HTTP status, Retry-After in seconds or None); raises OSError (ConnectionError)
+# when nothing answered.
+Post = Callable[[str, dict[str, Any], float], Awaitable[tuple[int, float | None]]]
+# (alert id, delivery result, attempts): where the outcome is recorded (the store's alert log)
+OnResult = Callable[[int, str, int], Coroutine[Any, Any, None]]
+MAX_RETRY_AFTER_S = 300.0
+
+
+def retryable(status: int) -> bool:
+    """5xx and 429 may pass; any other 4xx will not, however often it is sent (a bad URL, a refused token)."""
+    return status >= 500 or status == 429
 
 
 class AlertSender:
-    """Queue, retries and counting of webhook deliveries; the HTTP itself is `post` (edge/webhook.py)."""
+    """Queue, retries and counting of webhook deliveries; the HTTP itself is `post` (edge/webhook.py).
 
-    def __init__(self, config: AlertsConfig, post: Post | None = None) -> None:
+    Retries back off exponentially from `backoff_secs` with jitter (0.5-1.5x, so replicas that failed together
+    do not retry together), wait what a 429 or 503 asks in Retry-After (up to 5 min), and stop at once on a
+    4xx other than 429."""
+
+    def __init__(self, config: AlertsConfig, post: Post | None = None, rng: random.Random | None = None) -> None:
         self.config = config
         self.post = post
+        self.on_result: OnResult | None = None
+        self._rng = rng or random.Random()
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10_000)
         self._task: asyncio.Task[None] | None = None
+        self._results: set[asyncio.Task[None]] = set()
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # tests record the waits
 
     def send(self, payload: dict[str, Any]) -> None:
         alerts_total.labels(payload["budget"], str(payload["threshold"])).inc()
         log.warning("budget alert", extra={k: payload[k] for k in ("budget", "period", "threshold")})
         if not self.config.webhook_url or self.post is None:
+            self._result(payload, "no_webhook", 0)
             return
         try:
             self._queue.put_nowait(payload)
         except asyncio.QueueFull:
             deliveries.labels("dropped").inc()
+            self._result(payload, "dropped", 0)
             return
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def _result(self, payload: dict[str, Any], result: str, attempts: int) -> None:
+        if self.on_result is None or payload.get("id") is None:
+            return
+        task = asyncio.get_running_loop().create_task(self.on_result(int(payload["id"]), result, attempts))
+        self._results.add(task)
+        task.add_done_callback(self._results.discard)
 
     async def _run(self) -> None:
         while not self._queue.empty():
@@ -64,26 +91,40 @@ class AlertSender:
     async def _deliver(self, payload: dict[str, Any]) -> None:
         assert self.post is not None
         delay = self.config.backoff_secs
+        attempt = 0
         for attempt in range(1, self.config.max_attempts + 1):
+            retry_after: float | None = None
             try:
-                if await self.post(self.config.webhook_url or "", payload, self.config.timeout_secs) < 300:
+                status, retry_after = await self.post(self.config.webhook_url or "", payload,
+                                                      self.config.timeout_secs)
+                if status < 300:
                     deliveries.labels("delivered").inc()
+                    self._result(payload, "delivered", attempt)
                     return
+                if not retryable(status):
+                    break
             except (TimeoutError, OSError):
                 pass
             if attempt < self.config.max_attempts:
                 deliveries.labels("retried").inc()
-                await asyncio.sleep(delay)
+                wait = delay * (0.5 + self._rng.random())
+                if retry_after is not None:
+                    wait = max(wait, min(retry_after, MAX_RETRY_AFTER_S))
+                await self.sleep(wait)
                 delay *= 2
         deliveries.labels("failed").inc()
+        self._result(payload, "failed", attempt)
         log.error("budget alert not delivered", extra={"budget": payload["budget"],
                                                        "threshold": payload["threshold"],
-                                                       "attempts": self.config.max_attempts})
+                                                       "attempts": attempt})
 
     async def drain(self, grace: float) -> None:
         if self._task is not None and not self._task.done():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._task), grace)
+        if self._results:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*self._results, return_exceptions=True), grace)
 
 
 def alert_payload(budget: str, period: str, threshold: Decimal | str, spend: int, reserved: int, limit: int,
@@ -153,4 +194,10 @@ class AlertWatch:
         if projected is None:
             projected = forecast(t.settled, limit, p.start.timestamp(), p.end.timestamp(),
                                  self.book.clock().timestamp()).projected_micros
-        self.sender.send(alert_payload(d.name, p.key, threshold, t.settled, t.reserved, limit, projected))
+        payload = alert_payload(d.name, p.key, threshold, t.settled, t.reserved, limit, projected)
+        try:
+            payload["id"] = await self.book.ledger.record_alert(time.time(), d.name, p.key, threshold, t.settled,
+                                                                limit)
+        except StoreUnavailable:
+            payload["id"] = None  # claimed but not in the history: still sent
+        self.sender.send(payload)

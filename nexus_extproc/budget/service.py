@@ -39,6 +39,7 @@ class BudgetService:
         self.budget = config.budget  # the legacy single block, for its options
         self.book = Book(config, ledger, clock)
         self.alerts = alerts or AlertSender(config.alerts)
+        self.alerts.on_result = self._alert_result
         self.outbox = Outbox(config.store.outbox_path)
         self.always_headers = bool(config.budget and config.budget.always_send_status_headers)
         self.watch = AlertWatch(self.book, self.alerts)
@@ -111,6 +112,14 @@ class BudgetService:
             await self.ledger.release(req_id)
         except StoreUnavailable:
             metrics.store_failures.labels("release").inc()  # the reservation expires by its TTL
+
+    async def _alert_result(self, alert_id: int, result: str, attempts: int) -> None:
+        if self.ledger is None:
+            return
+        try:
+            await self.ledger.alert_delivered(alert_id, result, attempts)
+        except StoreUnavailable:
+            metrics.store_failures.labels("alert_log").inc()
 
     # ---- the reconciler ------------------------------------------------------------------------------
 

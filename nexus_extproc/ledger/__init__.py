@@ -1,6 +1,8 @@
 """Durable spend ledger: atomic reserve → settle/release, shared by every worker and replica."""
 
 from nexus_extproc.ledger.base import (
+    AlertLog,
+    AlertRecord,
     AuditRecord,
     CalibrationStore,
     ControlStore,
@@ -18,6 +20,7 @@ from nexus_extproc.ledger.base import (
 )
 
 __all__ = [
+    "AlertLog", "AlertRecord",
     "AuditRecord", "CalibrationStore", "ControlStore", "ForwardNote", "Key", "Ledger", "ReapResult", "SpendAgg",
     "SpendLedger", "SpendLog", "SpendRecord", "StoreOpenError", "StoreUnavailable", "Totals", "open_ledger",
 ]

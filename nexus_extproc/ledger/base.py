@@ -201,6 +201,51 @@ class ControlStore(abc.ABC):
     @abc.abstractmethod
     async def audit_log(self, limit: int) -> list[AuditRecord]: ...
 
+    @abc.abstractmethod
+    async def append_audit(self, audit: list[AuditRecord]) -> None:
+        """Audit records of a change that is not a settings document (an acknowledged alert)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRecord:
+    """One alert as sent: what crossed, the delivery's outcome, and who acknowledged it."""
+
+    id: int
+    ts: float
+    budget: str
+    period: str
+    threshold: str  # a percentage ("80") or "forecast"
+    spend_micros: int
+    limit_micros: int
+    delivery: str = "pending"  # pending | delivered | failed | dropped | no_webhook
+    attempts: int = 0
+    acked_by: str | None = None
+    acked_at: float | None = None
+
+
+class AlertLog(abc.ABC):
+    """Every alert fired, shared by every replica: history, delivery outcome, acknowledgement."""
+
+    @abc.abstractmethod
+    async def record_alert(self, ts: float, budget: str, period: str, threshold: str, spend_micros: int,
+                           limit_micros: int) -> int:
+        """Store a new alert (delivery pending); returns its id."""
+
+    @abc.abstractmethod
+    async def alert_delivered(self, alert_id: int, delivery: str, attempts: int) -> None: ...
+
+    @abc.abstractmethod
+    async def list_alerts(self, limit: int) -> list[AlertRecord]:
+        """Newest first."""
+
+    @abc.abstractmethod
+    async def ack_alert(self, alert_id: int, actor: str, at: float) -> AlertRecord | None:
+        """Acknowledge (the first acknowledgement stands); None for an unknown id."""
+
+    @abc.abstractmethod
+    async def all_settings(self) -> dict[str, dict[str, object]]:
+        """Every budget's runtime document in one read (settings, and runtime-created definitions)."""
+
 
 class SpendLog(abc.ABC):
     """The settlements as a log, for reports."""
@@ -229,5 +274,5 @@ class CalibrationStore(abc.ABC):
         """Forget every learned estimate ratio; returns how many keys were dropped."""
 
 
-class Ledger(SpendLedger, ControlStore, SpendLog, CalibrationStore):
+class Ledger(SpendLedger, ControlStore, SpendLog, CalibrationStore, AlertLog):
     """Everything the shipped stores (SQLite, Redis) provide; the service takes this."""

@@ -28,6 +28,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from nexus_extproc.ledger.base import (
+    AlertRecord,
     AuditRecord,
     CalibrationSums,
     ForwardNote,
@@ -59,6 +60,7 @@ _REAP = _UNRESERVE_FN + _lua("reap")
 _CALIBRATE = _lua("calibrate")
 _TIME = _lua("time")  # on the node that owns the keys (in a cluster, the slot's master)
 _PUT_SETTINGS = _lua("put_settings")
+_ALERT = _lua("alert")
 
 SETTLED_MARKER_TTL_S = 40 * 86400
 
@@ -87,6 +89,7 @@ class RedisLedger(Ledger):
         self._calibrate = self._r.register_script(_CALIBRATE)
         self._time = self._r.register_script(_TIME)
         self._put_settings = self._r.register_script(_PUT_SETTINGS)
+        self._alert = self._r.register_script(_ALERT)
         # One pipeline per event-loop tick for the per-request scripts (not in a cluster: its pipelines split
         # by node, and every key here is in one slot anyway).
         self._batch = None if cluster else ScriptBatcher(self._r)  # type: ignore[arg-type]
@@ -195,6 +198,41 @@ class RedisLedger(Ledger):
             keys=[f"{self._p}:settings", f"{self._p}:audit"],
             args=[budget, "" if settings is None else json.dumps(settings),
                   *(json.dumps([a.ts, a.actor, a.budget, a.field, a.old, a.new]) for a in audit)]))
+
+    # Alerts: a hash id -> JSON document, ids from a counter. A handful per budget and period, so the list is
+    # read whole and sorted here.
+    async def record_alert(self, ts: float, budget: str, period: str, threshold: str, spend_micros: int,
+                           limit_micros: int) -> int:
+        alert_id = int(await self._call(self._r.incr(f"{self._p}:alert_seq")))
+        doc = {"id": alert_id, "ts": ts, "budget": budget, "period": period, "threshold": threshold,
+               "spend_micros": spend_micros, "limit_micros": limit_micros, "delivery": "pending", "attempts": 0,
+               "acked_by": None, "acked_at": None}
+        await self._call(self._r.hset(f"{self._p}:alerts", str(alert_id), json.dumps(doc)))
+        return alert_id
+
+    async def _alert_update(self, alert_id: int, mode: str, a: str, b: float) -> AlertRecord | None:
+        raw = await self._call(self._alert(keys=[f"{self._p}:alerts"], args=[str(alert_id), mode, a, b]))
+        return AlertRecord(**json.loads(raw)) if raw else None
+
+    async def alert_delivered(self, alert_id: int, delivery: str, attempts: int) -> None:
+        await self._alert_update(alert_id, "deliver", delivery, attempts)
+
+    async def list_alerts(self, limit: int) -> list[AlertRecord]:
+        raw = await self._call(self._r.hvals(f"{self._p}:alerts"))
+        docs = sorted((json.loads(r) for r in raw), key=lambda d: -int(d["id"]))
+        return [AlertRecord(**d) for d in docs[:limit]]
+
+    async def ack_alert(self, alert_id: int, actor: str, at: float) -> AlertRecord | None:
+        return await self._alert_update(alert_id, "ack", actor, at)
+
+    async def all_settings(self) -> dict[str, dict[str, object]]:
+        raw = await self._call(self._r.hgetall(f"{self._p}:settings"))
+        return {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
+
+    async def append_audit(self, audit: list[AuditRecord]) -> None:
+        if audit:
+            await self._call(self._r.lpush(f"{self._p}:audit", *(json.dumps(
+                [a.ts, a.actor, a.budget, a.field, a.old, a.new]) for a in audit)))
 
     async def audit_log(self, limit: int) -> list[AuditRecord]:
         rows = await self._call(self._r.lrange(f"{self._p}:audit", 0, max(0, limit - 1)))

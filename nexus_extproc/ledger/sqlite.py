@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from nexus_extproc.ledger.base import (
+    AlertRecord,
     AuditRecord,
     CalibrationSums,
     ForwardNote,
@@ -98,6 +99,25 @@ class SqliteLedger(SyncSqlite, Ledger):
     async def put_settings(self, budget: str, settings: dict[str, object] | None,
                            audit: list[AuditRecord]) -> None:
         await self._io(self._put_settings_sync, budget, settings, audit)
+
+    async def record_alert(self, ts: float, budget: str, period: str, threshold: str, spend_micros: int,
+                           limit_micros: int) -> int:
+        return await self._io(self._record_alert_sync, ts, budget, period, threshold, spend_micros, limit_micros)
+
+    async def alert_delivered(self, alert_id: int, delivery: str, attempts: int) -> None:
+        await self._io(self._alert_delivered_sync, alert_id, delivery, attempts)
+
+    async def list_alerts(self, limit: int) -> list[AlertRecord]:
+        return await self._io(self._list_alerts_sync, limit)
+
+    async def ack_alert(self, alert_id: int, actor: str, at: float) -> AlertRecord | None:
+        return await self._io(self._ack_alert_sync, alert_id, actor, at)
+
+    async def all_settings(self) -> dict[str, dict[str, object]]:
+        return await self._io(self._all_settings_sync)
+
+    async def append_audit(self, audit: list[AuditRecord]) -> None:
+        await self._io(self._append_audit_sync, audit)
 
     async def audit_log(self, limit: int) -> list[AuditRecord]:
         return await self._io(self._audit_log_sync, limit)

@@ -41,10 +41,14 @@ CREATE TABLE IF NOT EXISTS audit (
   id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, actor TEXT NOT NULL, budget TEXT NOT NULL,
   field TEXT NOT NULL, old TEXT NOT NULL, new TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS settlements_ts ON settlements (ts);
+CREATE TABLE IF NOT EXISTS alerts (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, budget TEXT NOT NULL, period TEXT NOT NULL,
+  threshold TEXT NOT NULL, spend INTEGER NOT NULL, lim INTEGER NOT NULL, delivery TEXT NOT NULL DEFAULT 'pending',
+  attempts INTEGER NOT NULL DEFAULT 0, acked_by TEXT, acked_at REAL);
 """
 
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Version 1 had no `id` in totals and one "budget period amount" line per budget in reservations. Upgraded in
 # place: totals keep their rows and sums; v1 reservations (left by a server that has stopped, so never settled)
@@ -88,6 +92,15 @@ ALTER TABLE settlements ADD COLUMN team TEXT NOT NULL DEFAULT '';
 ALTER TABLE settlements ADD COLUMN cache_read_tokens INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE settlements ADD COLUMN output_reserved INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE settlements ADD COLUMN streamed INTEGER NOT NULL DEFAULT 0;
+"""
+
+
+# Version 5 kept no alert history.
+MIGRATE_5_TO_6 = """
+CREATE TABLE alerts (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, budget TEXT NOT NULL, period TEXT NOT NULL,
+  threshold TEXT NOT NULL, spend INTEGER NOT NULL, lim INTEGER NOT NULL, delivery TEXT NOT NULL DEFAULT 'pending',
+  attempts INTEGER NOT NULL DEFAULT 0, acked_by TEXT, acked_at REAL);
 """
 
 

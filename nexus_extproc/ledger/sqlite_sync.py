@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from nexus_extproc.ledger.base import (
+    AlertRecord,
     AuditRecord,
     CalibrationSums,
     ForwardNote,
@@ -35,6 +36,7 @@ from nexus_extproc.ledger.sqlite_schema import (
     MIGRATE_2_TO_3,
     MIGRATE_3_TO_4,
     MIGRATE_4_TO_5,
+    MIGRATE_5_TO_6,
     SCHEMA,
     SCHEMA_VERSION,
     LedgerSchemaError,
@@ -125,7 +127,7 @@ class SyncSqlite:
             has_tables = c.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'totals'").fetchone()[0]
             if version == 0 and not has_tables:
                 _run_script(c, SCHEMA)
-            elif version in (1, 2, 3, 4):
+            elif version in (1, 2, 3, 4, 5):
                 if version == 1:
                     _release_v1_reservations(c)
                     _run_script(c, MIGRATE_1_TO_2)
@@ -133,7 +135,9 @@ class SyncSqlite:
                     _run_script(c, MIGRATE_2_TO_3)
                 if version <= 3:
                     _run_script(c, MIGRATE_3_TO_4)
-                _run_script(c, MIGRATE_4_TO_5)
+                if version <= 4:
+                    _run_script(c, MIGRATE_4_TO_5)
+                _run_script(c, MIGRATE_5_TO_6)
                 log.info("ledger schema upgraded", extra={"from_version": version, "to_version": SCHEMA_VERSION})
             elif version != SCHEMA_VERSION:
                 return int(version)
@@ -374,6 +378,45 @@ class SyncSqlite:
                           [(a.ts, a.actor, a.budget, a.field, a.old, a.new) for a in audit])
 
         self._write(tx)
+
+    def _record_alert_sync(self, ts: float, budget: str, period: str, threshold: str, spend: int,
+                           limit: int) -> int:
+        def tx(c: sqlite3.Cursor) -> int:
+            c.execute("INSERT INTO alerts (ts, budget, period, threshold, spend, lim) VALUES (?,?,?,?,?,?)",
+                      (ts, budget, period, threshold, spend, limit))
+            return int(c.lastrowid or 0)
+
+        alert_id: int = self._write(tx)
+        return alert_id
+
+    def _alert_delivered_sync(self, alert_id: int, delivery: str, attempts: int) -> None:
+        self._write(lambda c: c.execute("UPDATE alerts SET delivery=?, attempts=? WHERE id=?",
+                                        (delivery, attempts, alert_id)) and None)
+
+    _ALERT_COLS = "id, ts, budget, period, threshold, spend, lim, delivery, attempts, acked_by, acked_at"
+
+    def _list_alerts_sync(self, limit: int) -> list[AlertRecord]:
+        rows = self._db.execute(f"SELECT {self._ALERT_COLS} FROM alerts ORDER BY id DESC LIMIT ?",
+                                (limit,)).fetchall()
+        return [AlertRecord(*r) for r in rows]
+
+    def _ack_alert_sync(self, alert_id: int, actor: str, at: float) -> AlertRecord | None:
+        def tx(c: sqlite3.Cursor) -> AlertRecord | None:
+            c.execute("UPDATE alerts SET acked_by=?, acked_at=? WHERE id=? AND acked_by IS NULL",
+                      (actor, at, alert_id))
+            row = c.execute(f"SELECT {self._ALERT_COLS} FROM alerts WHERE id=?", (alert_id,)).fetchone()
+            return AlertRecord(*row) if row else None
+
+        rec: AlertRecord | None = self._write(tx)
+        return rec
+
+    def _all_settings_sync(self) -> dict[str, dict[str, object]]:
+        return {b: json.loads(doc) for b, doc in self._db.execute("SELECT budget, doc FROM settings").fetchall()}
+
+    def _append_audit_sync(self, audit: list[AuditRecord]) -> None:
+        self._write(lambda c: c.executemany(
+            "INSERT INTO audit (ts, actor, budget, field, old, new) VALUES (?,?,?,?,?,?)",
+            [(a.ts, a.actor, a.budget, a.field, a.old, a.new) for a in audit]) and None)
 
     def _audit_log_sync(self, limit: int) -> list[AuditRecord]:
         rows = self._db.execute("SELECT ts, actor, budget, field, old, new FROM audit ORDER BY id DESC LIMIT ?",

@@ -10,7 +10,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from nexus_extproc.ledger import ForwardNote, ReapResult, SpendRecord, open_ledger
+from nexus_extproc.ledger import AuditRecord, ForwardNote, ReapResult, SpendRecord, open_ledger
 from nexus_extproc.ledger.sqlite_schema import SCHEMA_VERSION
 
 
@@ -504,3 +504,22 @@ async def test_redis_script_calls_of_one_tick_share_a_round_trip_and_survive_a_s
     assert max(sizes) > 1 and sum(sizes) == 20, sizes
     assert (await led.totals("global", "2026-12")).reserved == 150
     await led.close()
+
+
+async def test_alert_log_records_delivery_and_the_first_ack(ledger_factory):
+    a = ledger_factory(fresh=True)
+    i1 = await a.record_alert(1.0, "team/ml", "2026-12", "80", 800_000, 1_000_000)
+    i2 = await a.record_alert(2.0, "global", "2026-12", "forecast", 10, 20)
+    assert i2 > i1
+    await a.alert_delivered(i1, "delivered", 2)
+    got = await a.list_alerts(10)
+    assert [(r.id, r.budget, r.threshold, r.delivery, r.attempts) for r in got] == [
+        (i2, "global", "forecast", "pending", 0), (i1, "team/ml", "80", "delivered", 2)]
+    first = await a.ack_alert(i1, "alice", 5.0)
+    again = await a.ack_alert(i1, "bob", 6.0)
+    assert first is not None and again is not None and (again.acked_by, again.acked_at) == ("alice", 5.0)
+    assert await a.ack_alert(999_999, "alice", 7.0) is None
+    assert len(await a.list_alerts(1)) == 1
+    await a.append_audit([AuditRecord(8.0, "alice", "team/ml", "alert_ack", "", str(i1))])
+    assert (await a.audit_log(1))[0].field == "alert_ack"
+    await a.close()
