@@ -23,7 +23,7 @@ class FakeHook:
         self.answers = list(answers)
         self.calls = 0
 
-    async def __call__(self, url: str, payload: dict, timeout: float) -> tuple[int, float | None]:
+    async def __call__(self, url: str, payload: dict, timeout_s: float) -> tuple[int, float | None]:
         self.calls += 1
         return self.answers.pop(0) if self.answers else (200, None)
 
