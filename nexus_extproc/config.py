@@ -37,7 +37,8 @@ BUDGET_NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 
 
 class ScopeConfig(_Strict):
-    """Which requests a budget counts: every field given must match (an empty scope matches everything)."""
+    """Which requests a budget counts: every field given must match (an empty scope matches everything).
+    "*" for user, team or agent: any value, and one budget per distinct value."""
 
     api_key_hash: str | None = Field(default=None, pattern=r"^hmac-sha256:[0-9a-f]{64}$")
     user: str | None = None
@@ -56,6 +57,11 @@ class BudgetDefConfig(_Strict):
     soft_limit_percent: Decimal = Field(default=Decimal(80), gt=0, le=100)
     hard_limit_action: HardAction = "warn"
     alert_thresholds: list[Decimal] = Field(default_factory=lambda: [Decimal(80), Decimal(90), Decimal(100)])
+    # With "*" in the scope (team: "*"): at most this many distinct values get their own budget per period;
+    # the requests of any further value share one overflow budget, `<name>/_other` (docs/budgets.md).
+    max_instances: int = Field(default=10_000, ge=1, le=1_000_000)
+    # Inactive: tracked (reserved, settled, reported) but never enforced.
+    active: bool = True
 
     @field_validator("timezone")
     @classmethod

@@ -6,10 +6,11 @@ from __future__ import annotations
 from datetime import datetime
 
 from nexus_extproc.budget.alert_history import AlertHistory
-from nexus_extproc.budget.book import Book, BudgetDef, BudgetState, Settings
+from nexus_extproc.budget.book import Book, BudgetDef, BudgetState, Settings, differences
 from nexus_extproc.budget.insights import Insights
 from nexus_extproc.budget.policy import BudgetView
 from nexus_extproc.budget.reports import SpendRow
+from nexus_extproc.budget.runtime import RuntimeBudgets
 from nexus_extproc.ledger import AuditRecord, Totals
 
 
@@ -18,6 +19,7 @@ class BudgetAdmin:
         self._book = book
         self.insights = Insights(book)  # reports, exports, forecasts, recommendations
         self.alerts = AlertHistory(book)
+        self.runtime = RuntimeBudgets(book)  # CreateBudget, DeleteBudget
 
     @property
     def enabled(self) -> bool:
@@ -55,7 +57,7 @@ class BudgetAdmin:
         if d.set_by is None:
             return {"source": "config"}
         return {"source": "runtime", "set_by": d.set_by, "set_at": d.set_at,
-                "differs_from_config": Book.differences(d)}
+                "differs_from_config": differences(d)}
 
     async def spend(self, start_ts: float, end_ts: float, group_by: list[str]) -> list[SpendRow]:
         """Raises ValueError for an unknown grouping."""

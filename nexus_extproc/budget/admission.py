@@ -102,7 +102,13 @@ class Admitter:
         ts = now.timestamp()
         plan = self._plans.get(facts)
         if plan is None or plan.gen != self.book.settings_gen or not plan.valid_from <= ts < plan.valid_until:
-            plan = self._plan(facts, now)
+            try:
+                plan = await self._plan(facts, now)
+            except StoreUnavailable:
+                metrics.store_failures.labels("reserve").inc()
+                if self.config.store_failure == "closed":
+                    raise BudgetStoreDown() from None
+                return Admission(decide(PolicyInput(requested, equivalent, None)), None, outbox=True)
         if not plan.defs:
             return Admission(decide(PolicyInput(requested, equivalent, None)), None)
         matched, periods, items = plan.defs, plan.periods, plan.items
@@ -155,8 +161,10 @@ class Admitter:
             refused = [not res.admitted and (cap := reservation_cap(v.hard_limit_action, v.limit_micros, amount))
                        is not None and t.settled + t.reserved + amount > cap
                        for v, t in zip(views, res.totals, strict=True)]
-            decisions = [decide(PolicyInput(requested, equivalent, v), force_hard=r)
-                         for v, r in zip(views, refused, strict=True)]
+            # An inactive budget is tracked, never enforced: its decision is to allow, at its real status.
+            decisions = [decide(PolicyInput(requested, equivalent, v), force_hard=r) if d.settings.active
+                         else Decision(Action.ALLOW, requested, v.status())
+                         for d, v, r in zip(matched, views, refused, strict=True)]
             i = strictest(decisions, views)
             decision, view, deciding = decisions[i], views[i], matched[i]
             reset = periods[i].seconds_until_reset(now)
@@ -180,9 +188,10 @@ class Admitter:
             log.warning("budget store unavailable; admitting with store_failure=open")
             return Admission(decide(PolicyInput(requested, equivalent, None)), None, items, outbox=True)
 
-    def _plan(self, facts: RequestFacts, now: datetime) -> _Plan:
-        """Built per distinct request facts (bounded): scope matching is pure and facts repeat."""
-        matched = self.book.matching(facts)
+    async def _plan(self, facts: RequestFacts, now: datetime) -> _Plan:
+        """Built per distinct request facts (bounded): scope matching is pure and facts repeat. A distinct-value
+        definition contributes the request's instance (claimed in the store on first sight per period)."""
+        matched = [await self.book.instance_of(d, facts, now) if d.distinct else d for d in self.book.matching(facts)]
         ts = now.timestamp()
         periods = [d.period(now) for d in matched]
         limits = [d.settings.limit_at(ts) for d in matched]
@@ -195,9 +204,12 @@ class Admitter:
             matched, tuple(d.name for d in matched), periods,
             tuple((d.name, p.key) for d, p in zip(matched, periods, strict=True)),
             [max(lim, 1) for lim in limits],
-            [d.settings.soft_bp * lim for d, lim in zip(matched, limits, strict=True)],
+            # An inactive budget never sends the fast path to the full decision.
+            [d.settings.soft_bp * lim if d.settings.active else 1 << 62
+             for d, lim in zip(matched, limits, strict=True)],
             [(d.thresholds_bp[0] if d.thresholds_bp else 0) * lim for d, lim in zip(matched, limits, strict=True)],
-            [reservation_cap(d.settings.hard_limit_action, lim, 1) for d, lim in zip(matched, limits, strict=True)],
+            [reservation_cap(d.settings.hard_limit_action, lim, 1) if d.settings.active else None
+             for d, lim in zip(matched, limits, strict=True)],
             max([p.start.timestamp() for p in periods], default=-math.inf), valid_until, self.book.settings_gen)
         return self._plans.put(facts, plan)
 

@@ -63,7 +63,8 @@ class AlertSender:
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # tests record the waits
 
     def send(self, payload: dict[str, Any]) -> None:
-        alerts_total.labels(payload["budget"], str(payload["threshold"])).inc()
+        # The label is the definition (bounded), never a distinct-value instance.
+        alerts_total.labels(payload.get("definition") or payload["budget"], str(payload["threshold"])).inc()
         log.warning("budget alert", extra={k: payload[k] for k in ("budget", "period", "threshold")})
         if not self.config.webhook_url or self.post is None:
             self._result(payload, "no_webhook", 0)
@@ -195,6 +196,7 @@ class AlertWatch:
             projected = forecast(t.settled, limit, p.start.timestamp(), p.end.timestamp(),
                                  self.book.clock().timestamp()).projected_micros
         payload = alert_payload(d.name, p.key, threshold, t.settled, t.reserved, limit, projected)
+        payload["definition"] = d.label
         try:
             payload["id"] = await self.book.ledger.record_alert(time.time(), d.name, p.key, threshold, t.settled,
                                                                 limit)

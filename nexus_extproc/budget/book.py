@@ -16,9 +16,9 @@ from zoneinfo import ZoneInfo
 from nexus_extproc.budget.forecast import Forecast, forecast
 from nexus_extproc.budget.periods import Period, period_for
 from nexus_extproc.budget.policy import BudgetView, HardAction
-from nexus_extproc.budget.scopes import RequestFacts, matches
+from nexus_extproc.budget.scopes import RequestFacts, distinct_dims, instance_name, matches, overflow_name
 from nexus_extproc.config import BudgetDefConfig, NexusConfig, ScopeConfig
-from nexus_extproc.ledger import AuditRecord, Ledger, Totals
+from nexus_extproc.ledger import AuditRecord, Ledger, StoreUnavailable, Totals
 from nexus_extproc.metering.money import usd_to_micros
 from nexus_extproc.ops import metrics
 
@@ -42,6 +42,7 @@ class Settings:
     hard_limit_action: HardAction
     override_limit_micros: int | None = None
     override_until: float | None = None  # unix seconds; the override reverts by itself after this
+    active: bool = True  # inactive: tracked, never enforced
     soft_bp: int = field(init=False, repr=False)  # soft limit in basis points, for integer compares
 
     def __post_init__(self) -> None:
@@ -55,7 +56,7 @@ class Settings:
     def to_doc(self) -> dict[str, object]:
         return {"limit_micros": self.limit_micros, "soft_limit_percent": str(self.soft_limit_percent),
                 "hard_limit_action": self.hard_limit_action, "override_limit_micros": self.override_limit_micros,
-                "override_until": self.override_until}
+                "override_until": self.override_until, "active": self.active}
 
 
 @dataclass(slots=True)
@@ -68,6 +69,12 @@ class BudgetDef:
     tz: ZoneInfo
     base: Settings
     thresholds: list[Decimal]
+    distinct: tuple[str, ...] = ()  # scope dimensions with "*": one instance per distinct value
+    max_instances: int = 10_000
+    parent: str | None = None  # set on an instance: the definition it belongs to (its metric label)
+    origin: str = "config"  # "config" (the file) or "runtime" (CreateBudget)
+    created_by: str | None = None
+    created_at: float | None = None
     settings: Settings = field(init=False)
     # Where the settings come from: None while the config applies, else who set them at runtime and when.
     set_by: str | None = field(init=False, default=None)
@@ -82,9 +89,21 @@ class BudgetDef:
 
     @classmethod
     def from_config(cls, c: BudgetDefConfig) -> BudgetDef:
-        return cls(c.name, None if c.scope == "global" else cast(ScopeConfig, c.scope), c.period,
-                   ZoneInfo(c.timezone), Settings(usd_to_micros(c.limit_usd), c.soft_limit_percent,
-                                                  c.hard_limit_action), list(c.alert_thresholds))
+        scope = None if c.scope == "global" else cast(ScopeConfig, c.scope)
+        return cls(c.name, scope, c.period, ZoneInfo(c.timezone),
+                   Settings(usd_to_micros(c.limit_usd), c.soft_limit_percent, c.hard_limit_action,
+                            active=c.active), list(c.alert_thresholds), distinct_dims(scope), c.max_instances)
+
+    @property
+    def label(self) -> str:
+        """The name metrics may carry: an instance's definition (bounded), never the instance."""
+        return self.parent or self.name
+
+    def instance(self, name: str) -> BudgetDef:
+        inst = BudgetDef(name, self.scope, self.period_kind, self.tz, self.base, self.thresholds, (),
+                         self.max_instances, self.name, self.origin)
+        inst.settings = self.settings
+        return inst
 
     def period(self, now: datetime) -> Period:
         """Cached until the period ends: computing calendar boundaries per request is wasted work."""
@@ -104,11 +123,32 @@ class BudgetState:
     forecast: Forecast
 
 
+def differences(d: BudgetDef) -> dict[str, str]:
+    """config value -> runtime value, per field that differs."""
+    base, cur = d.base.to_doc(), d.settings.to_doc()
+    return {k: f"{base[k]} -> {cur[k]}" for k in cur if cur[k] != base[k]}
+
+
+def definition_doc(d: BudgetDef) -> dict[str, object]:
+    """A budget's definition as BudgetDefConfig reads it: how a runtime-created one is stored."""
+    scope: object = "global" if d.scope is None else d.scope.model_dump(exclude_none=True)
+    return {"name": d.name, "scope": scope, "period": d.period_kind, "timezone": str(d.tz.key),
+            "limit_usd": str(Decimal(d.base.limit_micros) / 1_000_000),
+            "soft_limit_percent": str(d.base.soft_limit_percent), "hard_limit_action": d.base.hard_limit_action,
+            "alert_thresholds": [str(t) for t in d.thresholds], "max_instances": d.max_instances,
+            "active": d.base.active}
+
+
 class Book:
     def __init__(self, config: NexusConfig, ledger: Ledger | None, clock: Clock) -> None:
         self.config = config
         self.defs = [BudgetDef.from_config(c) for c in config.budget_defs()]
         self.by_name = {d.name: d for d in self.defs}
+        self.config_names = frozenset(self.by_name)
+        # Per distinct-value definition: its instances seen by this process (name -> def), and the ones it has
+        # claimed in the store, per period key.
+        self.instances: dict[str, dict[str, BudgetDef]] = {}
+        self._claimed: dict[tuple[str, str], BudgetDef] = {}
         self.ledger = ledger
         self.clock = clock
         self.settings_gen = 0  # bumped on every settings change; plans built before it are rebuilt
@@ -133,33 +173,98 @@ class Book:
     async def load_settings(self) -> None:
         """Runtime changes made through the admin API (by any process) win over the config file until
         `reset-limit` drops them. A runtime setting that differs from the config is logged as a warning once
-        per change, so a config edit that seems to do nothing explains itself."""
+        per change, so a config edit that seems to do nothing explains itself. Budgets created at runtime
+        (CreateBudget) appear and disappear here too: every replica within one reload interval."""
         if self.ledger is None:
             return
+        docs = await self.ledger.all_settings()
+        self._sync_runtime_defs(docs)
         for d in self.defs:
-            doc = await self.ledger.get_settings(d.name)
-            if doc:
+            doc = docs.get(d.name)
+            if doc and "limit_micros" in doc:
                 new = Settings(
                     int(cast(Any, doc["limit_micros"])), Decimal(str(doc["soft_limit_percent"])),
                     cast(HardAction, doc["hard_limit_action"]),
                     None if doc.get("override_limit_micros") is None else int(cast(Any, doc["override_limit_micros"])),
-                    None if doc.get("override_until") is None else float(cast(Any, doc["override_until"])))
+                    None if doc.get("override_until") is None else float(cast(Any, doc["override_until"])),
+                    bool(doc.get("active", True)))
                 set_by = str(doc.get("set_by") or "unknown")
                 set_at = None if doc.get("set_at") is None else float(cast(Any, doc["set_at"]))
             else:
                 new, set_by, set_at = d.base, None, None
             if new != d.settings or set_by != d.set_by:
-                d.settings, d.set_by, d.set_at = new, set_by, set_at
-                self.settings_gen += 1
+                self._apply(d, new, set_by, set_at)
                 if set_by is not None and new != d.base:
                     log.warning("a runtime setting overrides the config for this budget (nexus-extproc reset-limit "
-                                "drops it)", extra={"budget": d.name, "set_by": set_by, **self.differences(d)})
+                                "drops it)", extra={"budget": d.name, "set_by": set_by, **differences(d)})
 
-    @staticmethod
-    def differences(d: BudgetDef) -> dict[str, str]:
-        """config value -> runtime value, per field that differs."""
-        base, cur = d.base.to_doc(), d.settings.to_doc()
-        return {k: f"{base[k]} -> {cur[k]}" for k in cur if cur[k] != base[k]}
+    def _apply(self, d: BudgetDef, new: Settings, set_by: str | None, set_at: float | None) -> None:
+        d.settings, d.set_by, d.set_at = new, set_by, set_at
+        for inst in self.instances.get(d.name, {}).values():
+            inst.settings = new
+        self.settings_gen += 1
+
+    def _sync_runtime_defs(self, docs: dict[str, dict[str, object]]) -> None:
+        """Add the budgets created at runtime that this process does not have yet; drop the deleted ones."""
+        changed = False
+        for name, doc in docs.items():
+            spec = doc.get("definition")
+            if name in self.config_names or not isinstance(spec, dict) or name in self.by_name:
+                continue
+            try:
+                d = BudgetDef.from_config(BudgetDefConfig.model_validate(spec))
+            except ValueError:
+                log.error("a runtime budget definition in the store is invalid; skipped", extra={"budget": name})
+                continue
+            d.origin = "runtime"
+            d.created_by = str(doc.get("created_by") or "unknown")
+            d.created_at = None if doc.get("created_at") is None else float(cast(Any, doc["created_at"]))
+            self.defs.append(d)
+            self.by_name[name] = d
+            changed = True
+        for d in [d for d in self.defs if d.origin == "runtime"]:
+            if "definition" not in docs.get(d.name, {}):
+                self.defs.remove(d)
+                del self.by_name[d.name]
+                self.instances.pop(d.name, None)
+                changed = True
+        if changed:
+            self.settings_gen += 1
+
+    def _definition_part(self, name: str) -> dict[str, object]:
+        """What a runtime-created budget's settings document must keep whatever else changes."""
+        d = self.by_name.get(name)
+        if d is None or d.origin != "runtime":
+            return {}
+        return {"definition": definition_doc(d), "created_by": d.created_by, "created_at": d.created_at}
+
+    async def instance_of(self, d: BudgetDef, facts: RequestFacts, now: datetime) -> BudgetDef:
+        """The request's instance of a distinct-value definition, claimed in the store once per period and
+        process. Past `max_instances` the overflow instance takes it; with the store down, the instance is
+        used unclaimed (the bound is then best effort until the next period)."""
+        name = instance_name(d.name, d.distinct, facts)
+        period = d.period(now).key
+        hit = self._claimed.get((name, period))
+        if hit is not None:
+            return hit
+        ok = True
+        if self.ledger is not None:
+            try:
+                ok = await self.ledger.claim_instance(d.name, period, name, d.max_instances)
+            except StoreUnavailable:
+                ok = True
+        if not ok:
+            name = overflow_name(d.name)
+        known = self.instances.setdefault(d.name, {})
+        inst = known.get(name)
+        if inst is None:
+            if len(known) > 2 * d.max_instances:
+                known.clear()
+            inst = known[name] = d.instance(name)
+        if len(self._claimed) > 100_000:
+            self._claimed.clear()
+        self._claimed[(name if ok else instance_name(d.name, d.distinct, facts), period)] = inst
+        return inst
 
     async def reset_settings(self, name: str, actor: str) -> Settings:
         """Drop the runtime setting: the config file applies again, on every replica at its next reload."""
@@ -170,9 +275,8 @@ class Book:
         audit = [AuditRecord(now, actor, name, k, str(v), str(d.base.to_doc()[k]))
                  for k, v in d.settings.to_doc().items() if d.base.to_doc()[k] != v]
         audit.append(AuditRecord(now, actor, name, "source", "runtime" if d.set_by else "config", "config"))
-        await self.ledger.put_settings(name, None, audit)
-        d.settings, d.set_by, d.set_at = d.base, None, None
-        self.settings_gen += 1
+        await self.ledger.put_settings(name, self._definition_part(name) or None, audit)
+        self._apply(d, d.base, None, None)
         log.info("budget setting reset to the config", extra={"budget": name, "actor": actor})
         return d.settings
 
@@ -183,9 +287,9 @@ class Book:
         old, now = d.settings, time.time()
         audit = [AuditRecord(now, actor, name, k, str(v), str(new.to_doc()[k]))
                  for k, v in old.to_doc().items() if new.to_doc()[k] != v]
-        await self.ledger.put_settings(name, {**new.to_doc(), "set_by": actor, "set_at": now}, audit)
-        d.settings, d.set_by, d.set_at = new, actor, now
-        self.settings_gen += 1
+        await self.ledger.put_settings(name, {**self._definition_part(name), **new.to_doc(), "set_by": actor,
+                                              "set_at": now}, audit)
+        self._apply(d, new, actor, now)
         for a in audit:
             log.info("budget setting changed", extra={"budget": a.budget, "field": a.field, "old": a.old,
                                                       "new": a.new, "actor": a.actor})

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from nexus_extproc.budget.alerts import AlertWatch
 from nexus_extproc.budget.book import Book, BudgetDef
 from nexus_extproc.budget.projection import project
-from nexus_extproc.ledger import StoreUnavailable
+from nexus_extproc.ledger import StoreUnavailable, Totals
 from nexus_extproc.ledger.outbox import Outbox
 from nexus_extproc.metering.money import format_usd
 from nexus_extproc.ops import metrics
@@ -51,7 +51,8 @@ class Reconciler:
         p = await project(self.book, d)
         if p.overrun_likely and p.series.history_days >= 3:
             st = await self.book.state(d)
-            self.watch.forecast_overrun(d, st.period, self.book.last_totals[d.name], p.limit_micros,
+            self.watch.forecast_overrun(d, st.period, Totals(st.view.settled_micros, st.view.reserved_micros),
+                                        p.limit_micros,
                                         p.end_of_period.point_micros)
 
     async def _reap(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import hmac
+import re
 from dataclasses import dataclass
 
 from nexus_extproc.config import ScopeConfig
@@ -42,5 +43,27 @@ def matches(scope: ScopeConfig | None, facts: RequestFacts) -> bool:
     if scope.api_key_hash is not None and (facts.api_key_hash is None or not hmac.compare_digest(
             scope.api_key_hash, facts.api_key_hash)):
         return False
-    return all(want is None or want == got for want, got in ((scope.user, facts.user), (scope.team, facts.team),
-                                                             (scope.agent, facts.agent)))
+    return all(want is None or want == got or (want == "*" and bool(got))
+               for want, got in ((scope.user, facts.user), (scope.team, facts.team), (scope.agent, facts.agent)))
+
+
+DISTINCT_DIMS = ("user", "team", "agent")
+_SAFE_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+
+
+def distinct_dims(scope: ScopeConfig | None) -> tuple[str, ...]:
+    return () if scope is None else tuple(k for k in DISTINCT_DIMS if getattr(scope, k) == "*")
+
+
+def instance_name(parent: str, dims: tuple[str, ...], facts: RequestFacts) -> str:
+    """`parent/value` (values joined by '+' for several dimensions). A value outside a small character set is
+    named by a hash of it: instance names go into ledger keys and reports, never raw header text."""
+    parts = []
+    for k in dims:
+        v = getattr(facts, k) or ""
+        parts.append(v if _SAFE_VALUE.fullmatch(v) else "h-" + hashlib.sha256(v.encode()).hexdigest()[:16])
+    return f"{parent}/{'+'.join(parts)}"
+
+
+def overflow_name(parent: str) -> str:
+    return f"{parent}/_other"

@@ -247,6 +247,19 @@ class AlertLog(abc.ABC):
         """Every budget's runtime document in one read (settings, and runtime-created definitions)."""
 
 
+class InstanceIndex(abc.ABC):
+    """The instances of a budget per distinct value (`scope: {team: "*"}`), per period, with a bound."""
+
+    @abc.abstractmethod
+    async def claim_instance(self, parent: str, period: str, name: str, max_instances: int) -> bool:
+        """Atomically: True if `name` is (now) one of `parent`'s instances in `period`; False when it is new
+        and `parent` already has `max_instances` (the caller then counts the request elsewhere)."""
+
+    @abc.abstractmethod
+    async def instances(self, parent: str, period: str) -> list[tuple[str, Totals]]:
+        """Every instance of `parent` in `period`, with its totals."""
+
+
 class SpendLog(abc.ABC):
     """The settlements as a log, for reports."""
 
@@ -274,5 +287,5 @@ class CalibrationStore(abc.ABC):
         """Forget every learned estimate ratio; returns how many keys were dropped."""
 
 
-class Ledger(SpendLedger, ControlStore, SpendLog, CalibrationStore, AlertLog):
+class Ledger(SpendLedger, ControlStore, SpendLog, CalibrationStore, AlertLog, InstanceIndex):
     """Everything the shipped stores (SQLite, Redis) provide; the service takes this."""

@@ -61,6 +61,13 @@ _CALIBRATE = _lua("calibrate")
 _TIME = _lua("time")  # on the node that owns the keys (in a cluster, the slot's master)
 _PUT_SETTINGS = _lua("put_settings")
 _ALERT = _lua("alert")
+# KEYS: instance set ; ARGV: name, max. A member already, or room for one more: add it (atomic).
+_CLAIM = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('SADD', KEYS[1], ARGV[1])
+return 1
+"""
 
 SETTLED_MARKER_TTL_S = 40 * 86400
 
@@ -90,6 +97,7 @@ class RedisLedger(Ledger):
         self._time = self._r.register_script(_TIME)
         self._put_settings = self._r.register_script(_PUT_SETTINGS)
         self._alert = self._r.register_script(_ALERT)
+        self._claim = self._r.register_script(_CLAIM)
         # One pipeline per event-loop tick for the per-request scripts (not in a cluster: its pipelines split
         # by node, and every key here is in one slot anyway).
         self._batch = None if cluster else ScriptBatcher(self._r)  # type: ignore[arg-type]
@@ -224,6 +232,23 @@ class RedisLedger(Ledger):
 
     async def ack_alert(self, alert_id: int, actor: str, at: float) -> AlertRecord | None:
         return await self._alert_update(alert_id, "ack", actor, at)
+
+    async def claim_instance(self, parent: str, period: str, name: str, max_instances: int) -> bool:
+        return bool(int(await self._call(self._claim(keys=[f"{self._p}:inst:{parent}:{period}"],
+                                                     args=[name, max_instances]))))
+
+    async def instances(self, parent: str, period: str) -> list[tuple[str, Totals]]:
+        names = sorted((n.decode() if isinstance(n, bytes) else n)
+                       for n in await self._call(self._r.smembers(f"{self._p}:inst:{parent}:{period}")))
+        out: list[tuple[str, Totals]] = []
+        for i in range(0, len(names), 500):
+            chunk = names[i:i + 500]
+            pipe = self._r.pipeline(transaction=False)
+            for n in chunk:
+                pipe.hmget(self._tkey(n, period), "settled", "reserved")
+            for n, (s, r) in zip(chunk, await self._call(pipe.execute()), strict=True):
+                out.append((n, Totals(int(s or 0), int(r or 0))))
+        return out
 
     async def all_settings(self) -> dict[str, dict[str, object]]:
         raw = await self._call(self._r.hgetall(f"{self._p}:settings"))

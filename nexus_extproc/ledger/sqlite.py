@@ -113,6 +113,12 @@ class SqliteLedger(SyncSqlite, Ledger):
     async def ack_alert(self, alert_id: int, actor: str, at: float) -> AlertRecord | None:
         return await self._io(self._ack_alert_sync, alert_id, actor, at)
 
+    async def claim_instance(self, parent: str, period: str, name: str, max_instances: int) -> bool:
+        return await self._io(self._claim_instance_sync, parent, period, name, max_instances)
+
+    async def instances(self, parent: str, period: str) -> list[tuple[str, Totals]]:
+        return await self._io(self._instances_sync, parent, period)
+
     async def all_settings(self) -> dict[str, dict[str, object]]:
         return await self._io(self._all_settings_sync)
 

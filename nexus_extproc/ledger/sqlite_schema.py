@@ -45,10 +45,12 @@ CREATE TABLE IF NOT EXISTS alerts (
   id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, budget TEXT NOT NULL, period TEXT NOT NULL,
   threshold TEXT NOT NULL, spend INTEGER NOT NULL, lim INTEGER NOT NULL, delivery TEXT NOT NULL DEFAULT 'pending',
   attempts INTEGER NOT NULL DEFAULT 0, acked_by TEXT, acked_at REAL);
+CREATE TABLE IF NOT EXISTS instances (
+  parent TEXT NOT NULL, period TEXT NOT NULL, name TEXT NOT NULL, PRIMARY KEY (parent, period, name));
 """
 
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # Version 1 had no `id` in totals and one "budget period amount" line per budget in reservations. Upgraded in
 # place: totals keep their rows and sums; v1 reservations (left by a server that has stopped, so never settled)
@@ -101,6 +103,13 @@ CREATE TABLE alerts (
   id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, budget TEXT NOT NULL, period TEXT NOT NULL,
   threshold TEXT NOT NULL, spend INTEGER NOT NULL, lim INTEGER NOT NULL, delivery TEXT NOT NULL DEFAULT 'pending',
   attempts INTEGER NOT NULL DEFAULT 0, acked_by TEXT, acked_at REAL);
+"""
+
+
+# Version 6 had no budgets per distinct value.
+MIGRATE_6_TO_7 = """
+CREATE TABLE instances (
+  parent TEXT NOT NULL, period TEXT NOT NULL, name TEXT NOT NULL, PRIMARY KEY (parent, period, name));
 """
 
 

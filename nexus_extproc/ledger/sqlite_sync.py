@@ -37,6 +37,7 @@ from nexus_extproc.ledger.sqlite_schema import (
     MIGRATE_3_TO_4,
     MIGRATE_4_TO_5,
     MIGRATE_5_TO_6,
+    MIGRATE_6_TO_7,
     SCHEMA,
     SCHEMA_VERSION,
     LedgerSchemaError,
@@ -127,7 +128,7 @@ class SyncSqlite:
             has_tables = c.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'totals'").fetchone()[0]
             if version == 0 and not has_tables:
                 _run_script(c, SCHEMA)
-            elif version in (1, 2, 3, 4, 5):
+            elif version in (1, 2, 3, 4, 5, 6):
                 if version == 1:
                     _release_v1_reservations(c)
                     _run_script(c, MIGRATE_1_TO_2)
@@ -137,7 +138,9 @@ class SyncSqlite:
                     _run_script(c, MIGRATE_3_TO_4)
                 if version <= 4:
                     _run_script(c, MIGRATE_4_TO_5)
-                _run_script(c, MIGRATE_5_TO_6)
+                if version <= 5:
+                    _run_script(c, MIGRATE_5_TO_6)
+                _run_script(c, MIGRATE_6_TO_7)
                 log.info("ledger schema upgraded", extra={"from_version": version, "to_version": SCHEMA_VERSION})
             elif version != SCHEMA_VERSION:
                 return int(version)
@@ -409,6 +412,27 @@ class SyncSqlite:
 
         rec: AlertRecord | None = self._write(tx)
         return rec
+
+    def _claim_instance_sync(self, parent: str, period: str, name: str, max_instances: int) -> bool:
+        def tx(c: sqlite3.Cursor) -> bool:
+            if c.execute("SELECT 1 FROM instances WHERE parent=? AND period=? AND name=?",
+                         (parent, period, name)).fetchone():
+                return True
+            n = c.execute("SELECT COUNT(*) FROM instances WHERE parent=? AND period=?", (parent, period)).fetchone()[0]
+            if n >= max_instances:
+                return False
+            c.execute("INSERT INTO instances VALUES (?,?,?)", (parent, period, name))
+            return True
+
+        ok: bool = self._write(tx)
+        return ok
+
+    def _instances_sync(self, parent: str, period: str) -> list[tuple[str, Totals]]:
+        rows = self._db.execute(
+            "SELECT i.name, COALESCE(t.settled, 0), COALESCE(t.reserved, 0) FROM instances i LEFT JOIN totals t "
+            "ON t.budget = i.name AND t.period = i.period WHERE i.parent=? AND i.period=? ORDER BY i.name",
+            (parent, period)).fetchall()
+        return [(r[0], Totals(int(r[1]), int(r[2]))) for r in rows]
 
     def _all_settings_sync(self) -> dict[str, dict[str, object]]:
         return {b: json.loads(doc) for b, doc in self._db.execute("SELECT budget, doc FROM settings").fetchall()}

@@ -288,7 +288,7 @@ async def test_sqlite_upgrades_a_version_1_file_in_place(tmp_path):
     assert await led.totals("team", "2026-11") == (940, 0)
     await led.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
     db.close()
     assert await open_ledger("sqlite", path=str(path)).totals("global", "2026-11") == (1540, 0)  # reopens as v2
 
@@ -523,3 +523,20 @@ async def test_alert_log_records_delivery_and_the_first_ack(ledger_factory):
     await a.append_audit([AuditRecord(8.0, "alice", "team/ml", "alert_ack", "", str(i1))])
     assert (await a.audit_log(1))[0].field == "alert_ack"
     await a.close()
+
+
+async def test_instances_are_claimed_up_to_the_bound_per_period(ledger_factory):
+    a, b = ledger_factory(), ledger_factory()  # two workers on one store
+    got = await asyncio.gather(*(w.claim_instance("team", "2026-12", f"team/t{i}", 5)
+                                 for i, w in zip(range(8), [a, b] * 4)))
+    assert sum(got) == 5  # atomic across both
+    member = next(f"team/t{i}" for i, ok in enumerate(got) if ok)
+    loser = next(f"team/t{i}" for i, ok in enumerate(got) if not ok)
+    assert await a.claim_instance("team", "2026-12", member, 5)  # a member stays claimable
+    assert not await b.claim_instance("team", "2026-12", loser, 5)
+    assert await a.claim_instance("team", "2027-01", "team/new", 5)  # a new period starts empty
+    await a.reserve("r", [(member, "2026-12")], 40, time.time() + 60)
+    listed = dict(await b.instances("team", "2026-12"))
+    assert len(listed) == 5 and listed[member].reserved == 40 and loser not in listed
+    await a.close()
+    await b.close()
