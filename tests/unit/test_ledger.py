@@ -528,7 +528,7 @@ async def test_alert_log_records_delivery_and_the_first_ack(ledger_factory):
 async def test_instances_are_claimed_up_to_the_bound_per_period(ledger_factory):
     a, b = ledger_factory(), ledger_factory()  # two workers on one store
     got = await asyncio.gather(*(w.claim_instance("team", "2026-12", f"team/t{i}", 5)
-                                 for i, w in zip(range(8), [a, b] * 4)))
+                                 for i, w in zip(range(8), [a, b] * 4, strict=True)))
     assert sum(got) == 5  # atomic across both
     member = next(f"team/t{i}" for i, ok in enumerate(got) if ok)
     loser = next(f"team/t{i}" for i, ok in enumerate(got) if not ok)
