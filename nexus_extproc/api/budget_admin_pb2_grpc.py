@@ -71,6 +71,46 @@ class BudgetAdminServiceStub:
                 request_serializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.WatchStatusRequest.SerializeToString,
                 response_deserializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.WatchStatusResponse.FromString,
                 _registered_method=True)
+        self.CreateBudget = channel.unary_unary(
+                '/nexus.budget.v1.BudgetAdminService/CreateBudget',
+                request_serializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.CreateBudgetRequest.SerializeToString,
+                response_deserializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.CreateBudgetResponse.FromString,
+                _registered_method=True)
+        self.DeleteBudget = channel.unary_unary(
+                '/nexus.budget.v1.BudgetAdminService/DeleteBudget',
+                request_serializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.DeleteBudgetRequest.SerializeToString,
+                response_deserializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.DeleteBudgetResponse.FromString,
+                _registered_method=True)
+        self.SetActive = channel.unary_unary(
+                '/nexus.budget.v1.BudgetAdminService/SetActive',
+                request_serializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.SetActiveRequest.SerializeToString,
+                response_deserializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.SetActiveResponse.FromString,
+                _registered_method=True)
+        self.GetForecast = channel.unary_unary(
+                '/nexus.budget.v1.BudgetAdminService/GetForecast',
+                request_serializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.GetForecastRequest.SerializeToString,
+                response_deserializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.GetForecastResponse.FromString,
+                _registered_method=True)
+        self.ListAlerts = channel.unary_unary(
+                '/nexus.budget.v1.BudgetAdminService/ListAlerts',
+                request_serializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.ListAlertsResponse.FromString,
+                _registered_method=True)
+        self.AckAlert = channel.unary_unary(
+                '/nexus.budget.v1.BudgetAdminService/AckAlert',
+                request_serializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.AckAlertRequest.SerializeToString,
+                response_deserializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.AckAlertResponse.FromString,
+                _registered_method=True)
+        self.ListRecommendations = channel.unary_unary(
+                '/nexus.budget.v1.BudgetAdminService/ListRecommendations',
+                request_serializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.ListRecommendationsRequest.SerializeToString,
+                response_deserializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.ListRecommendationsResponse.FromString,
+                _registered_method=True)
+        self.ExportSpend = channel.unary_unary(
+                '/nexus.budget.v1.BudgetAdminService/ExportSpend',
+                request_serializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.ExportSpendRequest.SerializeToString,
+                response_deserializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.ExportSpendResponse.FromString,
+                _registered_method=True)
 
 
 class BudgetAdminServiceServicer:
@@ -127,6 +167,62 @@ class BudgetAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateBudget(self, request, context):
+        """CreateBudget adds a budget at runtime: persisted in the store, audited, on every replica within 2 s.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteBudget(self, request, context):
+        """DeleteBudget removes a budget created at runtime; a config-file budget gets FAILED_PRECONDITION (use SetActive).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetActive(self, request, context):
+        """SetActive switches a budget's enforcement: an inactive budget is tracked (reserved, settled, reported), never enforced.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetForecast(self, request, context):
+        """GetForecast returns a budget's 7/30/90-day and end-of-period projections, each with an 80 % interval, and its trend.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAlerts(self, request, context):
+        """ListAlerts returns the alert history, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AckAlert(self, request, context):
+        """AckAlert acknowledges an alert; the first acknowledgement stands. Audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRecommendations(self, request, context):
+        """ListRecommendations returns cost recommendations computed from the settlements, each with its potential saving.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportSpend(self, request, context):
+        """ExportSpend returns a range's spend as a file: a FOCUS 1.2 CSV, or the roll-up CSV.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BudgetAdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +260,46 @@ def add_BudgetAdminServiceServicer_to_server(servicer, server):
                     servicer.WatchStatus,
                     request_deserializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.WatchStatusRequest.FromString,
                     response_serializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.WatchStatusResponse.SerializeToString,
+            ),
+            'CreateBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateBudget,
+                    request_deserializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.CreateBudgetRequest.FromString,
+                    response_serializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.CreateBudgetResponse.SerializeToString,
+            ),
+            'DeleteBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteBudget,
+                    request_deserializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.DeleteBudgetRequest.FromString,
+                    response_serializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.DeleteBudgetResponse.SerializeToString,
+            ),
+            'SetActive': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetActive,
+                    request_deserializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.SetActiveRequest.FromString,
+                    response_serializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.SetActiveResponse.SerializeToString,
+            ),
+            'GetForecast': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetForecast,
+                    request_deserializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.GetForecastRequest.FromString,
+                    response_serializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.GetForecastResponse.SerializeToString,
+            ),
+            'ListAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlerts,
+                    request_deserializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.ListAlertsRequest.FromString,
+                    response_serializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.ListAlertsResponse.SerializeToString,
+            ),
+            'AckAlert': grpc.unary_unary_rpc_method_handler(
+                    servicer.AckAlert,
+                    request_deserializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.AckAlertRequest.FromString,
+                    response_serializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.AckAlertResponse.SerializeToString,
+            ),
+            'ListRecommendations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRecommendations,
+                    request_deserializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.ListRecommendationsRequest.FromString,
+                    response_serializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.ListRecommendationsResponse.SerializeToString,
+            ),
+            'ExportSpend': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportSpend,
+                    request_deserializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.ExportSpendRequest.FromString,
+                    response_serializer=nexus_dot_budget_dot_v1_dot_budget__admin__pb2.ExportSpendResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +493,222 @@ class BudgetAdminService:
             '/nexus.budget.v1.BudgetAdminService/WatchStatus',
             nexus_dot_budget_dot_v1_dot_budget__admin__pb2.WatchStatusRequest.SerializeToString,
             nexus_dot_budget_dot_v1_dot_budget__admin__pb2.WatchStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.budget.v1.BudgetAdminService/CreateBudget',
+            nexus_dot_budget_dot_v1_dot_budget__admin__pb2.CreateBudgetRequest.SerializeToString,
+            nexus_dot_budget_dot_v1_dot_budget__admin__pb2.CreateBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.budget.v1.BudgetAdminService/DeleteBudget',
+            nexus_dot_budget_dot_v1_dot_budget__admin__pb2.DeleteBudgetRequest.SerializeToString,
+            nexus_dot_budget_dot_v1_dot_budget__admin__pb2.DeleteBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetActive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.budget.v1.BudgetAdminService/SetActive',
+            nexus_dot_budget_dot_v1_dot_budget__admin__pb2.SetActiveRequest.SerializeToString,
+            nexus_dot_budget_dot_v1_dot_budget__admin__pb2.SetActiveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetForecast(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.budget.v1.BudgetAdminService/GetForecast',
+            nexus_dot_budget_dot_v1_dot_budget__admin__pb2.GetForecastRequest.SerializeToString,
+            nexus_dot_budget_dot_v1_dot_budget__admin__pb2.GetForecastResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.budget.v1.BudgetAdminService/ListAlerts',
+            nexus_dot_budget_dot_v1_dot_budget__admin__pb2.ListAlertsRequest.SerializeToString,
+            nexus_dot_budget_dot_v1_dot_budget__admin__pb2.ListAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AckAlert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.budget.v1.BudgetAdminService/AckAlert',
+            nexus_dot_budget_dot_v1_dot_budget__admin__pb2.AckAlertRequest.SerializeToString,
+            nexus_dot_budget_dot_v1_dot_budget__admin__pb2.AckAlertResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRecommendations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.budget.v1.BudgetAdminService/ListRecommendations',
+            nexus_dot_budget_dot_v1_dot_budget__admin__pb2.ListRecommendationsRequest.SerializeToString,
+            nexus_dot_budget_dot_v1_dot_budget__admin__pb2.ListRecommendationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSpend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.budget.v1.BudgetAdminService/ExportSpend',
+            nexus_dot_budget_dot_v1_dot_budget__admin__pb2.ExportSpendRequest.SerializeToString,
+            nexus_dot_budget_dot_v1_dot_budget__admin__pb2.ExportSpendResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,6 +9,7 @@ import time
 from nexus_extproc.budget.book import Book, BudgetDef
 from nexus_extproc.budget.focus import PriceInfo, focus_rows
 from nexus_extproc.budget.projection import BudgetProjection, project
+from nexus_extproc.budget.recommendations import Recommendation, recommend
 from nexus_extproc.budget.reports import SpendRow, roll_up
 from nexus_extproc.metering.pricing import PriceBook
 
@@ -59,3 +60,16 @@ class Insights:
             self._projections.clear()
         self._projections[key] = (time.monotonic(), p)
         return p
+
+    def _list_prices(self, backend: str, model: str) -> dict[str, int]:
+        b = self._book.config.backends.get(backend)
+        return self.prices.list_prices(b.prices_from, model) if b else {}
+
+    async def recommendations(self, start_ts: float, end_ts: float) -> list[Recommendation]:
+        ledger = self._book.ledger
+        if ledger is None:
+            return []
+        cfg = self._book.config
+        cloud = {name for name, b in cfg.backends.items() if b.type == "cloud"}
+        return recommend(await ledger.spend(start_ts, end_ts, per_budget=False), cfg.equivalents, cloud,
+                         self._list_prices)
