@@ -40,6 +40,7 @@ from nexus_extproc.metering.pricing import PriceBook
 from nexus_extproc.metering.tokenizers import TokenCounter
 from nexus_extproc.ops import metrics
 from nexus_extproc.ops.procs import PARENT_ENV
+from nexus_extproc.ops.ratelimit import RateLimiter
 from nexus_extproc.request.calibration import Calibrator
 from nexus_extproc.request.pipeline import Processor
 from nexus_extproc.request.router import Router
@@ -49,7 +50,8 @@ SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 
 def open_store(config: NexusConfig) -> Ledger | None:
-    if not config.budget_defs():
+    """No budget and no admin API: nothing to record. With an admin token, budgets may be created at runtime."""
+    if not config.budget_defs() and not config.admin_api.token():
         return None
     s = config.store
     if s.kind == "sqlite":
@@ -97,11 +99,18 @@ async def start_grpc(servicer: ExternalProcessor, host: str, port: int, uds: str
 
 
 async def start_admin(budget: BudgetAdmin, host: str, port: int, ready,  # type: ignore[no-untyped-def]
-                      calibration: Calibrator | None = None) -> web.AppRunner:
-    runner = web.AppRunner(build_admin_app(budget, ready, calibration), access_log=None)
+                      calibration: Calibrator | None = None, config: NexusConfig | None = None) -> web.AppRunner:
+    token = config.admin_api.token() if config else None
+    limiter = admin_limiter(config) if config else None
+    runner = web.AppRunner(build_admin_app(budget, ready, calibration, token, limiter), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner
+
+
+def admin_limiter(config: NexusConfig) -> RateLimiter:
+    a = config.admin_api
+    return RateLimiter(a.rate_limit_per_second, a.rate_limit_burst)
 
 
 def _install_stop(stop: asyncio.Event) -> None:
@@ -135,9 +144,9 @@ async def serve_single(config: NexusConfig, worker_index: int | None = None) -> 
                                       "hard_limit_action": d.settings.hard_limit_action,
                                       **BudgetAdmin.provenance(d)})
         runner = await start_admin(comps.budget.admin, config.server.admin_host, config.server.admin_port, is_ready,
-                                   comps.processor.calibration)
+                                   comps.processor.calibration, config)
         admin_api, _ = await start_admin_api(comps.budget.admin, config.admin_api.host, config.admin_api.port,
-                                             config.admin_api.token())
+                                             config.admin_api.token(), admin_limiter(config))
     chores = asyncio.gather(
         comps.budget.run_reconciler(config.budget.reconciliation_interval_secs if config.budget else 30),
         poll_envoy_health(config, comps.processor.router),
@@ -300,9 +309,10 @@ async def serve_workers(config: NexusConfig, config_path: str, workers: int) -> 
     calibration = Calibrator(config.estimation.calibration_half_life_hours * 3600,
                              config.estimation.calibration_flush_secs)
     cal_task = asyncio.create_task(calibration.run(budget.ledger)) if budget.ledger else None
-    runner = await start_admin(budget.admin, config.server.admin_host, config.server.admin_port, is_ready, calibration)
+    runner = await start_admin(budget.admin, config.server.admin_host, config.server.admin_port, is_ready, calibration,
+                               config)
     admin_api, _ = await start_admin_api(budget.admin, config.admin_api.host, config.admin_api.port,
-                                         config.admin_api.token())
+                                         config.admin_api.token(), admin_limiter(config))
     stop = asyncio.Event()
     _install_stop(stop)
     rc = 0

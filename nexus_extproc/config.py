@@ -177,6 +177,10 @@ class AdminApiConfig(_Strict):
     port: int = Field(default=9091, ge=0, le=65535)
     token_file: str | None = None
     token_env: str = "NEXUS_ADMIN_TOKEN"
+    # Per credential (the gRPC API, and /v1/* on the HTTP listener when a token is set): refused with
+    # RESOURCE_EXHAUSTED (gRPC) or 429 (HTTP) past this rate. 0 turns it off.
+    rate_limit_per_second: float = Field(default=20.0, ge=0)
+    rate_limit_burst: int = Field(default=40, ge=1)
 
     def token(self) -> str | None:
         if self.token_file:

@@ -11,6 +11,7 @@ from nexus_extproc.budget.focus import PriceInfo, focus_rows
 from nexus_extproc.budget.projection import BudgetProjection, project
 from nexus_extproc.budget.recommendations import Recommendation, recommend
 from nexus_extproc.budget.reports import SpendRow, roll_up
+from nexus_extproc.ledger import Totals
 from nexus_extproc.metering.pricing import PriceBook
 
 _PROVIDER_NAMES = {"openai": ("OpenAI", "OpenAI API"), "anthropic": ("Anthropic", "Anthropic API")}
@@ -73,3 +74,10 @@ class Insights:
         cloud = {name for name, b in cfg.backends.items() if b.type == "cloud"}
         return recommend(await ledger.spend(start_ts, end_ts, per_budget=False), cfg.equivalents, cloud,
                          self._list_prices)
+
+    async def instances(self, d: BudgetDef) -> list[tuple[str, Totals]]:
+        """A distinct-value definition's instances this period, with their totals (empty for other budgets)."""
+        ledger = self._book.ledger
+        if ledger is None or not d.distinct:
+            return []
+        return await ledger.instances(d.name, d.period(self._book.clock()).key)

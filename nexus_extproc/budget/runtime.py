@@ -20,6 +20,11 @@ class RuntimeBudgets:
     def __init__(self, book: Book) -> None:
         self._book = book
 
+    @property
+    def available(self) -> bool:
+        """A store is open (a budget in the config, or an admin token: app.open_store)."""
+        return self._book.ledger is not None
+
     async def create(self, c: BudgetDefConfig, actor: str) -> BudgetDef:
         """Persist a new budget; every replica adds it at its next settings reload. ValueError: name taken."""
         assert self._book.ledger is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import math
 import os
 from collections.abc import Awaitable, Callable, Iterator
@@ -18,8 +19,10 @@ from nexus_extproc.budget.focus import to_focus_csv
 from nexus_extproc.budget.forecast import forecast
 from nexus_extproc.budget.policy import STATUS_CODE
 from nexus_extproc.budget.reports import parse_range, row_dict, to_csv
-from nexus_extproc.ledger import StoreUnavailable
+from nexus_extproc.edge.admin_ui import add_ui_routes
+from nexus_extproc.ledger import AlertRecord, StoreUnavailable
 from nexus_extproc.metering.money import usd_float
+from nexus_extproc.ops.ratelimit import RateLimiter
 from nexus_extproc.request.calibration import Calibrator
 
 LABELS = ["budget", "billing_month"]
@@ -40,6 +43,29 @@ def _budget_doc(st: BudgetState, last_reconciliation: str | None) -> dict[str, A
         "hard_limit_action": _ACTION_NAMES[s.hard_limit_action],
         "next_reset_date": p.end.astimezone(st.defn.tz).date().isoformat(),  # the reset day on its own clock
     }
+
+
+TOP_INSTANCES = 100
+
+
+async def _instances_doc(budget: BudgetAdmin, st: BudgetState) -> dict[str, Any]:
+    """Per-instance figures live here and in reports, never in metric labels: the most utilised 100, and
+    the count and sum of all."""
+    d = st.defn
+    rows = await budget.insights.instances(d)
+    limit = d.settings.limit_at(budget.now().timestamp())
+    views = sorted(rows, key=lambda nt: -(nt[1].settled + nt[1].reserved))
+    top = []
+    for name, t in views[:TOP_INSTANCES]:
+        used = t.settled + t.reserved
+        status = "HardLimit" if used >= limit else "SoftLimit" if used * 10_000 >= d.settings.soft_bp * limit \
+            else "Normal"
+        top.append({"name": name, "value": name.split("/", 1)[1], "current_spending_usd": usd_float(t.settled),
+                    "reserved_usd": usd_float(t.reserved), "utilization_percent": round(100 * used / max(limit, 1), 2),
+                    "status": status})
+    return {"by": list(d.distinct), "instances": len(rows), "max_instances": d.max_instances,
+            "instance_limit_usd": usd_float(limit), "total_spending_usd": usd_float(sum(t.settled for _, t in rows)),
+            "top": top}
 
 
 async def stats_doc(budget: BudgetAdmin, calibration: Calibrator | None = None) -> dict[str, Any]:
@@ -63,7 +89,11 @@ async def stats_doc(budget: BudgetAdmin, calibration: Calibrator | None = None) 
             "exhaustion_in_seconds": st.forecast.exhaustion_in_s,
             "settings": BudgetAdmin.provenance(st.defn),
             "forecasts": (await budget.insights.forecast(st.defn)).doc(),
+            "active": st.defn.settings.active,
+            "origin": st.defn.origin,
         })
+        if st.defn.distinct:
+            doc["distinct"] = await _instances_doc(budget, st)
         del doc["billing_month"]
         out["budgets"].append(doc)
     out["calibration"] = calibration.snapshot() if calibration else []
@@ -115,7 +145,10 @@ class BudgetCollector:
 
 
 def build_admin_app(budget: BudgetAdmin, is_ready: Callable[[], Awaitable[bool]],
-                    calibration: Calibrator | None = None) -> web.Application:
+                    calibration: Calibrator | None = None, token: str | None = None,
+                    limiter: RateLimiter | None = None) -> web.Application:
+    """/healthz, /readyz, /metrics and the page's files stay open; /v1/* needs the admin token when one is
+    configured, and is rate limited per credential."""
     multiproc = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
     if multiproc:
         registry = CollectorRegistry()
@@ -167,7 +200,51 @@ def build_admin_app(budget: BudgetAdmin, is_ready: Callable[[], Awaitable[bool]]
             return web.Response(text=to_csv(rows), content_type="text/csv")
         return web.json_response({"from": lo, "to": hi, "group_by": group_by, "rows": [row_dict(r) for r in rows]})
 
-    app = web.Application()
+    async def alerts(req: web.Request) -> web.Response:
+        try:
+            limit = int(req.query.get("limit", "50"))
+            rows = await budget.alerts.list(limit)
+        except ValueError:
+            return web.json_response({"error": "limit must be an integer"}, status=400)
+        except StoreUnavailable:
+            return web.json_response({"error": "budget store unavailable"}, status=503)
+        return web.json_response({"alerts": [alert_doc(a) for a in rows]})
+
+    async def recommendations(req: web.Request) -> web.Response:
+        try:
+            lo, hi = parse_range(req.query.get("from"), req.query.get("to"))
+            recs = await budget.insights.recommendations(lo, hi)
+        except ValueError as e:
+            return web.json_response({"error": str(e)}, status=400)
+        except StoreUnavailable:
+            return web.json_response({"error": "budget store unavailable"}, status=503)
+        return web.json_response({"from": lo, "to": hi, "recommendations": [r.doc() for r in recs]})
+
+    expected = f"Bearer {token}".encode() if token else None
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                    ) -> web.StreamResponse:
+        if not request.path.startswith("/v1/"):
+            return await handler(request)
+        got = request.headers.get("Authorization", "")
+        if limiter is not None and not limiter.allow(RateLimiter.key(got, request.remote or "")):
+            return web.json_response({"error": "admin API rate limit exceeded; retry later"}, status=429,
+                                     headers={"Retry-After": "1"})
+        if expected is not None and not hmac.compare_digest(got.encode(), expected):
+            return web.json_response({"error": "missing or invalid admin token (Authorization: Bearer ...)"},
+                                     status=401, headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
+    app = web.Application(middlewares=[guard])
     app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics),
-                    web.get("/v1/stats", stats), web.get("/v1/spend", spend)])
+                    web.get("/v1/stats", stats), web.get("/v1/spend", spend), web.get("/v1/alerts", alerts),
+                    web.get("/v1/recommendations", recommendations)])
+    add_ui_routes(app, lambda: stats_doc(budget, calibration))
     return app
+
+
+def alert_doc(a: AlertRecord) -> dict[str, Any]:
+    return {"id": a.id, "ts": a.ts, "budget": a.budget, "period": a.period, "threshold": a.threshold,
+            "spend_usd": usd_float(a.spend_micros), "limit_usd": usd_float(a.limit_micros), "delivery": a.delivery,
+            "attempts": a.attempts, "acked_by": a.acked_by, "acked_at": a.acked_at}
