@@ -93,11 +93,12 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"""
 nexus-extproc demo is up.
   send LLM requests to  {stack.base_url}   (OpenAI: /v1/chat/completions …, Anthropic: /v1/messages)
-  budget stats          http://127.0.0.1:{stack.admin_port}/v1/stats
+  budget page           http://127.0.0.1:{stack.admin_port}/ui#token={token}
+  budget stats          http://127.0.0.1:{stack.admin_port}/v1/stats   (Authorization: Bearer $NEXUS_ADMIN_TOKEN)
   metrics               http://127.0.0.1:{stack.admin_port}/metrics
   fake upstreams        {", ".join(f"{n}=127.0.0.1:{p}" for n, p in stack.fake_ports.items())}
   admin gRPC API        127.0.0.1:{stack.admin_api_port}
-                        (.venv/bin/nexus-extproc status | set-limit | reset-limit | override | spend)
+                        (.venv/bin/nexus-extproc status | set-limit | spend | forecast | alerts | recommend | export …)
                         export NEXUS_ADMIN_TOKEN={token}
   Envoy access log      {stack.workdir / "access.log"}
   ledger                {ledger or "(not SQLite)"}   ({"started empty" if args.fresh else

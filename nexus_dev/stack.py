@@ -27,6 +27,12 @@ HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
 
 
+def admin_headers(token: str | None = None) -> dict[str, str]:
+    """The admin listener's /v1/* needs the admin token whenever one is configured (the demo makes one)."""
+    t = token or os.environ.get("NEXUS_ADMIN_TOKEN")
+    return {"Authorization": f"Bearer {t}"} if t else {}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))

@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         print("nexus-extproc: the demo runs from a clone of the repository: `make up` (python -m nexus_dev)",
               file=sys.stderr)
         return 2
-    if args.cmd in ("status", "set-limit", "reset-limit", "override", "spend"):
+    from nexus_extproc.edge.admin_cli_finops import COMMANDS as FINOPS_COMMANDS
+
+    if args.cmd in ("status", "set-limit", "reset-limit", "override", "spend", *FINOPS_COMMANDS):
         return run_admin(args)
     return _serve(args)

@@ -194,7 +194,7 @@ class ListSpendRequest(_message.Message):
     def __init__(self, to: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group_by: _Optional[_Iterable[str]] = ..., **kwargs) -> None: ...
 
 class SpendRow(_message.Message):
-    __slots__ = ("budget", "model", "day", "requests", "input_tokens", "output_tokens", "cost_micros", "estimate_micros", "avoided_micros", "reaped_micros", "week", "month", "backend", "task", "tag")
+    __slots__ = ("budget", "model", "day", "requests", "input_tokens", "output_tokens", "cost_micros", "estimate_micros", "avoided_micros", "reaped_micros", "week", "month", "backend", "task", "tag", "team")
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DAY_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +210,7 @@ class SpendRow(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
+    TEAM_FIELD_NUMBER: _ClassVar[int]
     budget: str
     model: str
     day: str
@@ -225,7 +226,8 @@ class SpendRow(_message.Message):
     backend: str
     task: str
     tag: str
-    def __init__(self, budget: _Optional[str] = ..., model: _Optional[str] = ..., day: _Optional[str] = ..., requests: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cost_micros: _Optional[int] = ..., estimate_micros: _Optional[int] = ..., avoided_micros: _Optional[int] = ..., reaped_micros: _Optional[int] = ..., week: _Optional[str] = ..., month: _Optional[str] = ..., backend: _Optional[str] = ..., task: _Optional[str] = ..., tag: _Optional[str] = ...) -> None: ...
+    team: str
+    def __init__(self, budget: _Optional[str] = ..., model: _Optional[str] = ..., day: _Optional[str] = ..., requests: _Optional[int] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cost_micros: _Optional[int] = ..., estimate_micros: _Optional[int] = ..., avoided_micros: _Optional[int] = ..., reaped_micros: _Optional[int] = ..., week: _Optional[str] = ..., month: _Optional[str] = ..., backend: _Optional[str] = ..., task: _Optional[str] = ..., tag: _Optional[str] = ..., team: _Optional[str] = ...) -> None: ...
 
 class ListSpendResponse(_message.Message):
     __slots__ = ("rows",)

@@ -15,6 +15,8 @@ from google.protobuf import timestamp_pb2
 from nexus_extproc.api import budget_admin_pb2 as pb
 from nexus_extproc.api import budget_admin_pb2_grpc as pb_grpc
 from nexus_extproc.budget.reports import COLUMNS, SpendRow, row_dict, to_csv, to_table
+from nexus_extproc.edge.admin_cli_finops import COMMANDS as FINOPS_COMMANDS
+from nexus_extproc.edge.admin_cli_finops import add_finops_args, run_finops
 from nexus_extproc.edge.pb_terms import ACTION_FROM_PB, ACTION_TO_PB, STATUS_FROM_PB
 from nexus_extproc.metering.money import usd_to_micros
 
@@ -29,6 +31,7 @@ def add_admin_args(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--token-file", help="file holding the admin token (default: $NEXUS_ADMIN_TOKEN)")
         p.add_argument("--format", choices=("table", "json", "csv"), default="table")
 
+    add_finops_args(sub, common)
     p = sub.add_parser("status", help="budget status from the admin API")
     common(p)
     p.add_argument("--budget", default="")
@@ -53,7 +56,8 @@ def add_admin_args(sub: argparse._SubParsersAction) -> None:
     common(p)
     p.add_argument("--from", dest="start", help="YYYY-MM-DD (default: first of this month)")
     p.add_argument("--to", dest="end", help="YYYY-MM-DD inclusive (default: today)")
-    p.add_argument("--group-by", default="model", help="comma list of budget,model,day")
+    p.add_argument("--group-by", default="model",
+                   help="comma list of budget, model, day, week, month, model_requested, backend, team, task, tag")
 
 
 def _token(args: argparse.Namespace) -> str:
@@ -104,6 +108,8 @@ def _print(rows: list[dict[str, object]], columns: tuple[str, ...], fmt: str) ->
 
 
 def run_admin(args: argparse.Namespace) -> int:
+    if args.cmd in FINOPS_COMMANDS:
+        return run_finops(args, _token(args))
     md = (("authorization", f"Bearer {_token(args)}"),)
     with grpc.insecure_channel(args.admin) as ch:
         stub = pb_grpc.BudgetAdminServiceStub(ch)
@@ -137,7 +143,8 @@ def run_admin(args: argparse.Namespace) -> int:
                 resp = stub.ListSpend(req, metadata=md, timeout=30)
                 rows = [SpendRow(r.budget, r.model, r.day, r.requests, r.input_tokens, r.output_tokens,
                                  r.cost_micros, r.estimate_micros, r.avoided_micros,
-                                 reaped_micros=r.reaped_micros) for r in resp.rows]
+                                 reaped_micros=r.reaped_micros, week=r.week, month=r.month, backend=r.backend,
+                                 task=r.task, tag=r.tag, team=r.team) for r in resp.rows]
                 if args.format == "csv":
                     sys.stdout.write(to_csv(rows))
                 else:

@@ -88,7 +88,7 @@ class BudgetAdmin(LifecycleRpcs, FinOpsRpcs, AdminBase, pb_grpc.BudgetAdminServi
             budget=r.budget, model=r.model, day=r.day, requests=r.requests, input_tokens=r.input_tokens,
             output_tokens=r.output_tokens, cost_micros=r.cost_micros, estimate_micros=r.estimate_micros,
             avoided_micros=r.avoided_micros, reaped_micros=r.reaped_micros, week=r.week, month=r.month,
-            backend=r.backend, task=r.task, tag=r.tag)
+            backend=r.backend, task=r.task, tag=r.tag, team=r.team)
             for r in rows])
 
     async def ListAudit(self, request: pb.ListAuditRequest,

@@ -14,7 +14,7 @@ import openai
 import pytest
 import yaml
 
-from nexus_dev.stack import Stack, free_port
+from nexus_dev.stack import Stack, admin_headers, free_port
 from tests.conftest import BACKENDS
 
 pytestmark = pytest.mark.e2e
@@ -69,7 +69,8 @@ class E2E:
         return anthropic.Anthropic(base_url=self.url, api_key="sk-ant-test", max_retries=0, timeout=30)
 
     def stats(self) -> dict[str, Any]:
-        return httpx.get(f"http://127.0.0.1:{self.stack.admin_port}/v1/stats", timeout=5).json()
+        return httpx.get(f"http://127.0.0.1:{self.stack.admin_port}/v1/stats", timeout=5,
+                         headers=admin_headers()).json()
 
     def metrics(self) -> str:
         return httpx.get(f"http://127.0.0.1:{self.stack.admin_port}/metrics", timeout=5).text

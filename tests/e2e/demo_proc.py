@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from nexus_dev.stack import REPO, free_port
+from nexus_dev.stack import REPO, admin_headers, free_port
 from tests.procs import alive, descendants
 
 __all__ = ["Demo", "alive", "descendants"]
@@ -26,6 +27,7 @@ class Demo:
         self.config.write_text((REPO / "examples" / "demo.yaml").read_text())  # its ledger: ./nexus-demo-ledger.db
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = tmp / "demo.out"
+        self.token: str | None = None  # the admin token the demo printed (it makes one unless given)
 
     def start(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         args = [sys.executable, "-m", "nexus_dev", "--config", str(self.config), *extra]
@@ -40,6 +42,8 @@ class Demo:
             assert self.proc.poll() is None, self.log.read_text(errors="replace")[-3000:]
             assert time.monotonic() < end, "the demo did not come up in 60 s"
             time.sleep(0.2)
+        m = re.search(rb"export NEXUS_ADMIN_TOKEN=(\S+)", self.log.read_bytes())
+        self.token = m.group(1).decode() if m else None
         return self.proc
 
     @property
@@ -47,7 +51,8 @@ class Demo:
         return f"http://127.0.0.1:{self.ports['--port']}"
 
     def spent(self) -> float:
-        stats = httpx.get(f"http://127.0.0.1:{self.ports['--admin-port']}/v1/stats", timeout=5).json()
+        stats = httpx.get(f"http://127.0.0.1:{self.ports['--admin-port']}/v1/stats", timeout=5,
+                          headers=admin_headers(self.token)).json()
         return float(stats["budget"]["current_spending_usd"])
 
     def interrupt(self) -> str:

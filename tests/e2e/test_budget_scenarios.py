@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from nexus_dev.stack import Stack
+from nexus_dev.stack import Stack, admin_headers
 from nexus_extproc.ledger import SpendRecord, open_ledger
 from nexus_extproc.ledger.outbox import decode
 from tests.conftest import BACKENDS
@@ -93,7 +93,8 @@ def test_soft_limit_reroutes_to_local_equivalent(e2e: E2E, store):
     # The report counts what the reroute saved: gpt-4o-mini's price for the usage the local model reported.
     u = raw.parse().usage
     time.sleep(0.3)
-    rows = httpx.get(f"http://127.0.0.1:{e2e.stack.admin_port}/v1/spend?group_by=model", timeout=5).json()["rows"]
+    rows = httpx.get(f"http://127.0.0.1:{e2e.stack.admin_port}/v1/spend?group_by=model", timeout=5,
+                     headers=admin_headers()).json()["rows"]
     local = next(r for r in rows if r["model"] == "llama3.1:8b")
     assert round(float(local["avoided_usd"]) * 1e6) == -(-(u.prompt_tokens * 15 + u.completion_tokens * 60) // 100)
     assert float(local["cost_usd"]) == 0

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from nexus_dev.stack import Stack, free_port, wait_port
+from nexus_dev.stack import Stack, admin_headers, free_port, wait_port
 from tests.conftest import BACKENDS
 from tests.corpus import ROOT, case_params, expected_micros
 
@@ -50,7 +50,7 @@ def replay(tmp_path_factory) -> Iterator[Stack]:
 
 
 def spent(stack: Stack) -> tuple[int, int]:
-    b = httpx.get(f"http://127.0.0.1:{stack.admin_port}/v1/stats", timeout=5).json()["budget"]
+    b = httpx.get(f"http://127.0.0.1:{stack.admin_port}/v1/stats", timeout=5, headers=admin_headers()).json()["budget"]
     return round(b["current_spending_usd"] * 1e6), round(b["reserved_usd"] * 1e6)
 
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from nexus_dev.envoy_config import EnvoyParams, build_config, dump
-from nexus_dev.stack import REPO, envoy_binary
+from nexus_dev.stack import REPO, admin_headers, envoy_binary
 
 MSGS = [{"role": "user", "content": "Say hello to the budget service."}]
 
@@ -226,7 +226,7 @@ def test_envoy_reaches_the_server_over_a_unix_socket(tmp_path):
                        json={"model": "gpt-4o", "messages": MSGS, "max_tokens": 5})
         assert r.status_code == 200 and r.headers["x-nexus-backend-type"] == "cloud"
         time.sleep(0.5)
-        stats = httpx.get(f"http://127.0.0.1:{stack.admin_port}/v1/stats", timeout=5).json()
+        stats = httpx.get(f"http://127.0.0.1:{stack.admin_port}/v1/stats", timeout=5, headers=admin_headers()).json()
         assert stats["budget"]["current_spending_usd"] > 0
         cfg = (stack.workdir / "envoy.yaml").read_text()
         assert f"path: {sock}" in cfg and "pipe:" in cfg
