@@ -11,6 +11,7 @@ from nexus_extproc.budget.focus import PriceInfo, focus_rows
 from nexus_extproc.budget.projection import BudgetProjection, project
 from nexus_extproc.budget.recommendations import Recommendation, recommend
 from nexus_extproc.budget.reports import SpendRow, roll_up
+from nexus_extproc.budget.scopes import overflow_name
 from nexus_extproc.ledger import Totals
 from nexus_extproc.metering.pricing import PriceBook
 
@@ -29,11 +30,14 @@ class Insights:
             self._prices = PriceBook(self._book.config)
         return self._prices
 
-    async def spend(self, start_ts: float, end_ts: float, group_by: list[str],
-                    per_budget: bool = True) -> list[SpendRow]:
-        """Raises ValueError for an unknown grouping."""
+    async def spend(self, start_ts: float, end_ts: float, group_by: list[str]) -> list[SpendRow]:
+        """Grouped by budget, a settlement counts once in each budget it fell under; otherwise once in all
+        (so a report by model or team sums to what was spent, however many budgets overlap). Raises ValueError
+        for an unknown grouping."""
         ledger = self._book.ledger
-        return roll_up(await ledger.spend(start_ts, end_ts, per_budget), group_by) if ledger else []
+        if ledger is None:
+            return []
+        return roll_up(await ledger.spend(start_ts, end_ts, "budget" in group_by), group_by)
 
     def price_info(self, backend: str, model: str) -> PriceInfo:
         b = self._book.config.backends.get(backend)
@@ -74,6 +78,13 @@ class Insights:
         cloud = {name for name, b in cfg.backends.items() if b.type == "cloud"}
         return recommend(await ledger.spend(start_ts, end_ts, per_budget=False), cfg.equivalents, cloud,
                          self._list_prices)
+
+    async def overflow(self, d: BudgetDef) -> Totals:
+        """What the values past max_instances spent together this period."""
+        ledger = self._book.ledger
+        if ledger is None or not d.distinct:
+            return Totals(0, 0)
+        return await ledger.totals(overflow_name(d.name), d.period(self._book.clock()).key)
 
     async def instances(self, d: BudgetDef) -> list[tuple[str, Totals]]:
         """A distinct-value definition's instances this period, with their totals (empty for other budgets)."""

@@ -65,7 +65,7 @@ async def _instances_doc(budget: BudgetAdmin, st: BudgetState) -> dict[str, Any]
                     "status": status})
     return {"by": list(d.distinct), "instances": len(rows), "max_instances": d.max_instances,
             "instance_limit_usd": usd_float(limit), "total_spending_usd": usd_float(sum(t.settled for _, t in rows)),
-            "top": top}
+            "overflow_spending_usd": usd_float((await budget.insights.overflow(d)).settled), "top": top}
 
 
 async def stats_doc(budget: BudgetAdmin, calibration: Calibrator | None = None) -> dict[str, Any]:

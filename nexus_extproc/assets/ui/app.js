@@ -2,7 +2,10 @@
 "use strict";
 (function () {
   const $ = (id) => document.getElementById(id);
-  const usd = (v) => "$" + Number(v || 0).toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 2 });
+  const usd = (v) => {
+    const n = Number(v || 0), d = Math.abs(n) > 0 && Math.abs(n) < 1 ? 4 : 2;
+    return "$" + n.toLocaleString("en-US", { minimumFractionDigits: d, maximumFractionDigits: d });
+  };
   const usd4 = (v) => "$" + Number(v || 0).toFixed(4);
   const el = (tag, attrs, ...kids) => {
     const e = document.createElement(tag);
@@ -74,6 +77,8 @@
       s.append(svg("line", { x1: x(i0), y1: y(cum), x2: x(i1), y2: y(eop.point_usd), stroke: "#58a6ff", "stroke-dasharray": "3 3" }));
     }
     if (pts.length) s.append(svg("polyline", { points: pts.map(([, v], i) => `${x(i)},${y(v)}`).join(" "), fill: "none", stroke: "#58a6ff", "stroke-width": 2 }));
+    pts.forEach(([d, v], i) => { const c = svg("circle", { cx: x(i), cy: y(v), r: 3, fill: "#58a6ff" }); const t = svg("title", {}); t.textContent = `${d}: ${usd(v)}`; c.append(t); s.append(c); });
+    if (pts.length) { const a = svg("text", { x: P, y: H - 6 }); a.textContent = pts[0][0]; s.append(a); }
     return s;
   }
 
