@@ -48,6 +48,27 @@ class ScopeConfig(_Strict):
     backend_type: Literal["cloud", "local"] | None = None
 
 
+class ReportScheduleConfig(_Strict):
+    """A report of the budget's spend, made once per `every` across all replicas, at `schedule` (HH:MM) on the
+    clock of `timezone`, for the window that just ended (yesterday, last week, last month)."""
+
+    schedule: str = Field(default="01:00", pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+    timezone: str = "UTC"
+    every: Literal["daily", "weekly", "monthly"] = "daily"
+    # A directory (written as <budget>-<window>.<ext>) or an http(s) URL (POSTed as JSON).
+    to: str = Field(min_length=1)
+    format: Literal["json", "csv", "focus"] = "json"
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone {v!r}") from None
+        return v
+
+
 class BudgetDefConfig(_Strict):
     name: str = Field(pattern=BUDGET_NAME)
     scope: Literal["global"] | ScopeConfig = "global"
@@ -62,6 +83,7 @@ class BudgetDefConfig(_Strict):
     max_instances: int = Field(default=10_000, ge=1, le=1_000_000)
     # Inactive: tracked (reserved, settled, reported) but never enforced.
     active: bool = True
+    reports: ReportScheduleConfig | None = None
 
     @field_validator("timezone")
     @classmethod

@@ -17,7 +17,7 @@ from nexus_extproc.budget.forecast import Forecast, forecast
 from nexus_extproc.budget.periods import Period, period_for
 from nexus_extproc.budget.policy import BudgetView, HardAction
 from nexus_extproc.budget.scopes import RequestFacts, distinct_dims, instance_name, matches, overflow_name
-from nexus_extproc.config import BudgetDefConfig, NexusConfig, ScopeConfig
+from nexus_extproc.config import BudgetDefConfig, NexusConfig, ReportScheduleConfig, ScopeConfig
 from nexus_extproc.ledger import AuditRecord, Ledger, StoreUnavailable, Totals
 from nexus_extproc.metering.money import usd_to_micros
 from nexus_extproc.ops import metrics
@@ -75,6 +75,7 @@ class BudgetDef:
     origin: str = "config"  # "config" (the file) or "runtime" (CreateBudget)
     created_by: str | None = None
     created_at: float | None = None
+    reports: ReportScheduleConfig | None = None
     settings: Settings = field(init=False)
     # Where the settings come from: None while the config applies, else who set them at runtime and when.
     set_by: str | None = field(init=False, default=None)
@@ -92,7 +93,8 @@ class BudgetDef:
         scope = None if c.scope == "global" else cast(ScopeConfig, c.scope)
         return cls(c.name, scope, c.period, ZoneInfo(c.timezone),
                    Settings(usd_to_micros(c.limit_usd), c.soft_limit_percent, c.hard_limit_action,
-                            active=c.active), list(c.alert_thresholds), distinct_dims(scope), c.max_instances)
+                            active=c.active), list(c.alert_thresholds), distinct_dims(scope), c.max_instances,
+                   reports=c.reports)
 
     @property
     def label(self) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from nexus_extproc.budget.alerts import AlertWatch
 from nexus_extproc.budget.book import Book, BudgetDef
 from nexus_extproc.budget.projection import project
+from nexus_extproc.budget.scheduled import ReportScheduler
 from nexus_extproc.ledger import StoreUnavailable, Totals
 from nexus_extproc.ledger.outbox import Outbox
 from nexus_extproc.metering.money import format_usd
@@ -21,10 +22,12 @@ log = logging.getLogger(__name__)
 
 
 class Reconciler:
-    def __init__(self, book: Book, outbox: Outbox, watch: AlertWatch | None = None) -> None:
+    def __init__(self, book: Book, outbox: Outbox, watch: AlertWatch | None = None,
+                 reports: ReportScheduler | None = None) -> None:
         self.book = book
         self.outbox = outbox
         self.watch = watch
+        self.reports = reports
 
     async def reconcile_once(self) -> None:
         """One pass: reap, replay, checkpoint, refresh. Each step stands alone: a failure is logged and
@@ -41,6 +44,8 @@ class Reconciler:
             await self._step("state", functools.partial(self.book.state, d))
             if self.watch is not None:
                 await self._step("forecast", functools.partial(self._forecast, d))
+        if self.reports is not None:
+            await self._step("reports", self.reports.run_due)
         await self._step("meta", lambda: ledger.set_meta(
             "last_reconciliation", self.book.clock().strftime("%Y-%m-%dT%H:%M:%SZ")))
 

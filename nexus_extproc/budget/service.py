@@ -12,6 +12,7 @@ from nexus_extproc.budget.alerts import AlertSender, AlertWatch
 from nexus_extproc.budget.book import GLOBAL_BUDGET, Book, BudgetDef, BudgetState, Clock, Settings, utc_now
 from nexus_extproc.budget.policy import Target
 from nexus_extproc.budget.reconciler import Reconciler
+from nexus_extproc.budget.scheduled import ReportScheduler
 from nexus_extproc.budget.scopes import RequestFacts
 from nexus_extproc.config import NexusConfig
 from nexus_extproc.ledger import ForwardNote, Ledger, SpendRecord, StoreUnavailable
@@ -44,8 +45,9 @@ class BudgetService:
         self.always_headers = bool(config.budget and config.budget.always_send_status_headers)
         self.watch = AlertWatch(self.book, self.alerts)
         self.admitter = Admitter(config, self.book, self.watch, self.outbox)
-        self.reconciler = Reconciler(self.book, self.outbox, self.watch)
         self.admin = BudgetAdmin(self.book)
+        self.reports = ReportScheduler(self.book, lambda: self.admin.insights.price_info, self.alerts.post)
+        self.reconciler = Reconciler(self.book, self.outbox, self.watch, self.reports)
 
     # The book's state, as callers have always read it.
     @property
