@@ -150,6 +150,9 @@ class Book:
         # Per distinct-value definition: its instances seen by this process (name -> def), and the ones it has
         # claimed in the store, per period key.
         self.instances: dict[str, dict[str, BudgetDef]] = {}
+        # Per distinct-value definition, as the reconciler last read the store: (instances, settled sum, how
+        # many at or past their limit), for the aggregate gauges.
+        self.instance_summary: dict[str, tuple[int, int, int]] = {}
         self._claimed: dict[tuple[str, str], BudgetDef] = {}
         self.ledger = ledger
         self.clock = clock

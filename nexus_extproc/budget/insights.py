@@ -79,6 +79,10 @@ class Insights:
         return recommend(await ledger.spend(start_ts, end_ts, per_budget=False), cfg.equivalents, cloud,
                          self._list_prices)
 
+    def instance_summary(self, d: BudgetDef) -> tuple[int, int, int]:
+        """(instances, settled micro-dollars over all, instances at their limit), as the reconciler last read."""
+        return self._book.instance_summary.get(d.name, (0, 0, 0))
+
     async def overflow(self, d: BudgetDef) -> Totals:
         """What the values past max_instances spent together this period."""
         ledger = self._book.ledger

@@ -44,10 +44,19 @@ class Reconciler:
             await self._step("state", functools.partial(self.book.state, d))
             if self.watch is not None:
                 await self._step("forecast", functools.partial(self._forecast, d))
+            if d.distinct:
+                await self._step("instances", functools.partial(self._instances, d))
         if self.reports is not None:
             await self._step("reports", self.reports.run_due)
         await self._step("meta", lambda: ledger.set_meta(
             "last_reconciliation", self.book.clock().strftime("%Y-%m-%dT%H:%M:%SZ")))
+
+    async def _instances(self, d: BudgetDef) -> None:
+        assert self.book.ledger is not None
+        rows = await self.book.ledger.instances(d.name, d.period(self.book.clock()).key)
+        limit = d.settings.limit_at(time.time())
+        self.book.instance_summary[d.name] = (len(rows), sum(t.settled for _, t in rows),
+                                              sum(t.settled >= limit for _, t in rows))
 
     async def _forecast(self, d: BudgetDef) -> None:
         """The series forecast's end-of-period point passing the limit fires the forecast alert (once per

@@ -127,8 +127,22 @@ class BudgetCollector:
                                             "Projected seconds until the limit is reached (+Inf: not this period)",
                                             labels=LABELS),
         }
+        inst = {
+            "count": GaugeMetricFamily("nexus_budget_instances", "Distinct-value budget instances this period",
+                                       labels=["budget"]),
+            "spent": GaugeMetricFamily("nexus_budget_instances_spending_usd",
+                                       "Settled spend over all instances of a distinct-value budget (USD)",
+                                       labels=["budget"]),
+            "hard": GaugeMetricFamily("nexus_budget_instances_at_limit",
+                                      "Instances of a distinct-value budget at or past their limit", labels=["budget"]),
+        }
         now = self.budget.now()
         for d in self.budget.defs:
+            if d.distinct:  # the definition's name only: instance values never become labels
+                n, spent, hard = self.budget.insights.instance_summary(d)
+                inst["count"].add_metric([d.name], n)
+                inst["spent"].add_metric([d.name], usd_float(spent))
+                inst["hard"].add_metric([d.name], hard)
             view = self.budget.last_view(d)
             p = d.period(now)
             fc = forecast(view.settled_micros, view.limit_micros, p.start.timestamp(), p.end.timestamp(),
@@ -142,6 +156,7 @@ class BudgetCollector:
             fams["forecast"].add_metric(labels, usd_float(fc.projected_micros))
             fams["exhaustion"].add_metric(labels, math.inf if fc.exhaustion_in_s is None else fc.exhaustion_in_s)
         yield from fams.values()
+        yield from inst.values()
 
 
 def build_admin_app(budget: BudgetAdmin, is_ready: Callable[[], Awaitable[bool]],

@@ -120,3 +120,19 @@ async def test_an_inactive_budget_is_tracked_but_never_enforced(tmp_path):
     await s.admin.update_settings("global", on, "alice")
     assert (await spend(s, "r9", None)).decision.action is Action.REJECT
     await s.ledger.close()
+
+
+async def test_distinct_budgets_have_aggregate_gauges_by_definition_only(tmp_path):
+    from nexus_extproc.edge.admin_http import BudgetCollector
+
+    s = svc(tmp_path, [{"name": "team", "scope": {"team": "*"}, "limit_usd": 0.5, "hard_limit_action": "warn"}])
+    for i, team in enumerate(["a", "a", "b", "c"]):
+        await spend(s, f"r{i}", team)
+    await s.reconcile_once()
+    samples = {(m.name, tuple(sorted(x.labels.items())), x.value)
+               for m in BudgetCollector(s.admin).collect() for x in m.samples if m.name.startswith("nexus_budget_inst")}
+    assert ("nexus_budget_instances", (("budget", "team"),), 3) in samples
+    assert ("nexus_budget_instances_spending_usd", (("budget", "team"),), 1.2) in samples
+    assert ("nexus_budget_instances_at_limit", (("budget", "team"),), 1) in samples  # a: $0.60 of $0.50
+    assert all(dict(labels).get("budget") == "team" for _, labels, _ in samples)
+    await s.ledger.close()
