@@ -55,7 +55,7 @@ class Recommendation:
 
 
 def _usd(m: int) -> str:
-    return f"${m / 1e6:,.2f}"
+    return f"${m / 1e6:,.2f}" if m >= 1_000_000 or m == 0 else f"${m / 1e6:.4f}"
 
 
 def recommend(aggs: Iterable[SpendAgg], equivalents: dict[str, str], cloud_backends: set[str],
@@ -101,15 +101,17 @@ def _local_equivalents(rows: list[SpendAgg], equivalents: dict[str, str], cloud:
 
 
 def _prompt_caching(rows: list[SpendAgg], cloud: set[str], prices: ListPrices) -> list[Recommendation]:
-    by: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+    # Per model and task: one agent loop re-sending long conversations should not be averaged away by a job
+    # with short prompts on the same model.
+    by: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
     for a in rows:
         if a.backend in cloud:
-            m = by[(a.backend, a.model)]
+            m = by[(a.backend, a.model, a.task)]
             m[0] += a.requests
             m[1] += a.input_tokens
             m[2] += a.cache_read_tokens
     out = []
-    for (backend, model), (n, inp, cached) in sorted(by.items()):
+    for (backend, model, task), (n, inp, cached) in sorted(by.items()):
         if n < MIN_REQUESTS or inp / n < LONG_PROMPT_TOKENS or cached / max(inp, 1) >= LOW_CACHE_SHARE:
             continue
         p = prices(backend, model)
@@ -117,13 +119,14 @@ def _prompt_caching(rows: list[SpendAgg], cloud: set[str], prices: ListPrices) -
         saving = int((inp // 2 - cached) * per_token_gain // 1_000_000) if inp // 2 > cached else 0
         if saving <= 0:
             continue
+        subject = f"{model} (task {task})" if task else model
         out.append(Recommendation(
-            "prompt_caching", model,
-            f"{model}: {n} requests averaging {inp // n:,} input tokens with {100 * cached / inp:.0f} % read from "
+            "prompt_caching", subject,
+            f"{subject}: {n} requests averaging {inp // n:,} input tokens with {100 * cached / inp:.0f} % read from "
             f"the provider's cache. Stable prompt prefixes (system prompt and tools first, cache_control on "
             f"Anthropic) reaching half cached would save about {_usd(saving)}.",
             saving, {"requests": n, "input_tokens": inp, "cache_read_tokens": cached,
-                     "cache_hit_share": round(cached / inp, 4), "backend": backend}))
+                     "cache_hit_share": round(cached / inp, 4), "backend": backend, "task": task}))
     return out
 
 

@@ -81,13 +81,15 @@ def _status_row(b: Any) -> dict[str, object]:
     return {"budget": b.name, "period": b.period, "status": STATUS_FROM_PB.get(b.status, "?"),
             "spent_usd": f"{b.settled_micros / 1e6:.6f}", "reserved_usd": f"{b.reserved_micros / 1e6:.6f}",
             "limit_usd": f"{b.limit_micros / 1e6:.2f}", "utilization": f"{b.utilization_percent:.2f}%",
-            "action": ACTION_FROM_PB.get(b.hard_limit_action, "?"),
+            "action": ACTION_FROM_PB.get(b.hard_limit_action, "?") if b.active else "inactive",
             "override_until": b.override_until.ToDatetime(UTC).isoformat() if b.HasField("override_until") else "",
             "resets": b.next_reset.ToDatetime(UTC).date().isoformat(),
             "source": _source(b)}
 
 
 def _source(b: Any) -> str:
+    if b.origin == pb.BUDGET_ORIGIN_RUNTIME:
+        return "created at runtime" + ("" if b.source != pb.SETTINGS_SOURCE_RUNTIME else f", set by {b.set_by}")
     if b.source != pb.SETTINGS_SOURCE_RUNTIME:
         return "config"
     when = b.set_at.ToDatetime(UTC).strftime("%Y-%m-%dT%H:%MZ") if b.HasField("set_at") else "?"

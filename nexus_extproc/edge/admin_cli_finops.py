@@ -108,7 +108,7 @@ def run_finops(args: argparse.Namespace, token: str) -> int:
                 if args.scope:
                     req.scope.CopyFrom(scope)
                 b = stub.CreateBudget(req, metadata=md, timeout=10).budget
-                print(f"created {b.name}: ${b.limit_micros / 1e6:,.2f} {b.period}")
+                print(f"created {b.name}: ${b.limit_micros / 1e6:,.2f}, period {b.period}")
             elif args.cmd == "delete-budget":
                 stub.DeleteBudget(pb.DeleteBudgetRequest(name=args.name, actor=args.actor), metadata=md, timeout=10)
                 print(f"deleted {args.name}")
@@ -150,7 +150,8 @@ def run_finops(args: argparse.Namespace, token: str) -> int:
                 else:
                     for r in recs:
                         saving = r.potential_saving_micros / 1e6
-                        print(f"[{r.kind}] {r.subject}: save up to ${saving:,.2f}\n  {r.summary}")
+                        shown = f"{saving:,.2f}" if saving >= 1 else f"{saving:.4f}"
+                        print(f"[{r.kind}] {r.subject}: save up to ${shown}\n  {r.summary}")
                     if not recs:
                         print("no recommendations for this range")
             else:
