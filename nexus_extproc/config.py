@@ -48,6 +48,14 @@ class ScopeConfig(_Strict):
     backend_type: Literal["cloud", "local"] | None = None
 
 
+def _timezone(v: str) -> str:
+    try:
+        ZoneInfo(v)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown timezone {v!r}") from None
+    return v
+
+
 class ReportScheduleConfig(_Strict):
     """A report of the budget's spend, made once per `every` across all replicas, at `schedule` (HH:MM) on the
     clock of `timezone`, for the window that just ended (yesterday, last week, last month)."""
@@ -59,14 +67,7 @@ class ReportScheduleConfig(_Strict):
     to: str = Field(min_length=1)
     format: Literal["json", "csv", "focus"] = "json"
 
-    @field_validator("timezone")
-    @classmethod
-    def _tz(cls, v: str) -> str:
-        try:
-            ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown timezone {v!r}") from None
-        return v
+    _tz = field_validator("timezone")(classmethod(lambda cls, v: _timezone(v)))
 
 
 class BudgetDefConfig(_Strict):
@@ -85,14 +86,7 @@ class BudgetDefConfig(_Strict):
     active: bool = True
     reports: ReportScheduleConfig | None = None
 
-    @field_validator("timezone")
-    @classmethod
-    def _tz(cls, v: str) -> str:
-        try:
-            ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown timezone {v!r}") from None
-        return v
+    _tz = field_validator("timezone")(classmethod(lambda cls, v: _timezone(v)))
 
     @field_validator("alert_thresholds")
     @classmethod

@@ -156,7 +156,8 @@ class BudgetCollector:
             fams["forecast"].add_metric(labels, usd_float(fc.projected_micros))
             fams["exhaustion"].add_metric(labels, math.inf if fc.exhaustion_in_s is None else fc.exhaustion_in_s)
         yield from fams.values()
-        yield from inst.values()
+        if any(d.distinct for d in self.budget.defs):
+            yield from inst.values()
 
 
 def build_admin_app(budget: BudgetAdmin, is_ready: Callable[[], Awaitable[bool]],

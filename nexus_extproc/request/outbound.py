@@ -57,8 +57,10 @@ class Outbound(Settlement):
             if end_of_stream:
                 events += state.sse.flush()
             keep: list[bytes] = []
+            was_final, done = state.usage_final, False
             for ev in events:
                 drop = False
+                done = done or ev.data == "[DONE]"
                 if ev.data is not None and ev.data != "[DONE]":
                     try:
                         doc = json.loads(ev.data)
@@ -81,6 +83,10 @@ class Outbound(Settlement):
                 out = b"".join(keep)
                 if out != chunk:
                     reply.body = out
+            if not end_of_stream and (done or state.usage_final > was_final):
+                # The client may hang up as soon as it reads the last event, before the stream's end reaches
+                # us: the access log's cost must not wait for end_of_stream.
+                reply.metadata = self._final_metadata(state)
         else:
             if end_of_stream or chunk:
                 try:

@@ -232,3 +232,24 @@ def test_envoy_reaches_the_server_over_a_unix_socket(tmp_path):
         assert f"path: {sock}" in cfg and "pipe:" in cfg
     finally:
         stack.stop()
+
+
+def test_access_log_has_the_cost_when_the_client_hangs_up_at_done(e2e):
+    """A client that closes as soon as it reads `data: [DONE]` (as the SDKs do) must still leave the final cost
+    in the access log: the metadata goes out with the last event, not only with end_of_stream."""
+    rids = []
+    for _ in range(5):
+        with httpx.stream("POST", e2e.url + "/v1/chat/completions", timeout=10,
+                          json={"model": "gpt-4o", "messages": MSGS, "max_tokens": 3, "stream": True}) as r:
+            rids.append(r.headers["x-nexus-request-id"])
+            for line in r.iter_lines():
+                if line.strip() == "data: [DONE]":
+                    break  # hang up now, before the stream's end
+    log = ""
+    for _ in range(100):
+        log = Path(e2e.stack.workdir / "access.log").read_text()
+        if sum(" settlement=usage" in ln and " tokens_out=3 " in ln for ln in log.splitlines()) >= 5:
+            break
+        time.sleep(0.1)
+    settled = [ln for ln in log.splitlines() if " tokens_out=3 settlement=usage" in ln]
+    assert len(settled) >= 5, "\n".join(log.splitlines()[-8:])
