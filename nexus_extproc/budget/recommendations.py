@@ -11,7 +11,7 @@ Rules:
 - reservation_too_high: a model whose observed output is below a quarter of the output reserved (max_tokens):
   budgets then refuse early. The figure is the budget held back by the over-reservation (estimate − cost), not
   a spend saving; it is reported separately (`saving_kind: "headroom"`).
-- top_spender: the priciest tasks and teams (up to 3 each, ≥ 10 % of spend): their spend on models with a local
+- top_spender: the priciest agents, tasks and teams (up to 3 each, ≥ 10 % of spend): their spend on models with a local
   equivalent is what rerouting them could save.
 - batch_api: a task whose requests were all non-streamed (≥ 20 of them) on a cloud backend: OpenAI's and
   Anthropic's batch APIs charge half, so half its cost.
@@ -156,7 +156,7 @@ def _reservations(rows: list[SpendAgg]) -> list[Recommendation]:
 
 def _top_spenders(rows: list[SpendAgg], equivalents: dict[str, str], total: int) -> list[Recommendation]:
     out = []
-    for dim in ("task", "team"):
+    for dim in ("agent", "task", "team"):
         by: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
         for a in rows:
             key = getattr(a, dim)

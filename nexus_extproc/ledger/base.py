@@ -53,6 +53,7 @@ class SpendRecord:
     task: str = ""
     tags: str = ""
     team: str = ""  # the trusted x-nexus-team (FOCUS SubAccountId)
+    agent: str = ""  # the trusted x-nexus-agent
     cache_read_tokens: int = 0  # of input_tokens, read from the provider's prompt cache
     output_reserved: int = 0  # output tokens the estimate reserved for (max_tokens, or the model's expectation)
     streamed: bool = False
@@ -88,8 +89,9 @@ class SpendAgg:
     tags: str = ""
     cache_read_tokens: int = 0
     output_reserved: int = 0
-    streamed: int = 0
-    team: str = ""  # how many of `requests` were streamed (SSE)
+    streamed: int = 0  # how many of `requests` were streamed (SSE)
+    team: str = ""
+    agent: str = ""
 
 
 class ReapResult(NamedTuple):

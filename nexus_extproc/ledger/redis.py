@@ -161,7 +161,7 @@ class RedisLedger(Ledger):
                           "estimate": record.estimate, "source": record.source,
                           "budgets": [b for b, _ in items], "avoided": record.avoided,
                           "asked": record.model_requested, "task": record.task, "tags": record.tags,
-                          "team": record.team,
+                          "team": record.team, "agent": record.agent,
                           "cr": record.cache_read_tokens, "or": record.output_reserved,
                           "st": int(record.streamed)}, separators=(",", ":"))
         fields = "\n".join(f"{b}\t{p}" for b, p in items)
@@ -264,7 +264,7 @@ class RedisLedger(Ledger):
         return [AuditRecord(*json.loads(r)) for r in rows]
 
     async def spend(self, start_ts: float, end_ts: float, per_budget: bool = True) -> list[SpendAgg]:
-        # (budget, model, day, asked, backend, task, tags, team) -> sums, the SQLite ledger's grain
+        # (budget, model, day, asked, backend, task, tags, team, agent) -> sums, the SQLite ledger's grain
         acc: dict[tuple[str, ...], list[int]] = defaultdict(lambda: [0] * 10)
         end_ts = min(end_ts, time.time() + 86400)
         for day in range(int(start_ts // 86400), int(end_ts // 86400) + 1):
@@ -275,14 +275,15 @@ class RedisLedger(Ledger):
                 day_s = datetime.fromtimestamp(d["ts"], UTC).strftime("%Y-%m-%d")
                 for b in d.get("budgets", []) if per_budget else [""]:
                     a = acc[(b, d["model"], day_s, d.get("asked", ""), d.get("backend", ""), d.get("task", ""),
-                             d.get("tags", ""), d.get("team", ""))]
+                             d.get("tags", ""), d.get("team", ""), d.get("agent", ""))]
                     for i, v in enumerate((1, d["in"], d["out"], d["cost"], d["estimate"], d.get("avoided", 0),
                                            d["cost"] if d.get("source") == "reaped" else 0, d.get("cr", 0),
                                            d.get("or", 0), d.get("st", 0))):
                         a[i] += v
         return [SpendAgg(k[0], k[1], k[2], v[0], v[1], v[2], v[3], v[4], v[5], model_requested=k[3], reaped=v[6],
                          backend=k[4], task=k[5],
-                         tags=k[6], cache_read_tokens=v[7], output_reserved=v[8], streamed=v[9], team=k[7])
+                         tags=k[6], cache_read_tokens=v[7], output_reserved=v[8], streamed=v[9], team=k[7],
+                         agent=k[8])
                 for k, v in sorted(acc.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1], *kv[0][3:]))]
 
     async def merge_calibration(self, deltas: dict[str, CalibrationSums], now: float,

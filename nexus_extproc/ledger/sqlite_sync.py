@@ -38,6 +38,7 @@ from nexus_extproc.ledger.sqlite_schema import (
     MIGRATE_4_TO_5,
     MIGRATE_5_TO_6,
     MIGRATE_6_TO_7,
+    MIGRATE_7_TO_8,
     SCHEMA,
     SCHEMA_VERSION,
     LedgerSchemaError,
@@ -55,6 +56,10 @@ log = logging.getLogger("nexus_extproc.ledger")
 # A row is addressed by its id (a direct b-tree seek) and checked against its key, so an id cached by a process
 # can never silently name another row.
 _ROW = "id=? AND budget=? AND period=?"
+# Named, not positional: a file upgraded in place has its added columns in the order they were added.
+_SETTLEMENT_COLS = ("(req_id, ts, model, backend, input_tokens, output_tokens, cost, estimate, source, budgets, "
+                    "avoided, model_requested, task, tags, team, cache_read_tokens, output_reserved, streamed, agent) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +133,7 @@ class SyncSqlite:
             has_tables = c.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'totals'").fetchone()[0]
             if version == 0 and not has_tables:
                 _run_script(c, SCHEMA)
-            elif version in (1, 2, 3, 4, 5, 6):
+            elif version in (1, 2, 3, 4, 5, 6, 7):
                 if version == 1:
                     _release_v1_reservations(c)
                     _run_script(c, MIGRATE_1_TO_2)
@@ -140,7 +145,9 @@ class SyncSqlite:
                     _run_script(c, MIGRATE_4_TO_5)
                 if version <= 5:
                     _run_script(c, MIGRATE_5_TO_6)
-                _run_script(c, MIGRATE_6_TO_7)
+                if version <= 6:
+                    _run_script(c, MIGRATE_6_TO_7)
+                _run_script(c, MIGRATE_7_TO_8)
                 log.info("ledger schema upgraded", extra={"from_version": version, "to_version": SCHEMA_VERSION})
             elif version != SCHEMA_VERSION:
                 return int(version)
@@ -279,11 +286,11 @@ class SyncSqlite:
                     held_names = {b for b, _ in held.keys}
                     amounts = [row[0] if b in held_names else 0 for b, _ in target.keys]
             try:
-                c.execute("INSERT INTO settlements VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                c.execute(f"INSERT INTO settlements {_SETTLEMENT_COLS}",
                           (req_id, record.ts, record.model, record.backend, record.input_tokens,
                            record.output_tokens, cost, record.estimate, record.source, target.names, record.avoided,
                            record.model_requested, record.task, record.tags, record.team, record.cache_read_tokens,
-                           record.output_reserved, int(record.streamed)))
+                           record.output_reserved, int(record.streamed), record.agent))
             except sqlite3.IntegrityError:
                 raise _AlreadySettled from None  # idempotent: a second settle changes nothing
             if row is not None:
@@ -336,9 +343,9 @@ class SyncSqlite:
                     continue
                 sh = self._shape_of_text(text)
                 n = ForwardNote.unpack(note)
-                c.execute("INSERT OR IGNORE INTO settlements VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                c.execute(f"INSERT OR IGNORE INTO settlements {_SETTLEMENT_COLS}",
                           (req_id, now, n.model, n.backend, n.input_tokens, 0, amount, amount, "reaped", sh.names,
-                           0, n.model_requested, n.task, n.tags, "", 0, 0, 0))
+                           0, n.model_requested, n.task, n.tags, "", 0, 0, 0, ""))
                 settle = amount if c.rowcount == 1 else 0  # a settlement already recorded is not charged twice
                 c.executemany("UPDATE totals SET settled = settled + ?, reserved = reserved - ? "
                               "WHERE budget=? AND period=?", [(settle, amount, b, p) for b, p in sh.keys])
@@ -454,9 +461,9 @@ class SyncSqlite:
             f"SELECT {budget}, s.model, date(s.ts, 'unixepoch'), COUNT(*), SUM(s.input_tokens), "
             "SUM(s.output_tokens), SUM(s.cost), SUM(s.estimate), SUM(s.avoided), s.model_requested, "
             "SUM(CASE WHEN s.source = 'reaped' THEN s.cost ELSE 0 END), s.backend, s.task, s.tags, "
-            "SUM(s.cache_read_tokens), SUM(s.output_reserved), SUM(s.streamed), s.team "
+            "SUM(s.cache_read_tokens), SUM(s.output_reserved), SUM(s.streamed), s.team, s.agent "
             f"FROM {source} WHERE s.ts >= ? AND s.ts < ? "
-            "GROUP BY 1, 2, 3, 10, 12, 13, 14, 18 ORDER BY 3, 1, 2, 10, 12, 13, 14, 18",
+            "GROUP BY 1, 2, 3, 10, 12, 13, 14, 18, 19 ORDER BY 3, 1, 2, 10, 12, 13, 14, 18, 19",
             (start_ts, end_ts)).fetchall()
         return [SpendAgg(*r) for r in rows]
 

@@ -160,7 +160,7 @@ class Settlement(Core):
                              else state.prompt_tokens,
                              output_tokens=usage.output_tokens or 0, estimate=state.estimate, source=source,
                              avoided=self._avoided(state, cost), task=state.task, tags=state.tags,
-                             team=state.identity.get("team", ""),
+                             team=state.identity.get("team", ""), agent=state.identity.get("agent", ""),
                              cache_read_tokens=usage.cache_read_tokens or 0,
                              output_reserved=state.expected_output, streamed=state.streaming)
         await self.budget.settle(state.req_id, adm, cost, record)

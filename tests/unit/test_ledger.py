@@ -127,15 +127,16 @@ async def test_settlements_keep_their_attribution_for_reports(ledger_factory):
         await led.reserve(f"s{i}", [("g", "p"), ("h", "p")], 100, now + 60)
         await led.settle(f"s{i}", [("g", "p"), ("h", "p")], 50,
                          SpendRecord(now, "gpt-4o", "openai", 1000, 20, 100, "usage", task=task, tags=tags,
-                                     team="a" if task else "", cache_read_tokens=600, output_reserved=400,
-                                     streamed=streamed))
+                                     team="a" if task else "", agent="bot" if task else "", cache_read_tokens=600,
+                                     output_reserved=400, streamed=streamed))
     await led.reserve("r", [("g", "p")], 70, now - 1)
     await led.mark_forwarded("r", now - 2, ForwardNote("gpt-4o", "openai", "gpt-4o", 9, "nightly", "batch"))
     await led.reap(now)
-    got = sorted((a.task, a.tags, a.team, a.backend, a.requests, a.cost, a.cache_read_tokens, a.output_reserved,
-                  a.streamed) for a in await led.spend(0, now + 10) if a.budget == "g")
-    assert got == [("", "", "", "openai", 1, 50, 600, 400, 0), ("nightly", "batch", "", "openai", 1, 70, 0, 0, 0),
-                   ("triage", "env=prod,team-a", "a", "openai", 2, 100, 1200, 800, 1)]
+    got = sorted((a.task, a.tags, a.team, a.agent, a.backend, a.requests, a.cost, a.cache_read_tokens,
+                  a.output_reserved, a.streamed) for a in await led.spend(0, now + 10) if a.budget == "g")
+    assert got == [("", "", "", "", "openai", 1, 50, 600, 400, 0),
+                   ("nightly", "batch", "", "", "openai", 1, 70, 0, 0, 0),
+                   ("triage", "env=prod,team-a", "a", "bot", "openai", 2, 100, 1200, 800, 1)]
     # Once per settlement, not once per budget: what an export sums.
     once = await led.spend(0, now + 10, per_budget=False)
     assert {a.budget for a in once} == {""} and sum(a.cost for a in once) == 220
@@ -288,7 +289,7 @@ async def test_sqlite_upgrades_a_version_1_file_in_place(tmp_path):
     assert await led.totals("team", "2026-11") == (940, 0)
     await led.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
     db.close()
     assert await open_ledger("sqlite", path=str(path)).totals("global", "2026-11") == (1540, 0)  # reopens as v2
 

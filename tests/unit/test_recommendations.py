@@ -64,11 +64,13 @@ def test_reservations_far_above_the_output():
     assert not any(r.kind == "reservation_too_high" for r in recommend([fine], EQ, CLOUD, prices))
 
 
-def test_top_spenders_by_task_and_team():
-    rows = [agg(requests=10, cost=800_000, task="triage", team="search"),
-            agg("gpt-4o-mini", requests=10, cost=150_000, task="triage", team="search"),
-            agg(requests=10, cost=50_000, task="lint", team="infra")]
+def test_top_spenders_by_agent_task_and_team():
+    rows = [agg(requests=10, cost=800_000, task="triage", team="search", agent="triager"),
+            agg("gpt-4o-mini", requests=10, cost=150_000, task="triage", team="search", agent="triager"),
+            agg(requests=10, cost=50_000, task="lint", team="infra", agent="linter")]
     recs = kinds(recommend(rows, EQ, CLOUD, prices))
+    assert recs[("top_spender", "agent:triager")].potential_saving_micros == 150_000
+    assert ("top_spender", "agent:linter") not in recs
     assert recs[("top_spender", "task:triage")].potential_saving_micros == 150_000  # its gpt-4o-mini spend
     assert ("top_spender", "team:search") in recs
     assert ("top_spender", "task:lint") not in recs  # 5 % of spend
