@@ -27,6 +27,7 @@ from nexus_extproc.ledger.base import (
     StoreUnavailable,
     Totals,
 )
+from nexus_extproc.ledger.one_thread import OneThread
 from nexus_extproc.ledger.sqlite_schema import SCHEMA_VERSION, LedgerSchemaError
 from nexus_extproc.ledger.sqlite_sync import SyncSqlite
 
@@ -61,6 +62,26 @@ class SqliteLedger(SyncSqlite, Ledger):
                 raise StoreUnavailable(f"sqlite: {e}") from None
 
         return await self._thread.call(run)
+
+    async def _report(self, fn: Callable[..., T], *args: object) -> T:
+        """Report reads (spend, instances, alert and audit lists) run on their own connection and thread: WAL
+        lets them read while the request path writes, so a report over months of settlements never queues a
+        reserve behind it (the request path's calls would time out behind it and be refused)."""
+        if self._path == ":memory:":
+            return await self._io(fn, *args)
+        if self._reader is None or self._reader_db is None:
+            self._reader_db = sqlite3.connect(self._path, timeout=10, isolation_level=None, check_same_thread=False)
+            self._reader_db.execute("PRAGMA query_only=1")
+            self._reader = OneThread("nexus-sqlite-reports")
+        db = self._reader_db
+
+        def run() -> T:
+            try:
+                return fn(*args, db=db)
+            except sqlite3.DatabaseError as e:
+                raise StoreUnavailable(f"sqlite: {e}") from None
+
+        return await self._reader.call(run)
 
     async def totals(self, budget: str, period: str) -> Totals:
         return await self._io(self._totals_sync, budget, period)
@@ -108,7 +129,7 @@ class SqliteLedger(SyncSqlite, Ledger):
         await self._io(self._alert_delivered_sync, alert_id, delivery, attempts)
 
     async def list_alerts(self, limit: int) -> list[AlertRecord]:
-        return await self._io(self._list_alerts_sync, limit)
+        return await self._report(self._list_alerts_sync, limit)
 
     async def ack_alert(self, alert_id: int, actor: str, at: float) -> AlertRecord | None:
         return await self._io(self._ack_alert_sync, alert_id, actor, at)
@@ -117,7 +138,7 @@ class SqliteLedger(SyncSqlite, Ledger):
         return await self._io(self._claim_instance_sync, parent, period, name, max_instances)
 
     async def instances(self, parent: str, period: str) -> list[tuple[str, Totals]]:
-        return await self._io(self._instances_sync, parent, period)
+        return await self._report(self._instances_sync, parent, period)
 
     async def all_settings(self) -> dict[str, dict[str, object]]:
         return await self._io(self._all_settings_sync)
@@ -126,10 +147,10 @@ class SqliteLedger(SyncSqlite, Ledger):
         await self._io(self._append_audit_sync, audit)
 
     async def audit_log(self, limit: int) -> list[AuditRecord]:
-        return await self._io(self._audit_log_sync, limit)
+        return await self._report(self._audit_log_sync, limit)
 
     async def spend(self, start_ts: float, end_ts: float, per_budget: bool = True) -> list[SpendAgg]:
-        return await self._io(self._spend_sync, start_ts, end_ts, per_budget)
+        return await self._report(self._spend_sync, start_ts, end_ts, per_budget)
 
     async def merge_calibration(self, deltas: dict[str, CalibrationSums], now: float,
                                 half_life_s: float) -> dict[str, CalibrationSums]:
@@ -143,5 +164,8 @@ class SqliteLedger(SyncSqlite, Ledger):
         return await self._io(self._checkpoint_sync, force)
 
     async def close(self) -> None:
+        if self._reader is not None and self._reader_db is not None:
+            await self._reader.call(self._reader_db.close)
+            self._reader.shutdown()
         await self._thread.call(self._close_sync)
         self._thread.shutdown()

@@ -101,6 +101,9 @@ class SyncSqlite:
         self._path = path
         self._wal_max_bytes = wal_max_bytes
         self._thread = OneThread("nexus-sqlite")
+        # Reports read on a second connection and thread, opened on first use (sqlite.py `_report`).
+        self._reader: OneThread | None = None
+        self._reader_db: sqlite3.Connection | None = None
         try:
             if path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -405,8 +408,8 @@ class SyncSqlite:
 
     _ALERT_COLS = "id, ts, budget, period, threshold, spend, lim, delivery, attempts, acked_by, acked_at"
 
-    def _list_alerts_sync(self, limit: int) -> list[AlertRecord]:
-        rows = self._db.execute(f"SELECT {self._ALERT_COLS} FROM alerts ORDER BY id DESC LIMIT ?",
+    def _list_alerts_sync(self, limit: int, db: sqlite3.Connection | None = None) -> list[AlertRecord]:
+        rows = (db or self._db).execute(f"SELECT {self._ALERT_COLS} FROM alerts ORDER BY id DESC LIMIT ?",
                                 (limit,)).fetchall()
         return [AlertRecord(*r) for r in rows]
 
@@ -434,8 +437,9 @@ class SyncSqlite:
         ok: bool = self._write(tx)
         return ok
 
-    def _instances_sync(self, parent: str, period: str) -> list[tuple[str, Totals]]:
-        rows = self._db.execute(
+    def _instances_sync(self, parent: str, period: str,
+                        db: sqlite3.Connection | None = None) -> list[tuple[str, Totals]]:
+        rows = (db or self._db).execute(
             "SELECT i.name, COALESCE(t.settled, 0), COALESCE(t.reserved, 0) FROM instances i LEFT JOIN totals t "
             "ON t.budget = i.name AND t.period = i.period WHERE i.parent=? AND i.period=? ORDER BY i.name",
             (parent, period)).fetchall()
@@ -449,15 +453,16 @@ class SyncSqlite:
             "INSERT INTO audit (ts, actor, budget, field, old, new) VALUES (?,?,?,?,?,?)",
             [(a.ts, a.actor, a.budget, a.field, a.old, a.new) for a in audit]) and None)
 
-    def _audit_log_sync(self, limit: int) -> list[AuditRecord]:
-        rows = self._db.execute("SELECT ts, actor, budget, field, old, new FROM audit ORDER BY id DESC LIMIT ?",
+    def _audit_log_sync(self, limit: int, db: sqlite3.Connection | None = None) -> list[AuditRecord]:
+        rows = (db or self._db).execute("SELECT ts, actor, budget, field, old, new FROM audit ORDER BY id DESC LIMIT ?",
                                 (limit,)).fetchall()
         return [AuditRecord(*r) for r in rows]
 
-    def _spend_sync(self, start_ts: float, end_ts: float, per_budget: bool = True) -> list[SpendAgg]:
+    def _spend_sync(self, start_ts: float, end_ts: float, per_budget: bool = True,
+                    db: sqlite3.Connection | None = None) -> list[SpendAgg]:
         budget, source = ("j.value", "settlements s, json_each(s.budgets) j") if per_budget else \
             ("''", "settlements s")
-        rows = self._db.execute(
+        rows = (db or self._db).execute(
             f"SELECT {budget}, s.model, date(s.ts, 'unixepoch'), COUNT(*), SUM(s.input_tokens), "
             "SUM(s.output_tokens), SUM(s.cost), SUM(s.estimate), SUM(s.avoided), s.model_requested, "
             "SUM(CASE WHEN s.source = 'reaped' THEN s.cost ELSE 0 END), s.backend, s.task, s.tags, "

@@ -541,3 +541,22 @@ async def test_instances_are_claimed_up_to_the_bound_per_period(ledger_factory):
     assert len(listed) == 5 and listed[member].reserved == 40 and loser not in listed
     await a.close()
     await b.close()
+
+
+async def test_sqlite_reports_never_queue_the_request_path(tmp_path):
+    """A report that takes a second (months of settlements) runs on its own connection and thread: a reserve
+    made meanwhile answers at once instead of waiting behind it past the store timeout."""
+    led = open_ledger("sqlite", path=str(tmp_path / "l.db"), timeout_ms=250)
+
+    def slow_report(db=None):
+        time.sleep(1.0)
+        return db.execute("SELECT COUNT(*) FROM settlements").fetchone()[0]
+
+    report = asyncio.ensure_future(led._report(slow_report))
+    await asyncio.sleep(0.1)
+    r = await led.reserve("r1", [("g", "p")], 10, time.time() + 60)
+    assert r.admitted and not report.done()  # answered while the report still runs (one thread: it would wait)
+    assert await report == 0
+    await led.settle("r1", [("g", "p")], 10, rec(10))
+    assert [a.cost for a in await led.spend(0, time.time() + 10)] == [10]  # the report connection sees commits
+    await led.close()
