@@ -153,6 +153,8 @@ class Book:
         # Per distinct-value definition, as the reconciler last read the store: (instances, settled sum, how
         # many at or past their limit), for the aggregate gauges.
         self.instance_summary: dict[str, tuple[int, int, int]] = {}
+        # (budget, UTC day) -> its complete-day spend history and first weekday, for forecasts (projection.py)
+        self.history_cache: dict[tuple[str, str], tuple[list[int], int]] = {}
         self._claimed: dict[tuple[str, str], BudgetDef] = {}
         self.ledger = ledger
         self.clock = clock

@@ -33,6 +33,29 @@ class BudgetProjection:
                 "overrun_likely": self.overrun_likely, "interval": 0.8}
 
 
+async def _history(book: Book, key: str, today: datetime) -> tuple[list[int], int]:
+    """Settled spend per complete UTC day, oldest first, and the first day's weekday. Complete days do not
+    change, so the report query runs once per budget per day (it can read months of settlements), not on
+    every stats request or reconciler pass."""
+    cached = book.history_cache.get((key, today.date().isoformat()))
+    if cached is not None:
+        return cached
+    assert book.ledger is not None
+    start = today - timedelta(days=HISTORY_DAYS)
+    by_day: dict[str, int] = {}
+    for a in await book.ledger.spend(start.timestamp(), today.timestamp()):
+        if a.budget == key:
+            by_day[a.day] = by_day.get(a.day, 0) + a.cost
+    # History starts at the first day with spend (a new budget is not a long run of zeros).
+    days = [(start + timedelta(days=i)).date().isoformat() for i in range(HISTORY_DAYS)]
+    first = next((i for i, k in enumerate(days) if by_day.get(k)), len(days))
+    out = ([by_day.get(k, 0) for k in days[first:]], (start + timedelta(days=first)).weekday())
+    if len(book.history_cache) > 10_000:
+        book.history_cache.clear()
+    book.history_cache[(key, today.date().isoformat())] = out
+    return out
+
+
 async def project(book: Book, d: BudgetDef, name: str | None = None) -> BudgetProjection:
     """`name`: the ledger key the spend is recorded under (a distinct-value instance), default d.name."""
     assert book.ledger is not None
@@ -40,17 +63,7 @@ async def project(book: Book, d: BudgetDef, name: str | None = None) -> BudgetPr
     now = book.clock()
     now = now.astimezone(UTC)
     today = datetime(now.year, now.month, now.day, tzinfo=UTC)
-    start = today - timedelta(days=HISTORY_DAYS)
-    aggs = await book.ledger.spend(start.timestamp(), now.timestamp() + 1)
-    by_day: dict[str, int] = {}
-    for a in aggs:
-        if a.budget == key:
-            by_day[a.day] = by_day.get(a.day, 0) + a.cost
-    # History starts at the first day with spend (a new budget is not a long run of zeros).
-    days = [(start + timedelta(days=i)).date().isoformat() for i in range(HISTORY_DAYS)]
-    first = next((i for i, k in enumerate(days) if by_day.get(k)), len(days))
-    history = [by_day.get(k, 0) for k in days[first:]]
-    first_weekday = (start + timedelta(days=first)).weekday()
+    history, first_weekday = await _history(book, key, today)
     series = series_forecast(history, first_weekday)
     period = d.period(now)
     totals = await book.ledger.totals(key, period.key)
