@@ -121,7 +121,8 @@ class Admitter:
         try:
             if not plan.observed:
                 for d, p in zip(matched, periods, strict=True):
-                    await self.book.observe_period(d, p)
+                    if d.parent is None:  # an instance's rollover is its definition's: one event, not one per team
+                        await self.book.observe_period(d, p)
                 plan.observed = True
             amount = requested.estimate_micros
             caps = plan.caps if amount > 0 else None
@@ -192,6 +193,9 @@ class Admitter:
         """Built per distinct request facts (bounded): scope matching is pure and facts repeat. A distinct-value
         definition contributes the request's instance (claimed in the store on first sight per period)."""
         matched = [await self.book.instance_of(d, facts, now) if d.distinct else d for d in self.book.matching(facts)]
+        if len(self.book.last_totals) > 100_000:  # names of instances seen over many periods: a cache, start over
+            self.book.last_totals.clear()
+            self.book.last_status.clear()
         ts = now.timestamp()
         periods = [d.period(now) for d in matched]
         limits = [d.settings.limit_at(ts) for d in matched]

@@ -149,6 +149,9 @@ class AlertWatch:
         """Cheap in-process check on the request path (integer compares; the forecast at most every 10 s per
         budget); the once-only claim and the webhook run in the background."""
         now = self.book.clock().timestamp()
+        if len(self._fired) > 100_000:  # distinct-value instances × thresholds × periods: only a local dedupe,
+            self._fired.clear()  # the store's claim is what makes an alert fire once
+            self._forecast_checked.clear()
         for d, p, t in zip(matched, periods, after, strict=True):
             limit = d.settings.limit_at(now)
             used_bp = (t.settled + t.reserved) * 10_000 // max(limit, 1)
