@@ -158,3 +158,24 @@ def test_admin_listener_needs_the_token_and_limits_the_rate(live: E2E):
         pass_through = openai.OpenAI(base_url=f"{live.url}/v1", api_key="sk", max_retries=0)
         pass_through.chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=5,  # type: ignore[arg-type]
                                              extra_headers={"x-nexus-tags": "a b"})
+
+
+def test_admin_grpc_api_limits_the_rate_per_credential(live: E2E):
+    import grpc
+
+    from nexus_extproc.api import budget_admin_pb2 as pb
+    from nexus_extproc.api import budget_admin_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{live.stack.admin_api_port}") as ch:
+        stub = pb_grpc.BudgetAdminServiceStub(ch)
+        codes = []
+        for _ in range(60):
+            try:
+                stub.GetStatus(pb.GetStatusRequest(), metadata=(("authorization", "Bearer guess"),), timeout=5)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as e:
+                codes.append(e.code())
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK not in codes
+        assert codes.count(grpc.StatusCode.UNAUTHENTICATED) >= 40  # the burst, then refused before the check
+        ok = stub.GetStatus(pb.GetStatusRequest(), metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=5)
+        assert ok.budgets  # the real token has its own bucket

@@ -3,6 +3,7 @@ budget service on a real SQLite ledger shared by two 'replicas'."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
 
@@ -53,7 +54,11 @@ async def test_one_budget_per_distinct_team_with_its_own_limit_and_an_overflow(t
     assert set(listed) == {"team/alpha", "team/beta"}
     assert listed["team/alpha"].settled == 900_000
     assert (await s.ledger.totals("team/_other", "2026-12")).settled == 600_000
-    # alert per instance, counted under the definition's label only
+    # alert per instance, counted under the definition's label only (claimed and sent in background tasks)
+    for _ in range(100):
+        if alerts_total.labels("team", "50")._value.get() - before >= 2:
+            break
+        await asyncio.sleep(0.02)
     assert alerts_total.labels("team", "50")._value.get() - before >= 2
     await s.ledger.close()
 

@@ -86,6 +86,10 @@ async def test_budget_projection_from_settlements_and_the_forecast_alert_fires_o
     assert doc["trend"] == "stable" and len(doc["horizons"]) == 3 and doc["interval"] == 0.8  # type: ignore[arg-type]
     await svc.reconcile_once()
     await svc.reconcile_once()
-    await asyncio.sleep(0.1)
+    for _ in range(100):  # the claim and the send run in a background task
+        if sent:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.1)  # and a second one, were there one
     assert [a["threshold"] for a in sent].count("forecast") == 1
     await svc.ledger.close()
