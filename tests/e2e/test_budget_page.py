@@ -106,8 +106,9 @@ def live(e2e: E2E, tmp_path_factory):
                 identity={"trust_identity_headers": True, "trust_attribution_headers": True})
     for team, task, model in [("search", "triage", "gpt-4o"), ("search", "triage", "gpt-4o"),
                               ("ads", "summarise", "gpt-4o-mini"), ("ads", "nightly", "gpt-4o")]:
+        agent = {"x-nexus-agent": "triager"} if task == "triage" else {}
         r = httpx.post(f"{e2e.url}/v1/chat/completions", timeout=15,
-                       headers={"x-nexus-team": team, "x-nexus-task": task, "authorization": "Bearer sk-test"},
+                       headers={"x-nexus-team": team, "x-nexus-task": task, "authorization": "Bearer sk-test", **agent},
                        json={"model": model, "messages": [{"role": "user", "content": f"{MARKER} hello"}],
                              "max_tokens": 5})
         assert r.status_code == 200, r.text
@@ -147,6 +148,8 @@ async def test_the_page_shows_what_stats_says_and_updates_live(live: E2E):
         assert teams == ["ads", "search"]
         tasks = await b.js("[...document.querySelectorAll('[data-testid=row-task]')].map(r => r.dataset.key).sort()")
         assert tasks == ["nightly", "summarise", "triage"]
+        agents = await b.js("[...document.querySelectorAll('[data-testid=row-agent]')].map(r => r.dataset.key).sort()")
+        assert agents == ["(none)", "triager"]
         instances = await b.js("document.querySelector('[data-testid=budget][data-budget=team] table').innerText")
         assert "search" in instances and "ads" in instances  # the per-team instances table
         assert MARKER not in await b.js("document.documentElement.outerHTML")

@@ -130,12 +130,14 @@
   }
 
   async function refreshReports() {
-    const [byModel, byTeam, byTask, byDay, rer, alerts] = await Promise.all([
+    const [byModel, byTeam, byTask, byAgent, byDay, rer, alerts] = await Promise.all([
       get("/v1/spend?group_by=model"), get("/v1/spend?group_by=team"), get("/v1/spend?group_by=task"),
+      get("/v1/spend?group_by=agent"),
       get("/v1/spend?group_by=budget,day"), get("/v1/spend?group_by=model_requested,model"), get("/v1/alerts?limit=10")]);
     bars("by-model", byModel.rows, "model");
     bars("by-team", byTeam.rows, "team");
     bars("by-task", byTask.rows, "task");
+    bars("by-agent", byAgent.rows, "agent");
     spendByBudgetDay = {};
     for (const r of byDay.rows) (spendByBudgetDay[r.budget] = spendByBudgetDay[r.budget] || []).push([r.day, Number(r.cost_usd)]);
     const rr = rer.rows.filter((r) => Number(r.avoided_usd) > 0);
