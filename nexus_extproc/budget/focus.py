@@ -52,10 +52,6 @@ def _usd(micros: int) -> str:
     return f"{micros / 1e6:.6f}"
 
 
-def _unit_usd(micros_per_mtok: int) -> str:
-    return f"{micros_per_mtok / 1e6:.6f}"
-
-
 def _tags(task: str, tags: str) -> str:
     """KeyValueFormat: `k=v` tags as keys and values, a bare tag as a key with an empty value; the task too."""
     out: dict[str, str] = {}
@@ -106,7 +102,7 @@ def focus_rows(aggs: Iterable[SpendAgg], price_of: PriceOf, billing_account: str
         avoided_s, est_s = split_cost(avoided, by_tokens), split_cost(est, by_tokens)
         for i, t in enumerate(present):
             sku = f"{info.provider.lower().replace(' ', '-')}/{model}/{t}"
-            unit = _unit_usd(info.per_mtok_micros.get(t, 0))
+            unit = _usd(info.per_mtok_micros.get(t, 0))  # USD per 1M tokens
             rows.append({
                 "BilledCost": _usd(billed[i]), "EffectiveCost": _usd(billed[i]), "ListCost": _usd(lists[i]),
                 "ContractedCost": _usd(billed[i]), "BillingCurrency": "USD", "BillingAccountId": billing_account,

@@ -67,8 +67,7 @@ class Insights:
         return p
 
     def _list_prices(self, backend: str, model: str) -> dict[str, int]:
-        b = self._book.config.backends.get(backend)
-        return self.prices.list_prices(b.prices_from, model) if b else {}
+        return self.price_info(backend, model).per_mtok_micros
 
     async def recommendations(self, start_ts: float, end_ts: float) -> list[Recommendation]:
         ledger = self._book.ledger

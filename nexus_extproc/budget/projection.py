@@ -69,7 +69,7 @@ async def project(book: Book, d: BudgetDef, name: str | None = None) -> BudgetPr
     totals = await book.ledger.totals(key, period.key)
     frac = (now - today).total_seconds() / 86400
     end_days = max(0.0, (period.end - now).total_seconds() / 86400)
-    rest = rest_of_period(history, first_weekday, frac, end_days) if history else Projection(end_days, 0, 0, 0)
+    rest = rest_of_period(history, first_weekday, frac, end_days)  # no history: zero
     eop = Projection(end_days, totals.settled + rest.point_micros, totals.settled + rest.low_micros,
                      totals.settled + rest.high_micros)
     limit = d.settings.limit_at(time.time())

@@ -10,13 +10,13 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 from zoneinfo import ZoneInfo
 
+from nexus_extproc.budget.alerts import Post
 from nexus_extproc.budget.book import Book, BudgetDef
 from nexus_extproc.budget.focus import PriceOf, focus_rows, to_focus_csv
 from nexus_extproc.budget.reports import roll_up, row_dict, to_csv
@@ -24,8 +24,6 @@ from nexus_extproc.config import ReportScheduleConfig
 from nexus_extproc.ledger import StoreUnavailable
 
 log = logging.getLogger(__name__)
-
-Post = Callable[[str, dict[str, Any], float], Awaitable[tuple[int, float | None]]]
 
 
 @dataclass(frozen=True, slots=True)

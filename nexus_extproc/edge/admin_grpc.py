@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -19,7 +18,7 @@ from nexus_extproc.api import budget_admin_pb2 as pb
 from nexus_extproc.api import budget_admin_pb2_grpc as pb_grpc
 from nexus_extproc.budget.admin import BudgetAdmin as BudgetFacade
 from nexus_extproc.budget.book import Settings
-from nexus_extproc.edge.admin_grpc_base import AdminBase, ts_pb
+from nexus_extproc.edge.admin_grpc_base import AdminBase, range_of, ts_pb
 from nexus_extproc.edge.admin_grpc_finops import FinOpsRpcs, LifecycleRpcs
 from nexus_extproc.edge.pb_terms import ACTION_FROM_PB
 from nexus_extproc.ledger import StoreUnavailable
@@ -78,8 +77,7 @@ class BudgetAdmin(LifecycleRpcs, FinOpsRpcs, AdminBase, pb_grpc.BudgetAdminServi
     async def ListSpend(self, request: pb.ListSpendRequest,
                         context: grpc.aio.ServicerContext) -> pb.ListSpendResponse:
         await self._auth(context)
-        start = request.__getattribute__("from").seconds if request.HasField("from") else 0
-        end = request.to.seconds if request.HasField("to") else time.time() + 86400
+        start, end = range_of(request)
         try:
             rows = await self.budget.spend(start, end, list(request.group_by))
         except ValueError as e:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import time
+from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -85,6 +87,13 @@ class AdminBase:
             out.forecast.CopyFrom(forecast_pb(await b.insights.forecast(d)))
         return out
 
+
+
+def range_of(request: Any) -> tuple[float, float]:
+    """A request's `from`/`to` timestamps; unset: from the epoch, to a day ahead."""
+    start = request.__getattribute__("from").seconds if request.HasField("from") else 0
+    end = request.to.seconds if request.HasField("to") else time.time() + 86400
+    return float(start), float(end)
 
 
 def projection_pb(p: Projection) -> pb.Projection:

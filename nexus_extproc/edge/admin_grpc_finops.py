@@ -3,7 +3,6 @@ ListAlerts, AckAlert, ListRecommendations, ExportSpend). Mixed into the one serv
 
 from __future__ import annotations
 
-import time
 from decimal import Decimal
 from typing import Any
 
@@ -15,7 +14,7 @@ from nexus_extproc.budget.book import Settings
 from nexus_extproc.budget.focus import to_focus_csv
 from nexus_extproc.budget.reports import to_csv
 from nexus_extproc.config import BudgetDefConfig
-from nexus_extproc.edge.admin_grpc_base import AdminBase, forecast_pb, ts_pb
+from nexus_extproc.edge.admin_grpc_base import AdminBase, forecast_pb, range_of, ts_pb
 from nexus_extproc.edge.pb_terms import ACTION_FROM_PB
 from nexus_extproc.ledger import AlertRecord
 
@@ -27,12 +26,6 @@ def alert_pb(a: AlertRecord) -> pb.Alert:
     if a.acked_at is not None:
         out.acked_at.CopyFrom(ts_pb(a.acked_at))
     return out
-
-
-def _range(request: Any) -> tuple[float, float]:
-    start = request.__getattribute__("from").seconds if request.HasField("from") else 0
-    end = request.to.seconds if request.HasField("to") else time.time() + 86400
-    return float(start), float(end)
 
 
 class LifecycleRpcs(AdminBase):
@@ -115,7 +108,7 @@ class FinOpsRpcs(AdminBase):
     async def ListRecommendations(self, request: pb.ListRecommendationsRequest,
                                   context: grpc.aio.ServicerContext) -> pb.ListRecommendationsResponse:
         await self._auth(context)
-        start, end = _range(request)
+        start, end = range_of(request)
         recs = await self.budget.insights.recommendations(start, end)
         return pb.ListRecommendationsResponse(recommendations=[pb.Recommendation(
             kind=r.kind, subject=r.subject, summary=r.summary, potential_saving_micros=r.potential_saving_micros,
@@ -124,7 +117,7 @@ class FinOpsRpcs(AdminBase):
     async def ExportSpend(self, request: pb.ExportSpendRequest,
                           context: grpc.aio.ServicerContext) -> pb.ExportSpendResponse:
         await self._auth(context)
-        start, end = _range(request)
+        start, end = range_of(request)
         if request.format in ("", "focus"):
             text = to_focus_csv(await self.budget.insights.focus(start, end))
         elif request.format == "csv":

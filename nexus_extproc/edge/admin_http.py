@@ -17,7 +17,7 @@ from nexus_extproc.budget.admin import BudgetAdmin
 from nexus_extproc.budget.book import GLOBAL_BUDGET, BudgetState
 from nexus_extproc.budget.focus import to_focus_csv
 from nexus_extproc.budget.forecast import forecast
-from nexus_extproc.budget.policy import STATUS_CODE
+from nexus_extproc.budget.policy import STATUS_CODE, BudgetView
 from nexus_extproc.budget.reports import parse_range, row_dict, to_csv
 from nexus_extproc.edge.admin_ui import add_ui_routes
 from nexus_extproc.ledger import AlertRecord, StoreUnavailable
@@ -57,12 +57,10 @@ async def _instances_doc(budget: BudgetAdmin, st: BudgetState) -> dict[str, Any]
     views = sorted(rows, key=lambda nt: -(nt[1].settled + nt[1].reserved))
     top = []
     for name, t in views[:TOP_INSTANCES]:
-        used = t.settled + t.reserved
-        status = "HardLimit" if used >= limit else "SoftLimit" if used * 10_000 >= d.settings.soft_bp * limit \
-            else "Normal"
+        v = BudgetView(limit, t.settled, t.reserved, d.settings.soft_limit_percent, d.settings.hard_limit_action)
         top.append({"name": name, "value": name.split("/", 1)[1], "current_spending_usd": usd_float(t.settled),
-                    "reserved_usd": usd_float(t.reserved), "utilization_percent": round(100 * used / max(limit, 1), 2),
-                    "status": status})
+                    "reserved_usd": usd_float(t.reserved), "utilization_percent": round(float(v.utilization()), 2),
+                    "status": v.status()})
     return {"by": list(d.distinct), "instances": len(rows), "max_instances": d.max_instances,
             "instance_limit_usd": usd_float(limit), "total_spending_usd": usd_float(sum(t.settled for _, t in rows)),
             "overflow_spending_usd": usd_float((await budget.insights.overflow(d)).settled), "top": top}
