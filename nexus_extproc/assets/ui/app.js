@@ -83,6 +83,7 @@
   }
 
   let spendByBudgetDay = {};
+  let lastReports = Date.now();
 
   function renderBudgets(stats) {
     const box = $("budgets");
@@ -170,7 +171,8 @@
         if (!stats.error) {
           renderBudgets(stats);
           document.body.setAttribute("data-updated", String(Date.now()));
-          refreshReports().catch(() => {});
+          // The spend tables read reports (months of settlements on Redis): at most every 30 s, not per event.
+          if (Date.now() - lastReports > 30000) { lastReports = Date.now(); refreshReports().catch(() => {}); }
         }
       }
     }
