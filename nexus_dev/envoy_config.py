@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from nexus_extproc.request.headers import RESPONSE_METADATA_NAMESPACE
+
 BODY_LIMIT = 8 * 1024 * 1024  # buffered request/response bodies; keep in step with max_request_body_bytes
 ACCESS_LOG_FORMAT = (
     "[%START_TIME%] \"%REQ(:METHOD)% %REQ(:PATH)%\" %RESPONSE_CODE% %RESPONSE_FLAGS% "
@@ -64,7 +66,6 @@ NEXUS_RESPONSE_HEADERS = ("x-nexus-cost-estimated", "x-nexus-backend-type", "x-n
                           "x-nexus-budget-utilization", "x-nexus-budget-remaining", "x-nexus-route-reason")
 _EXT_PROC = "envoy.filters.http.ext_proc"
 
-
 def _mode(response_header: str, response_body: str) -> dict[str, str]:
     return {"request_header_mode": "SEND", "request_body_mode": "BUFFERED", "response_header_mode": response_header,
             "response_body_mode": response_body, "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"}
@@ -114,6 +115,36 @@ def _upstream_cluster(u: Upstream, health_interval: str) -> dict[str, Any]:
     return c
 
 
+# The server's immediate responses name their details `nexus_<code>` (edge/extproc.py render): Envoy's local-reply
+# mappers below must leave them alone.
+_NOT_OURS = {"name": "envoy.access_loggers.extension_filters.cel", "typed_config": {
+    "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+    "expression": "!response.code_details.startsWith('nexus_')"}}
+# Envoy's own answers (a body over the buffer limit, no healthy upstream, an upstream timeout) in the client's
+# API error shape, as the server's refusals are: Anthropic's under /v1/messages, OpenAI's elsewhere.
+_LOCAL_ERRORS = ((413, "request_too_large", "request_too_large", "the request body exceeds the proxy's buffer limit"),
+                 (503, "overloaded_error", "upstream_unavailable", "the upstream is unavailable"),
+                 (504, "timeout_error", "upstream_timeout", "the upstream did not answer in time"))
+
+
+def local_reply_config() -> dict[str, Any]:
+    anthropic_path = {"name": ":path", "string_match": {"prefix": "/v1/messages"}}
+    mappers = []
+    for status, anthropic_type, openai_type, message in _LOCAL_ERRORS:
+        for anthropic in (True, False):
+            on_path = {"header_filter": {"header": anthropic_path if anthropic
+                                         else {**anthropic_path, "invert_match": True}}}
+            doc: dict[str, Any] = (
+                {"type": "error", "error": {"type": anthropic_type, "message": message}} if anthropic else
+                {"error": {"message": message, "type": openai_type, "code": openai_type, "param": None}})
+            mappers.append({"filter": {"and_filter": {"filters": [
+                {"status_code_filter": {"comparison": {"op": "EQ", "value": {
+                    "default_value": status, "runtime_key": f"nexus.local_reply.{status}"}}}},
+                {"extension_filter": _NOT_OURS}, on_path]}},
+                "body_format_override": {"json_format": doc, "content_type": "application/json"}})
+    return {"mappers": mappers}
+
+
 def build_config(p: EnvoyParams) -> dict[str, Any]:
     ext_proc: dict[str, Any] = {
         "name": "envoy.filters.http.ext_proc",
@@ -146,15 +177,26 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
     if p.skip_response_headers:
         # The status of a response whose headers are not sent: it comes with the first body message.
         ext_proc["typed_config"]["response_attributes"] = ["response.code"]
+        ext_proc["typed_config"]["metadata_options"]["forwarding_namespaces"] = {
+            "untyped": [RESPONSE_METADATA_NAMESPACE]}
     route_action = {"cluster_header": "x-nexus-upstream", "timeout": "600s", "auto_host_rewrite": True}
-    routes: list[dict[str, Any]] = [{"match": {"prefix": "/"}, "route": route_action}]
+    # The cluster is chosen by then: the provider never sees our routing header.
+    routes: list[dict[str, Any]] = [{"match": {"prefix": "/"}, "route": route_action,
+                                     "request_headers_to_remove": ["x-nexus-upstream"]}]
     filters: list[dict[str, Any]] = [ext_proc]
+    if p.skip_response_headers:
+        # The content-encoding of a response whose headers the server does not see: set before ext_proc's
+        # response side runs (response filters run in reverse), forwarded with the first body message.
+        filters.append({"name": "envoy.filters.http.header_to_metadata", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.header_to_metadata.v3.Config",
+            "response_rules": [{"header": "content-encoding", "on_header_present": {
+                "metadata_namespace": RESPONSE_METADATA_NAMESPACE, "key": "content_encoding", "type": "STRING"}}]}})
     if p.skip_response_headers:
         headers_to_add = [{"header": {"key": h, "value": f"%DYNAMIC_METADATA(nexus.extproc:{h})%"},
                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"} for h in NEXUS_RESPONSE_HEADERS]
         stream = {"match": {"prefix": "/", "dynamic_metadata": [{"filter": "nexus.request", "path": [{"key": "stream"}],
                                                                   "value": {"bool_match": True}}]},
-                  "route": route_action,
+                  "route": route_action, "request_headers_to_remove": ["x-nexus-upstream"],
                   # A stream request's response goes to the server chunk by chunk (it may drop the usage
                   # chunk it asked for on the client's behalf); decided before ext_proc's first message.
                   "typed_per_filter_config": {_EXT_PROC: {
@@ -180,6 +222,7 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
         "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
             "path": p.access_log_path, "log_format": {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}}}}],
+        "local_reply_config": local_reply_config(),
         "route_config": {"name": "llm", "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}]},
         "http_filters": [*filters, {"name": "envoy.filters.http.router", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],

@@ -21,7 +21,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from nexus_extproc.ops import metrics
-from nexus_extproc.request.headers import METADATA_NAMESPACE
+from nexus_extproc.request.headers import METADATA_NAMESPACE, RESPONSE_METADATA_NAMESPACE
 from nexus_extproc.request.pipeline import Processor, Reply, RequestState
 
 log = logging.getLogger("nexus_extproc.edge.extproc")
@@ -47,13 +47,15 @@ def header_map(hm: Any) -> dict[str, str]:
     return {h.key: h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value for h in hm.headers}
 
 
-def response_code(req: ep.ProcessingRequest) -> int:
-    """The `response.code` attribute (envoy/nexus.yaml asks for it): the status when headers were skipped."""
+def response_facts(req: ep.ProcessingRequest) -> tuple[int, str]:
+    """What the skipped response headers would have said (envoy/nexus.yaml): the status from the `response.code`
+    attribute, the content-encoding from the metadata Envoy's header_to_metadata filter forwards."""
     attrs = req.attributes.get("envoy.filters.http.ext_proc")
-    if attrs is None:
-        return 0
-    v = attrs.fields.get("response.code")
-    return int(v.number_value) if v is not None else 0
+    code = attrs.fields.get("response.code") if attrs is not None else None
+    meta = req.metadata_context.filter_metadata.get(RESPONSE_METADATA_NAMESPACE)
+    enc = meta.fields.get("content_encoding") if meta is not None else None
+    return (int(code.number_value) if code is not None else 0,
+            enc.string_value if enc is not None else "")
 
 
 def _hvo(key: str, value: str) -> base_pb2.HeaderValueOption:
@@ -147,7 +149,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                         elif phase == "response_body":
                             b = req.response_body
                             if not state.response_started:
-                                proc.response_start(state, response_code(req))
+                                proc.response_start(state, *response_facts(req))
                             reply = proc.response_body(state, b.body, b.end_of_stream)
                         elif phase in _EMPTY:
                             yield _EMPTY[phase]

@@ -26,6 +26,11 @@ store_failures = Counter("nexus_store_failures_total", "Ledger store failures", 
 bad_requests = Counter("nexus_bad_requests_total", "Requests answered with a 4xx by the filter", ["reason"])
 streams_active = Gauge("nexus_streams_active", "Open ext_proc streams", multiprocess_mode="livesum")
 stream_errors = Counter("nexus_stream_errors_total", "ext_proc streams that ended in an error", ["phase"])
+# Responses that reached the server still compressed (no Envoy decompressor for their encoding ahead of ext_proc):
+# their usage cannot be read, so they settle from our own counts. `encoding` is gzip|deflate|br|zstd|other.
+responses_undecoded = Counter("nexus_responses_undecoded_total",
+                              "Responses the server saw still content-encoded (settled from its own counts)",
+                              ["encoding"])
 sse_bad_events = Counter("nexus_sse_bad_events_total", "SSE data lines that were not JSON (skipped)")
 # Learned provider-input ÷ our-count per model and tier (all shapes pooled); every replica reads the same shared
 # sums, so the most recent value from any process is the value.

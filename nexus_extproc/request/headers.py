@@ -21,6 +21,9 @@ H_TASK = "x-nexus-task"  # attribution only (reports), never budget selection
 H_TAGS = "x-nexus-tags"
 
 METADATA_NAMESPACE = "nexus.extproc"
+# Where response headers are skipped (envoy/nexus.yaml), Envoy's header_to_metadata filter puts the response's
+# content-encoding here (key `content_encoding`) and ext_proc forwards it with the first body message.
+RESPONSE_METADATA_NAMESPACE = "nexus.response"
 
 # Credentials a cloud provider issued must not travel to a local model after a reroute.
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key")

@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 from nexus_extproc.apis import ParsedRequest, family_for_path, for_path
+from nexus_extproc.apis.content_encoding import supported, upstream_accept_encoding
 from nexus_extproc.apis.errors import (
     NexusError,
     bad_request,
@@ -26,6 +27,7 @@ from nexus_extproc.request.estimate import Estimation
 from nexus_extproc.request.state import Reply, RequestState
 
 log = logging.getLogger(__name__)
+READABLE = supported()  # once: each check builds a decoder
 
 
 def _has_lone_surrogate(doc: Any) -> bool:
@@ -46,6 +48,7 @@ class Inbound(Estimation):
         state.path = headers.get(":path", "")
         state.family = family_for_path(state.path)
         state.client_nexus_headers = [k for k in headers if k.startswith(C.CLIENT_HEADER_PREFIX)]
+        state.accept_encoding = headers.get("accept-encoding")
         if self._trust_identity:
             state.identity = {k: headers[h] for k, h in (("user", C.H_USER), ("team", C.H_TEAM), ("agent", C.H_AGENT))
                               if headers.get(h)}
@@ -181,6 +184,14 @@ class Inbound(Estimation):
         reply = Reply(clear_route_cache=True)
         reply.set_headers.append((C.UPSTREAM_HEADER, state.route.cluster))
         reply.remove_headers = [h for h in state.client_nexus_headers if h != C.UPSTREAM_HEADER]
+        # The provider may compress only as the client allows and we can read; a stream whose bytes we edit (the
+        # usage chunk added on the client's behalf) comes uncompressed (docs/streaming.md).
+        accept = None if add_usage else upstream_accept_encoding(state.accept_encoding, READABLE)
+        if accept is not None:
+            if accept != state.accept_encoding:
+                reply.set_headers.append(("accept-encoding", accept))
+        elif state.accept_encoding is not None:
+            reply.remove_headers.append("accept-encoding")
         if rerouted or add_usage:
             new_body = tr.rewrite(parsed.doc, model=state.model if rerouted else None, add_stream_usage=add_usage)
             if len(new_body) > self.config.server.max_request_body_bytes:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 
+from nexus_extproc.apis.content_encoding import DecodeError, decoder_for
 from nexus_extproc.apis.sse import SSEParser
 from nexus_extproc.ops import metrics
 from nexus_extproc.request.settle import Settlement
 from nexus_extproc.request.state import MAX_STREAM_TEXT, Reply, RequestState
 
 log = logging.getLogger(__name__)
+_ENCODINGS = ("gzip", "deflate", "br", "zstd")
 
 
 class Outbound(Settlement):
@@ -29,6 +31,7 @@ class Outbound(Settlement):
         if state.route is None:
             return reply
         reply.set_headers = self._nexus_headers(state)
+        self._content_encoding(state, headers.get("content-encoding", ""))
         if "text/event-stream" in headers.get("content-type", ""):
             state.streaming = True
             state.sse = SSEParser()
@@ -36,12 +39,29 @@ class Outbound(Settlement):
             reply.remove_headers.append("content-length")
         return reply
 
-    def response_start(self, state: RequestState, status: int) -> None:
-        """The response's first body message when its headers were not sent to us: the status comes from the
-        `response.code` attribute, the shape from the request (Envoy's route already picked STREAMED for a
-        stream request, BUFFERED otherwise)."""
+    def _content_encoding(self, state: RequestState, encoding: str) -> None:
+        """A compressed response is read through a decoder (apis/content_encoding.py); one we cannot read is
+        counted and settles from our counts. The client's bytes are never touched either way."""
+        encoding = encoding.strip().lower()
+        if encoding in ("", "identity"):
+            return
+        state.decoder = decoder_for(encoding)
+        if state.decoder is None:
+            self._undecoded(state, encoding)
+
+    def _undecoded(self, state: RequestState, encoding: str) -> None:
+        state.undecoded, state.decoder = True, None
+        label = encoding if encoding in _ENCODINGS else "other"
+        metrics.responses_undecoded.labels(label).inc()
+        log.warning("response not readable; settling from our counts", extra={"encoding": label})
+
+    def response_start(self, state: RequestState, status: int, encoding: str = "") -> None:
+        """The response's first body message when its headers were not sent to us: the status and the
+        content-encoding come as attributes, the shape from the request (Envoy's route already picked STREAMED
+        for a stream request, BUFFERED otherwise)."""
         state.response_status = status
         state.response_started = True
+        self._content_encoding(state, encoding)
         if state.parsed is not None and state.parsed.stream and status < 400:
             state.streaming = True
             state.sse = SSEParser()
@@ -51,6 +71,17 @@ class Outbound(Settlement):
         reply = Reply()
         tr = state.translator
         if tr is None or state.route is None:
+            return reply
+        raw = chunk
+        if state.decoder is not None:
+            try:
+                chunk = state.decoder.feed(chunk)
+            except DecodeError:
+                self._undecoded(state, "broken")
+        if state.undecoded:
+            if end_of_stream:
+                state.response_complete = True
+                reply.metadata = self._final_metadata(state)
             return reply
         if state.streaming and state.sse is not None:
             events = state.sse.feed(chunk)
@@ -77,9 +108,10 @@ class Outbound(Settlement):
                             self._note_text(state, info.text)
                         drop = info.usage_only and state.added_stream_usage
                 keep.append(b"" if drop else ev.raw)
-            if state.added_stream_usage:
+            if state.added_stream_usage and raw is chunk:
                 # Only whole events go out (a partial one waits in the parser), so an unrequested usage
-                # chunk can be removed whole and the client sees exactly the stream it asked for.
+                # chunk can be removed whole and the client sees exactly the stream it asked for. (Such a
+                # request asks for identity; a provider that compresses anyway keeps its bytes unedited.)
                 out = b"".join(keep)
                 if out != chunk:
                     reply.body = out

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nexus_extproc.apis import ParsedRequest, Translator
+from nexus_extproc.apis.content_encoding import Decoder
 from nexus_extproc.apis.sse import SSEParser
 from nexus_extproc.apis.usage import UsageReport
 from nexus_extproc.budget.service import Admission
@@ -72,6 +73,9 @@ class RequestState:
     response_status: int = 0
     response_started: bool = False  # response headers, or the first body message where headers are skipped
     streaming: bool = False
+    accept_encoding: str | None = None  # the client's, narrowed to what we read before it goes upstream
+    decoder: Decoder | None = None  # a content-encoded response: the copy we read is decoded by this
+    undecoded: bool = False  # encoded in a way we cannot read (or past the read limit): settled from our counts
     sse: SSEParser | None = None
     usage: UsageReport = field(default_factory=UsageReport)
     usage_final: bool = False  # the provider's final usage was seen (JSON usage, or the stream's last event)

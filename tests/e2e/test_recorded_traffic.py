@@ -2,6 +2,10 @@
 
 Per case: the settled cost equals genai-prices' price of the recorded usage to the micro-dollar, and the
 client receives the recorded body byte for byte. Skips (with the reason) when ../shared is absent; CI has it.
+
+Issue 26: the same cases again as providers really send them, compressed (gzip for every case, br and zstd for
+a quarter each, SSE flushed per chunk): the client's own accept-encoding goes upstream, the upstream compresses,
+the client gets the provider's compressed bytes untouched, and the filter reads a decoded copy.
 """
 
 from __future__ import annotations
@@ -64,16 +68,50 @@ def settled_after(stack: Stack, before: int, timeout: float = 10) -> int:
     return spent(stack)[0] - before
 
 
-@pytest.mark.parametrize("case", case_params())
-def test_recorded_exchange_through_envoy(replay: Stack, case: dict[str, Any]):
-    before, _ = spent(replay)
+def _exchange(stack: Stack, case: dict[str, Any], extra: dict[str, str]) -> httpx.Response:
+    before, _ = spent(stack)
     headers = {"content-type": "application/json", "x-replay-case": case["name"],
                "authorization": "Bearer sk-not-real", "x-api-key": "sk-ant-not-real",
-               "anthropic-version": "2023-06-01"}
+               "anthropic-version": "2023-06-01", **extra}
     with httpx.Client(timeout=60) as c:
-        r = c.post(f"{replay.base_url}{case['path']}", content=json.dumps(case["request"]).encode(),
+        r = c.post(f"{stack.base_url}{case['path']}", content=json.dumps(case["request"]).encode(),
                    headers=headers)
     assert r.status_code == case["response_status"], r.text[:300]
-    assert r.content == case["response_body"].encode()  # byte for byte, SSE included
+    assert r.content == case["response_body"].encode()  # byte for byte (decoded by httpx), SSE included
     assert r.headers.get("x-nexus-token-tier") in ("exact", "approximation", "heuristic")
-    assert settled_after(replay, before) == expected_micros(case)
+    assert settled_after(stack, before) == expected_micros(case)
+    return r
+
+
+def _last_upstream_request(stack: Stack, case: dict[str, Any]) -> dict[str, Any]:
+    seen = httpx.get(f"http://127.0.0.1:{stack.fake_ports['openai']}/_replay/requests", timeout=5).json()
+    return next(s for s in reversed(seen) if s["case"] == case["name"])
+
+
+@pytest.mark.parametrize("case", case_params())
+def test_recorded_exchange_through_envoy(replay: Stack, case: dict[str, Any]):
+    _exchange(replay, case, {"accept-encoding": "identity"})
+    assert _last_upstream_request(replay, case)["upstream_header"] is None  # our routing header stays ours
+
+
+def _compressed_params() -> list[Any]:
+    out = []
+    for i, p in enumerate(case_params()):
+        out.append(pytest.param(p.values[0], "gzip", id=f"{p.id}-gzip", marks=p.marks))
+        if i % 4 in (1, 2) and p.values[0] is not None:
+            enc = "br" if i % 4 == 1 else "zstd"
+            out.append(pytest.param(p.values[0], enc, id=f"{p.id}-{enc}"))
+    return out
+
+
+# What the official clients send: the Anthropic and OpenAI Python SDKs (httpx), and Codex.
+CLIENT_ACCEPT = {"gzip": "gzip, deflate, zstd", "br": "gzip, deflate, br", "zstd": "zstd,gzip"}
+
+
+@pytest.mark.parametrize(("case", "encoding"), _compressed_params())
+def test_recorded_exchange_compressed(replay: Stack, case: dict[str, Any], encoding: str):
+    r = _exchange(replay, case, {"accept-encoding": CLIENT_ACCEPT[encoding], "x-replay-encoding": encoding})
+    sent = _last_upstream_request(replay, case)
+    assert sent["sent_encoding"] == encoding, sent  # the provider really did compress
+    # The client's body is the provider's, in the encoding its header names (httpx decoded it to compare above).
+    assert r.headers.get("content-encoding") == encoding
