@@ -31,6 +31,10 @@ class BudgetConfig(_Strict):
     hard_limit_action: HardAction = "warn"
     reconciliation_interval_secs: int = Field(default=60, ge=1)
     always_send_status_headers: bool = False
+    # A refusal's Retry-After only when the budget frees up within this many seconds (0: never). The Anthropic
+    # SDK and Codex sleep for whatever Retry-After says (a month's reset: ~24 days); past the cap the refusal
+    # says `x-should-retry: false` instead, and the reset time is in X-Nexus-Budget-Reset and the body.
+    retry_after_max_secs: int = Field(default=60, ge=0)
 
 
 BUDGET_NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"

@@ -16,6 +16,7 @@ class NexusError(Exception):
     code: str
     message: str
     headers: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, object] = field(default_factory=dict)  # more fields in the error object (reset_at)
 
     def __str__(self) -> str:
         return f"{self.status} {self.code}: {self.message}"
@@ -24,9 +25,9 @@ class NexusError(Exception):
 def render_error(api_family: str, err: NexusError) -> bytes:
     """Body for an immediate response: OpenAI and Anthropic clients each parse their own shape."""
     if api_family == "anthropic":
-        doc: dict[str, object] = {"type": "error", "error": {"type": err.code, "message": err.message}}
+        doc: dict[str, object] = {"type": "error", "error": {"type": err.code, "message": err.message, **err.extra}}
     else:
-        doc = {"error": {"message": err.message, "type": err.code, "code": err.code, "param": None}}
+        doc = {"error": {"message": err.message, "type": err.code, "code": err.code, "param": None, **err.extra}}
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
@@ -42,11 +43,23 @@ def not_found(message: str) -> NexusError:
 _REFUSALS = {"cloud_blocked": "cloud backends are blocked: {name} exhausted", "budget_exhausted": "{name} exhausted"}
 
 
-def budget_exceeded(code: str, budget: str | None, retry_after_s: int) -> NexusError:
-    """`budget` is the deciding budget's name, None for the global (monthly) one."""
+def budget_exceeded(code: str, budget: str | None, reset_in_s: int, reset_at: str, retry_after_max_s: int
+                    ) -> NexusError:
+    """`budget` is the deciding budget's name, None for the global (monthly) one.
+
+    SDKs retry a 503 and sleep for its Retry-After: the header goes out only when the wait is one a client can
+    sleep through (`budget.retry_after_max_secs`). Past it, `x-should-retry: false` (the OpenAI and Anthropic
+    SDKs, and so Claude Code, honour it) makes the refusal final at once, and the reset time travels in
+    X-Nexus-Budget-Reset and the body for whoever wants to wait."""
     name = f"budget '{budget}'" if budget else "monthly budget"
     message = _REFUSALS.get(code, "{name} exhausted").format(name=name)
-    return NexusError(503, "budget_exceeded", message, {"retry-after": str(max(1, retry_after_s))})
+    wait = max(1, reset_in_s)
+    headers = {"x-nexus-budget-reset": reset_at}
+    if wait <= retry_after_max_s:
+        headers["retry-after"] = str(wait)
+    else:
+        headers["x-should-retry"] = "false"
+    return NexusError(503, "budget_exceeded", message, headers, {"reset_at": reset_at})
 
 
 def internal_error() -> NexusError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import UTC, timedelta
 from typing import Any
 
 from nexus_extproc.apis import ParsedRequest, family_for_path, for_path
@@ -167,7 +168,10 @@ class Inbound(Estimation):
                                                            "model": self.model_label(model, price)})
             rej = self.budget.rejection(adm)
             named = None if rej.budget == GLOBAL_BUDGET else rej.budget
-            return self._error(state, budget_exceeded(rej.code, named, rej.reset_in_s), "budget")
+            reset = self.budget.clock().astimezone(UTC) + timedelta(seconds=rej.reset_in_s)
+            reset_at = reset.replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+            return self._error(state, budget_exceeded(rej.code, named, rej.reset_in_s, reset_at,
+                                                      self.config.budget.retry_after_max_secs), "budget")
 
         assert d.target is not None
         rerouted = d.action is Action.REROUTE

@@ -135,7 +135,7 @@ async def test_soft_limit_reroutes_and_rewrites_body(served):
     assert h["x-nexus-budget-remaining"] == "0.40"
 
 
-async def test_hard_limit_block_all_is_503_with_retry_after(served):
+async def test_hard_limit_block_all_is_503_that_never_asks_a_client_to_sleep(served):
     comps, _, ch = await served(budget={"monthly_limit_usd": 1, "hard_limit_action": "block_all"})
     comps.budget.clock = lambda: datetime(2026, 11, 30, 23, 0, tzinfo=UTC)
     await comps.budget.ledger.reserve("seed", [("global", "2026-11")], 1_000_000, 9e12)
@@ -146,10 +146,15 @@ async def test_hard_limit_block_all_is_503_with_retry_after(served):
     im = r.immediate_response
     assert im.status.code == 503
     h = set_headers(im.headers)
-    assert h["retry-after"] == "3600" and h["content-type"] == "application/json"
+    # An hour to the reset is past the 60 s cap: no Retry-After (the Anthropic SDK would sleep through it),
+    # a final answer instead, and the reset time in its own header and the body (issue 26).
+    assert "retry-after" not in h and h["x-should-retry"] == "false" and h["content-type"] == "application/json"
+    assert h["x-nexus-budget-reset"] == "2026-12-01T00:00:00Z"
     assert json.loads(im.body) == {"type": "error", "error": {"type": "budget_exceeded",
-                                                               "message": "monthly budget exhausted"}}
+                                                               "message": "monthly budget exhausted",
+                                                               "reset_at": "2026-12-01T00:00:00Z"}}
     # The filter's own 503 carries the headers a forwarded answer would (README "Response headers").
+    assert h["x-nexus-budget-status"] == "HardLimit"
     assert h["x-nexus-budget-status"] == "HardLimit" and h["x-nexus-budget-name"] == "global"
     assert h["x-nexus-budget-remaining"] == "0.00" and h["x-nexus-budget-utilization"] == "100.00"
     assert float(h["x-nexus-cost-estimated"]) > 0 and h["x-nexus-token-tier"] == "approximation"

@@ -115,7 +115,10 @@ def test_hard_limit_block_cloud_routes_local_or_503(e2e: E2E, store):
     assert resp.json()["error"]["code"] == "budget_exceeded"
     now = datetime.now(UTC)
     reset = datetime(now.year + (now.month == 12), now.month % 12 + 1, 1, tzinfo=UTC)
-    assert abs(int(resp.headers["retry-after"]) - (reset - now).total_seconds()) < 30
+    # Weeks to the reset: no Retry-After for a client to sleep through (issue 26), the reset in its own header.
+    assert "retry-after" not in resp.headers and resp.headers["x-should-retry"] == "false"
+    assert resp.headers["x-nexus-budget-reset"] == reset.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert resp.json()["error"]["reset_at"] == resp.headers["x-nexus-budget-reset"]
     # Anthropic clients get Anthropic's error shape.
     r = httpx.post(e2e.url + "/v1/messages", json={"model": "claude-3-5-haiku", "max_tokens": 5,
                                                    "messages": MSGS}, timeout=10)
@@ -236,3 +239,39 @@ def test_redis_down_gives_configured_outcome_within_timeout(e2e: E2E, tmp_path, 
         assert entry["cost"] > 0 and entry["items"][0][0] == "global"  # spend kept for replay, not dropped
     assert time.monotonic() - t0 < 3
     assert re.search(r'nexus_store_failures_total\{operation="reserve"\} [1-9]', e2e.metrics())
+
+
+def _rejected(e2e: E2E) -> float:
+    m = re.search(r'^nexus_requests_total\{decision="rejected"\} ([0-9.e+]+)$', e2e.metrics(), re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_exhausted_budget_fails_the_anthropic_sdk_at_once(e2e: E2E, tmp_path):
+    """Issue 26: the Anthropic SDK (and langchain-anthropic over it) sleeps for whatever Retry-After says; the
+    month's reset made it sleep ~24 days. With its own default retries, it must now fail at once, having asked
+    once: a refusal that would send it back for more is a refusal that can cost money."""
+    import threading
+
+    import anthropic
+
+    store = {"kind": "sqlite", "path": str(tmp_path / "ledger.db")}
+    seed_spend(store, 100_000_000)
+    e2e.restart(budget={"monthly_limit_usd": 100, "hard_limit_action": "block_all"}, store=store)
+    client = anthropic.Anthropic(base_url=e2e.url, api_key="sk-ant-test", timeout=30)  # default max_retries=2
+    before = _rejected(e2e)
+    out: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            client.messages.create(model="claude-3-5-haiku", max_tokens=5, messages=MSGS)
+        except BaseException as e:
+            out.append(e)
+
+    t = threading.Thread(target=call, daemon=True)  # a sleeping SDK must not hold the test run open
+    t.start()
+    t.join(60)
+    assert out, "the Anthropic SDK did not fail within 60 s (asleep on Retry-After?)"
+    err = out[0]
+    assert isinstance(err, anthropic.APIStatusError) and err.status_code == 503, err
+    assert err.response.json()["error"]["type"] == "budget_exceeded"
+    assert _rejected(e2e) - before == 1  # no retries

@@ -100,7 +100,8 @@ def test_hard_limit_503_in_existing_mesh(mesh: E2E, tmp_path):
                  store={"kind": "sqlite", "path": str(db)})
     with pytest.raises(openai.APIStatusError) as e:
         mesh.openai().chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=4)
-    assert e.value.status_code == 503 and e.value.response.headers["retry-after"].isdigit()
+    assert e.value.status_code == 503 and e.value.response.headers["x-should-retry"] == "false"
+    assert "retry-after" not in e.value.response.headers and e.value.response.headers["x-nexus-budget-reset"]
     assert e.value.response.json()["error"]["code"] == "budget_exceeded"
 
 

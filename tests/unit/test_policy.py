@@ -88,11 +88,25 @@ def test_actions_as_the_seed_says(action, pct, kind):
 def test_a_refusal_is_worded_once_where_it_is_rendered():
     from nexus_extproc.apis.errors import budget_exceeded, render_error
 
-    e = budget_exceeded(REJECT_CLOUD_BLOCKED, "team-ml", 30)
+    at = "2026-12-01T00:00:00Z"
+    e = budget_exceeded(REJECT_CLOUD_BLOCKED, "team-ml", 30, at, 60)
     assert (e.status, e.message, e.headers) == (503, "cloud backends are blocked: budget 'team-ml' exhausted",
-                                                {"retry-after": "30"})
-    assert budget_exceeded(REJECT_EXHAUSTED, None, 0).message == "monthly budget exhausted"
-    assert b'"type":"error"' in render_error("anthropic", e)
+                                                {"retry-after": "30", "x-nexus-budget-reset": at})
+    assert budget_exceeded(REJECT_EXHAUSTED, None, 0, at, 60).message == "monthly budget exhausted"
+    assert b'"type":"error"' in render_error("anthropic", e) and b'"reset_at":"2026-12-01T00:00:00Z"' in render_error(
+        "openai", e)
+
+
+def test_a_refusal_never_asks_for_a_sleep_past_the_cap():
+    """Issue 26: a month's reset as Retry-After made the Anthropic SDK and Codex sleep ~24 days."""
+    from nexus_extproc.apis.errors import budget_exceeded
+
+    at = "2026-12-31T00:00:00Z"
+    long = budget_exceeded(REJECT_EXHAUSTED, None, 2_123_190, at, 60)
+    assert "retry-after" not in long.headers and long.headers["x-should-retry"] == "false"
+    assert long.headers["x-nexus-budget-reset"] == at
+    assert budget_exceeded(REJECT_EXHAUSTED, None, 60, at, 60).headers["retry-after"] == "60"
+    assert "retry-after" not in budget_exceeded(REJECT_EXHAUSTED, None, 5, at, 0).headers
 
 
 def test_no_budget_always_allows_without_reservation_cap():
