@@ -31,10 +31,6 @@ class BudgetConfig(_Strict):
     hard_limit_action: HardAction = "warn"
     reconciliation_interval_secs: int = Field(default=60, ge=1)
     always_send_status_headers: bool = False
-    # A refusal's Retry-After only when the budget frees up within this many seconds (0: never). The Anthropic
-    # SDK and Codex sleep for whatever Retry-After says (a month's reset: ~24 days); past the cap the refusal
-    # says `x-should-retry: false` instead, and the reset time is in X-Nexus-Budget-Reset and the body.
-    retry_after_max_secs: int = Field(default=60, ge=0)
 
 
 BUDGET_NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
@@ -178,6 +174,10 @@ class ServerConfig(_Strict):
     # so one huge prompt does not stall every other stream on the event loop.
     thread_tokenize_bytes: int = Field(default=32_768, ge=0)
     max_request_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # A refusal's Retry-After only when the budget frees up within this many seconds (0: never). The Anthropic
+    # SDK and Codex sleep for whatever Retry-After says (a month's reset: ~24 days); past the cap the refusal
+    # says `x-should-retry: false` instead, and the reset time is in X-Nexus-Budget-Reset and the body.
+    retry_after_max_secs: int = Field(default=60, ge=0)
     # Own deadline for a stream: Envoy runs no timer in some modes, and a half-open stream must not hold a
     # reservation forever.
     stream_idle_timeout_secs: float = Field(default=300.0, gt=0)

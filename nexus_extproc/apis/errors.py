@@ -48,7 +48,7 @@ def budget_exceeded(code: str, budget: str | None, reset_in_s: int, reset_at: st
     """`budget` is the deciding budget's name, None for the global (monthly) one.
 
     SDKs retry a 503 and sleep for its Retry-After: the header goes out only when the wait is one a client can
-    sleep through (`budget.retry_after_max_secs`). Past it, `x-should-retry: false` (the OpenAI and Anthropic
+    sleep through (`server.retry_after_max_secs`). Past it, `x-should-retry: false` (the OpenAI and Anthropic
     SDKs, and so Claude Code, honour it) makes the refusal final at once, and the reset time travels in
     X-Nexus-Budget-Reset and the body for whoever wants to wait."""
     name = f"budget '{budget}'" if budget else "monthly budget"
