@@ -87,7 +87,7 @@ def run_demo(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        stack.start_fakes()
+        stack.start_fakes(compress=True)  # as the real providers answer their SDKs
         stack.start_extproc(Path(args.config), workers=args.workers)
         stack.start_envoy(workers=args.workers)
         print(f"""

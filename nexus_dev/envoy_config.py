@@ -117,9 +117,13 @@ def _upstream_cluster(u: Upstream, health_interval: str) -> dict[str, Any]:
 
 # The server's immediate responses name their details `nexus_<code>` (edge/extproc.py render): Envoy's local-reply
 # mappers below must leave them alone.
-_NOT_OURS = {"name": "envoy.access_loggers.extension_filters.cel", "typed_config": {
-    "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
-    "expression": "!response.code_details.startsWith('nexus_')"}}
+def _cel(expression: str) -> dict[str, Any]:
+    return {"name": "envoy.access_loggers.extension_filters.cel", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+        "expression": expression}}
+
+
+_NOT_OURS = _cel("!response.code_details.startsWith('nexus_')")
 # Envoy's own answers (a body over the buffer limit, no healthy upstream, an upstream timeout) in the client's
 # API error shape, as the server's refusals are: Anthropic's under /v1/messages, OpenAI's elsewhere.
 _LOCAL_ERRORS = ((413, "request_too_large", "request_too_large", "the request body exceeds the proxy's buffer limit"),
@@ -142,6 +146,13 @@ def local_reply_config() -> dict[str, Any]:
                     "default_value": status, "runtime_key": f"nexus.local_reply.{status}"}}}},
                 {"extension_filter": _NOT_OURS}, on_path]}},
                 "body_format_override": {"json_format": doc, "content_type": "application/json"}})
+    # A WebSocket upgrade where the listener allows none: Envoy answers 403 before any filter runs, and Codex
+    # retries a 403 seven times (~6 s) before it falls back to HTTP; a 426 makes it fall back at once.
+    mappers.insert(0, {"filter": {"extension_filter": _cel("response.code_details == 'upgrade_failed'")},
+        "status_code": 426, "body_format_override": {"json_format": {"error": {
+            "message": "the WebSocket transport is not served through the budget filter; use HTTP",
+            "type": "websocket_not_supported", "code": "websocket_not_supported", "param": None}},
+            "content_type": "application/json"}})
     return {"mappers": mappers}
 
 

@@ -105,10 +105,11 @@ class Stack:
         path = self.workdir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def start_fakes(self, names: tuple[str, ...] = ("openai", "anthropic", "ollama")) -> None:
+    def start_fakes(self, names: tuple[str, ...] = ("openai", "anthropic", "ollama"), compress: bool = False) -> None:
         self.fake_ports = {n: free_port() for n in names}
         p = self._spawn([sys.executable, "-m", "nexus_dev.fakes.upstream",
-                         *[f"{n}={port}" for n, port in self.fake_ports.items()]], "fakes")
+                         *[f"{n}={port}" for n, port in self.fake_ports.items()],
+                         *(["--compress"] if compress else [])], "fakes")
         for port in self.fake_ports.values():
             wait_port(port, proc=p)
 

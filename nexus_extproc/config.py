@@ -178,6 +178,10 @@ class ServerConfig(_Strict):
     # SDK and Codex sleep for whatever Retry-After says (a month's reset: ~24 days); past the cap the refusal
     # says `x-should-retry: false` instead, and the reset time is in X-Nexus-Budget-Reset and the body.
     retry_after_max_secs: int = Field(default=60, ge=0)
+    # A path no API profile meters and no free endpoint names (apis/endpoints.py): `refuse` answers 404 in the
+    # client's API shape; `pass` forwards it uncharged, counted in nexus_passthrough_requests_total{endpoint=
+    # "unknown"}. The paths Claude Code and Codex use are all metered or free either way.
+    unknown_paths: Literal["refuse", "pass"] = "refuse"
     # Own deadline for a stream: Envoy runs no timer in some modes, and a half-open stream must not hold a
     # reservation forever.
     stream_idle_timeout_secs: float = Field(default=300.0, gt=0)

@@ -5,6 +5,13 @@ message, 1 per name, 3 for the reply priming), completion = min(max tokens, N). 
 `x-fake-completion-tokens`, `x-fake-cached-tokens`, `x-fake-cache-write-tokens`, `x-fake-reasoning-tokens`,
 `x-fake-delay-ms` (between stream events) and `x-fake-fault`: `truncate`, `500`, `500-mid-stream`, `slow`,
 `slow-body` (headers, then the body after the delay), `malformed-sse`.
+
+Like the real APIs (so that Claude Code and Codex run against the demo): tool definitions and tool calls/results
+count toward input tokens; the Responses stream sends the full event sequence (`output_item.added`,
+`content_part.added`, deltas, `.done` events, `response.completed`); Anthropic's `message_delta` repeats the input
+usage; `count_tokens`, `/v1/responses/compact`, `GET /v1/models` and `HEAD /` answer. With `--compress` (the demo)
+or `x-fake-encoding: gzip|br|zstd|deflate`, answers are compressed as the client's accept-encoding allows, SSE
+flushed per event, as the Anthropic API does.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
+from nexus_dev.fakes.compress import accepts, pick, stream_encoder
 from nexus_extproc.metering.tokenizers import load_encoding
 
 _ENC: dict[str, Any] = {}
@@ -39,7 +47,12 @@ def _texts(content: Any) -> list[str]:
     return []
 
 
-def openai_chat_prompt_tokens(model: str, messages: list[dict[str, Any]]) -> int:
+def _structured(value: Any) -> list[str]:
+    """Tool schemas, tool calls and tool results as the providers tokenize them: their JSON text."""
+    return [value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))] if value else []
+
+
+def openai_chat_prompt_tokens(model: str, messages: list[dict[str, Any]], tools: Any = None) -> int:
     enc = _enc(model)
     n = 3
     for m in messages:
@@ -47,8 +60,11 @@ def openai_chat_prompt_tokens(model: str, messages: list[dict[str, Any]]) -> int
         for k in ("role", "name"):
             if isinstance(m.get(k), str):
                 n += len(enc.encode_ordinary(m[k])) + (1 if k == "name" else 0)
-        for t in _texts(m.get("content")):
+        for t in _texts(m.get("content")) + _structured(m.get("tool_calls")) + _structured(m.get("arguments")) \
+                + _structured(m.get("output")):
             n += len(enc.encode_ordinary(t))
+    for t in _structured(tools):
+        n += len(enc.encode_ordinary(t))
     return n
 
 
@@ -65,8 +81,9 @@ def _int_header(req: web.Request, name: str, default: int) -> int:
 
 
 class FakeUpstream:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, compress: bool = False) -> None:
         self.name = name
+        self.compress = compress
         self.seen: deque[dict[str, Any]] = deque(maxlen=1000)
 
     def app(self) -> web.Application:
@@ -75,6 +92,8 @@ class FakeUpstream:
             web.post("/v1/chat/completions", self.chat), web.post("/v1/completions", self.completions),
             web.post("/v1/responses", self.responses), web.post("/v1/embeddings", self.embeddings),
             web.post("/v1/messages", self.messages), web.get("/v1/models", self.models),
+            web.post("/v1/messages/count_tokens", self.count_tokens),
+            web.post("/v1/responses/compact", self.compact), web.head("/", self.root),
             web.get("/_fake/requests", self.requests),
         ])
         return app
@@ -82,8 +101,28 @@ class FakeUpstream:
     async def requests(self, _: web.Request) -> web.Response:
         return web.json_response(list(self.seen))
 
-    async def models(self, _: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "llama3.1:8b", "object": "model"}]})
+    async def root(self, _: web.Request) -> web.Response:
+        return web.Response(status=200, headers={"x-fake-upstream": self.name})
+
+    async def models(self, req: web.Request) -> web.Response:
+        self.seen.append({"path": req.path, "method": req.method, "upstream": self.name})
+        if self.name == "anthropic":
+            data = [{"type": "model", "id": m, "display_name": m, "created_at": "2025-10-01T00:00:00Z"}
+                    for m in ("claude-sonnet-4-5", "claude-haiku-4-5")]
+            return web.json_response({"data": data, "has_more": False, "first_id": data[0]["id"],
+                                      "last_id": data[-1]["id"]}, headers={"x-fake-upstream": self.name})
+        ids = ["llama3.1:8b"] if self.name in ("ollama", "vllm") else ["gpt-4o", "gpt-4o-mini", "gpt-5"]
+        return web.json_response({"object": "list", "data": [{"id": i, "object": "model", "owned_by": "fake"}
+                                                             for i in ids]}, headers={"x-fake-upstream": self.name})
+
+    def _encoding(self, req: web.Request) -> str | None:
+        """The provider's choice: forced by x-fake-encoding, or with --compress its preference the client
+        accepts; never one the request's accept-encoding refuses."""
+        ae = req.headers.get("accept-encoding", "")
+        want = req.headers.get("x-fake-encoding")
+        if want:
+            return want if accepts(ae, want) else None
+        return pick(ae) if self.compress else None
 
     async def _read(self, req: web.Request) -> dict[str, Any]:
         doc = await req.json()
@@ -112,8 +151,11 @@ class FakeUpstream:
     async def _stream(self, req: web.Request, doc: dict[str, Any], events: list[bytes]) -> web.StreamResponse:
         fault = req.headers.get("x-fake-fault", "")
         delay = _int_header(req, "x-fake-delay-ms", 300 if fault == "slow" else 0) / 1000
+        encoding = self._encoding(req)
+        step, finish = stream_encoder(encoding) if encoding else ((lambda b: b), (lambda: b""))
         resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache",
-                                           **self._headers(doc)})
+                                           **self._headers(doc),
+                                           **({"content-encoding": encoding} if encoding else {})})
         await resp.prepare(req)
         if fault == "truncate":
             events = events[: max(1, len(events) // 2)]
@@ -125,8 +167,8 @@ class FakeUpstream:
                 raise ConnectionResetError("fake upstream failure mid-stream")
             # Write each event in two pieces to exercise split parsing downstream.
             cut = len(ev) // 2
-            await resp.write(ev[:cut])
-            await resp.write(ev[cut:])
+            await resp.write(step(ev[:cut]))
+            await resp.write(step(ev[cut:]))
             if delay:
                 await asyncio.sleep(delay)
         if fault == "truncate":
@@ -134,6 +176,7 @@ class FakeUpstream:
             if req.transport is not None:
                 req.transport.close()
             return resp
+        await resp.write(finish())
         await resp.write_eof()
         return resp
 
@@ -160,7 +203,7 @@ class FakeUpstream:
     async def chat(self, req: web.Request) -> web.StreamResponse:
         doc = await self._read(req)
         model = str(doc.get("model", ""))
-        prompt = openai_chat_prompt_tokens(model, doc.get("messages") or [])
+        prompt = openai_chat_prompt_tokens(model, doc.get("messages") or [], doc.get("tools"))
         completion = self._completion_tokens(req, doc.get("max_completion_tokens", doc.get("max_tokens")))
         usage = self._openai_usage(req, prompt, completion, "chat")
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:12]}", int(time.time())
@@ -205,6 +248,11 @@ class FakeUpstream:
             await resp.write(raw[10:])
             await resp.write_eof()
             return resp
+        encoding = self._encoding(req)
+        if encoding:
+            step, finish = stream_encoder(encoding)
+            return web.Response(body=step(raw) + finish(), content_type="application/json",
+                                headers={**self._headers(doc), "content-encoding": encoding})
         return web.Response(body=raw, content_type="application/json", headers=self._headers(doc))
 
     async def completions(self, req: web.Request) -> web.StreamResponse:
@@ -229,15 +277,33 @@ class FakeUpstream:
         return await self._json(req, {**base, "choices": [{"text": " tok" * completion, "index": 0, "logprobs": None,
                                                      "finish_reason": "length"}], "usage": usage}, doc)
 
-    async def responses(self, req: web.Request) -> web.StreamResponse:
-        doc = await self._read(req)
-        model = str(doc.get("model", ""))
+    @staticmethod
+    def _responses_prompt(model: str, doc: dict[str, Any]) -> int:
         raw = doc.get("input")
         msgs = [{"role": "user", "content": raw}] if isinstance(raw, str) else [
             m for m in (raw or []) if isinstance(m, dict)]
         if isinstance(doc.get("instructions"), str):
             msgs.insert(0, {"role": "system", "content": doc["instructions"]})
-        prompt = openai_chat_prompt_tokens(model, msgs)
+        return openai_chat_prompt_tokens(model, msgs, doc.get("tools"))
+
+    async def compact(self, req: web.Request) -> web.StreamResponse:
+        """Codex's remote compaction: the conversation in, a shorter one out, billed like a Responses call."""
+        doc = await self._read(req)
+        model = str(doc.get("model", ""))
+        prompt = self._responses_prompt(model, doc)
+        completion = self._completion_tokens(req, None)
+        usage = self._openai_usage(req, prompt, completion, "responses")
+        body = {"id": f"resp_{uuid.uuid4().hex[:12]}", "object": "response.compaction",
+                "created_at": int(time.time()), "output": [
+                    {"type": "message", "role": "user", "content": [
+                        {"type": "input_text", "text": "(compacted) " + " ".join(["tok"] * completion)}]}],
+                "usage": usage}
+        return await self._json(req, body, doc)
+
+    async def responses(self, req: web.Request) -> web.StreamResponse:
+        doc = await self._read(req)
+        model = str(doc.get("model", ""))
+        prompt = self._responses_prompt(model, doc)
         completion = self._completion_tokens(req, doc.get("max_output_tokens"))
         usage = self._openai_usage(req, prompt, completion, "responses")
         rid = f"resp_{uuid.uuid4().hex[:12]}"
@@ -248,20 +314,36 @@ class FakeUpstream:
                                                  {"type": "output_text", "text": text, "annotations": []}]}],
                  "usage": usage}
         if doc.get("stream"):
-            created = {**final, "status": "in_progress", "output": [], "usage": None}
-            evs = [self._sse({"type": "response.created", "sequence_number": 0, "response": created},
-                             "response.created")]
-            for i in range(completion):
-                evs.append(self._sse({"type": "response.output_text.delta", "sequence_number": i + 1,
-                                      "item_id": f"msg_{rid}", "output_index": 0, "content_index": 0,
-                                      "delta": (" " if i else "") + "tok"}, "response.output_text.delta"))
-            evs.append(self._sse({"type": "response.completed", "sequence_number": completion + 1,
-                                  "response": final}, "response.completed"))
-            return await self._stream(req, doc, evs)
+            return await self._stream(req, doc, self._responses_events(rid, final, completion))
         fault = await self._fault_json(req)
         if fault is not None:
             return fault
         return await self._json(req, final, doc)
+
+    def _responses_events(self, rid: str, final: dict[str, Any], completion: int) -> list[bytes]:
+        """The real stream's sequence: Codex shows nothing without the item and content-part events."""
+        seq = iter(range(10**6))
+        item = final["output"][0]
+        text = item["content"][0]["text"]
+        empty_item = {**item, "status": "in_progress", "content": []}
+        part = {"type": "output_text", "text": "", "annotations": []}
+        at = {"item_id": item["id"], "output_index": 0}
+
+        def ev(kind: str, **fields: Any) -> bytes:
+            return self._sse({"type": kind, "sequence_number": next(seq), **fields}, kind)
+
+        evs = [ev("response.created", response={**final, "status": "in_progress", "output": [], "usage": None}),
+               ev("response.in_progress", response={**final, "status": "in_progress", "output": [], "usage": None}),
+               ev("response.output_item.added", output_index=0, item=empty_item),
+               ev("response.content_part.added", **at, content_index=0, part=part)]
+        for i in range(completion):
+            evs.append(ev("response.output_text.delta", **at, content_index=0, delta=(" " if i else "") + "tok",
+                          logprobs=[]))
+        evs += [ev("response.output_text.done", **at, content_index=0, text=text, logprobs=[]),
+                ev("response.content_part.done", **at, content_index=0, part={**part, "text": text}),
+                ev("response.output_item.done", output_index=0, item=item),
+                ev("response.completed", response=final)]
+        return evs
 
     async def embeddings(self, req: web.Request) -> web.StreamResponse:
         doc = await self._read(req)
@@ -278,14 +360,26 @@ class FakeUpstream:
 
     # ---- Anthropic -------------------------------------------------------------------------------
 
+    @staticmethod
+    def _anthropic_input(doc: dict[str, Any]) -> int:
+        texts = _texts(doc.get("system")) if doc.get("system") else []
+        for m in doc.get("messages") or []:
+            content = m.get("content") if isinstance(m, dict) else None
+            texts += _texts(content)
+            for block in content if isinstance(content, list) else ():
+                if isinstance(block, dict) and block.get("type") in ("tool_use", "tool_result"):
+                    texts += _structured(block.get("input")) + _structured(block.get("content"))
+        texts += _structured(doc.get("tools"))
+        return plain_tokens("claude", texts) + 8
+
+    async def count_tokens(self, req: web.Request) -> web.Response:
+        doc = await self._read(req)
+        return web.json_response({"input_tokens": self._anthropic_input(doc)}, headers=self._headers(doc))
+
     async def messages(self, req: web.Request) -> web.StreamResponse:
         doc = await self._read(req)
         model = str(doc.get("model", ""))
-        texts = _texts(doc.get("system")) if doc.get("system") else []
-        for m in doc.get("messages") or []:
-            if isinstance(m, dict):
-                texts += _texts(m.get("content"))
-        total_in = plain_tokens("claude", texts) + 8
+        total_in = self._anthropic_input(doc)
         read = min(total_in, _int_header(req, "x-fake-cached-tokens", 0))
         write = min(total_in - read, _int_header(req, "x-fake-cache-write-tokens", 0))
         base_in = total_in - read - write
@@ -307,7 +401,7 @@ class FakeUpstream:
             evs += [self._sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
                     self._sse({"type": "message_delta", "delta": {"stop_reason": "end_turn",
                                                                   "stop_sequence": None},
-                               "usage": {"output_tokens": completion}}, "message_delta"),
+                               "usage": dict(usage)}, "message_delta"),
                     self._sse({"type": "message_stop"}, "message_stop")]
             return await self._stream(req, doc, evs)
         if req.headers.get("x-fake-fault") == "500":
@@ -321,8 +415,9 @@ class FakeUpstream:
                                 "stop_reason": "end_turn", "stop_sequence": None, "usage": usage}, doc)
 
 
-async def start_fake(name: str, host: str, port: int) -> tuple[web.AppRunner, int, FakeUpstream]:
-    fake = FakeUpstream(name)
+async def start_fake(name: str, host: str, port: int, compress: bool = False
+                     ) -> tuple[web.AppRunner, int, FakeUpstream]:
+    fake = FakeUpstream(name, compress)
     runner = web.AppRunner(fake.app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -333,11 +428,11 @@ async def start_fake(name: str, host: str, port: int) -> tuple[web.AppRunner, in
     return runner, bound, fake
 
 
-async def _main(specs: list[str], host: str) -> None:
+async def _main(specs: list[str], host: str, compress: bool = False) -> None:
     runners = []
     for spec in specs:
         name, _, port = spec.partition("=")
-        runner, bound, _ = await start_fake(name, host, int(port))
+        runner, bound, _ = await start_fake(name, host, int(port), compress)
         runners.append(runner)
         print(f"fake {name} listening on {host}:{bound}", flush=True)
     try:
@@ -351,9 +446,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="fake LLM upstreams")
     ap.add_argument("specs", nargs="+", help="name=port, e.g. openai=18001 anthropic=18002 ollama=18003")
     ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--compress", action="store_true",
+                    help="compress answers as the client's accept-encoding allows (gzip first, as Anthropic does)")
     args = ap.parse_args()
     try:
-        asyncio.run(_main(args.specs, args.host))
+        asyncio.run(_main(args.specs, args.host, args.compress))
     except KeyboardInterrupt:
         pass
 

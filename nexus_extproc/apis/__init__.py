@@ -6,10 +6,12 @@ from nexus_extproc.apis.openai_chat import OpenAIChat
 from nexus_extproc.apis.openai_completions import OpenAICompletions
 from nexus_extproc.apis.openai_embeddings import OpenAIEmbeddings
 from nexus_extproc.apis.openai_responses import OpenAIResponses
+from nexus_extproc.apis.openai_responses_compact import OpenAIResponsesCompact
 
 TRANSLATORS: dict[str, Translator] = {
     t.path: t
-    for t in (OpenAIChat(), OpenAICompletions(), OpenAIResponses(), OpenAIEmbeddings(), AnthropicMessages())
+    for t in (OpenAIChat(), OpenAICompletions(), OpenAIResponses(), OpenAIResponsesCompact(), OpenAIEmbeddings(),
+              AnthropicMessages())
 }
 
 

@@ -62,6 +62,11 @@ def budget_exceeded(code: str, budget: str | None, reset_in_s: int, reset_at: st
     return NexusError(503, "budget_exceeded", message, headers, {"reset_at": reset_at})
 
 
+def websocket_not_served() -> NexusError:
+    return NexusError(426, "websocket_not_supported",
+                      "the WebSocket transport is not served through the budget filter; use HTTP")
+
+
 def internal_error() -> NexusError:
     return NexusError(500, "internal_error", "the budget filter failed on this request; it was not forwarded")
 

@@ -31,6 +31,11 @@ stream_errors = Counter("nexus_stream_errors_total", "ext_proc streams that ende
 responses_undecoded = Counter("nexus_responses_undecoded_total",
                               "Responses the server saw still content-encoded (settled from its own counts)",
                               ["encoding"])
+passthrough = Counter("nexus_passthrough_requests_total",
+                      "Requests forwarded uncharged (free endpoints; unknown paths under server.unknown_paths=pass)",
+                      ["endpoint"])
+websocket_refused = Counter("nexus_websocket_upgrades_refused_total",
+                            "WebSocket upgrades answered 426 (clients fall back to HTTP, which is metered)")
 sse_bad_events = Counter("nexus_sse_bad_events_total", "SSE data lines that were not JSON (skipped)")
 # Learned provider-input ÷ our-count per model and tier (all shapes pooled); every replica reads the same shared
 # sums, so the most recent value from any process is the value.

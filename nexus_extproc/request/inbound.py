@@ -9,6 +9,7 @@ from typing import Any
 
 from nexus_extproc.apis import ParsedRequest, family_for_path, for_path
 from nexus_extproc.apis.content_encoding import supported, upstream_accept_encoding
+from nexus_extproc.apis.endpoints import Passthrough, family_hint, free_endpoint, is_websocket_upgrade
 from nexus_extproc.apis.errors import (
     NexusError,
     bad_request,
@@ -16,6 +17,7 @@ from nexus_extproc.apis.errors import (
     not_found,
     payload_too_large,
     store_unavailable,
+    websocket_not_served,
 )
 from nexus_extproc.budget.policy import Action
 from nexus_extproc.budget.scopes import RequestFacts, api_key_of, hash_api_key
@@ -56,16 +58,25 @@ class Inbound(Estimation):
         if self._need_key:
             key = api_key_of(headers)
             state.api_key_hash = hash_api_key(key, self._salt) if key else None
+        method = headers.get(":method", "POST")
+        if is_websocket_upgrade(headers):
+            metrics.websocket_refused.inc()
+            return self._error(state, websocket_not_served(), "websocket")
         state.translator = for_path(state.path)
         if state.translator is None:
-            return self._error(state, not_found("path not served by the budget filter"), "unknown_path")
+            free = free_endpoint(method, state.path)
+            if free is None and self.config.server.unknown_paths == "pass":
+                free = "unknown"
+            if free is None:
+                return self._error(state, not_found("path not served by the budget filter"), "unknown_path")
+            return self._passthrough(state, free, family_hint(state.path, headers) or state.family)
         if self._trust_attribution:
             try:
                 state.task = parse_task(headers.get(C.H_TASK))
                 state.tags = parse_tags(headers.get(C.H_TAGS))
             except BadAttribution as e:
                 return self._error(state, bad_request(str(e)), "bad_attribution")
-        if headers.get(":method", "POST") != "POST" or end_of_stream:
+        if method != "POST" or end_of_stream:
             return self._error(state, bad_request("a JSON request body is required"), "no_body")
         try:
             length = int(headers.get("content-length", "0") or 0)
@@ -75,6 +86,16 @@ class Inbound(Estimation):
             return self._error(state, payload_too_large(self.config.server.max_request_body_bytes), "too_large")
         # Client-supplied x-nexus-* headers are removed now, so they never reach a route or an upstream.
         return Reply(remove_headers=list(state.client_nexus_headers))
+
+    def _passthrough(self, state: RequestState, endpoint: Passthrough, family: str) -> Reply:
+        """Forwarded as it is to the family's cloud backend, uncharged and unread: no body, no response."""
+        try:
+            route = self.router.route(family, "")
+        except NexusError as e:
+            return self._error(state, e, "unknown_path")
+        metrics.passthrough.labels(endpoint).inc()
+        return Reply(set_headers=[(C.UPSTREAM_HEADER, route.cluster)], clear_route_cache=True, passthrough=True,
+                     remove_headers=[h for h in state.client_nexus_headers if h != C.UPSTREAM_HEADER])
 
     def _parse(self, state: RequestState, body: bytes) -> ParsedRequest:
         assert state.translator is not None

@@ -37,6 +37,7 @@ class Reply:
     clear_route_cache: bool = False
     immediate: Immediate | None = None
     stream_response_body: bool = False
+    passthrough: bool = False  # forwarded uncharged: Envoy sends nothing more of this request or its response
     metadata: dict[str, Any] | None = None
 
 

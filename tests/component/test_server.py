@@ -259,3 +259,36 @@ async def test_garbage_bodies_through_the_grpc_server_never_escape_as_errors(ser
         codes.append(code)
         await s.close()
     assert sum(c >= 400 for c in codes) > 180
+
+
+async def test_free_endpoints_pass_without_body_or_response(served):
+    """Issue 26: count_tokens and reads are forwarded uncharged; the server asks Envoy for nothing more."""
+    comps, _, ch = await served(budget={"monthly_limit_usd": 1})
+    s = Stream(ch)
+    r = await s.send(req_headers("/v1/messages/count_tokens?beta=true", extra={"anthropic-version": "2023-06-01"}))
+    common = r.request_headers.response
+    assert set_headers(common.header_mutation)["x-nexus-upstream"] == "anthropic" and common.clear_route_cache
+    mo = r.mode_override
+    assert mo.request_body_mode == mo.NONE and mo.response_body_mode == mo.NONE
+    s = Stream(ch)
+    r = await s.send(req_headers("/v1/models", extra={":method": "GET"}))
+    assert set_headers(r.request_headers.response.header_mutation)["x-nexus-upstream"] == "openai"
+
+
+async def test_websocket_upgrade_is_426_where_envoy_lets_it_through(served):
+    """Istio and Envoy Gateway allow upgrades, so the server sees Codex's WebSocket attempt and answers the 426
+    that makes it fall back to HTTP at once."""
+    _, _, ch = await served()
+    s = Stream(ch)
+    r = await s.send(req_headers("/v1/responses", extra={":method": "GET", "upgrade": "websocket",
+                                                         "connection": "Upgrade"}))
+    assert r.immediate_response.status.code == 426
+    assert json.loads(r.immediate_response.body)["error"]["type"] == "websocket_not_supported"
+
+
+async def test_unknown_paths_pass_when_configured(served):
+    _, _, ch = await served(server={"unknown_paths": "pass"})
+    s = Stream(ch)
+    r = await s.send(req_headers("/v1/messages/batches"))
+    assert set_headers(r.request_headers.response.header_mutation)["x-nexus-upstream"] == "anthropic"
+    assert r.mode_override.request_body_mode == r.mode_override.NONE

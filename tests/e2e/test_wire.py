@@ -1,0 +1,141 @@
+"""Issue 26: the wire as real clients use it, through the real Envoy: free endpoints pass uncharged, Codex's
+compaction is metered, a WebSocket upgrade gets the answer that sends Codex to HTTP at once, Envoy's own
+refusals speak the client's API, and our routing header never reaches a provider."""
+
+from __future__ import annotations
+
+import re
+import socket
+
+import anthropic
+import httpx
+import pytest
+
+from tests.e2e.conftest import E2E
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module", autouse=True)
+def budgeted(e2e: E2E, tmp_path_factory) -> None:
+    e2e.restart(budget={"monthly_limit_usd": 1000},
+                store={"kind": "sqlite", "path": str(tmp_path_factory.mktemp("wire") / "ledger.db")})
+
+
+def counter(e2e: E2E, name: str, labels: str = "") -> float:
+    m = re.search(rf"^{name}{{{labels}}} ([0-9.e+]+)$" if labels else rf"^{name} ([0-9.e+]+)$", e2e.metrics(), re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def spend(e2e: E2E) -> tuple[float, float]:
+    b = e2e.stats()["budget"]
+    return b["current_spending_usd"], b["reserved_usd"]
+
+
+def test_count_tokens_passes_uncharged_and_counted(e2e: E2E):
+    """Claude Code's /context: a 404 here made it re-send 18 payloads to /v1/messages, all billed."""
+    before_spend = spend(e2e)
+    before = counter(e2e, "nexus_passthrough_requests_total", 'endpoint="count_tokens"')
+    client = anthropic.Anthropic(base_url=e2e.url, api_key="sk-ant-test", max_retries=0, timeout=30)
+    n = client.messages.count_tokens(model="claude-sonnet-4-5", messages=[{"role": "user", "content": "Hello!"}],
+                                     tools=[{"name": "get_weather", "description": "Weather for a city",
+                                             "input_schema": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}])
+    assert n.input_tokens > 20  # the fake counts the tool schema, as the API does
+    assert counter(e2e, "nexus_passthrough_requests_total", 'endpoint="count_tokens"') - before == 1
+    assert spend(e2e) == before_spend  # never reserved, never settled
+    seen = e2e.fake_requests("anthropic")[-1]
+    assert seen["path"] == "/v1/messages/count_tokens" and "x-nexus-upstream" not in seen["headers"]
+
+
+def test_model_listing_goes_to_the_callers_provider(e2e: E2E):
+    openai_ids = [m.id for m in e2e.openai().models.list()]
+    assert "gpt-4o" in openai_ids
+    claude = anthropic.Anthropic(base_url=e2e.url, api_key="sk-ant-test", max_retries=0, timeout=30)
+    assert [m.id for m in claude.models.list()][0].startswith("claude-")
+    # Claude Code's start-up probe.
+    r = httpx.head(e2e.url + "/", headers={"anthropic-version": "2023-06-01", "x-api-key": "k"}, timeout=10)
+    assert r.status_code == 200 and r.headers["x-fake-upstream"] == "anthropic"
+
+
+def test_responses_compact_is_metered_and_settled(e2e: E2E):
+    """Codex's remote compaction is a billed model call; it used to get the filter's 404."""
+    before, _ = spend(e2e)
+    r = httpx.post(e2e.url + "/v1/responses/compact", timeout=30, json={
+        "model": "gpt-4o", "instructions": "You are Codex.",
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "a long conversation " * 50}]}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["object"] == "response.compaction" and r.headers["x-nexus-token-tier"] == "exact"
+    assert float(r.headers["x-nexus-cost-estimated"]) > 0
+    for _ in range(100):
+        after, reserved = spend(e2e)
+        if after > before and reserved == 0:
+            break
+    usage = r.json()["usage"]
+    # gpt-4o: $2.50 in, $10 out per million tokens; settled from the provider's usage, rounded up.
+    expected = (usage["input_tokens"] * 2.5 + usage["output_tokens"] * 10) / 1e6
+    assert after - before == pytest.approx(expected, abs=2e-6)
+
+
+def _raw(e2e: E2E, request: bytes) -> bytes:
+    host, port = e2e.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(request)
+        out = b""
+        while b"\r\n\r\n" not in out or len(out) < out.find(b"\r\n\r\n") + 4 + 60:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+        return out
+
+
+def test_websocket_upgrade_gets_426(e2e: E2E):
+    """Codex's built-in provider opens GET /v1/responses as a WebSocket first; Envoy's 403 cost it seven
+    retries (~6 s); a 426 makes it fall back to HTTP at once (openai/codex#43353)."""
+    out = _raw(e2e, b"GET /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                    b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                    b"openai-beta: responses_websockets=2026-02-06\r\n\r\n")
+    status = out.split(b"\r\n", 1)[0]
+    assert b" 426 " in status, out[:300]
+    assert b'"websocket_not_supported"' in out
+
+
+def test_unknown_post_path_is_refused_in_the_clients_shape(e2e: E2E):
+    r = httpx.post(e2e.url + "/v1/messages/batches", json={"requests": []}, timeout=10)
+    assert r.status_code == 404 and r.json()["type"] == "error"
+    r = httpx.post(e2e.url + "/v1/fine_tuning/jobs", json={}, timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_envoys_own_413_speaks_the_clients_api(e2e: E2E):
+    """Past Envoy's 8 MiB buffer (the json_to_metadata filter buffers before ext_proc), Envoy answers itself:
+    the body is still the provider's error shape, not plain text."""
+    big = b'{"model":"claude-sonnet-4-5","max_tokens":5,"messages":[{"role":"user","content":"' + b"x" * (9 << 20) \
+        + b'"}]}'
+    r = httpx.post(e2e.url + "/v1/messages", content=big, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and r.headers["content-type"] == "application/json"
+    assert r.json() == {"type": "error", "error": {"type": "request_too_large",
+                                                   "message": "the request body exceeds the proxy's buffer limit"}}
+    r = httpx.post(e2e.url + "/v1/chat/completions", content=big, headers={"content-type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_compressed_fake_answer_settles_from_usage(e2e: E2E):
+    """The demo's fakes compress as the providers do; the filter reads the usage through it."""
+    before, _ = spend(e2e)
+    client = anthropic.Anthropic(base_url=e2e.url, api_key="sk-ant-test", max_retries=0, timeout=30,
+                                 default_headers={"x-fake-encoding": "gzip", "x-fake-completion-tokens": "7"})
+    with client.messages.stream(model="claude-haiku-4-5", max_tokens=50,
+                                messages=[{"role": "user", "content": "Hi"}]) as s:
+        final = s.get_final_message()
+        raw_encoding = s.response.headers.get("content-encoding")
+    assert raw_encoding == "gzip" and final.usage.output_tokens == 7
+    for _ in range(100):
+        after, reserved = spend(e2e)
+        if after > before and reserved == 0:
+            break
+    # claude-haiku-4-5: $1 in, $5 out per million.
+    expected = (final.usage.input_tokens * 1 + 7 * 5) / 1e6
+    assert after - before == pytest.approx(expected, abs=2e-6)
