@@ -52,7 +52,7 @@ def test_model_listing_goes_to_the_callers_provider(e2e: E2E):
     openai_ids = [m.id for m in e2e.openai().models.list()]
     assert "gpt-4o" in openai_ids
     claude = anthropic.Anthropic(base_url=e2e.url, api_key="sk-ant-test", max_retries=0, timeout=30)
-    assert [m.id for m in claude.models.list()][0].startswith("claude-")
+    assert all(m.id.startswith("claude-") for m in claude.models.list())
     # Claude Code's start-up probe.
     r = httpx.head(e2e.url + "/", headers={"anthropic-version": "2023-06-01", "x-api-key": "k"}, timeout=10)
     assert r.status_code == 200 and r.headers["x-fake-upstream"] == "anthropic"
