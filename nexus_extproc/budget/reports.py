@@ -13,7 +13,8 @@ from nexus_extproc.ledger import SpendAgg
 # `day` is the UTC day; `week` its ISO week (2026-W49) and `month` its month (2026-12), the daily, weekly and
 # monthly roll-ups. `tag` splits a settlement's tag list: one with two tags counts in both tags' rows, so tag
 # rows overlap and their sum is not the total (every other grouping partitions it).
-GROUPS = ("budget", "model", "day", "week", "month", "model_requested", "backend", "team", "agent", "task", "tag")
+GROUPS = ("budget", "model", "day", "week", "month", "model_requested", "backend", "team", "agent", "tool", "session",
+          "task", "tag")
 
 
 @dataclass(slots=True)
@@ -36,6 +37,8 @@ class SpendRow:
     tag: str = ""
     team: str = ""
     agent: str = ""
+    tool: str = ""
+    session: str = ""
     cache_read_tokens: int = 0
     output_reserved: int = 0
     streamed: int = 0
@@ -69,7 +72,7 @@ def roll_up(aggs: Iterable[SpendAgg], group_by: Iterable[str]) -> list[SpendRow]
     for a in aggs:
         attrs = {"budget": a.budget, "model": a.model, "day": a.day, "week": iso_week(a.day), "month": a.day[:7],
                  "model_requested": a.model_requested, "backend": a.backend, "task": a.task,
-                 "team": a.team, "agent": a.agent}
+                 "team": a.team, "agent": a.agent, "tool": a.tool, "session": a.session}
         for tag in (a.tags.split(",") if a.tags else [""]) if "tag" in keys else [""]:
             attrs["tag"] = tag
             k = tuple(attrs[g] for g in keys)
@@ -96,7 +99,8 @@ def iso_week(day: str) -> str:
 
 # `model` is the model settled at (the one that answered); `model_requested` the one the client asked for;
 # `reaped_usd` the part of `cost_usd` the reaper charged at the estimate (forwarded, its process died).
-COLUMNS = ("budget", "model", "day", "week", "month", "backend", "team", "agent", "task", "tag", "requests",
+COLUMNS = ("budget", "model", "day", "week", "month", "backend", "team", "agent", "tool", "session", "task", "tag",
+           "requests",
            "input_tokens", "output_tokens", "cost_usd", "estimate_usd", "avoided_usd", "model_requested", "reaped_usd")
 
 
@@ -106,7 +110,7 @@ def row_dict(r: SpendRow) -> dict[str, object]:
             "cost_usd": f"{r.cost_micros / 1e6:.6f}", "estimate_usd": f"{r.estimate_micros / 1e6:.6f}",
             "avoided_usd": f"{r.avoided_micros / 1e6:.6f}", "model_requested": r.model_requested,
             "reaped_usd": f"{r.reaped_micros / 1e6:.6f}", "week": r.week, "month": r.month, "backend": r.backend,
-            "task": r.task, "tag": r.tag, "team": r.team, "agent": r.agent}
+            "task": r.task, "tag": r.tag, "team": r.team, "agent": r.agent, "tool": r.tool, "session": r.session}
 
 
 def to_csv(rows: Iterable[SpendRow]) -> str:

@@ -54,6 +54,8 @@ class SpendRecord:
     tags: str = ""
     team: str = ""  # the trusted x-nexus-team (FOCUS SubAccountId)
     agent: str = ""  # the trusted x-nexus-agent
+    tool: str = ""  # the client tool's label (claude-code, codex, openai-python, ..., other)
+    session: str = ""  # the client's own session id, hashed
     cache_read_tokens: int = 0  # of input_tokens, read from the provider's prompt cache
     output_reserved: int = 0  # output tokens the estimate reserved for (max_tokens, or the model's expectation)
     streamed: bool = False
@@ -92,6 +94,8 @@ class SpendAgg:
     streamed: int = 0  # how many of `requests` were streamed (SSE)
     team: str = ""
     agent: str = ""
+    tool: str = ""
+    session: str = ""
 
 
 class ReapResult(NamedTuple):

@@ -161,7 +161,8 @@ class RedisLedger(Ledger):
                           "estimate": record.estimate, "source": record.source,
                           "budgets": [b for b, _ in items], "avoided": record.avoided,
                           "asked": record.model_requested, "task": record.task, "tags": record.tags,
-                          "team": record.team, "agent": record.agent,
+                          "team": record.team, "agent": record.agent, "tool": record.tool,
+                          "session": record.session,
                           "cr": record.cache_read_tokens, "or": record.output_reserved,
                           "st": int(record.streamed)}, separators=(",", ":"))
         fields = "\n".join(f"{b}\t{p}" for b, p in items)
@@ -275,7 +276,8 @@ class RedisLedger(Ledger):
                 day_s = datetime.fromtimestamp(d["ts"], UTC).strftime("%Y-%m-%d")
                 for b in d.get("budgets", []) if per_budget else [""]:
                     a = acc[(b, d["model"], day_s, d.get("asked", ""), d.get("backend", ""), d.get("task", ""),
-                             d.get("tags", ""), d.get("team", ""), d.get("agent", ""))]
+                             d.get("tags", ""), d.get("team", ""), d.get("agent", ""), d.get("tool", ""),
+                             d.get("session", ""))]
                     for i, v in enumerate((1, d["in"], d["out"], d["cost"], d["estimate"], d.get("avoided", 0),
                                            d["cost"] if d.get("source") == "reaped" else 0, d.get("cr", 0),
                                            d.get("or", 0), d.get("st", 0))):
@@ -283,7 +285,7 @@ class RedisLedger(Ledger):
         return [SpendAgg(k[0], k[1], k[2], v[0], v[1], v[2], v[3], v[4], v[5], model_requested=k[3], reaped=v[6],
                          backend=k[4], task=k[5],
                          tags=k[6], cache_read_tokens=v[7], output_reserved=v[8], streamed=v[9], team=k[7],
-                         agent=k[8])
+                         agent=k[8], tool=k[9], session=k[10])
                 for k, v in sorted(acc.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1], *kv[0][3:]))]
 
     async def merge_calibration(self, deltas: dict[str, CalibrationSums], now: float,

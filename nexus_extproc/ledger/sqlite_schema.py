@@ -29,7 +29,8 @@ CREATE TABLE IF NOT EXISTS settlements (
   model_requested TEXT NOT NULL DEFAULT '',
   task TEXT NOT NULL DEFAULT '', tags TEXT NOT NULL DEFAULT '', team TEXT NOT NULL DEFAULT '',
   cache_read_tokens INTEGER NOT NULL DEFAULT 0, output_reserved INTEGER NOT NULL DEFAULT 0,
-  streamed INTEGER NOT NULL DEFAULT 0, agent TEXT NOT NULL DEFAULT '');
+  streamed INTEGER NOT NULL DEFAULT 0, agent TEXT NOT NULL DEFAULT '',
+  tool TEXT NOT NULL DEFAULT '', session TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS calibration (
   key TEXT PRIMARY KEY, provider REAL NOT NULL, ours REAL NOT NULL, tool_calls REAL NOT NULL, n REAL NOT NULL,
   updated REAL NOT NULL);
@@ -50,7 +51,7 @@ CREATE TABLE IF NOT EXISTS instances (
 """
 
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 # Version 1 had no `id` in totals and one "budget period amount" line per budget in reservations. Upgraded in
 # place: totals keep their rows and sums; v1 reservations (left by a server that has stopped, so never settled)
@@ -116,6 +117,13 @@ CREATE TABLE instances (
 # Version 7 did not record the agent on settlements.
 MIGRATE_7_TO_8 = """
 ALTER TABLE settlements ADD COLUMN agent TEXT NOT NULL DEFAULT '';
+"""
+
+
+# Version 8 did not record the client tool or session on settlements.
+MIGRATE_8_TO_9 = """
+ALTER TABLE settlements ADD COLUMN tool TEXT NOT NULL DEFAULT '';
+ALTER TABLE settlements ADD COLUMN session TEXT NOT NULL DEFAULT '';
 """
 
 

@@ -39,6 +39,7 @@ from nexus_extproc.ledger.sqlite_schema import (
     MIGRATE_5_TO_6,
     MIGRATE_6_TO_7,
     MIGRATE_7_TO_8,
+    MIGRATE_8_TO_9,
     SCHEMA,
     SCHEMA_VERSION,
     LedgerSchemaError,
@@ -58,8 +59,8 @@ log = logging.getLogger("nexus_extproc.ledger")
 _ROW = "id=? AND budget=? AND period=?"
 # Named, not positional: a file upgraded in place has its added columns in the order they were added.
 _SETTLEMENT_COLS = ("(req_id, ts, model, backend, input_tokens, output_tokens, cost, estimate, source, budgets, "
-                    "avoided, model_requested, task, tags, team, cache_read_tokens, output_reserved, streamed, agent) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+                    "avoided, model_requested, task, tags, team, cache_read_tokens, output_reserved, streamed, agent, "
+                    "tool, session) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +137,7 @@ class SyncSqlite:
             has_tables = c.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'totals'").fetchone()[0]
             if version == 0 and not has_tables:
                 _run_script(c, SCHEMA)
-            elif version in (1, 2, 3, 4, 5, 6, 7):
+            elif version in (1, 2, 3, 4, 5, 6, 7, 8):
                 if version == 1:
                     _release_v1_reservations(c)
                     _run_script(c, MIGRATE_1_TO_2)
@@ -150,7 +151,9 @@ class SyncSqlite:
                     _run_script(c, MIGRATE_5_TO_6)
                 if version <= 6:
                     _run_script(c, MIGRATE_6_TO_7)
-                _run_script(c, MIGRATE_7_TO_8)
+                if version <= 7:
+                    _run_script(c, MIGRATE_7_TO_8)
+                _run_script(c, MIGRATE_8_TO_9)
                 log.info("ledger schema upgraded", extra={"from_version": version, "to_version": SCHEMA_VERSION})
             elif version != SCHEMA_VERSION:
                 return int(version)
@@ -293,7 +296,7 @@ class SyncSqlite:
                           (req_id, record.ts, record.model, record.backend, record.input_tokens,
                            record.output_tokens, cost, record.estimate, record.source, target.names, record.avoided,
                            record.model_requested, record.task, record.tags, record.team, record.cache_read_tokens,
-                           record.output_reserved, int(record.streamed), record.agent))
+                           record.output_reserved, int(record.streamed), record.agent, record.tool, record.session))
             except sqlite3.IntegrityError:
                 raise _AlreadySettled from None  # idempotent: a second settle changes nothing
             if row is not None:
@@ -348,7 +351,7 @@ class SyncSqlite:
                 n = ForwardNote.unpack(note)
                 c.execute(f"INSERT OR IGNORE INTO settlements {_SETTLEMENT_COLS}",
                           (req_id, now, n.model, n.backend, n.input_tokens, 0, amount, amount, "reaped", sh.names,
-                           0, n.model_requested, n.task, n.tags, "", 0, 0, 0, ""))
+                           0, n.model_requested, n.task, n.tags, "", 0, 0, 0, "", "", ""))
                 settle = amount if c.rowcount == 1 else 0  # a settlement already recorded is not charged twice
                 c.executemany("UPDATE totals SET settled = settled + ?, reserved = reserved - ? "
                               "WHERE budget=? AND period=?", [(settle, amount, b, p) for b, p in sh.keys])
@@ -466,9 +469,9 @@ class SyncSqlite:
             f"SELECT {budget}, s.model, date(s.ts, 'unixepoch'), COUNT(*), SUM(s.input_tokens), "
             "SUM(s.output_tokens), SUM(s.cost), SUM(s.estimate), SUM(s.avoided), s.model_requested, "
             "SUM(CASE WHEN s.source = 'reaped' THEN s.cost ELSE 0 END), s.backend, s.task, s.tags, "
-            "SUM(s.cache_read_tokens), SUM(s.output_reserved), SUM(s.streamed), s.team, s.agent "
+            "SUM(s.cache_read_tokens), SUM(s.output_reserved), SUM(s.streamed), s.team, s.agent, s.tool, s.session "
             f"FROM {source} WHERE s.ts >= ? AND s.ts < ? "
-            "GROUP BY 1, 2, 3, 10, 12, 13, 14, 18, 19 ORDER BY 3, 1, 2, 10, 12, 13, 14, 18, 19",
+            "GROUP BY 1, 2, 3, 10, 12, 13, 14, 18, 19, 20, 21 ORDER BY 3, 1, 2, 10, 12, 13, 14, 18, 19, 20, 21",
             (start_ts, end_ts)).fetchall()
         return [SpendAgg(*r) for r in rows]
 

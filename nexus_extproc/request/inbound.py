@@ -26,6 +26,7 @@ from nexus_extproc.metering.money import usd_float
 from nexus_extproc.ops import metrics
 from nexus_extproc.request import headers as C
 from nexus_extproc.request.attribution import BadAttribution, parse_tags, parse_task
+from nexus_extproc.request.client_tool import client_session, client_tool
 from nexus_extproc.request.estimate import Estimation
 from nexus_extproc.request.state import Reply, RequestState
 
@@ -52,6 +53,7 @@ class Inbound(Estimation):
         state.family = family_for_path(state.path)
         state.client_nexus_headers = [k for k in headers if k.startswith(C.CLIENT_HEADER_PREFIX)]
         state.accept_encoding = headers.get("accept-encoding")
+        state.tool, state.session = client_tool(headers), client_session(headers)
         if self._trust_identity:
             state.identity = {k: headers[h] for k, h in (("user", C.H_USER), ("team", C.H_TEAM), ("agent", C.H_AGENT))
                               if headers.get(h)}

@@ -161,6 +161,7 @@ class Settlement(Core):
                              output_tokens=usage.output_tokens or 0, estimate=state.estimate, source=source,
                              avoided=self._avoided(state, cost), task=state.task, tags=state.tags,
                              team=state.identity.get("team", ""), agent=state.identity.get("agent", ""),
+                             tool=state.tool, session=state.session,
                              cache_read_tokens=usage.cache_read_tokens or 0,
                              output_reserved=state.expected_output, streamed=state.streaming)
         await self.budget.settle(state.req_id, adm, cost, record)

@@ -54,6 +54,8 @@ class RequestState:
     identity: dict[str, str] = field(default_factory=dict)  # trusted x-nexus-user/-team/-agent only
     task: str = ""  # trusted x-nexus-task, validated (request/attribution.py)
     tags: str = ""  # trusted x-nexus-tags, normalised
+    tool: str = "other"  # the client tool's label (request/client_tool.py)
+    session: str = ""  # the client's own session id, hashed ("" when it sends none)
     api_key_hash: str | None = None
     parsed: ParsedRequest | None = None
     route: Route | None = None

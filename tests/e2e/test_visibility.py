@@ -121,8 +121,9 @@ def test_cli_status_set_limit_and_spend(live: E2E):
     assert r.returncode == 1 and "UNAUTHENTICATED" in r.stderr
     csv_text = httpx.get(f"http://127.0.0.1:{live.stack.admin_port}/v1/spend?group_by=model,day&format=csv",
                          headers=admin_headers(TOKEN)).text
-    assert csv_text.splitlines()[0] == ("budget,model,day,week,month,backend,team,agent,task,tag,requests,input_tokens,"
-                                        "output_tokens,cost_usd,estimate_usd,avoided_usd,model_requested,reaped_usd")
+    assert csv_text.splitlines()[0] == (
+        "budget,model,day,week,month,backend,team,agent,tool,session,task,tag,requests,"
+        "input_tokens,output_tokens,cost_usd,estimate_usd,avoided_usd,model_requested,reaped_usd")
 
 
 def test_no_marker_leaks_into_logs_metrics_or_errors(live: E2E):

@@ -139,3 +139,23 @@ def test_compressed_fake_answer_settles_from_usage(e2e: E2E):
     # claude-haiku-4-5: $1 in, $5 out per million.
     expected = (final.usage.input_tokens * 1 + 7 * 5) / 1e6
     assert after - before == pytest.approx(expected, abs=2e-6)
+
+
+def test_tool_and_session_attribution_from_the_clients_headers(e2e: E2E):
+    """Claude Code sends its own User-Agent and session id; spend reports group by both (the id hashed)."""
+    from nexus_dev.stack import admin_headers
+
+    client = anthropic.Anthropic(base_url=e2e.url, api_key="sk-ant-test", max_retries=0, timeout=30,
+                                 default_headers={"user-agent": "claude-cli/2.1.12 (external, cli)",
+                                                  "x-claude-code-session-id": "sess-visible-nowhere"})
+    for _ in range(2):
+        client.messages.create(model="claude-haiku-4-5", max_tokens=5, messages=[{"role": "user", "content": "Hi"}])
+    rows: list[dict[str, str]] = []
+    for _ in range(100):
+        rows = httpx.get(f"http://127.0.0.1:{e2e.stack.admin_port}/v1/spend?group_by=tool,session", timeout=5,
+                         headers=admin_headers()).json()["rows"]
+        if any(r["tool"] == "claude-code" and r["requests"] == 2 for r in rows):
+            break
+    mine = [r for r in rows if r["tool"] == "claude-code"]
+    assert len(mine) == 1 and mine[0]["requests"] == 2, rows
+    assert mine[0]["session"].startswith("s-") and "visible" not in str(rows)
