@@ -114,7 +114,8 @@ def test_spoofed_upstream_and_status_headers_are_ignored(e2e):
 
 
 def test_unknown_path_is_404(e2e):
-    r = httpx.get(e2e.url + "/v1/models", timeout=10)
+    # GET /v1/models passes through uncharged since issue 26 (tests/e2e/test_wire.py); an unknown POST does not.
+    r = httpx.post(e2e.url + "/v1/assistants", json={"model": "gpt-4o"}, timeout=10)
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
 
 
