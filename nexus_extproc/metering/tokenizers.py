@@ -11,6 +11,7 @@ import base64
 import gzip
 import hashlib
 import math
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -32,8 +33,18 @@ EXPECTED_SHA256 = {
     "cl100k_base": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
 }
 
-_O200K_PREFIXES = ("gpt-4o", "chatgpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4")
-_CL100K_PREFIXES = ("gpt-4", "gpt-3.5", "text-embedding-3", "text-embedding-ada-002")
+# OpenAI's model families, by rule rather than one name at a time, so a new model gets its tokenizer on the day
+# it ships (Codex defaulted to gpt-6.2-sol, counted `heuristic` while every gpt-5.x was exact):
+#   gpt-N[.M]…  with N >= 5 (gpt-5, gpt-5.5, gpt-6.2-sol, gpt-7…)   o200k_base, reasoning priming
+#   gpt-4o…, chatgpt-4o…, gpt-4.1…, gpt-4.5…                          o200k_base
+#   gpt-4…, gpt-3.5…                                                 cl100k_base
+#   oN[-…] (o1, o3-mini, o4-mini, o5…)                               o200k_base, reasoning priming from o3 on
+#   codex-…  (codex-mini-latest)                                     o200k_base, reasoning priming
+#   text-embedding-3…, text-embedding-ada-002                        cl100k_base
+# A fine-tune (`ft:gpt-4o-mini:org::id`) counts as its base model.
+_GPT = re.compile(r"(?:chat)?gpt-(\d+)(?:\.(\d+))?(o?)")
+_O_SERIES = re.compile(r"o(\d+)(?:-|$)")
+_CL100K_PREFIXES = ("text-embedding-3", "text-embedding-ada-002")
 # Families with their own (unpublished or different) tokenizers: cl100k scaled by a factor is close enough
 # to be useful and is documented as an approximation, not a count.
 _APPROX_PREFIXES = ("claude", "llama", "mistral", "mixtral", "gemma", "gemini", "qwen", "phi", "deepseek")
@@ -46,7 +57,27 @@ TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
 TOKENS_REPLY_PRIMING = 3
 TOKENS_REPLY_PRIMING_REASONING = 2
-_REASONING_PREFIXES = ("o3", "o4", "gpt-5")
+
+
+def openai_family(model: str) -> tuple[str, bool] | None:
+    """(encoding, reasoning priming) for an OpenAI model name, by the rules above; None for anything else."""
+    m = model.lower().removeprefix("ft:")
+    o = _O_SERIES.match(m)
+    if o:
+        return "o200k_base", int(o.group(1)) >= 3
+    g = _GPT.match(m)
+    if g:
+        major = int(g.group(1))
+        if major >= 5:
+            return "o200k_base", True
+        if major == 4 and (g.group(3) == "o" or g.group(2) in ("1", "5")):
+            return "o200k_base", False
+        return "cl100k_base", False
+    if m.startswith("codex-"):
+        return "o200k_base", True
+    if m.startswith(_CL100K_PREFIXES):
+        return "cl100k_base", False
+    return None
 
 # Function definitions, in the format OpenAI's cookbook documents ("How to count tokens with tiktoken",
 # section "Counting tokens for chat completions with tool calls"): per function a start, "name:description",
@@ -180,10 +211,9 @@ class TokenCounter:
     @staticmethod
     def tier_for(model: str | None) -> tuple[Tier, str | None]:
         m = (model or "").lower()
-        if m.startswith(_O200K_PREFIXES):
-            return "exact", "o200k_base"
-        if m.startswith(_CL100K_PREFIXES):
-            return "exact", "cl100k_base"
+        family = openai_family(m)
+        if family is not None:
+            return "exact", family[0]
         if m.startswith(_APPROX_PREFIXES) or ("/" in m and m.rsplit("/", 1)[1].startswith(_APPROX_PREFIXES)):
             return "approximation", "cl100k_base"
         return "heuristic", None
@@ -238,8 +268,8 @@ class TokenCounter:
         if shape.functions:
             n += self._count_functions(enc, shape.functions)
         if shape.chat_format and shape.messages:
-            m = (model or "").lower()
-            priming = TOKENS_REPLY_PRIMING_REASONING if m.startswith(_REASONING_PREFIXES) else TOKENS_REPLY_PRIMING
+            family = openai_family(model or "")
+            priming = TOKENS_REPLY_PRIMING_REASONING if family is not None and family[1] else TOKENS_REPLY_PRIMING
             n += TOKENS_PER_MESSAGE * len(shape.messages) + TOKENS_PER_NAME * shape.names + priming
         if tier == "approximation":
             n = math.ceil(n * self._factor)

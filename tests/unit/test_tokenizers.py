@@ -74,3 +74,35 @@ def test_rank_file_hash_mismatch_is_a_startup_error(monkeypatch):
     monkeypatch.setattr(tokenizers, "_rank_file_bytes", lambda name: b"tampered")
     with pytest.raises(TokenizerLoadError, match="sha256"):
         tokenizers.load_encoding("cl100k_base")
+
+
+@pytest.mark.parametrize(("model", "encoding", "reasoning"), [
+    ("gpt-6.2-sol", "o200k_base", True),  # Codex's default, counted `heuristic` before issue 26
+    ("gpt-7", "o200k_base", True), ("gpt-5.5", "o200k_base", True), ("gpt-5-codex", "o200k_base", True),
+    ("o5-mini", "o200k_base", True), ("o3", "o200k_base", True), ("o1-mini", "o200k_base", False),
+    ("gpt-4o-mini", "o200k_base", False), ("chatgpt-4o-latest", "o200k_base", False),
+    ("gpt-4.1-nano", "o200k_base", False), ("gpt-4.5-preview", "o200k_base", False),
+    ("gpt-4-turbo", "cl100k_base", False), ("gpt-3.5-turbo", "cl100k_base", False),
+    ("ft:gpt-4o-mini:acme::abc123", "o200k_base", False), ("codex-mini-latest", "o200k_base", True),
+    ("text-embedding-3-small", "cl100k_base", False),
+])
+def test_openai_families_by_rule(model, encoding, reasoning):
+    from nexus_extproc.metering.tokenizers import TokenCounter, openai_family
+
+    assert openai_family(model) == (encoding, reasoning)
+    assert TokenCounter.tier_for(model) == ("exact", encoding)
+
+
+@pytest.mark.parametrize("model", ["claude-sonnet-5", "claude-opus-4-5", "claude-haiku-5-0", "llama3.1:8b",
+                                   "ollama/qwen3:32b"])
+def test_other_families_are_approximations(model):
+    from nexus_extproc.metering.tokenizers import TokenCounter
+
+    assert TokenCounter.tier_for(model) == ("approximation", "cl100k_base")
+
+
+@pytest.mark.parametrize("model", ["gpt-image-1", "omni-moderation-latest", "whisper-1", "some-new-model"])
+def test_names_outside_the_rules_are_heuristic(model):
+    from nexus_extproc.metering.tokenizers import TokenCounter
+
+    assert TokenCounter.tier_for(model) == ("heuristic", None)
