@@ -112,3 +112,27 @@ def test_routes_with_processing_disabled_and_other_filters(mesh: E2E):
                    json={"model": "gpt-4o", "messages": MSGS})
     assert r.status_code == 200 and "x-nexus-backend-type" not in r.headers  # non-LLM virtual host
     assert httpx.get(mesh.url + "/admin/x", timeout=10).status_code == 403  # RBAC before us still applies
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "zstd"])
+def test_compressed_answers_settle_where_response_headers_reach_the_server(mesh: E2E, tmp_path, encoding):
+    """Issue 26, the mesh shape (response headers sent to the server, as Istio and Envoy Gateway do): the
+    provider compresses as the client allows, the client gets those bytes, the server reads a decoded copy."""
+    mesh.restart(budget={"monthly_limit_usd": 100}, store={"kind": "sqlite", "path": str(tmp_path / "l.db")})
+    # httpx decodes all three (the OpenAI SDK's own transport does not decode zstd, so it never asks for it).
+    raw = httpx.post(mesh.url + "/v1/chat/completions", timeout=30,
+                     json={"model": "gpt-4o", "messages": MSGS, "max_tokens": 20},
+                     headers={"x-fake-encoding": encoding, "accept-encoding": f"{encoding}, gzip",
+                              "x-fake-completion-tokens": "9"})
+    assert raw.status_code == 200 and raw.headers["content-encoding"] == encoding
+    usage = raw.json()["usage"]
+    assert usage["completion_tokens"] == 9
+    for _ in range(100):
+        b = mesh.stats()["budget"]
+        if b["current_spending_usd"] > 0 and b["reserved_usd"] == 0:
+            break
+        time.sleep(0.05)
+    # gpt-4o: $2.50 in, $10 out per million: the provider's usage, not the 20-token reservation.
+    assert b["current_spending_usd"] == pytest.approx((usage["prompt_tokens"] * 2.5 + 9 * 10) / 1e6, abs=2e-6)
+    seen = mesh.fake_requests("openai")[-1]
+    assert "x-nexus-upstream" not in seen["headers"]
