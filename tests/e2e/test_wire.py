@@ -159,3 +159,25 @@ def test_tool_and_session_attribution_from_the_clients_headers(e2e: E2E):
     mine = [r for r in rows if r["tool"] == "claude-code"]
     assert len(mine) == 1 and mine[0]["requests"] == 2, rows
     assert mine[0]["session"].startswith("s-") and "visible" not in str(rows)
+
+
+def test_envoys_own_503_speaks_the_clients_api(e2e: E2E, tmp_path):
+    """An upstream that refuses connections: Envoy's own 503 ('upstream connect error…', plain text by default)
+    reaches an SDK in its provider's error shape."""
+    from tests.conftest import BACKENDS
+
+    dead = {**BACKENDS, "openai": {**BACKENDS["openai"], "cluster": "vllm"},  # nothing listens on vllm's port
+            "anthropic": {**BACKENDS["anthropic"], "cluster": "vllm"}}
+    e2e.restart(backends=dead, store={"kind": "sqlite", "path": str(tmp_path / "l.db")})
+    try:
+        r = httpx.post(e2e.url + "/v1/chat/completions", timeout=30,
+                       json={"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "upstream_unavailable", r.text
+        r = httpx.post(e2e.url + "/v1/messages", timeout=30, headers={"anthropic-version": "2023-06-01"},
+                       json={"model": "claude-haiku-4-5", "max_tokens": 3,
+                             "messages": [{"role": "user", "content": "Hi"}]})
+        assert r.status_code == 503 and r.json() == {"type": "error", "error": {
+            "type": "overloaded_error", "message": "the upstream is unavailable"}}
+    finally:
+        e2e.restart(budget={"monthly_limit_usd": 1000},
+                    store={"kind": "sqlite", "path": str(tmp_path / "ledger2.db")})
