@@ -8,12 +8,9 @@ Each run gets its own HOME, so no user config, credentials or update check leaks
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +18,7 @@ import httpx
 import pytest
 
 from nexus_dev.stack import Stack, admin_headers
-from tests.e2e.conftest import write_config
+from tests.e2e.conftest import E2E, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / "node_modules" / ".bin"
@@ -38,33 +35,12 @@ def client_binary(name: str) -> Path:
     return path
 
 
-@dataclass
-class Live:
-    stack: Stack
-    home: Path
+class Live(E2E):
+    """The e2e stack (restart, stats, metrics) plus a HOME for the agents and what they left behind."""
 
-    @property
-    def url(self) -> str:
-        return self.stack.base_url
-
-    def restart(self, **config: Any) -> None:
-        self.stack.stop_extproc()
-        cfg = write_config(self.stack.workdir / f"config-{uuid.uuid4().hex[:6]}.yaml", **config)
-        self.stack.start_extproc(cfg)
-        self.wait_healthy()
-
-    def wait_healthy(self) -> None:
-        end = time.monotonic() + 15
-        while time.monotonic() < end:  # Envoy's health check must see the new server
-            text = httpx.get(f"http://127.0.0.1:{self.stack.envoy_admin_port}/clusters", timeout=2).text
-            if re.search(r"^nexus_extproc::.*::health_flags::healthy$", text, re.M):
-                return
-            time.sleep(0.1)
-        raise TimeoutError("Envoy never saw the ext_proc server healthy")
-
-    def stats(self) -> dict[str, Any]:
-        return httpx.get(f"http://127.0.0.1:{self.stack.admin_port}/v1/stats", timeout=5,
-                         headers=admin_headers()).json()
+    def __init__(self, stack: Stack, home: Path) -> None:
+        super().__init__(stack)
+        self.home = home
 
     def spend_rows(self, group_by: str) -> list[dict[str, Any]]:
         return httpx.get(f"http://127.0.0.1:{self.stack.admin_port}/v1/spend?group_by={group_by}", timeout=5,
@@ -102,7 +78,7 @@ def live(tmp_path_factory) -> Iterator[Live]:
                                          store={"kind": "sqlite", "path": str(stack.workdir / "ledger.db")}))
         stack.start_envoy()
         env = Live(stack, home)
-        env.wait_healthy()
+        env.wait_envoy_sees_extproc()
         yield env
     except BaseException:
         print(stack.log("extproc")[-4000:], stack.log("envoy")[-4000:])
