@@ -23,52 +23,75 @@ class DecodeError(Exception):
     """The bytes do not decode as their content-encoding says, or decode past MAX_DECODED_BYTES."""
 
 
-def _zlib() -> Callable[[bytes], bytes]:
+# Each decoder yields at most `room` bytes a call (it raises past that): a small compressed body may claim
+# gigabytes (a decompression bomb), and a limit checked only after decoding would already have spent the memory.
+Feed = Callable[[bytes, int], bytes]
+
+
+def _zlib() -> Feed:
     # 47 = 32 + 15: a gzip or zlib header, detected; HTTP's `deflate` is zlib-wrapped (RFC 9110 §8.4.1.2).
     z = zlib.decompressobj(wbits=47)
 
-    def feed(data: bytes) -> bytes:
+    def feed(data: bytes, room: int) -> bytes:
         try:
-            return z.decompress(data)
+            out = z.decompress(data, room + 1)
         except zlib.error as e:
             raise DecodeError(str(e)) from None
+        if len(out) > room:
+            raise DecodeError("decoded response exceeds the read limit")
+        return out
 
     return feed
 
 
-def _brotli() -> Callable[[bytes], bytes] | None:
+def _brotli() -> Feed | None:
     try:
         import brotli
     except ImportError:
         return None
     d = brotli.Decompressor()
 
-    def feed(data: bytes) -> bytes:
+    def feed(data: bytes, room: int) -> bytes:
         try:
-            return bytes(d.process(data))
+            out = d.process(data, output_buffer_limit=room + 1)
+            while len(out) <= room and not d.can_accept_more_data():  # output held back by the limit
+                out += d.process(b"", output_buffer_limit=room + 1 - len(out))
         except brotli.error as e:
             raise DecodeError(str(e)) from None
+        if len(out) > room:
+            raise DecodeError("decoded response exceeds the read limit")
+        return bytes(out)
 
     return feed
 
 
-def _zstd() -> Callable[[bytes], bytes] | None:
+# zstandard's streaming decoder takes no output limit, so input goes in slices small enough that one slice's
+# worst case (about 2.7 MB from 256 bytes of RLE blocks) stays a bounded overshoot.
+_ZSTD_SLICE = 256
+
+
+def _zstd() -> Feed | None:
     try:
         import zstandard
     except ImportError:
         return None
     d = zstandard.ZstdDecompressor().decompressobj()
 
-    def feed(data: bytes) -> bytes:
+    def feed(data: bytes, room: int) -> bytes:
+        out = bytearray()
         try:
-            return bytes(d.decompress(data))
+            for i in range(0, len(data), _ZSTD_SLICE):
+                out += d.decompress(data[i:i + _ZSTD_SLICE])
+                if len(out) > room:
+                    raise DecodeError("decoded response exceeds the read limit")
         except zstandard.ZstdError as e:
             raise DecodeError(str(e)) from None
+        return bytes(out)
 
     return feed
 
 
-_FACTORIES: dict[str, Callable[[], Callable[[bytes], bytes] | None]] = {
+_FACTORIES: dict[str, Callable[[], Feed | None]] = {
     "gzip": _zlib, "x-gzip": _zlib, "deflate": _zlib, "br": _brotli, "zstd": _zstd}
 
 
@@ -80,15 +103,14 @@ def supported() -> tuple[str, ...]:
 class Decoder:
     """One response's decoder: `feed` each chunk as it arrives, get the decoded bytes so far."""
 
-    def __init__(self, feed: Callable[[bytes], bytes]) -> None:
+    def __init__(self, feed: Feed, limit: int = MAX_DECODED_BYTES) -> None:
         self._feed = feed
         self.decoded = 0
+        self._limit = limit
 
     def feed(self, data: bytes) -> bytes:
-        out = self._feed(data) if data else b""
+        out = self._feed(data, self._limit - self.decoded) if data else b""
         self.decoded += len(out)
-        if self.decoded > MAX_DECODED_BYTES:
-            raise DecodeError("decoded response exceeds the read limit")
         return out
 
 
