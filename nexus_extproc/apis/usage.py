@@ -13,19 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from nexus_extproc.metering.usage import TokenUsage
+
 _FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens",
            "web_searches")
 MAX_RAW_KEYS = 64  # a usage block is a handful of keys; anything bigger is not one
-
-
-@dataclass(slots=True)
-class TokenUsage:
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_read_tokens: int = 0
-    cache_write_tokens: int = 0
-    reasoning_tokens: int = 0
-    web_searches: int = 0
 
 
 @dataclass(slots=True)

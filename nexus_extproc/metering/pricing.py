@@ -26,10 +26,10 @@ from genai_prices.types import ModelPrice, Provider, TieredPrices, Usage, UsageE
 from genai_prices.types import _collect_resolved_model_prices as _library_resolved_prices
 from genai_prices.units import _get_registry as _library_unit_registry
 
-from nexus_extproc.apis.usage import TokenUsage
 from nexus_extproc.config import ConfigError, NexusConfig, PriceOverride
 from nexus_extproc.memo import BoundedMemo
 from nexus_extproc.metering.money import ceil_micros
+from nexus_extproc.metering.usage import TokenUsage
 
 log = logging.getLogger(__name__)
 

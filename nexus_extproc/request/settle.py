@@ -8,11 +8,11 @@ import time
 from typing import Any
 
 from nexus_extproc.apis.errors import internal_error
-from nexus_extproc.apis.usage import TokenUsage
 from nexus_extproc.ledger import ForwardNote, SpendRecord
 from nexus_extproc.metering.money import usd_float
 from nexus_extproc.metering.pricing import ResolvedPrice, token_usage_counts
 from nexus_extproc.metering.tokenizers import heuristic_tokens
+from nexus_extproc.metering.usage import TokenUsage
 from nexus_extproc.ops import metrics
 from nexus_extproc.request.core import Core
 from nexus_extproc.request.state import MAX_STREAM_TEXT, Reply, RequestState

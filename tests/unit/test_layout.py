@@ -63,6 +63,14 @@ def test_budget_and_ledger_know_nothing_of_client_apis_or_the_request_path():
     assert not {k: v for k, v in bad.items() if v}, bad
 
 
+def test_metering_sits_below_the_api_profiles():
+    """Metering (tokens, prices, usage) is what the API profiles use; it never reaches up to them."""
+    bad = {rel: sorted(n for n in names if n.startswith(("nexus_extproc.apis", "nexus_extproc.request",
+                                                          "nexus_extproc.budget", "nexus_extproc.edge")))
+           for rel, names in modules() if rel.startswith("metering/")}
+    assert not {k: v for k, v in bad.items() if v}, bad
+
+
 def test_the_admin_edges_go_through_the_budget_facade_not_the_store():
     """The admin edges take budget.admin.BudgetAdmin; neither imports the ledger nor touches `.ledger`."""
     for rel in ("edge/admin_http.py", "edge/admin_grpc.py"):

@@ -3,8 +3,8 @@ from decimal import ROUND_CEILING, Decimal
 import pytest
 from genai_prices import Usage, calc_price
 
-from nexus_extproc.apis.usage import TokenUsage
 from nexus_extproc.metering.pricing import PriceBook
+from nexus_extproc.metering.usage import TokenUsage
 from tests.conftest import make_config
 
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nexus_extproc.apis.usage import TokenUsage
 from nexus_extproc.app import build
+from nexus_extproc.metering.usage import TokenUsage
 from nexus_extproc.request.pipeline import RequestState
 from tests.builders import admitted_state
 from tests.conftest import make_config
