@@ -55,6 +55,20 @@ def dump(objs: list[dict[str, Any]], note: str = "") -> str:
     return HEADER + note + "---\n".join(yaml.safe_dump(o, sort_keys=False, width=120) for o in objs)
 
 
+LOCAL_REPLY = CHART / "files" / "local-reply.yaml"
+
+
+def local_reply_text() -> str:
+    from nexus_dev.envoy_config import local_reply_config
+
+    class NoAliases(yaml.SafeDumper):
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    return ("# Generated from nexus_dev/envoy_config.py by `make deploy-assets`: envoy/nexus.yaml's local_reply_config.\n"
+            + yaml.dump(local_reply_config(), Dumper=NoAliases, sort_keys=False, width=120))
+
+
 def assets() -> dict[Path, str]:
     base = render({"store": {"sqlite": {"persistence": {"enabled": False}}}, "serviceMonitor": {"enabled": True},
                    "adminToken": {"value": "change-me-with-a-real-secret"}})
@@ -77,6 +91,7 @@ def assets() -> dict[Path, str]:
 
 
 if __name__ == "__main__":
-    for path, text in assets().items():
+    LOCAL_REPLY.write_text(local_reply_text())  # first: the chart renders it into the Istio EnvoyFilter
+    for path, text in {LOCAL_REPLY: local_reply_text(), **assets()}.items():
         path.write_text(text)
         print(path.relative_to(REPO), file=sys.stderr)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from nexus_dev.deploy_assets import CHART, assets
+from nexus_dev.deploy_assets import CHART, LOCAL_REPLY, assets, local_reply_text
 from nexus_extproc.config import parse_config
 from tests.manifests import check_workload, validate
 
@@ -98,7 +98,8 @@ def test_a_release_name_prefixes_every_object():
 
 
 def test_the_plain_manifests_in_deploy_are_rendered_from_the_chart():
-    stale = [str(p) for p, text in assets().items() if not p.exists() or p.read_text() != text]
+    expected = {LOCAL_REPLY: local_reply_text(), **assets()}
+    stale = [str(p) for p, text in expected.items() if not p.exists() or p.read_text() != text]
     assert not stale, f"stale (run `make deploy-assets`): {stale}"
 
 
@@ -108,3 +109,18 @@ def test_the_generated_admin_token_is_random_unless_given():
     assert tok[0] != tok[1] and len(tok[0]) >= 40
     given = next(o for o in render({"adminToken": {"value": "s3cret"}}) if o["kind"] == "Secret")
     assert given["data"]["token"] == "czNjcmV0"
+
+
+def test_istio_gateway_answers_envoys_own_errors_in_the_clients_shape():
+    """Issue 26: the Istio EnvoyFilter carries envoy/nexus.yaml's local_reply_config (413/503/504 in the provider's
+    error shape, the server's own refusals left alone); one value turns it off."""
+    from nexus_dev.deploy_assets import render
+    from nexus_dev.envoy_config import local_reply_config
+
+    def patches(values: dict) -> list[dict]:
+        ef = next(o for o in render(values) if o["kind"] == "EnvoyFilter")
+        return [p for p in ef["spec"]["configPatches"] if p["applyTo"] == "NETWORK_FILTER"]
+
+    on = patches({"istio": {"envoyFilter": {"enabled": True}}})
+    assert on[0]["patch"]["value"]["typed_config"]["local_reply_config"] == local_reply_config()
+    assert patches({"istio": {"envoyFilter": {"enabled": True, "localReplies": False}}}) == []
