@@ -65,7 +65,7 @@ def local_reply_text() -> str:
         def ignore_aliases(self, data: Any) -> bool:
             return True
 
-    return ("# Generated from nexus_dev/envoy_config.py by `make deploy-assets`: envoy/nexus.yaml's local_reply_config.\n"
+    return ("# Generated from nexus_dev/envoy_config.py by `make deploy-assets`: envoy/nexus.yaml's local replies.\n"
             + yaml.dump(local_reply_config(), Dumper=NoAliases, sort_keys=False, width=120))
 
 
