@@ -12,7 +12,11 @@ from typing import Any
 
 import yaml
 
-from nexus_extproc.request.headers import RESPONSE_METADATA_NAMESPACE
+from nexus_extproc.request.headers import (
+    METADATA_NAMESPACE,
+    RESPONSE_METADATA_NAMESPACE,
+    USAGE_METADATA_NAMESPACE,
+)
 
 BODY_LIMIT = 8 * 1024 * 1024  # buffered request/response bodies; keep in step with max_request_body_bytes
 ACCESS_LOG_FORMAT = (
@@ -58,6 +62,10 @@ class EnvoyParams:
     # JSON or STREAMED for a stream request, chosen by route from the request body's `stream` field.
     # False: the four-exchange design the mesh integrations use (bench/overhead.py compares both).
     skip_response_headers: bool = True
+    # Who reads a stream's usage (server.settlement, docs/streaming.md): "ext_proc", the server chunk by chunk; or
+    # "envoy": sse_to_metadata, reported on the gRPC access-log stream, so no chunk goes to the server (streams
+    # whose usage chunk the server hides keep the ext_proc path). Needs skip_response_headers.
+    settlement: str = "ext_proc"
 
 
 # The X-Nexus-* headers the server publishes as request-phase metadata (request/core.py _nexus_headers).
@@ -156,6 +164,77 @@ def local_reply_config() -> dict[str, Any]:
     return {"mappers": mappers}
 
 
+_SSE = "envoy.filters.http.sse_to_metadata"
+
+
+def _usage_rule(selectors: list[str], key: str, first_only: bool = False) -> dict[str, Any]:
+    return {"rule": {"selectors": [{"key": k} for k in selectors], "on_present": {
+        "metadata_namespace": USAGE_METADATA_NAMESPACE, "key": key, "type": "PROTOBUF_VALUE"}},
+        "stop_processing_after_matches": 1 if first_only else 0}
+
+
+def _envoy_settles(routes: list[dict[str, Any]], filters: list[dict[str, Any]], route_action: dict[str, Any]
+                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """settlement="envoy": streams leave ext_proc's response path. sse_to_metadata keeps the answered model and the
+    usage (OpenAI's last `usage`, Anthropic's `message.usage` then `message_delta` usage, Responses'
+    `response.usage`) in `nexus.usage`, and the gRPC access log brings it to the server. The decompressors run
+    only ever see a compressed stream on that route: with ext_proc holding a decoded body they never complete it."""
+    stream_route, *rest = routes
+    # The usage chunk the server adds for an OpenAI stream that did not ask for it is hidden by the server:
+    # those streams keep the ext_proc path (an identity response: the server asks for one).
+    hidden = {**stream_route, "match": {"safe_regex": {"regex": "^/v1/(chat/)?completions$"}, "dynamic_metadata": [
+        *stream_route["match"]["dynamic_metadata"],
+        {"filter": "nexus.request", "path": [{"key": "usage_requested"}], "value": {"bool_match": False}}]}}
+    fast = {**stream_route, "typed_per_filter_config": {
+        _EXT_PROC: {"@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                    "overrides": {"processing_mode": {**_mode("SKIP", "NONE")}}}}}
+    # sse_to_metadata and the decompressors run on every route: Envoy builds a stream's filter chain from the route
+    # matched before ext_proc's decision (and before json_to_metadata read `stream`), so a per-route switch would
+    # see the default route. Where the server reads the response itself it asks the provider for identity, so the
+    # decompressors never hand ext_proc a decoded body (they would stall it).
+    j2m = filters[0]["typed_config"]["request_rules"]["rules"]
+    j2m.append({"selectors": [{"key": "stream_options"}, {"key": "include_usage"}],
+                "on_present": {"metadata_namespace": "nexus.request", "key": "usage_requested"},
+                "on_missing": {"metadata_namespace": "nexus.request", "key": "usage_requested",
+                               "value": False}})
+    sse = {"name": _SSE, "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.sse_to_metadata.v3.SseToMetadata",
+        "response_rules": {
+            # Responses' `response.completed` carries the whole answer: an event may be large.
+            "max_event_size": 1 << 20,
+            "content_parser": {"name": "envoy.content_parsers.json", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.content_parsers.json.v3.JsonContentParser",
+                "rules": [_usage_rule(["usage"], "usage"), _usage_rule(["response", "usage"], "usage"),
+                          _usage_rule(["message", "usage"], "start_usage", first_only=True),
+                          _usage_rule(["model"], "model", first_only=True),
+                          _usage_rule(["message", "model"], "model", first_only=True),
+                          _usage_rule(["response", "model"], "model")]}}}}}
+    ext = next(i for i, f in enumerate(filters) if f["name"] == _EXT_PROC)
+    filters = [*filters[:ext + 1], sse, *filters[ext + 1:], *decompressor_filters()]
+    report = {"name": "envoy.access_loggers.http_grpc", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+        "common_config": {"log_name": "nexus", "transport_api_version": "V3",
+                          "grpc_service": {"envoy_grpc": {"cluster_name": "nexus_extproc"}},
+                          "buffer_flush_interval": "0.1s", "buffer_size_bytes": 16384}},
+        # Only requests the filter admitted: the server settles by their request id.
+        "filter": {"metadata_filter": {"matcher": {"filter": METADATA_NAMESPACE, "path": [{"key": "request_id"}],
+                                                   "value": {"present_match": True}}}}}
+    del route_action
+    return [hidden, fast, *rest], filters, [report]
+
+
+def decompressor_filters() -> list[dict[str, Any]]:
+    return [{"name": f"envoy.filters.http.decompressor.{enc}", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.decompressor.v3.Decompressor",
+        "decompressor_library": {"name": enc, "typed_config": {"@type": f"type.googleapis.com/{lib}"}},
+        # The server decides what the provider may send (request/inbound.py): no advertising here.
+        "request_direction_config": {"advertise_accept_encoding": False, "common_config": {"enabled": {
+            "default_value": False, "runtime_key": f"nexus.decompressor.{enc}.request"}}}}}
+        for enc, lib in (("gzip", "envoy.extensions.compression.gzip.decompressor.v3.Gzip"),
+                         ("br", "envoy.extensions.compression.brotli.decompressor.v3.Brotli"),
+                         ("zstd", "envoy.extensions.compression.zstd.decompressor.v3.Zstd"))]
+
+
 def build_config(p: EnvoyParams) -> dict[str, Any]:
     ext_proc: dict[str, Any] = {
         "name": "envoy.filters.http.ext_proc",
@@ -223,6 +302,9 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
             "request_rules": {"rules": [{"selectors": [{"key": "stream"}],
                                          "on_present": {"metadata_namespace": "nexus.request", "key": "stream"}}],
                               "allow_content_types": ["application/json", "application/json; charset=utf-8"]}}})
+    access_logs: list[dict[str, Any]] = []
+    if p.settlement == "envoy":
+        routes, filters, access_logs = _envoy_settles(routes, filters, route_action)
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
                  ".HttpConnectionManager",
@@ -232,7 +314,8 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
         "request_timeout": "0s",
         "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-            "path": p.access_log_path, "log_format": {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}}}}],
+            "path": p.access_log_path, "log_format": {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}}}},
+            *access_logs],
         "local_reply_config": local_reply_config(),
         "route_config": {"name": "llm", "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}]},
         "http_filters": [*filters, {"name": "envoy.filters.http.router", "typed_config": {

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import grpc
 from aiohttp import web
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -29,6 +30,7 @@ from nexus_extproc.budget.admin import BudgetAdmin
 from nexus_extproc.budget.alerts import AlertSender
 from nexus_extproc.budget.service import BudgetService
 from nexus_extproc.config import NexusConfig
+from nexus_extproc.edge.access_log import AccessLogReceiver
 from nexus_extproc.edge.admin_grpc import start_admin_api
 from nexus_extproc.edge.admin_http import build_admin_app
 from nexus_extproc.edge.envoy_admin import poll_envoy_health
@@ -82,6 +84,8 @@ async def start_grpc(servicer: ExternalProcessor, host: str, port: int, uds: str
                      ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)])
     ep_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
+    # Envoy's access-log stream: the usage of streams Envoy settles (server.settlement: envoy).
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogReceiver(servicer.processor), server)
     hs = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     bound = server.add_insecure_port(f"{host}:{port}")

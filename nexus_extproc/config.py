@@ -185,6 +185,13 @@ class ServerConfig(_Strict):
     # Own deadline for a stream: Envoy runs no timer in some modes, and a half-open stream must not hold a
     # reservation forever.
     stream_idle_timeout_secs: float = Field(default=300.0, gt=0)
+    # Who reads a stream's usage. `ext_proc`: the server, chunk by chunk (every Envoy, every mesh). `envoy`: Envoy's
+    # sse_to_metadata filter, reported to the server on the gRPC access-log stream; no chunk reaches the server
+    # (envoy/nexus.yaml built with settlement="envoy", docs/streaming.md). One server process per Envoy for now:
+    # a report must reach the process that admitted its request.
+    settlement: Literal["ext_proc", "envoy"] = "ext_proc"
+    # With settlement: envoy, a stream whose report has not come this long after its end settles at its estimate.
+    envoy_report_wait_secs: float = Field(default=5.0, gt=0)
     # Envoy's admin address: when set, local backends Envoy's health checks mark down are never reroute targets.
     envoy_admin_url: str | None = None
     health_poll_secs: float = Field(default=5.0, gt=0)

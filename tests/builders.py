@@ -22,7 +22,7 @@ def request_doc(path: str, model: str, stream: bool, **extra: Any) -> dict[str, 
 
 
 async def admitted_state(processor: Processor, path: str, model: str, *, stream: bool = True,
-                         status: int = 200, **extra: Any) -> RequestState:
+                         status: int = 200, respond: bool = True, **extra: Any) -> RequestState:
     """A request that went through the request phases and got its response headers (SSE when `stream`)."""
     st = RequestState()
     r = processor.request_headers(st, {":method": "POST", ":path": path, "content-type": "application/json",
@@ -31,6 +31,8 @@ async def admitted_state(processor: Processor, path: str, model: str, *, stream:
     r = await processor.request_body(st, json.dumps(request_doc(path, model, stream, **extra)).encode())
     assert r.immediate is None, r.immediate
     await processor.forwarded(st)
+    if not respond:  # the response never reaches the server (server.settlement: envoy)
+        return st
     ctype = "text/event-stream" if stream else "application/json"
     processor.response_headers(st, {":status": str(status), "content-type": ctype})
     return st

@@ -69,6 +69,15 @@ class AnthropicMessages(Translator):
     def response_usage(self, doc: dict[str, Any]) -> UsageReport | None:
         return from_anthropic(doc.get("usage"), doc.get("model"))
 
+    def reported_events(self, model: Any, usage: Any, start_usage: Any) -> list[tuple[str | None, dict[str, Any]]]:
+        """`message_start` carries the input side, `message_delta` the cumulative output: both, in order."""
+        out: list[tuple[str | None, dict[str, Any]]] = []
+        if isinstance(start_usage, dict):
+            out.append(("message_start", {"type": "message_start", "message": {"model": model, "usage": start_usage}}))
+        if isinstance(usage, dict):
+            out.append(("message_delta", {"type": "message_delta", "usage": usage}))
+        return out
+
     def stream_event(self, event: str | None, data: dict[str, Any]) -> StreamEventInfo:
         kind = data.get("type") or event
         info = StreamEventInfo()

@@ -111,6 +111,12 @@ class Translator:
     def stream_event(self, event: str | None, data: dict[str, Any]) -> StreamEventInfo:
         raise NotImplementedError
 
+    def reported_events(self, model: Any, usage: Any, start_usage: Any) -> list[tuple[str | None, dict[str, Any]]]:
+        """A stream's usage as Envoy's sse_to_metadata filter reported it (the last `usage` object seen, the first
+        `message.usage`, the answered model), rebuilt as the events `stream_event` reads, so the settlement reads
+        them exactly as it reads the stream itself. Empty: this API's streams are not settled from Envoy."""
+        return []
+
     def rewrite(self, doc: dict[str, Any], *, model: str | None, add_stream_usage: bool) -> bytes:
         """The request body after a reroute (new `model`) and/or with stream usage requested."""
         out = dict(doc)

@@ -77,6 +77,9 @@ class OpenAIChat(Translator):
     def response_usage(self, doc: dict[str, Any]) -> UsageReport | None:
         return from_openai(doc.get("usage"), doc.get("model"))
 
+    def reported_events(self, model: Any, usage: Any, start_usage: Any) -> list[tuple[str | None, dict[str, Any]]]:
+        return [(None, {"choices": [], "usage": usage, "model": model})] if isinstance(usage, dict) else []
+
     def stream_event(self, event: str | None, data: dict[str, Any]) -> StreamEventInfo:
         info = StreamEventInfo()
         choices = data.get("choices")

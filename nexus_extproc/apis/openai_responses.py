@@ -70,6 +70,11 @@ class OpenAIResponses(Translator):
     def response_usage(self, doc: dict[str, Any]) -> UsageReport | None:
         return from_openai(doc.get("usage"), doc.get("model"))
 
+    def reported_events(self, model: Any, usage: Any, start_usage: Any) -> list[tuple[str | None, dict[str, Any]]]:
+        if not isinstance(usage, dict):
+            return []
+        return [("response.completed", {"type": "response.completed", "response": {"usage": usage, "model": model}})]
+
     def stream_event(self, event: str | None, data: dict[str, Any]) -> StreamEventInfo:
         kind = data.get("type") or event
         info = StreamEventInfo()

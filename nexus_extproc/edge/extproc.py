@@ -204,7 +204,8 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
             log.error("settlement failed", exc_info=task.exception())
 
     async def drain(self, grace: float) -> None:
-        """Wait for in-flight streams and their settlements (SIGTERM)."""
+        """Wait for in-flight streams and their settlements (SIGTERM); streams still waiting for Envoy's report
+        settle at their estimate."""
         loop = asyncio.get_running_loop()
         end = loop.time() + grace
         while (self.active or self.settling) and loop.time() < end:
@@ -212,3 +213,4 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                 await asyncio.wait(list(self.settling), timeout=max(0.0, end - loop.time()))
             else:
                 await asyncio.sleep(0.05)
+        await self.processor.settle_awaiting()

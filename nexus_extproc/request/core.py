@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from typing import Any
 
 from nexus_extproc.apis.errors import (
     NexusError,
@@ -62,6 +63,10 @@ class Core:
                                       enabled=est.calibration)
         self._known_models = config.configured_models()
         self._background: set[asyncio.Task[None]] = set()
+        # server.settlement: envoy — forwarded streams whose usage Envoy reports, by request id.
+        self._envoy_settles = config.server.settlement == "envoy"
+        self._awaiting: dict[str, tuple[RequestState, asyncio.TimerHandle]] = {}
+        self._early: dict[str, tuple[float, Any]] = {}  # reports that came before their stream ended
         self._trust_identity = config.identity.trust_identity_headers
         self._trust_attribution = config.identity.trust_attribution_headers
         # Hash the caller's API key only when some budget is scoped by key (an HMAC per request otherwise).

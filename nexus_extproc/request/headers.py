@@ -24,6 +24,9 @@ METADATA_NAMESPACE = "nexus.extproc"
 # Where response headers are skipped (envoy/nexus.yaml), Envoy's header_to_metadata filter puts the response's
 # content-encoding here (key `content_encoding`) and ext_proc forwards it with the first body message.
 RESPONSE_METADATA_NAMESPACE = "nexus.response"
+# Where Envoy's sse_to_metadata filter keeps a stream's usage (`usage`, `start_usage`, `model`) when Envoy settles
+# streams (server.settlement: envoy); the access log brings it to the server.
+USAGE_METADATA_NAMESPACE = "nexus.usage"
 
 # Credentials a cloud provider issued must not travel to a local model after a reroute.
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key")

@@ -32,6 +32,7 @@ from nexus_extproc.request.state import Reply, RequestState
 
 log = logging.getLogger(__name__)
 READABLE = supported()  # once: each check builds a decoder
+ENVOY_DECODES = ("gzip", "br", "zstd")
 
 
 def _has_lone_surrogate(doc: Any) -> bool:
@@ -213,7 +214,14 @@ class Inbound(Estimation):
         reply.remove_headers = [h for h in state.client_nexus_headers if h != C.UPSTREAM_HEADER]
         # The provider may compress only as the client allows and we can read; a stream whose bytes we edit (the
         # usage chunk added on the client's behalf) comes uncompressed (docs/streaming.md).
-        accept = None if add_usage else upstream_accept_encoding(state.accept_encoding, READABLE)
+        # With server.settlement: envoy, a stream Envoy settles is decoded by Envoy's decompressors (gzip, br, zstd);
+        # everything the server reads itself comes uncompressed, since those decompressors would stall ext_proc.
+        readable: tuple[str, ...]
+        if self._envoy_settles:
+            readable = ENVOY_DECODES if parsed.stream else ()
+        else:
+            readable = READABLE
+        accept = None if add_usage else upstream_accept_encoding(state.accept_encoding, readable)
         if accept is not None:
             if accept != state.accept_encoding:
                 reply.set_headers.append(("accept-encoding", accept))

@@ -8,14 +8,14 @@ import logging
 from nexus_extproc.apis.content_encoding import DecodeError, decoder_for
 from nexus_extproc.apis.sse import SSEParser
 from nexus_extproc.ops import metrics
-from nexus_extproc.request.settle import Settlement
+from nexus_extproc.request.reports import Reports
 from nexus_extproc.request.state import MAX_STREAM_TEXT, Reply, RequestState
 
 log = logging.getLogger(__name__)
 _ENCODINGS = ("gzip", "deflate", "br", "zstd")
 
 
-class Outbound(Settlement):
+class Outbound(Reports):
     """The response phases: cost headers, then the body (JSON usage or the SSE stream)."""
 
     def response_headers(self, state: RequestState, headers: dict[str, str]) -> Reply:

@@ -80,6 +80,12 @@ class Settlement(Core):
         state.final_cost, state.settle_source = cost, source
         return cost, source
 
+    def awaits_report(self, state: RequestState) -> bool:
+        return False
+
+    def park(self, state: RequestState) -> None:
+        raise NotImplementedError
+
     def _final_metadata(self, state: RequestState) -> dict[str, Any] | None:
         if state.price is None or state.response_status >= 400:
             return None
@@ -124,7 +130,10 @@ class Settlement(Core):
 
     async def finish(self, state: RequestState) -> None:
         """Runs once per stream whatever ended it (clean end, reset, client abort): settle or release."""
-        if state.finished:
+        if state.finished or state.awaits_report:
+            return
+        if self.awaits_report(state):
+            self.park(state)  # request/reports.py: Envoy reports the usage when the stream is over
             return
         state.finished = True
         adm = state.admission

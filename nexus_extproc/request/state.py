@@ -88,4 +88,5 @@ class RequestState:
     final_cost: int | None = None
     settle_source: str | None = None
     finished: bool = False
+    awaits_report: bool = False  # parked until Envoy's access-log report (server.settlement: envoy)
     forwarded: bool = False  # the request-body reply went out without an immediate answer

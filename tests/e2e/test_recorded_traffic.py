@@ -28,8 +28,7 @@ from tests.corpus import ROOT, case_params, expected_micros
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def replay(tmp_path_factory) -> Iterator[Stack]:
+def _replay_stack(tmp_path_factory, settlement: str) -> Iterator[Stack]:
     stack = Stack()
     try:
         stack.fake_ports = {"openai": free_port(), "anthropic": free_port(), "ollama": free_port()}
@@ -42,15 +41,30 @@ def replay(tmp_path_factory) -> Iterator[Stack]:
         cfg.write_text(yaml.safe_dump({
             "backends": BACKENDS, "budget": {"monthly_limit_usd": 100_000},
             "store": {"kind": "sqlite", "path": str(cfg.parent / "ledger.db")},
-            "server": {"grace_period_secs": 5, "max_request_body_bytes": 8 << 20}}))
+            "server": {"grace_period_secs": 5, "max_request_body_bytes": 8 << 20, "settlement": settlement}}))
         stack.start_extproc(cfg)
-        stack.start_envoy()
+        stack.envoy_port, stack.envoy_admin_port = free_port(), free_port()
+        params = stack.envoy_params()
+        params.settlement = settlement
+        stack.start_envoy(params=params)
         yield stack
     except BaseException:
         print(stack.log("extproc")[-4000:], stack.log("envoy")[-4000:])
         raise
     finally:
         stack.stop()
+
+
+@pytest.fixture(scope="module")
+def replay(tmp_path_factory) -> Iterator[Stack]:
+    yield from _replay_stack(tmp_path_factory, "ext_proc")
+
+
+@pytest.fixture(scope="module")
+def replay_envoy(tmp_path_factory) -> Iterator[Stack]:
+    """Issue 27's fast path: streams leave ext_proc; Envoy's sse_to_metadata reads their usage and the gRPC access
+    log reports it (JSON answers keep the ext_proc path)."""
+    yield from _replay_stack(tmp_path_factory, "envoy")
 
 
 def spent(stack: Stack) -> tuple[int, int]:
@@ -115,3 +129,31 @@ def test_recorded_exchange_compressed(replay: Stack, case: dict[str, Any], encod
     assert sent["sent_encoding"] == encoding, sent  # the provider really did compress
     # The client's body is the provider's, in the encoding its header names (httpx decoded it to compare above).
     assert r.headers.get("content-encoding") == encoding
+
+
+def _envoy_reports(stack: Stack) -> float:
+    import re
+
+    text = httpx.get(f"http://127.0.0.1:{stack.admin_port}/metrics", timeout=5).text
+    m = re.search(r'^nexus_envoy_reports_total\{outcome="settled"\} ([0-9.e+]+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+@pytest.mark.parametrize(("case", "encoding"), [
+    *[pytest.param(p.values[0], "identity", id=f"{p.id}-identity", marks=p.marks) for p in case_params()],
+    *_compressed_params()])
+def test_recorded_exchange_settled_by_envoy(replay_envoy: Stack, case: dict[str, Any], encoding: str):
+    """Every case settles exactly on the fast path too; a stream's usage came from Envoy's report (no chunk went
+    to the server), and Envoy decoded a compressed stream before reading it."""
+    before = _envoy_reports(replay_envoy)
+    extra = {"accept-encoding": CLIENT_ACCEPT.get(encoding, "identity")}
+    if encoding != "identity":
+        extra["x-replay-encoding"] = encoding
+    r = _exchange(replay_envoy, case, extra)
+    streamed = "event-stream" in case["response_content_type"]
+    assert _envoy_reports(replay_envoy) - before == (1 if streamed else 0)
+    if encoding != "identity":
+        # A stream comes compressed and Envoy decodes it; a JSON answer the server reads comes uncompressed
+        # (Envoy's decompressors would stall ext_proc holding it, docs/streaming.md).
+        assert _last_upstream_request(replay_envoy, case)["sent_encoding"] == (encoding if streamed else None)
+        assert r.headers.get("content-encoding") is None

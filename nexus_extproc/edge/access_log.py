@@ -1,0 +1,68 @@
+"""The gRPC access-log edge: Envoy's AccessLogService stream, read into plain reports for request/reports.py.
+
+Envoy batches entries on one long-lived stream per worker thread and never waits for an answer (delivery is at
+most once), so each entry is handed on as it is read; the stream's single response goes out when Envoy closes it.
+Only entries of requests this filter admitted (with `nexus.extproc.request_id`) carry a report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from google.protobuf import json_format, struct_pb2
+
+from nexus_extproc.request.headers import METADATA_NAMESPACE, USAGE_METADATA_NAMESPACE
+from nexus_extproc.request.pipeline import Processor
+from nexus_extproc.request.reports import EnvoyReport
+
+log = logging.getLogger(__name__)
+
+
+def _value(v: struct_pb2.Value | None) -> Any:
+    """sse_to_metadata hands a JSON object over as its JSON text; a Struct is taken as it is."""
+    if v is None:
+        return None
+    out = json_format.MessageToDict(v)
+    if isinstance(out, str) and out[:1] in ("{", "["):
+        try:
+            return json.loads(out)
+        except ValueError:
+            return None
+    return out
+
+
+def report_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> EnvoyReport | None:
+    md = entry.common_properties.metadata.filter_metadata
+    ours = md.get(METADATA_NAMESPACE)
+    rid = ours.fields.get("request_id") if ours is not None else None
+    if rid is None or not rid.string_value:
+        return None
+    usage = md.get(USAGE_METADATA_NAMESPACE)
+    fields = usage.fields if usage is not None else {}
+    return EnvoyReport(req_id=rid.string_value, status=entry.response.response_code.value,
+                       model=_value(fields.get("model")), usage=_value(fields.get("usage")),
+                       start_usage=_value(fields.get("start_usage")))
+
+
+class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
+    def __init__(self, processor: Processor) -> None:
+        self.processor = processor
+
+    async def StreamAccessLogs(self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
+                               context: grpc.aio.ServicerContext) -> als_pb2.StreamAccessLogsResponse:
+        async for msg in request_iterator:
+            for entry in msg.http_logs.log_entry:
+                report = report_of(entry)
+                if report is None:
+                    continue
+                try:
+                    await self.processor.envoy_report(report)
+                except Exception:
+                    log.exception("settling from an access-log report failed")
+        return als_pb2.StreamAccessLogsResponse()

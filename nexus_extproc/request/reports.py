@@ -1,0 +1,123 @@
+"""Streams whose usage Envoy reads (server.settlement: envoy): settled from the access-log report.
+
+With the response side out of ext_proc, the server sees no chunk of such a stream: Envoy's sse_to_metadata filter
+keeps the answered model and the usage objects in dynamic metadata, and the gRPC access log brings them here when
+the stream is over. The ext_proc stream ends first, so its state waits here, by request id, for the report; one
+that does not come within `server.envoy_report_wait_secs` settles at the estimate it reserved (the access log is
+at most once). The usage is rebuilt into the events the API's profile reads from a stream, so it is priced exactly
+as a stream read chunk by chunk would be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from nexus_extproc.ops import metrics
+from nexus_extproc.request.settle import Settlement
+from nexus_extproc.request.state import RequestState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyReport:
+    """One access-log entry, in plain terms (the edge reads the protobuf)."""
+
+    req_id: str
+    status: int
+    model: Any = None
+    usage: Any = None  # the last `usage` object seen in the stream (OpenAI, Anthropic's message_delta, Responses)
+    start_usage: Any = None  # Anthropic's `message_start` usage
+
+
+# Reports that came before their ext_proc stream ended (Envoy may log the request before it closes the ext_proc
+# stream): kept briefly, bounded, for the stream to find when it parks.
+EARLY_REPORTS_MAX = 10_000
+
+
+class Reports(Settlement):
+    def awaits_report(self, state: RequestState) -> bool:
+        """A forwarded stream whose response never reached this server: Envoy reports its usage."""
+        return (self._envoy_settles and state.forwarded and not state.response_started and not state.finished
+                and state.settle_source is None and state.admission is not None and state.parsed is not None
+                and state.parsed.stream and not state.added_stream_usage)
+
+    def park(self, state: RequestState) -> None:
+        state.awaits_report = True
+        loop = asyncio.get_running_loop()
+        early = self._early.pop(state.req_id, None)
+        if early is not None:
+            self._spawn(self._apply(state, early[1]))
+            return
+        timer = loop.call_later(self.config.server.envoy_report_wait_secs, self._report_missing, state.req_id)
+        self._awaiting[state.req_id] = (state, timer)
+
+    def _report_missing(self, req_id: str) -> None:
+        entry = self._awaiting.pop(req_id, None)
+        if entry is None:
+            return
+        state = entry[0]
+        metrics.envoy_reports.labels("missing").inc()
+        self._settle_at_estimate(state)
+        self._spawn(self.finish(state))
+
+    @staticmethod
+    def _settle_at_estimate(state: RequestState) -> None:
+        state.awaits_report = False
+        state.final_cost, state.settle_source = state.estimate, "estimate"
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def envoy_report(self, report: EnvoyReport) -> bool:
+        """Settle the stream the report names; False when none waits for it (settled already, another process's,
+        or not ours: nothing moves)."""
+        entry = self._awaiting.pop(report.req_id, None)
+        if entry is None:
+            self._keep_early(report)
+            return False
+        state, timer = entry
+        timer.cancel()
+        await self._apply(state, report)
+        return True
+
+    async def _apply(self, state: RequestState, report: EnvoyReport) -> None:
+        state.awaits_report = False
+        state.response_status, state.response_started, state.streaming = report.status, True, True
+        tr = state.translator
+        if tr is not None:
+            for event, doc in tr.reported_events(report.model, report.usage, report.start_usage):
+                info = tr.stream_event(event, doc)
+                if info.usage is not None:
+                    state.usage.merge(info.usage)
+                    state.usage_final = state.usage_final or info.final
+        state.response_complete = True
+        metrics.envoy_reports.labels("settled").inc()
+        await self.finish(state)
+
+    def _keep_early(self, report: EnvoyReport) -> None:
+        """Unmatched for now: its stream may still be ending. Kept for twice the report wait, at most
+        EARLY_REPORTS_MAX; one nobody claims by then is counted as unmatched."""
+        now = asyncio.get_running_loop().time()
+        horizon = now - 2 * self.config.server.envoy_report_wait_secs
+        while self._early:
+            rid, (seen, _) = next(iter(self._early.items()))
+            if seen >= horizon and len(self._early) < EARLY_REPORTS_MAX:
+                break
+            del self._early[rid]
+            metrics.envoy_reports.labels("unmatched").inc()
+        self._early[report.req_id] = (now, report)
+
+    async def settle_awaiting(self) -> None:
+        """Shutdown: what still waits for a report settles at its estimate now, not after the reaper's TTL."""
+        for req_id in list(self._awaiting):
+            state, timer = self._awaiting.pop(req_id)
+            timer.cancel()
+            metrics.envoy_reports.labels("missing").inc()
+            self._settle_at_estimate(state)
+            await self.finish(state)
