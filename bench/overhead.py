@@ -5,7 +5,7 @@ the bottleneck; the Python fake upstream for multi-chunk SSE and time-to-first-t
 upstream, and Envoy + ext_proc → the same upstream. Drives each with the same wrk load and prints req/s,
 p50/p99 latency, CPU per request of Envoy and of the ext_proc processes (from /proc), and the ratios.
 
-    python bench/overhead.py [--duration 8] [--quick] [--json FILE]
+    python bench/overhead.py [--duration 8] [--quick | --modes-only] [--json FILE]
 
 `--json FILE` writes every figure (each case's req/s, p50/p99, CPU per request of Envoy and of ext_proc, ext_proc
 messages per request, the floor of a null grpc.aio processor, per-chunk CPU, TTFT, ratios) for machines.
@@ -210,14 +210,14 @@ class Bench:
         return p, listen, admin
 
     def start_extproc(self, budget: dict | None, workers: int, budgets: list[dict] | None = None,
-                      uds: str | None = None) -> tuple[subprocess.Popen[bytes], int]:
+                      uds: str | None = None, settlement: str = "ext_proc") -> tuple[subprocess.Popen[bytes], int]:
         grpc_port, admin = free_port(), free_port()
         while workers > 1 and not all(is_free(grpc_port + i) for i in range(workers)):
             grpc_port = free_port()
         doc: dict = {"backends": {"openai": {"cluster": "openai", "type": "cloud", "provider": "openai",
                                              "default": True}},
                      "server": {"grpc_port": grpc_port, "admin_port": admin, "workers": workers,
-                                "log_level": "WARNING", "uds_path": uds}}
+                                "log_level": "WARNING", "uds_path": uds, "settlement": settlement}}
         if budget:
             doc["store"] = budget
             if budgets:
@@ -281,6 +281,37 @@ def compare_budget_counts(b: Bench, up: int, body: str, plain: Result, ratios: l
     print(f"    five matching budgets vs one, ext_proc CPU/req, paired median of {len(diffs)} rounds: "
           f"{statistics.median(diffs):+.0f} µs (rounds {', '.join(f'{d:+.0f}' for d in diffs)})")
     ratios.append(("1 KB JSON c=16, 5 budgets (sqlite, median)", rps["5 budgets"] / plain.rps))
+
+
+def compare_settlement_modes(b: Bench, fake: int) -> dict[str, dict[str, float]]:
+    """The same paced stream (40 events, each its own chunk, usage requested by the client) through each way of
+    settling it, SQLite budget on: ext_proc reads every chunk, or Envoy reads them and reports on the access log."""
+    print("\nStreamed chunks by settlement mode (40 paced events, include_usage, SQLite budget, 8 connections)")
+    body = json.dumps({"model": "gpt-4o-mini", "stream": True, "max_tokens": 40, "stream_options": {
+        "include_usage": True}, "messages": [{"role": "user", "content": "hi"}]})
+    paced = {"x-fake-completion-tokens": "40", "x-fake-delay-ms": "2"}
+    out: dict[str, dict[str, float]] = {}
+    for mode in ("ext_proc", "envoy"):
+        x, g = b.start_extproc({"kind": "sqlite", "path": str(b.work / f"modes-{mode}.db")}, 1, settlement=mode)
+        params = EnvoyParams(listen_address=HOST, listen_port=free_port(), admin_port=free_port(),
+                             extproc_ports=[g], upstreams=[Upstream("openai", HOST, fake)],
+                             access_log_path="/dev/null", settlement=mode)
+        e, port, admin = b.start_envoy(build_config(params), f"mode-{mode}")
+        url = f"http://{HOST}:{port}/v1/chat/completions"
+        run_wrk(b.wrk, url, body, 8, 1, paced, b.work)  # warm-up
+        m0, e0, x0 = envoy_stat(admin, "ext_proc.stream_msgs_received"), cpu_seconds([e.pid]), \
+            cpu_seconds(children_of(x.pid))
+        _, p50, _, errs, total = run_wrk(b.wrk, url, body, 8, b.args.duration, paced, b.work)
+        msgs = envoy_stat(admin, "ext_proc.stream_msgs_received") - m0
+        n = max(1, total)
+        out[mode] = {"responses": total, "errors": errs, "messages_per_response": round(msgs / n, 2),
+                     "extproc_cpu_us_per_response": round((cpu_seconds(children_of(x.pid)) - x0) / n * 1e6),
+                     "envoy_cpu_us_per_response": round((cpu_seconds([e.pid]) - e0) / n * 1e6), "p50_ms": p50}
+        r = out[mode]
+        print(f"  {mode:<9} {total} responses, {r['messages_per_response']} ext_proc messages each; ext_proc CPU "
+              f"{r['extproc_cpu_us_per_response']} µs, Envoy CPU {r['envoy_cpu_us_per_response']} µs per response "
+              f"(40 chunks); p50 {p50:.1f} ms", flush=True)
+    return out
 
 
 async def ttft(url: str, body: str, n: int) -> float:
@@ -362,12 +393,20 @@ def main() -> int:
     ap.add_argument("--redis-url", default=None, help="run the budget-on case on this Redis too")
     ap.add_argument("--budget-rounds", type=int, default=6, help="rounds of the one vs five budgets comparison")
     ap.add_argument("--budgets-only", action="store_true", help="plain Envoy and the one vs five budgets comparison")
+    ap.add_argument("--modes-only", action="store_true",
+                    help="only the paced stream through each settlement mode (ext_proc, envoy)")
     ap.add_argument("--json", metavar="FILE", help="also write every figure to FILE as JSON")
     args = ap.parse_args()
     figures: dict[str, object] = {"machine": {"cores": os.cpu_count()}, "cases": [], "ratios": {}}
     b = Bench(args)
     body_1k, body_100k = chat_body(1024), chat_body(100 * 1024)
     try:
+        if args.modes_only:
+            b.stack.start_fakes(("openai",))
+            figures["stream_modes"] = compare_settlement_modes(b, b.stack.fake_ports["openai"])
+            if args.json:
+                Path(args.json).write_text(json.dumps(figures, indent=2))
+            return 0
         up = b.start_upstream()
         print(f"machine: {os.cpu_count()} cores; wrk -t2; Envoy --concurrency 2; upstream: Envoy direct_response",
               flush=True)
@@ -511,6 +550,7 @@ def main() -> int:
                   f"ext_proc {t_ext:.2f} ms, difference {t_ext - t_plain:+.2f} ms")
             figures["ttft_ms"] = {"plain": t_plain, "ext_proc": t_ext, "added": t_ext - t_plain}
             del m1
+            figures["stream_modes"] = compare_settlement_modes(b, fake)
 
         print("\nIn-process request path")
         micro_benchmarks()
