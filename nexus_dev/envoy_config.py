@@ -66,6 +66,8 @@ class EnvoyParams:
     # "envoy": sse_to_metadata, reported on the gRPC access-log stream, so no chunk goes to the server (streams
     # whose usage chunk the server hides keep the ext_proc path). Needs skip_response_headers.
     settlement: str = "ext_proc"
+    # The shared secret the server checks on every ext_proc and access-log stream (server.envoy_token_*).
+    envoy_token: str | None = None
 
 
 # The X-Nexus-* headers the server publishes as request-phase metadata (request/core.py _nexus_headers).
@@ -305,6 +307,11 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
     access_logs: list[dict[str, Any]] = []
     if p.settlement == "envoy":
         routes, filters, access_logs = _envoy_settles(routes, filters, route_action)
+    if p.envoy_token:
+        token = [{"key": "x-nexus-envoy-token", "value": p.envoy_token}]
+        ext_proc["typed_config"]["grpc_service"]["initial_metadata"] = token
+        for log_cfg in access_logs:
+            log_cfg["typed_config"]["common_config"]["grpc_service"]["initial_metadata"] = token
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
                  ".HttpConnectionManager",

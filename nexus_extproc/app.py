@@ -35,6 +35,7 @@ from nexus_extproc.edge.admin_grpc import start_admin_api
 from nexus_extproc.edge.admin_http import build_admin_app
 from nexus_extproc.edge.envoy_admin import poll_envoy_health
 from nexus_extproc.edge.extproc import ExternalProcessor
+from nexus_extproc.edge.peer import PeerCheck
 from nexus_extproc.edge.webhook import post_json
 from nexus_extproc.ledger import Ledger, StoreUnavailable, open_ledger
 from nexus_extproc.metering.money import format_usd
@@ -85,7 +86,7 @@ async def start_grpc(servicer: ExternalProcessor, host: str, port: int, uds: str
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)])
     ep_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
     # Envoy's access-log stream: the usage of streams Envoy settles (server.settlement: envoy).
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogReceiver(servicer.processor), server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogReceiver(servicer.processor, servicer.peer), server)
     hs = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     bound = server.add_insecure_port(f"{host}:{port}")
@@ -127,7 +128,8 @@ def _install_stop(stop: asyncio.Event) -> None:
 async def serve_single(config: NexusConfig, worker_index: int | None = None) -> int:
     """One process: gRPC ext_proc (+ admin unless it is a child of a multi-worker parent)."""
     comps = build(config)
-    servicer = ExternalProcessor(comps.processor, config.server.stream_idle_timeout_secs)
+    servicer = ExternalProcessor(comps.processor, config.server.stream_idle_timeout_secs,
+                                 PeerCheck(config.server.envoy_token()))
     port = config.server.grpc_port + (worker_index or 0)
     uds = config.server.uds_path
     if uds and worker_index is not None and config.server.workers > 1:

@@ -192,6 +192,19 @@ class ServerConfig(_Strict):
     settlement: Literal["ext_proc", "envoy"] = "ext_proc"
     # With settlement: envoy, a stream whose report has not come this long after its end settles at its estimate.
     envoy_report_wait_secs: float = Field(default=5.0, gt=0)
+    # A shared secret Envoy sends on its ext_proc and access-log streams (gRPC initial metadata
+    # `x-nexus-envoy-token`, EnvoyParams.envoy_token): with one set, a stream without it is refused
+    # (UNAUTHENTICATED, nexus_unauthenticated_streams_total), so only Envoy may decide requests or report usage.
+    envoy_token_file: str | None = None
+    envoy_token_env: str = "NEXUS_ENVOY_TOKEN"
+
+    def envoy_token(self) -> str | None:
+        if self.envoy_token_file:
+            try:
+                return Path(self.envoy_token_file).read_text(encoding="utf-8").strip() or None
+            except OSError:
+                return None
+        return os.environ.get(self.envoy_token_env) or None
     # Envoy's admin address: when set, local backends Envoy's health checks mark down are never reroute targets.
     envoy_admin_url: str | None = None
     health_poll_secs: float = Field(default=5.0, gt=0)

@@ -17,6 +17,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from google.protobuf import json_format, struct_pb2
 
+from nexus_extproc.edge.peer import PeerCheck
 from nexus_extproc.request.headers import METADATA_NAMESPACE, USAGE_METADATA_NAMESPACE
 from nexus_extproc.request.pipeline import Processor
 from nexus_extproc.request.reports import EnvoyReport
@@ -51,11 +52,14 @@ def report_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> EnvoyReport | None:
 
 
 class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
-    def __init__(self, processor: Processor) -> None:
+    def __init__(self, processor: Processor, peer: PeerCheck) -> None:
         self.processor = processor
+        self.peer = peer
 
     async def StreamAccessLogs(self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
                                context: grpc.aio.ServicerContext) -> als_pb2.StreamAccessLogsResponse:
+        if not await self.peer.allow(context, "access_log"):
+            return als_pb2.StreamAccessLogsResponse()
         async for msg in request_iterator:
             for entry in msg.http_logs.log_entry:
                 report = report_of(entry)

@@ -20,6 +20,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
+from nexus_extproc.edge.peer import PeerCheck
 from nexus_extproc.ops import metrics
 from nexus_extproc.request.headers import METADATA_NAMESPACE, RESPONSE_METADATA_NAMESPACE
 from nexus_extproc.request.pipeline import Processor, Reply, RequestState
@@ -118,8 +119,9 @@ def render(phase: str, reply: Reply) -> ep.ProcessingResponse:
 
 
 class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
-    def __init__(self, processor: Processor, idle_timeout: float) -> None:
+    def __init__(self, processor: Processor, idle_timeout: float, peer: PeerCheck | None = None) -> None:
         self.processor = processor
+        self.peer = peer or PeerCheck(None)
         self.idle_timeout = idle_timeout
         self.settling: set[asyncio.Task[None]] = set()
         self.active = 0
@@ -127,6 +129,8 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
 
     async def Process(self, request_iterator: AsyncIterator[ep.ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[ep.ProcessingResponse]:
+        if not await self.peer.allow(context, "ext_proc"):
+            return
         proc = self.processor
         state = RequestState()
         phase = "open"

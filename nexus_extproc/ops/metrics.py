@@ -39,6 +39,8 @@ websocket_refused = Counter("nexus_websocket_upgrades_refused_total",
 envoy_reports = Counter("nexus_envoy_reports_total",
                         "Streams settled from Envoy's access-log report, by outcome: settled, unmatched (no stream "
                         "waits for it), missing (none came in time: settled at the estimate)", ["outcome"])
+unauthenticated_streams = Counter("nexus_unauthenticated_streams_total",
+                                  "ext_proc or access-log streams refused: no or a wrong Envoy token", ["service"])
 sse_bad_events = Counter("nexus_sse_bad_events_total", "SSE data lines that were not JSON (skipped)")
 # Learned provider-input ÷ our-count per model and tier (all shapes pooled); every replica reads the same shared
 # sums, so the most recent value from any process is the value.

@@ -1,0 +1,142 @@
+"""Issue 27, streams settled by Envoy (server.settlement: envoy), through the real Envoy with the shared secret on
+both gRPC streams: a stream settles exactly from Envoy's report, and a forged report (or a forged ext_proc
+stream) from anyone without the secret is refused and moves nothing."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+
+import anthropic
+import grpc
+import httpx
+import pytest
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from google.protobuf import struct_pb2
+
+from nexus_dev.stack import Stack, free_port
+from tests.e2e.conftest import E2E, write_config
+
+pytestmark = pytest.mark.e2e
+TOKEN = "envoy-shared-secret-for-tests"
+MSGS = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture(scope="module")
+def fast(tmp_path_factory) -> Iterator[E2E]:
+    stack = Stack()
+    try:
+        stack.start_fakes()
+        d = tmp_path_factory.mktemp("fast")
+        stack.start_extproc(write_config(d / "config.yaml", budget={"monthly_limit_usd": 1000},
+                                         store={"kind": "sqlite", "path": str(d / "ledger.db")},
+                                         server={"settlement": "envoy", "grace_period_secs": 5}),
+                            env={"NEXUS_ENVOY_TOKEN": TOKEN})
+        stack.envoy_port, stack.envoy_admin_port = free_port(), free_port()
+        params = stack.envoy_params()
+        params.settlement, params.envoy_token = "envoy", TOKEN
+        stack.start_envoy(params=params)
+        env = E2E(stack)
+        env.wait_envoy_sees_extproc()
+        yield env
+    except BaseException:
+        print(stack.log("extproc")[-4000:], stack.log("envoy")[-4000:])
+        raise
+    finally:
+        stack.stop()
+
+
+def counter(e2e: E2E, name: str, labels: str) -> float:
+    m = re.search(rf"^{name}{{{labels}}} ([0-9.e+]+)$", e2e.metrics(), re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def settled(e2e: E2E, before: float) -> float:
+    for _ in range(200):
+        b = e2e.stats()["budget"]
+        if b["current_spending_usd"] != before and b["reserved_usd"] == 0:
+            return b["current_spending_usd"] - before
+        time.sleep(0.05)
+    return e2e.stats()["budget"]["current_spending_usd"] - before
+
+
+def forged_report(req_id: str) -> als_pb2.StreamAccessLogsMessage:
+    entry = accesslog_pb2.HTTPAccessLogEntry()
+    md = entry.common_properties.metadata.filter_metadata
+    md["nexus.extproc"].CopyFrom(struct_pb2.Struct(fields={"request_id": struct_pb2.Value(string_value=req_id)}))
+    md["nexus.usage"].CopyFrom(struct_pb2.Struct(fields={
+        "usage": struct_pb2.Value(string_value='{"input_tokens": 0, "output_tokens": 0}')}))
+    entry.response.response_code.value = 200
+    msg = als_pb2.StreamAccessLogsMessage()
+    msg.http_logs.log_entry.append(entry)
+    return msg
+
+
+def send_forged(e2e: E2E, req_id: str, token: str | None) -> grpc.StatusCode:
+    with grpc.insecure_channel(f"127.0.0.1:{e2e.stack.grpc_port}") as ch:
+        md = [("x-nexus-envoy-token", token)] if token else None
+        try:
+            als_pb2_grpc.AccessLogServiceStub(ch).StreamAccessLogs(iter([forged_report(req_id)]), metadata=md,
+                                                                   timeout=5)
+            return grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            return e.code()
+
+
+def test_a_stream_settles_from_envoys_report(fast: E2E):
+    before = fast.stats()["budget"]["current_spending_usd"]
+    reports = counter(fast, "nexus_envoy_reports_total", 'outcome="settled"')
+    client = anthropic.Anthropic(base_url=fast.url, api_key="sk-ant-test", max_retries=0, timeout=30,
+                                 default_headers={"x-fake-completion-tokens": "9", "x-fake-encoding": "gzip"})
+    with client.messages.stream(model="claude-haiku-4-5", max_tokens=50, messages=MSGS) as s:
+        final = s.get_final_message()
+    # claude-haiku-4-5: $1 in, $5 out per million tokens; the fake counts input as the API does.
+    assert settled(fast, before) == pytest.approx((final.usage.input_tokens + 9 * 5) / 1e6, abs=2e-6)
+    assert counter(fast, "nexus_envoy_reports_total", 'outcome="settled"') - reports == 1
+
+
+def test_forged_reports_are_refused_and_move_nothing(fast: E2E):
+    """A client that knows its own X-Nexus-Request-Id sends a report of 0 tokens while its stream is running."""
+    before = fast.stats()["budget"]["current_spending_usd"]
+    refused = counter(fast, "nexus_unauthenticated_streams_total", 'service="access_log"')
+    out: dict[str, bytes] = {}
+
+    def slow_stream() -> None:
+        with httpx.stream("POST", fast.url + "/v1/messages", timeout=30,
+                          headers={"anthropic-version": "2023-06-01", "x-fake-completion-tokens": "20",
+                                   "x-fake-delay-ms": "50"},
+                          json={"model": "claude-haiku-4-5", "max_tokens": 50, "stream": True,
+                                "messages": MSGS}) as r:
+            out["req_id"] = r.headers["x-nexus-request-id"].encode()
+            out["body"] = b"".join(r.iter_bytes())
+
+    t = threading.Thread(target=slow_stream)
+    t.start()
+    for _ in range(200):
+        if "req_id" in out:
+            break
+        time.sleep(0.01)
+    rid = out["req_id"].decode()
+    assert send_forged(fast, rid, None) == grpc.StatusCode.UNAUTHENTICATED
+    assert send_forged(fast, rid, "a-guess") == grpc.StatusCode.UNAUTHENTICATED
+    t.join(30)
+    assert b"message_stop" in out["body"]
+    assert counter(fast, "nexus_unauthenticated_streams_total", 'service="access_log"') - refused == 2
+    # Envoy's own report settled it: the stream's real usage, not the forged 0 tokens.
+    m = re.search(rb'"input_tokens": ?(\d+)', out["body"])
+    assert m is not None
+    assert settled(fast, before) == pytest.approx((int(m.group(1)) + 20 * 5) / 1e6, abs=2e-6)
+
+
+def test_a_forged_ext_proc_stream_is_refused(fast: E2E):
+    with grpc.insecure_channel(f"127.0.0.1:{fast.stack.grpc_port}") as ch:
+        msg = ep.ProcessingRequest()
+        msg.request_headers.headers.headers.add(key=":path", value="/v1/messages")
+        with pytest.raises(grpc.RpcError) as e:
+            list(ep_grpc.ExternalProcessorStub(ch).Process(iter([msg]), timeout=5))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
