@@ -176,7 +176,7 @@ def _usage_rule(selectors: list[str], key: str, first_only: bool = False) -> dic
 
 
 def _envoy_settles(routes: list[dict[str, Any]], filters: list[dict[str, Any]], route_action: dict[str, Any]
-                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """settlement="envoy": streams leave ext_proc's response path. sse_to_metadata keeps the answered model and the
     usage (OpenAI's last `usage`, Anthropic's `message.usage` then `message_delta` usage, Responses'
     `response.usage`) in `nexus.usage`, and the gRPC access log brings it to the server. The decompressors run
@@ -213,16 +213,32 @@ def _envoy_settles(routes: list[dict[str, Any]], filters: list[dict[str, Any]], 
                           _usage_rule(["response", "model"], "model")]}}}}}
     ext = next(i for i, f in enumerate(filters) if f["name"] == _EXT_PROC)
     filters = [*filters[:ext + 1], sse, *filters[ext + 1:], *decompressor_filters()]
-    report = {"name": "envoy.access_loggers.http_grpc", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
-        "common_config": {"log_name": "nexus", "transport_api_version": "V3",
-                          "grpc_service": {"envoy_grpc": {"cluster_name": "nexus_extproc"}},
-                          "buffer_flush_interval": "0.1s", "buffer_size_bytes": 16384}},
-        # Only requests the filter admitted: the server settles by their request id.
-        "filter": {"metadata_filter": {"matcher": {"filter": METADATA_NAMESPACE, "path": [{"key": "request_id"}],
-                                                   "value": {"present_match": True}}}}}
     del route_action
-    return [hidden, fast, *rest], filters, [report]
+    return [hidden, fast, *rest], filters
+
+
+def _reports(workers: int) -> tuple[list[dict[str, Any]], list[str]]:
+    """The gRPC access logs that report usage, and the clusters they use. A report must reach the server process
+    that admitted its request (its state waits there): with several workers, one logger per worker, each taking
+    only the entries whose request-phase metadata names that worker (`nexus.extproc.worker`), to a cluster of
+    that worker's endpoint alone."""
+    def logger(cluster: str, worker: int | None) -> dict[str, Any]:
+        # Only requests the filter admitted: the server settles by their request id.
+        ours = {"metadata_filter": {"matcher": {"filter": METADATA_NAMESPACE, "path": [{"key": "request_id"}],
+                                                "value": {"present_match": True}}}}
+        mine = {"metadata_filter": {"matcher": {"filter": METADATA_NAMESPACE, "path": [{"key": "worker"}],
+                                                "value": {"double_match": {"exact": worker}}}}}
+        return {"name": "envoy.access_loggers.http_grpc", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+            "common_config": {"log_name": "nexus", "transport_api_version": "V3",
+                              "grpc_service": {"envoy_grpc": {"cluster_name": cluster}},
+                              "buffer_flush_interval": "0.1s", "buffer_size_bytes": 16384}},
+            "filter": ours if worker is None else {"and_filter": {"filters": [ours, mine]}}}
+
+    if workers <= 1:
+        return [logger("nexus_extproc", None)], []
+    names = [f"nexus_extproc_report_{i}" for i in range(workers)]
+    return [logger(n, i) for i, n in enumerate(names)], names
 
 
 def decompressor_filters() -> list[dict[str, Any]]:
@@ -235,6 +251,16 @@ def decompressor_filters() -> list[dict[str, Any]]:
         for enc, lib in (("gzip", "envoy.extensions.compression.gzip.decompressor.v3.Gzip"),
                          ("br", "envoy.extensions.compression.brotli.decompressor.v3.Brotli"),
                          ("zstd", "envoy.extensions.compression.zstd.decompressor.v3.Zstd"))]
+
+
+def _report_clusters(p: EnvoyParams, names: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for i, name in enumerate(names):
+        out.append({"name": name, "type": "STATIC", "connect_timeout": "1s",
+                    "typed_extension_protocol_options": _h2_options(),
+                    "load_assignment": (_pipes(name, [p.extproc_uds[i]]) if p.extproc_uds
+                                        else _endpoints(name, p.extproc_host, [p.extproc_ports[i]]))})
+    return out
 
 
 def build_config(p: EnvoyParams) -> dict[str, Any]:
@@ -305,8 +331,10 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
                                          "on_present": {"metadata_namespace": "nexus.request", "key": "stream"}}],
                               "allow_content_types": ["application/json", "application/json; charset=utf-8"]}}})
     access_logs: list[dict[str, Any]] = []
+    report_clusters: list[str] = []
     if p.settlement == "envoy":
-        routes, filters, access_logs = _envoy_settles(routes, filters, route_action)
+        routes, filters = _envoy_settles(routes, filters, route_action)
+        access_logs, report_clusters = _reports(len(p.extproc_uds or p.extproc_ports))
     if p.envoy_token:
         token = [{"key": "x-nexus-envoy-token", "value": p.envoy_token}]
         ext_proc["typed_config"]["grpc_service"]["initial_metadata"] = token
@@ -359,7 +387,8 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
                 "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                                 "typed_config": hcm}]}],
             }],
-            "clusters": [extproc_cluster, *(_upstream_cluster(u, p.local_health_interval) for u in p.upstreams)],
+            "clusters": [extproc_cluster, *_report_clusters(p, report_clusters),
+                         *(_upstream_cluster(u, p.local_health_interval) for u in p.upstreams)],
         },
     }
 

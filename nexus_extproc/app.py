@@ -128,6 +128,7 @@ def _install_stop(stop: asyncio.Event) -> None:
 async def serve_single(config: NexusConfig, worker_index: int | None = None) -> int:
     """One process: gRPC ext_proc (+ admin unless it is a child of a multi-worker parent)."""
     comps = build(config)
+    comps.processor.worker = worker_index or 0
     servicer = ExternalProcessor(comps.processor, config.server.stream_idle_timeout_secs,
                                  PeerCheck(config.server.envoy_token()))
     port = config.server.grpc_port + (worker_index or 0)

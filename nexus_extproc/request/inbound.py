@@ -243,6 +243,8 @@ class Inbound(Estimation):
             "token_tier": tier,
             **dict(self._nexus_headers(state)),  # envoy/nexus.yaml's routes add them to the response
         }
+        if self._envoy_settles:
+            reply.metadata["worker"] = self.worker  # which process Envoy's report must reach
         if log.isEnabledFor(logging.DEBUG):
             log.debug("decision", extra={"decision": d.action.value, "status": d.status,
                                          "backend": state.route.backend, "tier": tier})

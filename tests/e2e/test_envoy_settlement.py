@@ -140,3 +140,35 @@ def test_a_forged_ext_proc_stream_is_refused(fast: E2E):
         with pytest.raises(grpc.RpcError) as e:
             list(ep_grpc.ExternalProcessorStub(ch).Process(iter([msg]), timeout=5))
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_each_report_reaches_the_worker_that_admitted_its_stream(tmp_path):
+    """With several server processes, Envoy sends each report to the worker named in the request's metadata:
+    every stream settles from its report, none waits out its time."""
+    stack = Stack()
+    try:
+        stack.start_fakes()
+        stack.start_extproc(write_config(tmp_path / "config.yaml", budget={"monthly_limit_usd": 1000},
+                                         store={"kind": "sqlite", "path": str(tmp_path / "ledger.db")},
+                                         server={"settlement": "envoy", "envoy_report_wait_secs": 30}),
+                            workers=2)
+        stack.envoy_port, stack.envoy_admin_port = free_port(), free_port()
+        params = stack.envoy_params(workers=2)
+        params.settlement = "envoy"
+        stack.start_envoy(workers=2, params=params)
+        e2e = E2E(stack)
+        e2e.wait_envoy_sees_extproc()
+        n = 12
+        client = anthropic.Anthropic(base_url=e2e.url, api_key="sk-ant-test", max_retries=0, timeout=30)
+        for _ in range(n):
+            with client.messages.stream(model="claude-haiku-4-5", max_tokens=20, messages=MSGS) as s:
+                s.get_final_message()
+        for _ in range(100):  # well inside the 30 s a report may take before its stream settles without it
+            if counter(e2e, "nexus_envoy_reports_total", 'outcome="settled"') >= n:
+                break
+            time.sleep(0.1)
+        assert counter(e2e, "nexus_envoy_reports_total", 'outcome="settled"') == n
+        assert counter(e2e, "nexus_envoy_reports_total", 'outcome="missing"') == 0
+        assert e2e.stats()["budget"]["reserved_usd"] == 0
+    finally:
+        stack.stop()
