@@ -154,6 +154,16 @@ class PriceOverride(_Strict):
     cache_write_per_mtok: Decimal | None = Field(default=None, ge=0)
 
 
+def read_secret(path: str | None, env: str) -> str | None:
+    """A secret from its file when one is named (unreadable or empty: none), else from the environment."""
+    if path:
+        try:
+            return Path(path).read_text(encoding="utf-8").strip() or None
+        except OSError:
+            return None
+    return os.environ.get(env) or None
+
+
 class ServerConfig(_Strict):
     grpc_host: str = "127.0.0.1"
     grpc_port: int = Field(default=50051, ge=0, le=65535)
@@ -199,12 +209,7 @@ class ServerConfig(_Strict):
     envoy_token_env: str = "NEXUS_ENVOY_TOKEN"
 
     def envoy_token(self) -> str | None:
-        if self.envoy_token_file:
-            try:
-                return Path(self.envoy_token_file).read_text(encoding="utf-8").strip() or None
-            except OSError:
-                return None
-        return os.environ.get(self.envoy_token_env) or None
+        return read_secret(self.envoy_token_file, self.envoy_token_env)
     # Envoy's admin address: when set, local backends Envoy's health checks mark down are never reroute targets.
     envoy_admin_url: str | None = None
     health_poll_secs: float = Field(default=5.0, gt=0)
@@ -227,12 +232,7 @@ class AdminApiConfig(_Strict):
     rate_limit_burst: int = Field(default=40, ge=1)
 
     def token(self) -> str | None:
-        if self.token_file:
-            try:
-                return Path(self.token_file).read_text(encoding="utf-8").strip() or None
-            except OSError:
-                return None
-        return os.environ.get(self.token_env) or None
+        return read_secret(self.token_file, self.token_env)
 
 
 class EstimationConfig(_Strict):
