@@ -175,7 +175,7 @@ def _usage_rule(selectors: list[str], key: str, first_only: bool = False) -> dic
         "stop_processing_after_matches": 1 if first_only else 0}
 
 
-def _envoy_settles(routes: list[dict[str, Any]], filters: list[dict[str, Any]], route_action: dict[str, Any]
+def _envoy_settles(routes: list[dict[str, Any]], filters: list[dict[str, Any]]
                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """settlement="envoy": streams leave ext_proc's response path. sse_to_metadata keeps the answered model and the
     usage (OpenAI's last `usage`, Anthropic's `message.usage` then `message_delta` usage, Responses'
@@ -213,7 +213,6 @@ def _envoy_settles(routes: list[dict[str, Any]], filters: list[dict[str, Any]], 
                           _usage_rule(["response", "model"], "model")]}}}}}
     ext = next(i for i, f in enumerate(filters) if f["name"] == _EXT_PROC)
     filters = [*filters[:ext + 1], sse, *filters[ext + 1:], *decompressor_filters()]
-    del route_action
     return [hidden, fast, *rest], filters
 
 
@@ -333,7 +332,7 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
     access_logs: list[dict[str, Any]] = []
     report_clusters: list[str] = []
     if p.settlement == "envoy":
-        routes, filters = _envoy_settles(routes, filters, route_action)
+        routes, filters = _envoy_settles(routes, filters)
         access_logs, report_clusters = _reports(len(p.extproc_uds or p.extproc_ports))
     if p.envoy_token:
         token = [{"key": "x-nexus-envoy-token", "value": p.envoy_token}]
