@@ -66,6 +66,8 @@ class EnvoyParams:
     # "envoy": sse_to_metadata, reported on the gRPC access-log stream, so no chunk goes to the server (streams
     # whose usage chunk the server hides keep the ext_proc path). Needs skip_response_headers.
     settlement: str = "ext_proc"
+    # server.stream_usage: "visible" sends OpenAI streams whose usage chunk the server adds through Envoy's path too.
+    stream_usage: str = "hidden"
     # The shared secret the server checks on every ext_proc and access-log stream (server.envoy_token_*).
     envoy_token: str | None = None
 
@@ -333,6 +335,8 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
     report_clusters: list[str] = []
     if p.settlement == "envoy":
         routes, filters = _envoy_settles(routes, filters)
+        if p.stream_usage == "visible":
+            routes = routes[1:]  # no stream needs the server to hide its usage chunk
         access_logs, report_clusters = _reports(len(p.extproc_uds or p.extproc_ports))
     if p.envoy_token:
         token = [{"key": "x-nexus-envoy-token", "value": p.envoy_token}]

@@ -200,6 +200,10 @@ class ServerConfig(_Strict):
     # (envoy/nexus.yaml built with settlement="envoy", docs/streaming.md). One server process per Envoy for now:
     # a report must reach the process that admitted its request.
     settlement: Literal["ext_proc", "envoy"] = "ext_proc"
+    # The usage chunk the server asks for when an OpenAI stream did not (`stream_options.include_usage`): `hidden`,
+    # removed from what the client receives (such streams keep the ext_proc path under settlement: envoy), or
+    # `visible`, passed through (they take Envoy's path too; clients ignore a chunk with empty `choices`).
+    stream_usage: Literal["hidden", "visible"] = "hidden"
     # With settlement: envoy, a stream whose report has not come this long after its end settles at its estimate.
     envoy_report_wait_secs: float = Field(default=5.0, gt=0)
     # A shared secret Envoy sends on its ext_proc and access-log streams (gRPC initial metadata

@@ -208,7 +208,8 @@ class Inbound(Estimation):
         assert state.route is not None
 
         add_usage = parsed.stream and tr.stream_usage_option and not parsed.client_wants_stream_usage
-        state.added_stream_usage = add_usage
+        # Only a hidden usage chunk means editing the stream's bytes (server.stream_usage).
+        state.added_stream_usage = add_usage and self.config.server.stream_usage == "hidden"
         reply = Reply(clear_route_cache=True)
         reply.set_headers.append((C.UPSTREAM_HEADER, state.route.cluster))
         reply.remove_headers = [h for h in state.client_nexus_headers if h != C.UPSTREAM_HEADER]
@@ -221,7 +222,7 @@ class Inbound(Estimation):
             readable = ENVOY_DECODES if parsed.stream else ()
         else:
             readable = READABLE
-        accept = None if add_usage else upstream_accept_encoding(state.accept_encoding, readable)
+        accept = None if state.added_stream_usage else upstream_accept_encoding(state.accept_encoding, readable)
         if accept is not None:
             if accept != state.accept_encoding:
                 reply.set_headers.append(("accept-encoding", accept))

@@ -72,7 +72,7 @@ class RequestState:
     expected_output: int = 0
     estimate: int = 0
     admission: Admission | None = None
-    added_stream_usage: bool = False
+    added_stream_usage: bool = False  # the server asked for the usage chunk and removes it (stream_usage: hidden)
     response_status: int = 0
     response_started: bool = False  # response headers, or the first body message where headers are skipped
     streaming: bool = False

@@ -172,3 +172,32 @@ def test_each_report_reaches_the_worker_that_admitted_its_stream(tmp_path):
         assert e2e.stats()["budget"]["reserved_usd"] == 0
     finally:
         stack.stop()
+
+
+def test_a_visible_usage_chunk_lets_default_openai_streams_take_envoys_path(tmp_path):
+    """The OpenAI SDK does not ask for stream usage by default. With server.stream_usage: visible the server
+    asks for it and leaves the chunk in, so such a stream settles from Envoy's report with no chunk through the
+    server, and the client sees one extra chunk with empty choices."""
+
+    stack = Stack()
+    try:
+        stack.start_fakes()
+        stack.start_extproc(write_config(tmp_path / "config.yaml", budget={"monthly_limit_usd": 1000},
+                                         store={"kind": "sqlite", "path": str(tmp_path / "ledger.db")},
+                                         server={"settlement": "envoy", "stream_usage": "visible"}))
+        stack.envoy_port, stack.envoy_admin_port = free_port(), free_port()
+        params = stack.envoy_params()
+        params.settlement, params.stream_usage = "envoy", "visible"
+        stack.start_envoy(params=params)
+        e2e = E2E(stack)
+        e2e.wait_envoy_sees_extproc()
+        client = e2e.openai(default_headers={"x-fake-completion-tokens": "6"})
+        chunks = list(client.chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=20, stream=True))
+        usage = next(c.usage for c in chunks if c.usage is not None)  # visible: the chunk the server asked for
+        assert usage.completion_tokens == 6
+        # gpt-4o: $2.50 in, $10 out per million tokens.
+        assert settled(e2e, 0.0) == pytest.approx((usage.prompt_tokens * 2.5 + 6 * 10) / 1e6, abs=2e-6)
+        assert counter(e2e, "nexus_envoy_reports_total", 'outcome="settled"') == 1
+        assert e2e.fake_requests("openai")[-1]["stream_options"] == {"include_usage": True}  # asked for by us
+    finally:
+        stack.stop()
