@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from nexus_dev.stack import Stack, admin_headers
-from tests.e2e.conftest import E2E, write_config
+from tests.e2e.conftest import E2E, running, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / "node_modules" / ".bin"
@@ -72,7 +72,7 @@ class Live(E2E):
 def live(tmp_path_factory) -> Iterator[Live]:
     stack = Stack()
     home = tmp_path_factory.mktemp("home")
-    try:
+    with running(stack):
         stack.start_fakes(compress=True)  # as the demo, and as the providers answer their clients
         stack.start_extproc(write_config(stack.workdir / "initial.yaml", budget={"monthly_limit_usd": 1000},
                                          store={"kind": "sqlite", "path": str(stack.workdir / "ledger.db")}))
@@ -80,8 +80,3 @@ def live(tmp_path_factory) -> Iterator[Live]:
         env = Live(stack, home)
         env.wait_envoy_sees_extproc()
         yield env
-    except BaseException:
-        print(stack.log("extproc")[-4000:], stack.log("envoy")[-4000:])
-        raise
-    finally:
-        stack.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -79,10 +80,31 @@ class E2E:
         return httpx.get(f"http://127.0.0.1:{self.stack.fake_ports[name]}/_fake/requests", timeout=5).json()
 
 
+@contextlib.contextmanager
+def running(stack: Stack) -> Iterator[Stack]:
+    """Stops every process the stack started; on a failure first prints the tail of the server's and Envoy's logs."""
+    try:
+        yield stack
+    except BaseException:
+        print(stack.log("extproc")[-4000:], stack.log("envoy")[-4000:])
+        raise
+    finally:
+        stack.stop()
+
+
+def start_envoy_settled(stack: Stack, workers: int = 1, **fields: Any) -> None:
+    """Envoy built with settlement="envoy" (issue 27) and any other EnvoyParams fields, on fresh ports."""
+    stack.envoy_port, stack.envoy_admin_port = free_port(), free_port()
+    params = stack.envoy_params(workers=workers)
+    params.settlement = "envoy"
+    for k, v in fields.items():
+        setattr(params, k, v)
+    stack.start_envoy(workers=workers, params=params)
+
+
 @pytest.fixture(scope="module")
 def e2e() -> Iterator[E2E]:
-    stack = Stack()
-    try:
+    with running(Stack()) as stack:
         stack.start_fakes()
         stack.fake_ports["vllm"] = free_port()  # a local backend that is down: nothing listens there
         env = E2E(stack)
@@ -91,8 +113,3 @@ def e2e() -> Iterator[E2E]:
         stack.start_envoy()
         env.wait_envoy_sees_extproc()
         yield env
-    except BaseException:
-        print(stack.log("extproc")[-4000:], stack.log("envoy")[-4000:])
-        raise
-    finally:
-        stack.stop()

@@ -19,8 +19,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from google.protobuf import struct_pb2
 
-from nexus_dev.stack import Stack, free_port
-from tests.e2e.conftest import E2E, write_config
+from nexus_dev.stack import Stack
+from tests.e2e.conftest import E2E, running, start_envoy_settled, write_config
 
 pytestmark = pytest.mark.e2e
 TOKEN = "envoy-shared-secret-for-tests"
@@ -29,26 +29,17 @@ MSGS = [{"role": "user", "content": "Hi"}]
 
 @pytest.fixture(scope="module")
 def fast(tmp_path_factory) -> Iterator[E2E]:
-    stack = Stack()
-    try:
+    with running(Stack()) as stack:
         stack.start_fakes()
         d = tmp_path_factory.mktemp("fast")
         stack.start_extproc(write_config(d / "config.yaml", budget={"monthly_limit_usd": 1000},
                                          store={"kind": "sqlite", "path": str(d / "ledger.db")},
                                          server={"settlement": "envoy", "grace_period_secs": 5}),
                             env={"NEXUS_ENVOY_TOKEN": TOKEN})
-        stack.envoy_port, stack.envoy_admin_port = free_port(), free_port()
-        params = stack.envoy_params()
-        params.settlement, params.envoy_token = "envoy", TOKEN
-        stack.start_envoy(params=params)
+        start_envoy_settled(stack, envoy_token=TOKEN)
         env = E2E(stack)
         env.wait_envoy_sees_extproc()
         yield env
-    except BaseException:
-        print(stack.log("extproc")[-4000:], stack.log("envoy")[-4000:])
-        raise
-    finally:
-        stack.stop()
 
 
 def counter(e2e: E2E, name: str, labels: str) -> float:
@@ -145,17 +136,13 @@ def test_a_forged_ext_proc_stream_is_refused(fast: E2E):
 def test_each_report_reaches_the_worker_that_admitted_its_stream(tmp_path):
     """With several server processes, Envoy sends each report to the worker named in the request's metadata:
     every stream settles from its report, none waits out its time."""
-    stack = Stack()
-    try:
+    with running(Stack()) as stack:
         stack.start_fakes()
         stack.start_extproc(write_config(tmp_path / "config.yaml", budget={"monthly_limit_usd": 1000},
                                          store={"kind": "sqlite", "path": str(tmp_path / "ledger.db")},
                                          server={"settlement": "envoy", "envoy_report_wait_secs": 30}),
                             workers=2)
-        stack.envoy_port, stack.envoy_admin_port = free_port(), free_port()
-        params = stack.envoy_params(workers=2)
-        params.settlement = "envoy"
-        stack.start_envoy(workers=2, params=params)
+        start_envoy_settled(stack, workers=2)
         e2e = E2E(stack)
         e2e.wait_envoy_sees_extproc()
         n = 12
@@ -170,8 +157,6 @@ def test_each_report_reaches_the_worker_that_admitted_its_stream(tmp_path):
         assert counter(e2e, "nexus_envoy_reports_total", 'outcome="settled"') == n
         assert counter(e2e, "nexus_envoy_reports_total", 'outcome="missing"') == 0
         assert e2e.stats()["budget"]["reserved_usd"] == 0
-    finally:
-        stack.stop()
 
 
 def test_a_visible_usage_chunk_lets_default_openai_streams_take_envoys_path(tmp_path):
@@ -179,16 +164,12 @@ def test_a_visible_usage_chunk_lets_default_openai_streams_take_envoys_path(tmp_
     asks for it and leaves the chunk in, so such a stream settles from Envoy's report with no chunk through the
     server, and the client sees one extra chunk with empty choices."""
 
-    stack = Stack()
-    try:
+    with running(Stack()) as stack:
         stack.start_fakes()
         stack.start_extproc(write_config(tmp_path / "config.yaml", budget={"monthly_limit_usd": 1000},
                                          store={"kind": "sqlite", "path": str(tmp_path / "ledger.db")},
                                          server={"settlement": "envoy", "stream_usage": "visible"}))
-        stack.envoy_port, stack.envoy_admin_port = free_port(), free_port()
-        params = stack.envoy_params()
-        params.settlement, params.stream_usage = "envoy", "visible"
-        stack.start_envoy(params=params)
+        start_envoy_settled(stack, stream_usage="visible")
         e2e = E2E(stack)
         e2e.wait_envoy_sees_extproc()
         client = e2e.openai(default_headers={"x-fake-completion-tokens": "6"})
@@ -199,5 +180,3 @@ def test_a_visible_usage_chunk_lets_default_openai_streams_take_envoys_path(tmp_
         assert settled(e2e, 0.0) == pytest.approx((usage.prompt_tokens * 2.5 + 6 * 10) / 1e6, abs=2e-6)
         assert counter(e2e, "nexus_envoy_reports_total", 'outcome="settled"') == 1
         assert e2e.fake_requests("openai")[-1]["stream_options"] == {"include_usage": True}  # asked for by us
-    finally:
-        stack.stop()

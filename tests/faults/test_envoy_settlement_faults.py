@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from nexus_dev.stack import Stack, free_port
-from tests.e2e.conftest import E2E, write_config
+from nexus_dev.stack import Stack
+from tests.e2e.conftest import E2E, running, start_envoy_settled, write_config
 from tests.faults.conftest import ledger_spend, wait_for
 
 N = 6
@@ -25,8 +25,7 @@ BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hello there
 
 @pytest.fixture
 def fast(tmp_path) -> Iterator[tuple[E2E, dict]]:
-    stack = Stack()
-    try:
+    with running(Stack()) as stack:
         stack.start_fakes()
         config = {"budget": {"monthly_limit_usd": 1000, "reconciliation_interval_secs": 1},
                   "store": {"kind": "sqlite", "path": str(tmp_path / "ledger.db"), "reservation_ttl_secs": TTL,
@@ -34,15 +33,10 @@ def fast(tmp_path) -> Iterator[tuple[E2E, dict]]:
                   "server": {"settlement": "envoy", "envoy_report_wait_secs": 2, "grace_period_secs": 5}}
         cfg = write_config(tmp_path / f"config-{uuid.uuid4().hex[:6]}.yaml", **config)
         stack.start_extproc(cfg)
-        stack.envoy_port, stack.envoy_admin_port = free_port(), free_port()
-        params = stack.envoy_params()
-        params.settlement = "envoy"
-        stack.start_envoy(params=params)
+        start_envoy_settled(stack)
         env = E2E(stack)
         env.wait_envoy_sees_extproc()
         yield env, {"cfg": cfg, "db": tmp_path / "ledger.db"}
-    finally:
-        stack.stop()
 
 
 def _stream(url: str) -> int:
