@@ -24,13 +24,13 @@ import yaml
 from nexus_dev.stack import Stack, admin_headers, free_port, wait_port
 from tests.conftest import BACKENDS
 from tests.corpus import ROOT, case_params, expected_micros
+from tests.e2e.conftest import running, start_envoy_settled
 
 pytestmark = pytest.mark.e2e
 
 
 def _replay_stack(tmp_path_factory, settlement: str) -> Iterator[Stack]:
-    stack = Stack()
-    try:
+    with running(Stack()) as stack:
         stack.fake_ports = {"openai": free_port(), "anthropic": free_port(), "ollama": free_port()}
         p = stack._spawn([sys.executable, "-m", "tests.replay_upstream",
                           *[f"{n}={port}" for n, port in stack.fake_ports.items()]], "replay",
@@ -43,16 +43,11 @@ def _replay_stack(tmp_path_factory, settlement: str) -> Iterator[Stack]:
             "store": {"kind": "sqlite", "path": str(cfg.parent / "ledger.db")},
             "server": {"grace_period_secs": 5, "max_request_body_bytes": 8 << 20, "settlement": settlement}}))
         stack.start_extproc(cfg)
-        stack.envoy_port, stack.envoy_admin_port = free_port(), free_port()
-        params = stack.envoy_params()
-        params.settlement = settlement
-        stack.start_envoy(params=params)
+        if settlement == "envoy":
+            start_envoy_settled(stack)
+        else:
+            stack.start_envoy()
         yield stack
-    except BaseException:
-        print(stack.log("extproc")[-4000:], stack.log("envoy")[-4000:])
-        raise
-    finally:
-        stack.stop()
 
 
 @pytest.fixture(scope="module")
