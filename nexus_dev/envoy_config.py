@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from nexus_extproc.apis import TRANSLATORS
+from nexus_extproc.metering.pricing import UsageExtraction
 from nexus_extproc.request.headers import (
     METADATA_NAMESPACE,
     RESPONSE_METADATA_NAMESPACE,
@@ -177,26 +179,49 @@ def _usage_rule(selectors: list[str], key: str, first_only: bool = False) -> dic
         "stop_processing_after_matches": 1 if first_only else 0}
 
 
+def json_usage_paths() -> list[tuple[str, ...]]:
+    """The usage fields of a JSON answer that settlement reads: every path the price database's extractors for
+    our APIs read, plus `total_tokens` (an embeddings answer's only other field, which says its output is 0)."""
+    pairs = sorted({(t.family, t.usage_flavor) for t in TRANSLATORS.values()})
+    return [*UsageExtraction().leaf_paths(pairs), ("total_tokens",)]
+
+
+def _json_usage_rules() -> list[dict[str, Any]]:
+    """json_to_metadata copies leaf values only (an object selector writes nothing, measured): one rule per
+    usage field, keyed by its dotted path under `usage.`, and the answered model."""
+    def rule(path: tuple[str, ...], key: str, kind: str) -> dict[str, Any]:
+        return {"selectors": [{"key": k} for k in path],
+                "on_present": {"metadata_namespace": USAGE_METADATA_NAMESPACE, "key": key, "type": kind}}
+    return [rule(("model",), "model", "STRING"),
+            *(rule(("usage", *path), "usage." + ".".join(path), "NUMBER") for path in json_usage_paths())]
+
+
 def _envoy_settles(routes: list[dict[str, Any]], filters: list[dict[str, Any]]
                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """settlement="envoy": streams leave ext_proc's response path. sse_to_metadata keeps the answered model and the
-    usage (OpenAI's last `usage`, Anthropic's `message.usage` then `message_delta` usage, Responses'
-    `response.usage`) in `nexus.usage`, and the gRPC access log brings it to the server. The decompressors run
-    only ever see a compressed stream on that route: with ext_proc holding a decoded body they never complete it."""
+    """settlement="envoy": responses leave ext_proc's response path. sse_to_metadata keeps a stream's answered
+    model and usage (OpenAI's last `usage`, Anthropic's `message.usage` then `message_delta` usage, Responses'
+    `response.usage`) in `nexus.usage`, json_to_metadata does the same for a JSON answer, field by field, and the
+    gRPC access log brings it to the server. The decompressors only ever see a compressed stream: with ext_proc or
+    json_to_metadata holding a decoded body they never complete it (the server asks for identity there)."""
     stream_route, *rest = routes
+    off = {_EXT_PROC: {"@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                       "overrides": {"processing_mode": {**_mode("SKIP", "NONE")}}}}
+    # Everything but a stream: JSON answers, free endpoints (passed through anyway), bodies the server refuses.
+    rest = [{**r, "typed_per_filter_config": off} for r in rest]
     # The usage chunk the server adds for an OpenAI stream that did not ask for it is hidden by the server:
     # those streams keep the ext_proc path (an identity response: the server asks for one).
     hidden = {**stream_route, "match": {"safe_regex": {"regex": "^/v1/(chat/)?completions$"}, "dynamic_metadata": [
         *stream_route["match"]["dynamic_metadata"],
         {"filter": "nexus.request", "path": [{"key": "usage_requested"}], "value": {"bool_match": False}}]}}
-    fast = {**stream_route, "typed_per_filter_config": {
-        _EXT_PROC: {"@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-                    "overrides": {"processing_mode": {**_mode("SKIP", "NONE")}}}}}
+    fast = {**stream_route, "typed_per_filter_config": off}
     # sse_to_metadata and the decompressors run on every route: Envoy builds a stream's filter chain from the route
     # matched before ext_proc's decision (and before json_to_metadata read `stream`), so a per-route switch would
     # see the default route. Where the server reads the response itself it asks the provider for identity, so the
     # decompressors never hand ext_proc a decoded body (they would stall it).
-    j2m = filters[0]["typed_config"]["request_rules"]["rules"]
+    j2m_config = filters[0]["typed_config"]
+    j2m_config["response_rules"] = {"rules": _json_usage_rules(),
+                                    "allow_content_types": ["application/json", "application/json; charset=utf-8"]}
+    j2m = j2m_config["request_rules"]["rules"]
     j2m.append({"selectors": [{"key": "stream_options"}, {"key": "include_usage"}],
                 "on_present": {"metadata_namespace": "nexus.request", "key": "usage_requested"},
                 "on_missing": {"metadata_namespace": "nexus.request", "key": "usage_requested",

@@ -14,6 +14,8 @@ def request_doc(path: str, model: str, stream: bool, **extra: Any) -> dict[str, 
         doc: dict[str, Any] = {"model": model, "input": "Hello there"}
     elif path == "/v1/completions":
         doc = {"model": model, "prompt": "Hello there"}
+    elif path == "/v1/embeddings":
+        doc = {"model": model, "input": "Hello there"}
     else:
         doc = {"model": model, "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 64}
     if stream:

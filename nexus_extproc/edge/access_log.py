@@ -38,6 +38,27 @@ def _value(v: struct_pb2.Value | None) -> Any:
     return out
 
 
+def _json_usage(fields: Any) -> dict[str, Any] | None:
+    """A JSON answer's usage, copied by json_to_metadata one leaf per key (`usage.prompt_tokens_details.
+    cached_tokens`), nested back into the block the provider sent. Numbers come as doubles; counts are ints."""
+    out: dict[str, Any] = {}
+    for key, v in fields.items():
+        if not key.startswith("usage."):
+            continue
+        num = v.number_value if v.HasField("number_value") else None
+        if num is None or num != num or num < 0 or num > 1e15:
+            continue
+        *parents, leaf = key.split(".")[1:]
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node[leaf] = int(num) if num.is_integer() else num
+    return out or None
+
+
 def report_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> EnvoyReport | None:
     md = entry.common_properties.metadata.filter_metadata
     ours = md.get(METADATA_NAMESPACE)
@@ -46,8 +67,10 @@ def report_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> EnvoyReport | None:
         return None
     usage = md.get(USAGE_METADATA_NAMESPACE)
     fields = usage.fields if usage is not None else {}
+    usage = _value(fields.get("usage"))  # a stream's: sse_to_metadata's copy of the whole object
     return EnvoyReport(req_id=rid.string_value, status=entry.response.response_code.value,
-                       model=_value(fields.get("model")), usage=_value(fields.get("usage")),
+                       model=_value(fields.get("model")),
+                       usage=usage if usage is not None else _json_usage(fields),
                        start_usage=_value(fields.get("start_usage")))
 
 

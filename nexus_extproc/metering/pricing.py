@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from genai_prices import data_snapshot
 from genai_prices.types import ModelPrice, Provider, TieredPrices, Usage, UsageExtractor
@@ -192,6 +192,19 @@ class UsageExtraction:
                     found = e
             self._cache[key] = found
         return self._cache[key]
+
+    def leaf_paths(self, pairs: Iterable[tuple[str, str]]) -> list[tuple[str, ...]]:
+        """Every usage field the extractors of these (provider, API flavour) pairs read, as a path under their
+        root: what Envoy must copy out of a JSON answer (its json_to_metadata filter copies leaf values, not
+        objects) for that answer to be priced here as if the server had read it."""
+        out: dict[tuple[str, ...], None] = {}
+        for pair in pairs:
+            ex = self._extractor(*pair)
+            for m in ex.mappings if ex is not None else ():
+                path = (m.path,) if isinstance(m.path, str) else tuple(m.path)
+                if all(isinstance(step, str) for step in path):
+                    out[cast(tuple[str, ...], path)] = None
+        return list(out)
 
     def extract(self, provider_id: str, flavor: str, doc: Mapping[str, Any]) -> tuple[str | None, dict[str, int]]:
         """(answered model, usage counts); ValueError when the block lacks what the provider always sends."""

@@ -226,6 +226,10 @@ class Inbound(Estimation):
         if accept is not None:
             if accept != state.accept_encoding:
                 reply.set_headers.append(("accept-encoding", accept))
+        elif self._envoy_settles and not parsed.stream:
+            # Said outright, not left to an absent header (which allows any coding): a compressed JSON answer
+            # would never complete behind json_to_metadata and the decompressor (docs/streaming.md).
+            reply.set_headers.append(("accept-encoding", "identity"))
         elif state.accept_encoding is not None:
             reply.remove_headers.append("accept-encoding")
         if rerouted or add_usage:

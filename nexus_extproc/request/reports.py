@@ -1,11 +1,12 @@
-"""Streams whose usage Envoy reads (server.settlement: envoy): settled from the access-log report.
+"""Responses whose usage Envoy reads (server.settlement: envoy): settled from the access-log report.
 
-With the response side out of ext_proc, the server sees no chunk of such a stream: Envoy's sse_to_metadata filter
-keeps the answered model and the usage objects in dynamic metadata, and the gRPC access log brings them here when
-the stream is over. The ext_proc stream ends first, so its state waits here, by request id, for the report; one
-that does not come within `server.envoy_report_wait_secs` settles at the estimate it reserved (the access log is
-at most once). The usage is rebuilt into the events the API's profile reads from a stream, so it is priced exactly
-as a stream read chunk by chunk would be.
+With the response side out of ext_proc, the server sees no byte of such a response: Envoy's sse_to_metadata filter
+(streams) or json_to_metadata filter (JSON answers) keeps the answered model and the usage in dynamic metadata,
+and the gRPC access log brings them here when the response is over. The ext_proc stream ends first, so its state
+waits here, by request id, for the report; one that does not come within `server.envoy_report_wait_secs` settles
+at the estimate it reserved (the access log is at most once). A stream's usage is rebuilt into the events the
+API's profile reads from a stream, a JSON answer's into the body it reads from one, so either is priced exactly
+as if the server had read the response itself.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class EnvoyReport:
     req_id: str
     status: int
     model: Any = None
-    usage: Any = None  # the last `usage` object seen in the stream (OpenAI, Anthropic's message_delta, Responses)
+    # The last `usage` object seen in a stream (OpenAI, Anthropic's message_delta, Responses), or a JSON answer's
+    usage: Any = None
     start_usage: Any = None  # Anthropic's `message_start` usage
 
 
@@ -40,10 +42,11 @@ EARLY_REPORTS_MAX = 10_000
 
 class Reports(Settlement):
     def awaits_report(self, state: RequestState) -> bool:
-        """A forwarded stream whose response never reached this server: Envoy reports its usage."""
+        """A forwarded request whose response never reached this server: Envoy reports its usage. (A stream whose
+        usage chunk the server hides reads its response itself.)"""
         return (self._envoy_settles and state.forwarded and not state.response_started and not state.finished
                 and state.settle_source is None and state.admission is not None and state.parsed is not None
-                and state.parsed.stream and not state.added_stream_usage)
+                and not state.added_stream_usage)
 
     def park(self, state: RequestState) -> None:
         state.awaits_report = True
@@ -88,9 +91,15 @@ class Reports(Settlement):
 
     async def _apply(self, state: RequestState, report: EnvoyReport) -> None:
         state.awaits_report = False
-        state.response_status, state.response_started, state.streaming = report.status, True, True
+        stream = state.parsed is not None and state.parsed.stream
+        state.response_status, state.response_started, state.streaming = report.status, True, stream
         tr = state.translator
-        if tr is not None:
+        if tr is not None and not stream:
+            u = tr.response_usage({"model": report.model, "usage": report.usage}) if report.usage else None
+            if u is not None:
+                state.usage.merge(u)
+                state.usage_final = u.complete
+        elif tr is not None:
             for event, doc in tr.reported_events(report.model, report.usage, report.start_usage):
                 info = tr.stream_event(event, doc)
                 if info.usage is not None:

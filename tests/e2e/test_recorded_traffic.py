@@ -138,17 +138,18 @@ def _envoy_reports(stack: Stack) -> float:
     *[pytest.param(p.values[0], "identity", id=f"{p.id}-identity", marks=p.marks) for p in case_params()],
     *_compressed_params()])
 def test_recorded_exchange_settled_by_envoy(replay_envoy: Stack, case: dict[str, Any], encoding: str):
-    """Every case settles exactly on the fast path too; a stream's usage came from Envoy's report (no chunk went
-    to the server), and Envoy decoded a compressed stream before reading it."""
+    """Every case settles exactly on the fast path too; its usage came from Envoy's report (no byte of the response
+    went to the server: sse_to_metadata read a stream, json_to_metadata a JSON answer), and Envoy decoded a
+    compressed stream before reading it."""
     before = _envoy_reports(replay_envoy)
     extra = {"accept-encoding": CLIENT_ACCEPT.get(encoding, "identity")}
     if encoding != "identity":
         extra["x-replay-encoding"] = encoding
     r = _exchange(replay_envoy, case, extra)
     streamed = "event-stream" in case["response_content_type"]
-    assert _envoy_reports(replay_envoy) - before == (1 if streamed else 0)
+    assert _envoy_reports(replay_envoy) - before == 1
     if encoding != "identity":
-        # A stream comes compressed and Envoy decodes it; a JSON answer the server reads comes uncompressed
-        # (Envoy's decompressors would stall ext_proc holding it, docs/streaming.md).
+        # A stream comes compressed and Envoy decodes it; a JSON answer comes uncompressed (Envoy's decompressors
+        # would stall json_to_metadata holding it, docs/streaming.md).
         assert _last_upstream_request(replay_envoy, case)["sent_encoding"] == (encoding if streamed else None)
         assert r.headers.get("content-encoding") is None

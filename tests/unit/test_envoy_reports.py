@@ -5,13 +5,20 @@ report comes; a report nobody waits for moves nothing."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
+from envoy.data.accesslog.v3 import accesslog_pb2
+from google.protobuf import struct_pb2
 
+from nexus_dev.envoy_config import _json_usage_rules
+from nexus_extproc.apis import TRANSLATORS
 from nexus_extproc.app import build
+from nexus_extproc.edge.access_log import report_of
 from nexus_extproc.metering.usage import TokenUsage
 from nexus_extproc.request.reports import EnvoyReport
-from tests.builders import admitted_state
+from nexus_extproc.request.state import RequestState
+from tests.builders import admitted_state, request_doc
 from tests.conftest import make_config
 
 START = {"input_tokens": 10, "cache_read_input_tokens": 3000, "cache_creation_input_tokens": 1500,
@@ -102,3 +109,72 @@ def test_openai_reports(counter, tmp_path, path, model, usage, want):
         assert await proc.envoy_report(EnvoyReport(st.req_id, 200, model=model, usage=usage))
         assert st.settle_source == "usage" and st.usage.to_usage() == want
     asyncio.run(go())
+
+
+@pytest.mark.parametrize(("path", "model", "usage", "want"), [
+    ("/v1/chat/completions", "gpt-4o", {"prompt_tokens": 100, "completion_tokens": 7, "total_tokens": 107,
+                                        "prompt_tokens_details": {"cached_tokens": 64}},
+     TokenUsage(100, 7, cache_read_tokens=64)),
+    ("/v1/messages", "claude-sonnet-4-5", {**START, **DELTA, "server_tool_use": {"web_search_requests": 2}},
+     TokenUsage(4510, 15, cache_read_tokens=3000, cache_write_tokens=1500, web_searches=2)),
+    ("/v1/embeddings", "text-embedding-3-small", {"prompt_tokens": 8, "total_tokens": 8}, TokenUsage(8, 0)),
+])
+def test_a_json_answer_settles_from_its_reported_usage(counter, tmp_path, path, model, usage, want):
+    """A JSON answer waits for its report too (json_to_metadata read it in Envoy) and is priced from it as from
+    the body; the request asked the provider for identity (Envoy's decompressors would stall the filter)."""
+    async def go():
+        proc = processor(counter, tmp_path)
+        st = RequestState()
+        proc.request_headers(st, {":method": "POST", ":path": path, "content-type": "application/json",
+                                  "accept-encoding": "gzip, br"}, False)
+        doc = request_doc(path, model, stream=False)
+        r = await proc.request_body(st, json.dumps(doc).encode())
+        assert ("accept-encoding", "identity") in r.set_headers
+        await proc.forwarded(st)
+        await proc.finish(st)
+        assert st.awaits_report and not st.finished
+        assert await proc.envoy_report(EnvoyReport(st.req_id, 200, model=model, usage=usage))
+        assert st.finished and st.settle_source == "usage" and st.usage.to_usage() == want
+    asyncio.run(go())
+
+
+def _entry(fields: dict[str, struct_pb2.Value]) -> accesslog_pb2.HTTPAccessLogEntry:
+    entry = accesslog_pb2.HTTPAccessLogEntry()
+    md = entry.common_properties.metadata.filter_metadata
+    md["nexus.extproc"].CopyFrom(struct_pb2.Struct(fields={"request_id": struct_pb2.Value(string_value="r1")}))
+    md["nexus.usage"].CopyFrom(struct_pb2.Struct(fields=fields))
+    entry.response.response_code.value = 200
+    return entry
+
+
+def test_json_usage_leaves_are_nested_back_into_the_block():
+    n = lambda v: struct_pb2.Value(number_value=v)  # noqa: E731
+    rep = report_of(_entry({"model": struct_pb2.Value(string_value="gpt-4o-2024-08-06"),
+                            "usage.prompt_tokens": n(100), "usage.completion_tokens": n(7),
+                            "usage.prompt_tokens_details.cached_tokens": n(64),
+                            "usage.completion_tokens_details.reasoning_tokens": n(-1),  # not a count
+                            "usage.total_tokens": n(float("nan")),
+                            "usage.prompt_tokens_details.audio_tokens": struct_pb2.Value(string_value="3")}))
+    assert rep is not None and rep.model == "gpt-4o-2024-08-06"
+    assert rep.usage == {"prompt_tokens": 100, "completion_tokens": 7, "prompt_tokens_details": {"cached_tokens": 64}}
+    assert isinstance(rep.usage["prompt_tokens"], int)
+    # A stream's usage object (sse_to_metadata's JSON text) is taken whole; no leaves at all is no usage.
+    rep = report_of(_entry({"usage": struct_pb2.Value(string_value='{"output_tokens": 15}')}))
+    assert rep is not None and rep.usage == {"output_tokens": 15}
+    rep = report_of(_entry({}))
+    assert rep is not None and rep.usage is None
+
+
+def test_envoy_copies_every_usage_field_the_price_database_reads():
+    """The json_to_metadata rules come from genai-prices' extractors for our APIs: a field it learns to read is
+    copied without a change here."""
+    from genai_prices import data_snapshot
+
+    rules = {tuple(s["key"] for s in r["selectors"]) for r in _json_usage_rules()}
+    for p in data_snapshot.get_snapshot().providers:
+        for e in p.extractors or []:
+            if (p.id, e.api_flavor) in {(t.family, t.usage_flavor) for t in TRANSLATORS.values()}:
+                for m in e.mappings:
+                    path = (m.path,) if isinstance(m.path, str) else tuple(m.path)
+                    assert ("usage", *path) in rules, (p.id, e.api_flavor, path)
+    assert ("model",) in rules and ("usage", "total_tokens") in rules
