@@ -283,34 +283,99 @@ def compare_budget_counts(b: Bench, up: int, body: str, plain: Result, ratios: l
     ratios.append(("1 KB JSON c=16, 5 budgets (sqlite, median)", rps["5 budgets"] / plain.rps))
 
 
-def compare_settlement_modes(b: Bench, fake: int) -> dict[str, dict[str, float]]:
-    """The same paced stream (40 events, each its own chunk, usage requested by the client) through each way of
-    settling it, SQLite budget on: ext_proc reads every chunk, or Envoy reads them and reports on the access log."""
-    print("\nStreamed chunks by settlement mode (40 paced events, include_usage, SQLite budget, 8 connections)")
-    body = json.dumps({"model": "gpt-4o-mini", "stream": True, "max_tokens": 40, "stream_options": {
-        "include_usage": True}, "messages": [{"role": "user", "content": "hi"}]})
-    paced = {"x-fake-completion-tokens": "40", "x-fake-delay-ms": "2"}
+def settle_latency(url: str, db: Path, body: str, headers: dict[str, str], n: int) -> tuple[float, float]:
+    """p50/p99 ms from the client reading a stream's last byte to its settlement row in the ledger, over n
+    sequential streams (the ledger polled every 2 ms on a read-only connection)."""
+    import sqlite3
+
+    import httpx
+
+    lags: list[float] = []
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    with httpx.Client(timeout=30) as c:
+        for _ in range(n):
+            with c.stream("POST", url, content=body, headers={"content-type": "application/json", **headers}) as r:
+                rid = r.headers.get("x-nexus-request-id")
+                for _chunk in r.iter_bytes():
+                    pass
+            end = time.perf_counter()
+            while time.perf_counter() - end < 10:
+                if con.execute("SELECT 1 FROM settlements WHERE req_id = ?", (rid,)).fetchone():
+                    break
+                time.sleep(0.002)
+            lags.append((time.perf_counter() - end) * 1000)
+    con.close()
+    lags.sort()
+    return statistics.median(lags), lags[min(len(lags) - 1, int(len(lags) * 0.99))]
+
+
+def compare_settlement_modes(b: Bench, fake: int, up: int) -> dict[str, dict[str, float]]:
+    """The same traffic through each way of settling it, SQLite budget on, plain Envoy (no filter) alongside: a
+    1 KB JSON request (16 connections, canned upstream), and paced streams of 40 and 300 events, each event its
+    own chunk, usage requested by the client (8 connections). Per-chunk CPU is the difference between the two
+    stream lengths over the 260 extra chunks, so the per-request work cancels."""
+    print("\nBy settlement mode (SQLite budget; JSON 1 KB c=16; streams of 40 and 300 paced events c=8)")
+
+    def stream_body(n: int) -> str:
+        return json.dumps({"model": "gpt-4o-mini", "stream": True, "max_tokens": n, "stream_options": {
+            "include_usage": True}, "messages": [{"role": "user", "content": "hi"}]})
+
+    def paced(n: int) -> dict[str, str]:
+        return {"x-fake-completion-tokens": str(n), "x-fake-delay-ms": "2"}
+
     out: dict[str, dict[str, float]] = {}
-    for mode in ("ext_proc", "envoy"):
-        x, g = b.start_extproc({"kind": "sqlite", "path": str(b.work / f"modes-{mode}.db")}, 1, settlement=mode)
-        params = EnvoyParams(listen_address=HOST, listen_port=free_port(), admin_port=free_port(),
-                             extproc_ports=[g], upstreams=[Upstream("openai", HOST, fake)],
-                             access_log_path="/dev/null", settlement=mode)
-        e, port, admin = b.start_envoy(build_config(params), f"mode-{mode}")
+    for mode in ("plain", "ext_proc", "envoy"):
+        x = None
+        if mode == "plain":
+            e, port, admin = b.start_envoy(plain_config(free_port(), free_port(), fake), "mode-plain")
+            ej, jport, jadmin = b.start_envoy(plain_config(free_port(), free_port(), up), "mode-plain-json")
+        else:
+            db = b.work / f"modes-{mode}.db"
+            x, g = b.start_extproc({"kind": "sqlite", "path": str(db)}, 1, settlement=mode)
+            configs = []
+            for upstream in (fake, up):
+                params = EnvoyParams(listen_address=HOST, listen_port=free_port(), admin_port=free_port(),
+                                     extproc_ports=[g], upstreams=[Upstream("openai", HOST, upstream)],
+                                     access_log_path="/dev/null", settlement=mode)
+                configs.append(b.start_envoy(build_config(params), f"mode-{mode}-{upstream}"))
+            (e, port, admin), (ej, jport, jadmin) = configs
+        r: dict[str, float] = {}
+        json_res = b.measure(f"{mode}: 1 KB JSON", jport, ej, x, chat_body(1024), 16)
+        r.update(json_rps=round(json_res.rps), json_envoy_cpu_us=round(json_res.envoy_cpu_us),
+                 json_extproc_cpu_us=round(json_res.extproc_cpu_us), json_p50_ms=json_res.p50_ms)
+        if x is not None:
+            r["json_messages_per_request"] = round(messages_per_request(jport, jadmin, chat_body(1024)), 2)
         url = f"http://{HOST}:{port}/v1/chat/completions"
-        run_wrk(b.wrk, url, body, 8, 1, paced, b.work)  # warm-up
-        m0, e0, x0 = envoy_stat(admin, "ext_proc.stream_msgs_received"), cpu_seconds([e.pid]), \
-            cpu_seconds(children_of(x.pid))
-        _, p50, _, errs, total = run_wrk(b.wrk, url, body, 8, b.args.duration, paced, b.work)
-        msgs = envoy_stat(admin, "ext_proc.stream_msgs_received") - m0
-        n = max(1, total)
-        out[mode] = {"responses": total, "errors": errs, "messages_per_response": round(msgs / n, 2),
-                     "extproc_cpu_us_per_response": round((cpu_seconds(children_of(x.pid)) - x0) / n * 1e6),
-                     "envoy_cpu_us_per_response": round((cpu_seconds([e.pid]) - e0) / n * 1e6), "p50_ms": p50}
-        r = out[mode]
-        print(f"  {mode:<9} {total} responses, {r['messages_per_response']} ext_proc messages each; ext_proc CPU "
-              f"{r['extproc_cpu_us_per_response']} µs, Envoy CPU {r['envoy_cpu_us_per_response']} µs per response "
-              f"(40 chunks); p50 {p50:.1f} ms", flush=True)
+        for n in (40, 300):
+            body = stream_body(n)
+            run_wrk(b.wrk, url, body, 8, 1, paced(n), b.work)  # warm-up
+            m0, e0 = envoy_stat(admin, "ext_proc.stream_msgs_received"), cpu_seconds([e.pid])
+            x0 = cpu_seconds(children_of(x.pid)) if x else 0.0
+            _, p50, _, errs, total = run_wrk(b.wrk, url, body, 8, b.args.duration, paced(n), b.work)
+            k = max(1, total)
+            r[f"s{n}_responses"], r[f"s{n}_errors"], r[f"s{n}_p50_ms"] = total, errs, p50
+            r[f"s{n}_messages_per_response"] = round((envoy_stat(admin, "ext_proc.stream_msgs_received") - m0) / k, 2)
+            r[f"s{n}_envoy_cpu_us"] = round((cpu_seconds([e.pid]) - e0) / k * 1e6)
+            r[f"s{n}_extproc_cpu_us"] = round((cpu_seconds(children_of(x.pid)) - x0) / k * 1e6) if x else 0
+        r["envoy_cpu_us_per_chunk"] = round((r["s300_envoy_cpu_us"] - r["s40_envoy_cpu_us"]) / 260, 2)
+        r["extproc_cpu_us_per_chunk"] = round((r["s300_extproc_cpu_us"] - r["s40_extproc_cpu_us"]) / 260, 2)
+        sse = stream_body(20)
+        r["ttft_ms"] = round(asyncio.run(ttft(url, sse, 40)), 2)
+        if mode != "plain":
+            r["settle_p50_ms"], r["settle_p99_ms"] = (round(v, 1) for v in settle_latency(
+                url, b.work / f"modes-{mode}.db", sse, {"x-fake-completion-tokens": "20"}, 100))
+        out[mode] = r
+        print(f"  {mode:<9} JSON: {r.get('json_messages_per_request', 0)} messages, ext_proc "
+              f"{r['json_extproc_cpu_us']} µs, Envoy {r['json_envoy_cpu_us']} µs/req, {r['json_rps']} req/s | "
+              f"stream: {r['s40_messages_per_response']} / {r['s300_messages_per_response']} messages (40 / 300 "
+              f"events); per chunk ext_proc {r['extproc_cpu_us_per_chunk']} µs, Envoy {r['envoy_cpu_us_per_chunk']} "
+              f"µs; TTFT {r['ttft_ms']} ms; settled after the stream p50/p99 "
+              f"{r.get('settle_p50_ms', '-')} / {r.get('settle_p99_ms', '-')} ms", flush=True)
+    for mode in ("ext_proc", "envoy"):
+        out[mode]["envoy_cpu_us_per_chunk_above_plain"] = round(
+            out[mode]["envoy_cpu_us_per_chunk"] - out["plain"]["envoy_cpu_us_per_chunk"], 2)
+        out[mode]["ttft_added_ms"] = round(out[mode]["ttft_ms"] - out["plain"]["ttft_ms"], 2)
+        out[mode]["json_rps_ratio"] = round(out[mode]["json_rps"] / max(1, out["plain"]["json_rps"]), 3)
     return out
 
 
@@ -394,7 +459,7 @@ def main() -> int:
     ap.add_argument("--budget-rounds", type=int, default=6, help="rounds of the one vs five budgets comparison")
     ap.add_argument("--budgets-only", action="store_true", help="plain Envoy and the one vs five budgets comparison")
     ap.add_argument("--modes-only", action="store_true",
-                    help="only the paced stream through each settlement mode (ext_proc, envoy)")
+                    help="only the settlement modes compared (plain, ext_proc, envoy: JSON, 40- and 300-event streams)")
     ap.add_argument("--json", metavar="FILE", help="also write every figure to FILE as JSON")
     args = ap.parse_args()
     figures: dict[str, object] = {"machine": {"cores": os.cpu_count()}, "cases": [], "ratios": {}}
@@ -403,7 +468,7 @@ def main() -> int:
     try:
         if args.modes_only:
             b.stack.start_fakes(("openai",))
-            figures["stream_modes"] = compare_settlement_modes(b, b.stack.fake_ports["openai"])
+            figures["modes"] = compare_settlement_modes(b, b.stack.fake_ports["openai"], b.start_upstream())
             if args.json:
                 Path(args.json).write_text(json.dumps(figures, indent=2))
             return 0
@@ -550,7 +615,7 @@ def main() -> int:
                   f"ext_proc {t_ext:.2f} ms, difference {t_ext - t_plain:+.2f} ms")
             figures["ttft_ms"] = {"plain": t_plain, "ext_proc": t_ext, "added": t_ext - t_plain}
             del m1
-            figures["stream_modes"] = compare_settlement_modes(b, fake)
+            figures["modes"] = compare_settlement_modes(b, fake, up)
 
         print("\nIn-process request path")
         micro_benchmarks()
