@@ -32,7 +32,7 @@ from nexus_extproc.budget.policy import (
 )
 from nexus_extproc.budget.scopes import RequestFacts
 from nexus_extproc.config import NexusConfig
-from nexus_extproc.ledger import Key, StoreUnavailable, Totals
+from nexus_extproc.ledger import ForwardNote, Key, StoreUnavailable, Totals
 from nexus_extproc.ledger.outbox import Outbox
 from nexus_extproc.memo import BoundedMemo
 from nexus_extproc.ops import metrics
@@ -61,6 +61,7 @@ class Admission:
     outbox: bool = False  # store was down and store_failure=open: settle into the outbox
     budget: str | None = None  # the budget whose status decided
     reset_in_s: int = 0
+    forward_marked: bool = False  # the reservation was written already marked forwarded (one write)
 
 
 @dataclass(slots=True)
@@ -92,8 +93,12 @@ class Admitter:
         self._plans: BoundedMemo[RequestFacts, _Plan] = BoundedMemo()
 
     async def admit(self, req_id: str, requested: Target, equivalent: Target | None,
-                    facts: RequestFacts | None = None) -> Admission:
-        """Reserve first in every matching budget, decide with the totals that saw, redo only on a change."""
+                    facts: RequestFacts | None = None, note: ForwardNote | None = None) -> Admission:
+        """Reserve first in every matching budget, decide with the totals that saw, redo only on a change.
+
+        With `note`, the reservation is written already marked forwarded, for the request as asked: admitted
+        that way (nearly every request), the request path needs no second write. A refusal or a reroute releases
+        or replaces it as before."""
         if not self.book.enabled:
             return Admission(decide(PolicyInput(requested, equivalent, None)), None)
         assert self.book.ledger is not None
@@ -126,7 +131,9 @@ class Admitter:
                 plan.observed = True
             amount = requested.estimate_micros
             caps = plan.caps if amount > 0 else None
-            res = await self.book.ledger.reserve(req_id, items, amount, expires, caps)
+            res = await self.book.ledger.reserve(req_id, items, amount, expires, caps,
+                                                 None if note is None else (time.time(), note))
+            marked = note is not None
             if res.admitted:
                 # Fast path: every budget was Normal before this request (and at the last decision), and the
                 # capped reservation fit, so the policy allows the request as asked in each of them and the
@@ -155,7 +162,7 @@ class Admitter:
                     decision = decide(PolicyInput(requested, equivalent, view))
                     if decision.action is Action.ALLOW and decision.target == requested:
                         return Admission(decision, view, items, amount, budget=matched[i].name,
-                                         reset_in_s=periods[i].seconds_until_reset(now))
+                                         reset_in_s=periods[i].seconds_until_reset(now), forward_marked=marked)
             self.book.last_totals.update(zip(plan.names, res.totals, strict=True))
             befores = [Totals(t.settled, t.reserved - amount) if res.admitted else t for t in res.totals]
             views = [self.book.view_of(d, t) for d, t in zip(matched, befores, strict=True)]
@@ -172,7 +179,8 @@ class Admitter:
             self.book.note_status(matched, views)
             if res.admitted and decision.action is Action.ALLOW and decision.target == requested:
                 self.watch.check(matched, periods, res.totals)
-                return Admission(decision, view, items, amount, budget=deciding.name, reset_in_s=reset)
+                return Admission(decision, view, items, amount, budget=deciding.name, reset_in_s=reset,
+                                 forward_marked=marked)
             if res.admitted:
                 await self.book.ledger.release(req_id)
             if decision.action is Action.REJECT:

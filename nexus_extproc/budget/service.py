@@ -80,8 +80,8 @@ class BudgetService:
     # ---- the request path ------------------------------------------------------------------------
 
     async def admit(self, req_id: str, requested: Target, equivalent: Target | None,
-                    facts: RequestFacts | None = None) -> Admission:
-        return await self.admitter.admit(req_id, requested, equivalent, facts)
+                    facts: RequestFacts | None = None, note: ForwardNote | None = None) -> Admission:
+        return await self.admitter.admit(req_id, requested, equivalent, facts, note)
 
     def rejection(self, adm: Admission) -> Rejection:
         return self.admitter.rejection(adm)

@@ -154,10 +154,13 @@ class SpendLedger(abc.ABC):
 
     @abc.abstractmethod
     async def reserve(self, req_id: str, keys: Sequence[Key], amount: int, expires_at: float,
-                      caps: Sequence[int | None] | None = None) -> ReserveResult:
+                      caps: Sequence[int | None] | None = None,
+                      forwarded: tuple[float, ForwardNote] | None = None) -> ReserveResult:
         """Reserve `amount` in every budget of `keys`, all or nothing: refused (nothing reserved) if any budget
         would pass its cap (caps[i] for keys[i]; None: no cap). One amount for all: a request costs the same
-        whichever budgets count it. Callers on the hot path pass the same tuple object per budget set."""
+        whichever budgets count it. Callers on the hot path pass the same tuple object per budget set.
+        `forwarded` writes the reservation already marked as `mark_forwarded` would, in the same write: the
+        request path's one ledger write (a process that dies before sending it charges its estimate)."""
 
     @abc.abstractmethod
     async def settle(self, req_id: str, keys: Sequence[Key], cost: int, record: SpendRecord) -> bool:

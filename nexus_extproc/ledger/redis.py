@@ -22,6 +22,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import resources
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -132,7 +133,8 @@ class RedisLedger(Ledger):
         return Totals(int(s or 0), int(r or 0))
 
     async def reserve(self, req_id: str, keys: Sequence[Key], amount: int, expires_at: float,
-                      caps: Sequence[int | None] | None = None) -> ReserveResult:
+                      caps: Sequence[int | None] | None = None,
+                      forwarded: tuple[float, ForwardNote] | None = None) -> ReserveResult:
         caps_t = None if caps is None else tuple(caps)
         kt = keys if type(keys) is tuple else tuple(keys)
         packed = self._packed.get((kt, caps_t))
@@ -145,8 +147,9 @@ class RedisLedger(Ledger):
             secs, micros = (int(x) for x in await self._call(self._time(keys=[f"{self._p}:rexp"])))
             self._clock_offset = secs + micros / 1e6 - time.time()
         deadline = time.time() + self._clock_offset + self._timeout
+        fwd: list[Any] = [forwarded[0], self._note_doc(forwarded[1])] if forwarded is not None else []
         out = await self._call(self._script(self._reserve, [f"{self._p}:r:{req_id}", f"{self._p}:rexp"],
-                                            [req_id, expires_at, amount, self._p, packed, deadline]))
+                                            [req_id, expires_at, amount, self._p, packed, deadline, *fwd]))
         if int(out[0]) < 0:
             raise StoreUnavailable("redis: reserve reached the server after its deadline")
         totals = [Totals(int(out[1 + 2 * i]), int(out[2 + 2 * i])) for i in range(len(keys))]
@@ -173,10 +176,13 @@ class RedisLedger(Ledger):
         keys = [f"{self._p}:r:{req_id}", f"{self._p}:rexp"]
         return int(await self._call(self._release(keys=keys, args=[req_id, self._p])))
 
+    @staticmethod
+    def _note_doc(note: ForwardNote) -> str:
+        return json.dumps({"model": note.model, "backend": note.backend, "asked": note.model_requested,
+                           "in": note.input_tokens, "task": note.task, "tags": note.tags}, separators=(",", ":"))
+
     async def mark_forwarded(self, req_id: str, at: float, note: ForwardNote) -> None:
-        doc = json.dumps({"model": note.model, "backend": note.backend, "asked": note.model_requested,
-                          "in": note.input_tokens, "task": note.task, "tags": note.tags}, separators=(",", ":"))
-        await self._call(self._script(self._forwarded, [f"{self._p}:r:{req_id}"], [at, doc]))
+        await self._call(self._script(self._forwarded, [f"{self._p}:r:{req_id}"], [at, self._note_doc(note)]))
 
     async def reap(self, now: float) -> ReapResult:
         out = await self._call(self._reap(keys=[f"{self._p}:rexp", f"{self._p}:settlement_count"],

@@ -8,6 +8,7 @@ an OS crash or power loss can lose the last transactions since the WAL was synce
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +39,13 @@ T = TypeVar("T")
 
 class SqliteLedger(SyncSqlite, Ledger):
     """The async face of the SQLite ledger: each call goes to the ledger's one thread (sqlite_sync.py)."""
+
+    def __init__(self, path: str, timeout_ms: int = 250, synchronous: str = "NORMAL",
+                 wal_max_bytes: int = 64 << 20) -> None:
+        super().__init__(path, timeout_ms, synchronous, wal_max_bytes)
+        self._settles: list[tuple[str, Sequence[Key], int, SpendRecord, asyncio.Future[bool]]] = []
+        self._settling = False
+        self._drainer: asyncio.Task[None] | None = None
 
     # ---- the event loop's side: every call runs on the ledger's one thread -------------------------------
 
@@ -87,11 +95,37 @@ class SqliteLedger(SyncSqlite, Ledger):
         return await self._io(self._totals_sync, budget, period)
 
     async def reserve(self, req_id: str, keys: Sequence[Key], amount: int, expires_at: float,
-                      caps: Sequence[int | None] | None = None) -> ReserveResult:
-        return await self._io(self._reserve_sync, req_id, keys, amount, expires_at, caps)
+                      caps: Sequence[int | None] | None = None,
+                      forwarded: tuple[float, ForwardNote] | None = None) -> ReserveResult:
+        return await self._io(self._reserve_sync, req_id, keys, amount, expires_at, caps, forwarded)
 
     async def settle(self, req_id: str, keys: Sequence[Key], cost: int, record: SpendRecord) -> bool:
-        return await self._io(self._settle_sync, req_id, keys, cost, record)
+        """Group commit: settlements that arrive while one transaction runs (a batch of access-log reports,
+        streams ending together) go to the store together in the next one; one alone goes at once."""
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._settles.append((req_id, keys, cost, record, fut))
+        if not self._settling:
+            self._settling = True
+            task = asyncio.get_running_loop().create_task(self._drain_settles())
+            self._drainer = task
+        return await fut
+
+    async def _drain_settles(self) -> None:
+        try:
+            while self._settles:
+                batch, self._settles = self._settles, []
+                try:
+                    results = await self._io(self._settle_many_sync, [b[:4] for b in batch])
+                except Exception as e:
+                    for b in batch:
+                        if not b[4].done():
+                            b[4].set_exception(e)
+                    continue
+                for b, ok in zip(batch, results, strict=True):
+                    if not b[4].done():
+                        b[4].set_result(ok)
+        finally:
+            self._settling = False
 
     async def release(self, req_id: str) -> int:
         return await self._io(self._release_sync, req_id)
@@ -164,6 +198,8 @@ class SqliteLedger(SyncSqlite, Ledger):
         return await self._io(self._checkpoint_sync, force)
 
     async def close(self) -> None:
+        if self._drainer is not None and not self._drainer.done():
+            await asyncio.shield(self._drainer)  # settlements already handed over are written first
         if self._reader is not None and self._reader_db is not None:
             await self._reader.call(self._reader_db.close)
             self._reader.shutdown()

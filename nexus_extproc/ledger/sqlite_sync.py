@@ -256,8 +256,10 @@ class SyncSqlite:
         return Totals(*row) if row else Totals(0, 0)
 
     def _reserve_sync(self, req_id: str, keys: Sequence[Key], amount: int, expires_at: float,
-                      caps: Sequence[int | None] | None = None) -> ReserveResult:
+                      caps: Sequence[int | None] | None = None,
+                      forwarded: tuple[float, ForwardNote] | None = None) -> ReserveResult:
         sh = self._shape(keys)
+        fwd_at, note = (forwarded[0], forwarded[1].pack()) if forwarded is not None else (None, None)
 
         def tx(c: sqlite3.Cursor) -> ReserveResult:
             # Read, check every cap, then write: BEGIN IMMEDIATE holds the write lock from the start, so nothing
@@ -268,53 +270,67 @@ class SyncSqlite:
                                         for t, cap in zip(before, caps, strict=True)):
                 return ReserveResult(False, before)
             c.executemany(f"UPDATE totals SET reserved = reserved + ? WHERE {_ROW}", [(amount, *r) for r in loc.rows])
-            c.execute("INSERT OR REPLACE INTO reservations VALUES (?,?,?,?,NULL,NULL)",
-                      (req_id, amount, sh.text, expires_at))
+            c.execute("INSERT OR REPLACE INTO reservations VALUES (?,?,?,?,?,?)",
+                      (req_id, amount, sh.text, expires_at, fwd_at, note))
             return ReserveResult(True, [Totals(s_, r + amount) for s_, r in before])
 
         result: ReserveResult = self._retrying(tx)
         return result
 
-    def _settle_sync(self, req_id: str, keys: Sequence[Key], cost: int, record: SpendRecord) -> bool:
+    def _settle_tx(self, c: sqlite3.Cursor, req_id: str, keys: Sequence[Key], cost: int,
+                   record: SpendRecord) -> bool:
         sh = self._shape(keys)
-
-        def tx(c: sqlite3.Cursor) -> bool:
-            row = c.execute("SELECT amount, budgets FROM reservations WHERE req_id=?", (req_id,)).fetchone()
-            target: _Shape = sh
-            amounts: list[int] | None = None
-            if row is not None:
-                held = sh if row[1] == sh.text else self._shape_of_text(row[1])
-                if held is not sh:
-                    # Settle into the periods it was reserved in; budgets not held get no reserved decrement.
-                    merged = dict(sh.keys)
-                    merged.update(held.keys)
-                    target = self._shape(tuple(merged.items()))
-                    held_names = {b for b, _ in held.keys}
-                    amounts = [row[0] if b in held_names else 0 for b, _ in target.keys]
-            try:
-                c.execute(f"INSERT INTO settlements {_SETTLEMENT_COLS}",
-                          (req_id, record.ts, record.model, record.backend, record.input_tokens,
-                           record.output_tokens, cost, record.estimate, record.source, target.names, record.avoided,
-                           record.model_requested, record.task, record.tags, record.team, record.cache_read_tokens,
-                           record.output_reserved, int(record.streamed), record.agent, record.tool, record.session))
-            except sqlite3.IntegrityError:
-                raise _AlreadySettled from None  # idempotent: a second settle changes nothing
-            if row is not None:
-                c.execute("DELETE FROM reservations WHERE req_id=?", (req_id,))
-            loc = self._locate(c, target)
-            if amounts is None:
-                amounts = [0 if row is None else row[0]] * len(loc.rows)
-            c.executemany(f"UPDATE totals SET settled = settled + ?, reserved = reserved - ? WHERE {_ROW}",
-                          [(cost, a, *r) for a, r in zip(amounts, loc.rows, strict=True)])
-            if c.rowcount != len(loc.rows):
-                raise _StaleIds
-            return True
-
+        row = c.execute("SELECT amount, budgets FROM reservations WHERE req_id=?", (req_id,)).fetchone()
+        target: _Shape = sh
+        amounts: list[int] | None = None
+        if row is not None:
+            held = sh if row[1] == sh.text else self._shape_of_text(row[1])
+            if held is not sh:
+                # Settle into the periods it was reserved in; budgets not held get no reserved decrement.
+                merged = dict(sh.keys)
+                merged.update(held.keys)
+                target = self._shape(tuple(merged.items()))
+                held_names = {b for b, _ in held.keys}
+                amounts = [row[0] if b in held_names else 0 for b, _ in target.keys]
         try:
-            applied: bool = self._retrying(tx)
-        except _AlreadySettled:
-            return False
-        return applied
+            c.execute(f"INSERT INTO settlements {_SETTLEMENT_COLS}",
+                      (req_id, record.ts, record.model, record.backend, record.input_tokens,
+                       record.output_tokens, cost, record.estimate, record.source, target.names, record.avoided,
+                       record.model_requested, record.task, record.tags, record.team, record.cache_read_tokens,
+                       record.output_reserved, int(record.streamed), record.agent, record.tool, record.session))
+        except sqlite3.IntegrityError:
+            raise _AlreadySettled from None  # idempotent: a second settle changes nothing
+        if row is not None:
+            c.execute("DELETE FROM reservations WHERE req_id=?", (req_id,))
+        loc = self._locate(c, target)
+        if amounts is None:
+            amounts = [0 if row is None else row[0]] * len(loc.rows)
+        c.executemany(f"UPDATE totals SET settled = settled + ?, reserved = reserved - ? WHERE {_ROW}",
+                      [(cost, a, *r) for a, r in zip(amounts, loc.rows, strict=True)])
+        if c.rowcount != len(loc.rows):
+            raise _StaleIds
+        return True
+
+    def _settle_sync(self, req_id: str, keys: Sequence[Key], cost: int, record: SpendRecord) -> bool:
+        return self._settle_many_sync([(req_id, keys, cost, record)])[0]
+
+    def _settle_many_sync(self, items: Sequence[tuple[str, Sequence[Key], int, SpendRecord]]) -> list[bool]:
+        """Settlements that queued together, in one transaction (one fsync-able commit instead of one each): a
+        savepoint per settlement, so one already settled (False) leaves the others applied."""
+        def tx(c: sqlite3.Cursor) -> list[bool]:
+            out = []
+            for req_id, keys, cost, record in items:
+                c.execute("SAVEPOINT s")
+                try:
+                    out.append(self._settle_tx(c, req_id, keys, cost, record))
+                except _AlreadySettled:
+                    c.execute("ROLLBACK TO s")
+                    out.append(False)
+                c.execute("RELEASE s")
+            return out
+
+        result: list[bool] = self._retrying(tx)
+        return result
 
     def _unreserve(self, c: sqlite3.Cursor, rows: list[tuple[int, str]]) -> int:
         n = 0

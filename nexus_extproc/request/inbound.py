@@ -22,6 +22,7 @@ from nexus_extproc.apis.errors import (
 from nexus_extproc.budget.policy import Action
 from nexus_extproc.budget.scopes import RequestFacts, api_key_of, hash_api_key
 from nexus_extproc.budget.service import GLOBAL_BUDGET, BudgetStoreDown
+from nexus_extproc.ledger import ForwardNote
 from nexus_extproc.metering.money import usd_float
 from nexus_extproc.ops import metrics
 from nexus_extproc.request import headers as C
@@ -179,8 +180,12 @@ class Inbound(Estimation):
 
         facts = RequestFacts(model, route.backend_type, state.api_key_hash, state.identity.get("user"),
                              state.identity.get("team"), state.identity.get("agent"))
+        # The reservation goes in already marked forwarded (one write on the request path): what the reaper
+        # records if this process dies after the reply, for the request as asked.
+        label = self.model_label(model, price)
+        note = ForwardNote(label, route.backend, label, prompt_tokens, state.task, state.tags)
         try:
-            adm = await self.budget.admit(state.req_id, requested, equivalent, facts)
+            adm = await self.budget.admit(state.req_id, requested, equivalent, facts, note)
         except BudgetStoreDown:
             metrics.requests_total.labels("rejected").inc()
             return self._error(state, store_unavailable(), "store_unavailable")

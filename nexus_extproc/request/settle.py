@@ -120,7 +120,7 @@ class Settlement(Core):
         headers, which used to turn such a request into a 500)."""
         state.forwarded = True
         adm = state.admission
-        if adm is None or not adm.reserved or state.route is None:
+        if adm is None or not adm.reserved or state.route is None or adm.forward_marked:
             return
         note = ForwardNote(self.model_label(state.model, state.price), state.route.backend,
                            self.model_label(state.parsed.model if state.parsed else state.model,

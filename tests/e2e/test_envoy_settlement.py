@@ -122,6 +122,12 @@ def test_forged_reports_are_refused_and_move_nothing(fast: E2E):
     m = re.search(rb'"input_tokens": ?(\d+)', out["body"])
     assert m is not None
     assert settled(fast, before) == pytest.approx((int(m.group(1)) + 20 * 5) / 1e6, abs=2e-6)
+    # Which entry wins: the first authenticated report. Even one with the secret, after it, moves nothing (the
+    # request no longer waits; the ledger's settle is once per request id).
+    spent = fast.stats()["budget"]["current_spending_usd"]
+    assert send_forged(fast, rid, TOKEN) == grpc.StatusCode.OK
+    time.sleep(0.3)
+    assert fast.stats()["budget"]["current_spending_usd"] == spent
 
 
 def test_a_forged_ext_proc_stream_is_refused(fast: E2E):

@@ -117,6 +117,25 @@ async def test_reaper_charges_forwarded_reservations_once(ledger_factory):
     await led.close()
 
 
+async def test_a_reservation_written_forwarded_is_charged_by_the_reaper(ledger_factory):
+    """One write on the request path (issue 27): the reservation carries its forwarded mark and note, so a
+    process that dies after it is charged the estimate as if it had marked it afterwards; settled normally, the
+    mark changes nothing."""
+    led = ledger_factory()
+    note = ForwardNote("claude-haiku-4-5", "anthropic", "claude-haiku-4-5", 77, "triage", "env=prod")
+    assert (await led.reserve("once", [("g", "q"), ("team", "q")], 25, time.time() - 1, caps=[1000, None],
+                              forwarded=(time.time() - 2, note))).admitted
+    assert (await led.reserve("kept", [("g", "q")], 5, time.time() + 60, forwarded=(time.time(), note))).admitted
+    assert await led.reap(time.time()) == ReapResult(released=0, charged=1, charged_micros=25)
+    assert (await led.totals("team", "q")).settled == 25
+    assert await led.settle("kept", [("g", "q")], 4, rec(4))
+    t = await led.totals("g", "q")
+    assert (t.settled, t.reserved) == (29, 0)
+    aggs = [a for a in await led.spend(0, time.time() + 10) if a.budget == "team"]
+    assert [(a.model, a.cost, a.reaped, a.input_tokens) for a in aggs] == [("claude-haiku-4-5", 25, 25, 77)]
+    await led.close()
+
+
 async def test_settlements_keep_their_attribution_for_reports(ledger_factory):
     """Task, tags, backend, cache reads, reserved output and the stream flag come back from `spend`, on both
     stores, also for a settlement the reaper made (from the forwarded note)."""
@@ -559,4 +578,28 @@ async def test_sqlite_reports_never_queue_the_request_path(tmp_path):
     assert await report == 0
     await led.settle("r1", [("g", "p")], 10, rec(10))
     assert [a.cost for a in await led.spend(0, time.time() + 10)] == [10]  # the report connection sees commits
+    await led.close()
+
+
+async def test_settlements_arriving_together_share_one_transaction(tmp_path):
+    """SQLite group commit (issue 27 item 6): settles issued while one runs go in the next transaction together;
+    each keeps its own answer (an id settled twice in the batch is False once, applied once)."""
+    from nexus_extproc.ledger.sqlite import SqliteLedger
+
+    led = SqliteLedger(str(tmp_path / "g.db"))
+    batches: list[int] = []
+    real = led._settle_many_sync
+
+    def spy(items):
+        batches.append(len(items))
+        return real(items)
+    led._settle_many_sync = spy  # type: ignore[method-assign]
+    for i in range(20):
+        await led.reserve(f"b{i}", [("g", "p")], 10, time.time() + 60)
+    ids = [f"b{i}" for i in range(20)] + ["b3"]
+    results = await asyncio.gather(*(led.settle(r, [("g", "p")], 7, rec(7)) for r in ids))
+    assert results == [True] * 20 + [False]
+    assert sum(batches) == 21 and len(batches) < 21, batches  # the first alone, the rest behind it together
+    t = await led.totals("g", "p")
+    assert (t.settled, t.reserved) == (140, 0)
     await led.close()

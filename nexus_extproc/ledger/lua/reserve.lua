@@ -1,5 +1,6 @@
 -- KEYS: r, rexp ; ARGV: req, expires_at, amount, prefix, budgets ("budget	period	cap" lines; cap -1: none),
--- deadline (unix seconds). The budgets travel as one string (not an argument each): redis-py encodes every
+-- deadline (unix seconds), then optionally forwarded_at and its note (the reservation written already marked
+-- forwarded, as forwarded.lua would). The budgets travel as one string (not an argument each): redis-py encodes every
 -- argument in Python. A call that reaches the server after the client gave up on it (Redis paused or
 -- overloaded past the client's timeout) does nothing: otherwise it would hold a ghost reservation for its TTL.
 local now = redis.call('TIME')
@@ -30,6 +31,12 @@ for i, it in ipairs(items) do
   table.insert(out, seen[i][2])
 end
 if ok == 1 then
+  if ARGV[7] then
+    table.insert(held, '_fwd')
+    table.insert(held, ARGV[7])
+    table.insert(held, '_note')
+    table.insert(held, ARGV[8])
+  end
   if #held > 0 then redis.call('HSET', KEYS[1], unpack(held)) end
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 end
