@@ -98,6 +98,16 @@ class BudgetService:
         self.outbox.append({"req_id": req_id, "items": [list(i) for i in adm.items], "cost": cost,
                             "record": {k: getattr(record, k) for k in record.__slots__}})
 
+    async def correct(self, req_id: str, adm: Admission, cost: int, record: SpendRecord) -> bool:
+        """A late usage report replacing a settlement made at the estimate; best effort (the estimate stands)."""
+        if self.ledger is None or not adm.items:
+            return False
+        try:
+            return await self.ledger.correct(req_id, adm.items, cost, record)
+        except StoreUnavailable:
+            metrics.store_failures.labels("correct").inc()
+            return False
+
     async def mark_forwarded(self, req_id: str, note: ForwardNote) -> None:
         """Best effort: without the mark, a reservation whose process dies is released, not charged."""
         if self.ledger is None:

@@ -167,6 +167,12 @@ class SpendLedger(abc.ABC):
         """Replace the request's reservations with `cost`; False if this id was already settled."""
 
     @abc.abstractmethod
+    async def correct(self, req_id: str, keys: Sequence[Key], cost: int, record: SpendRecord) -> bool:
+        """Replace a settlement made at the estimate (source "estimate": its usage report came late) with the
+        real `cost` and `record`, moving each budget's settled total by the difference; once: False when the
+        request's settlement is not an estimate (none, exact, or corrected already)."""
+
+    @abc.abstractmethod
     async def release(self, req_id: str) -> int:
         """Drop the request's reservations unsettled; returns how many were dropped."""
 

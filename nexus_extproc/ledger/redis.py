@@ -57,6 +57,7 @@ _RESERVE = _lua("reserve")
 _SETTLE = _UNRESERVE_FN + _lua("settle")
 _RELEASE = _UNRESERVE_FN + _lua("release")
 _FORWARDED = _lua("forwarded")
+_CORRECT = _lua("correct")
 _REAP = _UNRESERVE_FN + _lua("reap")
 _CALIBRATE = _lua("calibrate")
 _TIME = _lua("time")  # on the node that owns the keys (in a cluster, the slot's master)
@@ -91,6 +92,7 @@ class RedisLedger(Ledger):
         self._packed: BoundedMemo[tuple[tuple[Key, ...], tuple[int | None, ...] | None], str] = BoundedMemo()
         self._reserve = self._r.register_script(_RESERVE)
         self._settle = self._r.register_script(_SETTLE)
+        self._correct = self._r.register_script(_CORRECT)
         self._release = self._r.register_script(_RELEASE)
         self._reap = self._r.register_script(_REAP)
         self._forwarded = self._r.register_script(_FORWARDED)
@@ -155,22 +157,39 @@ class RedisLedger(Ledger):
         totals = [Totals(int(out[1 + 2 * i]), int(out[2 + 2 * i])) for i in range(len(keys))]
         return ReserveResult(bool(int(out[0])), totals)
 
+    @staticmethod
+    def _settle_doc(req_id: str, items: Sequence[Key], cost: int, record: SpendRecord) -> str:
+        return json.dumps({"req": req_id, "ts": record.ts, "model": record.model, "backend": record.backend,
+                           "in": record.input_tokens, "out": record.output_tokens, "cost": cost,
+                           "estimate": record.estimate, "source": record.source,
+                           "budgets": [b for b, _ in items], "avoided": record.avoided,
+                           "asked": record.model_requested, "task": record.task, "tags": record.tags,
+                           "team": record.team, "agent": record.agent, "tool": record.tool,
+                           "session": record.session,
+                           "cr": record.cache_read_tokens, "or": record.output_reserved,
+                           "st": int(record.streamed)}, separators=(",", ":"))
+
     async def settle(self, req_id: str, items: Sequence[Key], cost: int, record: SpendRecord) -> bool:
         day = record.ts // 86400
         keys = [f"{self._p}:r:{req_id}", f"{self._p}:rexp", f"{self._p}:s:{req_id}",
                 f"{self._p}:settlement_count", f"{self._p}:log:{int(day)}"]
-        doc = json.dumps({"req": req_id, "ts": record.ts, "model": record.model, "backend": record.backend,
-                          "in": record.input_tokens, "out": record.output_tokens, "cost": cost,
-                          "estimate": record.estimate, "source": record.source,
-                          "budgets": [b for b, _ in items], "avoided": record.avoided,
-                          "asked": record.model_requested, "task": record.task, "tags": record.tags,
-                          "team": record.team, "agent": record.agent, "tool": record.tool,
-                          "session": record.session,
-                          "cr": record.cache_read_tokens, "or": record.output_reserved,
-                          "st": int(record.streamed)}, separators=(",", ":"))
         fields = "\n".join(f"{b}\t{p}" for b, p in items)
+        # An estimate's marker keeps what a later correction needs: its cost and token counts.
+        marker = (f"estimate:{cost}:{record.input_tokens}:{record.output_tokens}:{record.cache_read_tokens}"
+                  if record.source == "estimate" else "1")
         return bool(int(await self._call(self._script(
-            self._settle, keys, [req_id, cost, self._p, SETTLED_MARKER_TTL_S, doc, fields]))))
+            self._settle, keys, [req_id, cost, self._p, SETTLED_MARKER_TTL_S,
+                                 self._settle_doc(req_id, items, cost, record), fields, marker]))))
+
+    async def correct(self, req_id: str, keys: Sequence[Key], cost: int, record: SpendRecord) -> bool:
+        """The settle marker says how the request was settled; the log gets a correction entry (`corr`) holding
+        the differences, which reports add up without counting a second request."""
+        fields = "\n".join(f"{b}\t{p}" for b, p in keys)
+        day = int(record.ts // 86400)
+        out = await self._call(self._script(
+            self._correct, [f"{self._p}:s:{req_id}", f"{self._p}:log:{day}"],
+            [self._p, cost, self._settle_doc(req_id, keys, cost, record), fields, SETTLED_MARKER_TTL_S]))
+        return bool(int(out))
 
     async def release(self, req_id: str) -> int:
         keys = [f"{self._p}:r:{req_id}", f"{self._p}:rexp"]
@@ -284,7 +303,8 @@ class RedisLedger(Ledger):
                     a = acc[(b, d["model"], day_s, d.get("asked", ""), d.get("backend", ""), d.get("task", ""),
                              d.get("tags", ""), d.get("team", ""), d.get("agent", ""), d.get("tool", ""),
                              d.get("session", ""))]
-                    for i, v in enumerate((1, d["in"], d["out"], d["cost"], d["estimate"], d.get("avoided", 0),
+                    one = 0 if d.get("corr") else 1  # a correction's entry is a difference, not a request
+                    for i, v in enumerate((one, d["in"], d["out"], d["cost"], d["estimate"], d.get("avoided", 0),
                                            d["cost"] if d.get("source") == "reaped" else 0, d.get("cr", 0),
                                            d.get("or", 0), d.get("st", 0))):
                         a[i] += v

@@ -127,6 +127,9 @@ class SqliteLedger(SyncSqlite, Ledger):
         finally:
             self._settling = False
 
+    async def correct(self, req_id: str, keys: Sequence[Key], cost: int, record: SpendRecord) -> bool:
+        return await self._io(self._correct_sync, req_id, keys, cost, record)
+
     async def release(self, req_id: str) -> int:
         return await self._io(self._release_sync, req_id)
 

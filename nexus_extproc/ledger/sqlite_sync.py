@@ -332,6 +332,25 @@ class SyncSqlite:
         result: list[bool] = self._retrying(tx)
         return result
 
+    def _correct_sync(self, req_id: str, keys: Sequence[Key], cost: int, record: SpendRecord) -> bool:
+        def tx(c: sqlite3.Cursor) -> bool:
+            row = c.execute("SELECT cost FROM settlements WHERE req_id=? AND source='estimate'", (req_id,)).fetchone()
+            if row is None:
+                return False
+            c.execute("UPDATE settlements SET model=?, input_tokens=?, output_tokens=?, cost=?, source=?, "
+                      "cache_read_tokens=?, avoided=? WHERE req_id=?",
+                      (record.model, record.input_tokens, record.output_tokens, cost, record.source,
+                       record.cache_read_tokens, record.avoided, req_id))
+            loc = self._locate(c, self._shape(keys))
+            c.executemany(f"UPDATE totals SET settled = settled + ? WHERE {_ROW}",
+                          [(cost - row[0], *r) for r in loc.rows])
+            if c.rowcount != len(loc.rows):
+                raise _StaleIds
+            return True
+
+        applied: bool = self._retrying(tx)
+        return applied
+
     def _unreserve(self, c: sqlite3.Cursor, rows: list[tuple[int, str]]) -> int:
         n = 0
         for amount, text in rows:

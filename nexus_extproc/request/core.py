@@ -67,6 +67,7 @@ class Core:
         self._envoy_settles = config.server.settlement == "envoy"
         self._awaiting: dict[str, tuple[RequestState, asyncio.TimerHandle]] = {}
         self._early: dict[str, tuple[float, Any]] = {}  # reports that came before their stream ended
+        self._late: dict[str, tuple[float, RequestState]] = {}  # settled at the estimate: a report may still come
         self.worker = 0  # this process's worker index: Envoy sends each report to the worker named in its metadata
         self._trust_identity = config.identity.trust_identity_headers
         self._trust_attribution = config.identity.trust_attribution_headers

@@ -38,6 +38,10 @@ class EnvoyReport:
 # Reports that came before their ext_proc stream ended (Envoy may log the request before it closes the ext_proc
 # stream): kept briefly, bounded, for the stream to find when it parks.
 EARLY_REPORTS_MAX = 10_000
+# Requests settled at their estimate because no report came in time: kept for LATE_WAIT_FACTOR times the report
+# wait (bounded), so a report that comes late still corrects the settlement.
+LATE_MAX = 10_000
+LATE_WAIT_FACTOR = 10
 
 
 class Reports(Settlement):
@@ -66,6 +70,14 @@ class Reports(Settlement):
         metrics.envoy_reports.labels("missing").inc()
         self._settle_at_estimate(state)
         self._spawn(self.finish(state))
+        now = asyncio.get_running_loop().time()
+        horizon = now - LATE_WAIT_FACTOR * self.config.server.envoy_report_wait_secs
+        while self._late:
+            rid, (seen, _) = next(iter(self._late.items()))
+            if seen >= horizon and len(self._late) < LATE_MAX:
+                break
+            del self._late[rid]
+        self._late[req_id] = (now, state)
 
     @staticmethod
     def _settle_at_estimate(state: RequestState) -> None:
@@ -82,6 +94,9 @@ class Reports(Settlement):
         or not ours: nothing moves)."""
         entry = self._awaiting.pop(report.req_id, None)
         if entry is None:
+            late = self._late.pop(report.req_id, None)
+            if late is not None:
+                return await self._correct(late[1], report)
             self._keep_early(report)
             return False
         state, timer = entry
@@ -89,8 +104,22 @@ class Reports(Settlement):
         await self._apply(state, report)
         return True
 
-    async def _apply(self, state: RequestState, report: EnvoyReport) -> None:
-        state.awaits_report = False
+    async def _correct(self, state: RequestState, report: EnvoyReport) -> bool:
+        """A report after its request settled at the estimate: the settlement becomes the exact one, once (the
+        ledger corrects only an estimate). Which entry wins: the first report; none moves an exact settlement."""
+        adm = state.admission
+        if adm is None or state.route is None or state.price is None:
+            return False
+        self._read_report(state, report)
+        state.final_cost, state.settle_source = None, None
+        cost, source = self.compute_final_cost(state)
+        if source != "usage":
+            return False
+        done = await self.budget.correct(state.req_id, adm, cost, self._record(state, cost, source))
+        metrics.envoy_reports.labels("corrected" if done else "unmatched").inc()
+        return done
+
+    def _read_report(self, state: RequestState, report: EnvoyReport) -> None:
         stream = state.parsed is not None and state.parsed.stream
         state.response_status, state.response_started, state.streaming = report.status, True, stream
         tr = state.translator
@@ -105,6 +134,10 @@ class Reports(Settlement):
                 if info.usage is not None:
                     state.usage.merge(info.usage)
                     state.usage_final = state.usage_final or info.final
+
+    async def _apply(self, state: RequestState, report: EnvoyReport) -> None:
+        state.awaits_report = False
+        self._read_report(state, report)
         state.response_complete = True
         metrics.envoy_reports.labels("settled").inc()
         await self.finish(state)

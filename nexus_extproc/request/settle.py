@@ -128,6 +128,25 @@ class Settlement(Core):
                            state.prompt_tokens, state.task, state.tags)
         await self.budget.mark_forwarded(state.req_id, note)
 
+    def _record(self, state: RequestState, cost: int, source: str) -> SpendRecord:
+        assert state.route is not None and state.price is not None
+        usage = state.usage
+        priced = (self.prices.resolve(state.route.price_provider, state.priced_model) if state.priced_model
+                  else state.price)
+        asked = state.parsed.model if state.parsed is not None else state.model
+        record = SpendRecord(ts=time.time(), model=self.model_label(priced.model, priced),
+                             model_requested=self.model_label(asked, state.asked_price or state.price),
+                             backend=state.route.backend,
+                             input_tokens=usage.input_tokens if usage.input_tokens is not None
+                             else state.prompt_tokens,
+                             output_tokens=usage.output_tokens or 0, estimate=state.estimate, source=source,
+                             avoided=self._avoided(state, cost), task=state.task, tags=state.tags,
+                             team=state.identity.get("team", ""), agent=state.identity.get("agent", ""),
+                             tool=state.tool, session=state.session,
+                             cache_read_tokens=usage.cache_read_tokens or 0,
+                             output_reserved=state.expected_output, streamed=state.streaming)
+        return record
+
     async def finish(self, state: RequestState) -> None:
         """Runs once per stream whatever ended it (clean end, reset, client abort): settle or release."""
         if state.finished or state.awaits_report:
@@ -159,20 +178,7 @@ class Settlement(Core):
                                      if state.translator else state.parsed.shape.kind,
                                      state.prompt_tokens, usage.input_tokens,
                                      usage.web_searches or 0)
-        priced = (self.prices.resolve(state.route.price_provider, state.priced_model) if state.priced_model
-                  else state.price)
-        asked = state.parsed.model if state.parsed is not None else state.model
-        record = SpendRecord(ts=time.time(), model=self.model_label(priced.model, priced),
-                             model_requested=self.model_label(asked, state.asked_price or state.price),
-                             backend=state.route.backend,
-                             input_tokens=usage.input_tokens if usage.input_tokens is not None
-                             else state.prompt_tokens,
-                             output_tokens=usage.output_tokens or 0, estimate=state.estimate, source=source,
-                             avoided=self._avoided(state, cost), task=state.task, tags=state.tags,
-                             team=state.identity.get("team", ""), agent=state.identity.get("agent", ""),
-                             tool=state.tool, session=state.session,
-                             cache_read_tokens=usage.cache_read_tokens or 0,
-                             output_reserved=state.expected_output, streamed=state.streaming)
+        record = self._record(state, cost, source)
         await self.budget.settle(state.req_id, adm, cost, record)
         metrics.settlements.labels(source).inc()
         metrics.cost_per_request.labels(self.model_label(state.model, state.price),

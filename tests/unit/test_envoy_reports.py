@@ -78,8 +78,21 @@ def test_no_report_settles_at_the_estimate(counter, tmp_path):
                 break
             await asyncio.sleep(0.01)
         assert st.finished and (st.final_cost, st.settle_source) == (st.estimate, "estimate")
-        assert not await proc.envoy_report(report(st))  # a late report moves nothing
-        assert st.settle_source == "estimate"
+        key = st.admission.items[0]
+        for _ in range(100):  # the estimate's settlement is written by a task of its own
+            if (await proc.budget.ledger.totals(*key)).settled:
+                break
+            await asyncio.sleep(0.01)
+        assert (await proc.budget.ledger.totals(*key)).settled == st.estimate
+        # A report that comes late corrects it to the exact cost, once; no later entry moves it again.
+        assert await proc.envoy_report(report(st))
+        exact = st.final_cost
+        assert st.settle_source == "usage" and exact != st.estimate
+        assert (await proc.budget.ledger.totals(*key)).settled == exact
+        assert not await proc.envoy_report(report(st, usage={"output_tokens": 0}))
+        assert (await proc.budget.ledger.totals(*key)).settled == exact
+        spend = [a for a in await proc.budget.ledger.spend(0, 4e9) if a.budget == key[0]]
+        assert [(a.requests, a.cost) for a in spend] == [(1, exact)]
     asyncio.run(go())
 
 

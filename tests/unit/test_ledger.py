@@ -136,6 +136,31 @@ async def test_a_reservation_written_forwarded_is_charged_by_the_reaper(ledger_f
     await led.close()
 
 
+async def test_an_estimate_is_corrected_once_by_a_late_report(ledger_factory):
+    """Issue 27: a request settled at its estimate (its usage report came late) is corrected to the real cost;
+    only an estimate, only once, and reports count it as one request with the real cost and tokens."""
+    led = ledger_factory(fresh=True)
+    keys = [("g", "c"), ("team", "c")]
+    await led.reserve("late", keys, 90, time.time() + 60)
+    est = SpendRecord(time.time(), "gpt-4o", "openai", 100, 64, 90, "estimate")
+    assert await led.settle("late", keys, 90, est)
+    exact = SpendRecord(time.time(), "gpt-4o", "openai", 100, 12, 90, "usage")
+    assert await led.correct("late", keys, 31, exact)
+    assert not await led.correct("late", keys, 5, exact)  # once
+    for b in ("g", "team"):
+        t = await led.totals(b, "c")
+        assert (t.settled, t.reserved) == (31, 0)
+    aggs = [a for a in await led.spend(0, time.time() + 10) if a.budget == "g"]
+    assert [(a.requests, a.cost, a.input_tokens, a.output_tokens) for a in aggs] == [(1, 31, 100, 12)]
+    # An exact settlement is never corrected.
+    await led.reserve("exact", keys, 50, time.time() + 60)
+    assert await led.settle("exact", keys, 40, rec(40))
+    assert not await led.correct("exact", keys, 1, exact)
+    assert not await led.correct("never", keys, 1, exact)
+    assert (await led.totals("g", "c")).settled == 71
+    await led.close()
+
+
 async def test_settlements_keep_their_attribution_for_reports(ledger_factory):
     """Task, tags, backend, cache reads, reserved output and the stream flag come back from `spend`, on both
     stores, also for a settlement the reaper made (from the forwarded note)."""

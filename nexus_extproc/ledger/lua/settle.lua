@@ -1,6 +1,6 @@
 -- KEYS: r, rexp, settled-marker, count, day ; ARGV: req, cost, prefix, marker_ttl, record_json,
--- budgets ("budget	period" lines)
-if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[4]) then return 0 end
+-- budgets ("budget	period" lines), marker (what correct.lua reads: "estimate:cost:in:out:cache_read", or "1")
+if not redis.call('SET', KEYS[3], ARGV[7] or '1', 'NX', 'EX', ARGV[4]) then return 0 end
 local extra = {}
 for line in string.gmatch(ARGV[6], '[^\n]+') do table.insert(extra, line) end
 unreserve(ARGV[3], KEYS[1], tonumber(ARGV[2]), extra)
