@@ -37,9 +37,9 @@ passthrough = Counter("nexus_passthrough_requests_total",
 websocket_refused = Counter("nexus_websocket_upgrades_refused_total",
                             "WebSocket upgrades answered 426 (clients fall back to HTTP, which is metered)")
 envoy_reports = Counter("nexus_envoy_reports_total",
-                        "Streams settled from Envoy's access-log report, by outcome: settled, unmatched (no stream "
-                        "waits for it), missing (none came in time: settled at the estimate), corrected (a late one replaced "
-                        "that estimate)", ["outcome"])
+                        "Responses settled from Envoy's access-log report, by outcome: settled, unmatched (no "
+                        "request waits for it), missing (none came in time: settled at the estimate), corrected (a "
+                        "late one replaced that estimate)", ["outcome"])
 unauthenticated_streams = Counter("nexus_unauthenticated_streams_total",
                                   "ext_proc or access-log streams refused: no or a wrong Envoy token", ["service"])
 sse_bad_events = Counter("nexus_sse_bad_events_total", "SSE data lines that were not JSON (skipped)")
