@@ -72,6 +72,9 @@ class EnvoyParams:
     stream_usage: str = "hidden"
     # The shared secret the server checks on every ext_proc and access-log stream (server.envoy_token_*).
     envoy_token: str | None = None
+    # One access logger per server worker, each taking its worker's requests (the fast path); False: one logger to
+    # the whole cluster, as a mesh does (any process settles a report from the request's snapshot).
+    reports_per_worker: bool = True
 
 
 # The X-Nexus-* headers the server publishes as request-phase metadata (request/core.py _nexus_headers).
@@ -362,7 +365,7 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
         routes, filters = _envoy_settles(routes, filters)
         if p.stream_usage == "visible":
             routes = routes[1:]  # no stream needs the server to hide its usage chunk
-        access_logs, report_clusters = _reports(len(p.extproc_uds or p.extproc_ports))
+        access_logs, report_clusters = _reports(len(p.extproc_uds or p.extproc_ports) if p.reports_per_worker else 1)
     if p.envoy_token:
         token = [{"key": "x-nexus-envoy-token", "value": p.envoy_token}]
         ext_proc["typed_config"]["grpc_service"]["initial_metadata"] = token

@@ -86,17 +86,19 @@ class BudgetService:
     def rejection(self, adm: Admission) -> Rejection:
         return self.admitter.rejection(adm)
 
-    async def settle(self, req_id: str, adm: Admission, cost: int, record: SpendRecord) -> None:
+    async def settle(self, req_id: str, adm: Admission, cost: int, record: SpendRecord) -> bool:
+        """Settle and say whether this call did (False: settled before, or an estimate for a request no longer
+        reserved). A store that is down keeps it in the outbox, which counts as done."""
         if self.ledger is None or not adm.items:
-            return
+            return False
         if not adm.outbox:
             try:
-                await self.ledger.settle(req_id, adm.items, cost, record)
-                return
+                return await self.ledger.settle(req_id, adm.items, cost, record)
             except StoreUnavailable:
                 metrics.store_failures.labels("settle").inc()
         self.outbox.append({"req_id": req_id, "items": [list(i) for i in adm.items], "cost": cost,
                             "record": {k: getattr(record, k) for k in record.__slots__}})
+        return True
 
     async def correct(self, req_id: str, adm: Admission, cost: int, record: SpendRecord) -> bool:
         """A late usage report replacing a settlement made at the estimate; best effort (the estimate stands)."""

@@ -22,6 +22,7 @@ from nexus_extproc.edge.peer import PeerCheck
 from nexus_extproc.request.headers import METADATA_NAMESPACE, USAGE_METADATA_NAMESPACE
 from nexus_extproc.request.pipeline import Processor
 from nexus_extproc.request.reports import EnvoyReport
+from nexus_extproc.request.snapshot import SNAPSHOT_KEY
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,9 @@ def report_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> EnvoyReport | None:
     return EnvoyReport(req_id=rid.string_value, status=entry.response.response_code.value,
                        model=_value(fields.get("model")),
                        usage=usage if usage is not None else _json_usage(fields),
-                       start_usage=_value(fields.get("start_usage")))
+                       start_usage=_value(fields.get("start_usage")),
+                       snapshot=ours.fields[SNAPSHOT_KEY].string_value if SNAPSHOT_KEY in ours.fields else None,
+                       instance=ours.fields["instance"].string_value if "instance" in ours.fields else "")
 
 
 class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):

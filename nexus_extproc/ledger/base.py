@@ -164,7 +164,9 @@ class SpendLedger(abc.ABC):
 
     @abc.abstractmethod
     async def settle(self, req_id: str, keys: Sequence[Key], cost: int, record: SpendRecord) -> bool:
-        """Replace the request's reservations with `cost`; False if this id was already settled."""
+        """Replace the request's reservations with `cost`; False if this id was already settled. A settlement
+        at the estimate (`record.source == "estimate"`: no usage report came in time) applies only while the
+        request is still reserved: another process may have settled it from the report, or released it."""
 
     @abc.abstractmethod
     async def correct(self, req_id: str, keys: Sequence[Key], cost: int, record: SpendRecord) -> bool:

@@ -281,6 +281,8 @@ class SyncSqlite:
                    record: SpendRecord) -> bool:
         sh = self._shape(keys)
         row = c.execute("SELECT amount, budgets FROM reservations WHERE req_id=?", (req_id,)).fetchone()
+        if row is None and record.source == "estimate":
+            raise _AlreadySettled  # settled or released elsewhere (base.SpendLedger.settle)
         target: _Shape = sh
         amounts: list[int] | None = None
         if row is not None:

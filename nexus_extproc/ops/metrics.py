@@ -39,7 +39,9 @@ websocket_refused = Counter("nexus_websocket_upgrades_refused_total",
 envoy_reports = Counter("nexus_envoy_reports_total",
                         "Responses settled from Envoy's access-log report, by outcome: settled, unmatched (no "
                         "request waits for it), missing (none came in time: settled at the estimate), corrected (a "
-                        "late one replaced that estimate)", ["outcome"])
+                        "late one replaced that estimate), settled_elsewhere / released_elsewhere (a request another "
+                        "process admitted, from its snapshot), elsewhere (none came here: another process had it)",
+                        ["outcome"])
 unauthenticated_streams = Counter("nexus_unauthenticated_streams_total",
                                   "ext_proc or access-log streams refused: no or a wrong Envoy token", ["service"])
 sse_bad_events = Counter("nexus_sse_bad_events_total", "SSE data lines that were not JSON (skipped)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import uuid
 from typing import Any
 
 from nexus_extproc.apis.errors import (
@@ -69,6 +70,9 @@ class Core:
         self._early: dict[str, tuple[float, Any]] = {}  # reports that came before their stream ended
         self._late: dict[str, tuple[float, RequestState]] = {}  # settled at the estimate: a report may still come
         self.worker = 0  # this process's worker index: Envoy sends each report to the worker named in its metadata
+        # This process, among every pod's and worker's: a report for a request it did not admit is settled from
+        # the request's snapshot; one for its own waits for its stream (request/reports.py).
+        self.instance = uuid.uuid4().hex[:16]
         self._trust_identity = config.identity.trust_identity_headers
         self._trust_attribution = config.identity.trust_attribution_headers
         # Hash the caller's API key only when some budget is scoped by key (an HMAC per request otherwise).

@@ -29,6 +29,7 @@ from nexus_extproc.request import headers as C
 from nexus_extproc.request.attribution import BadAttribution, parse_tags, parse_task
 from nexus_extproc.request.client_tool import client_session, client_tool
 from nexus_extproc.request.estimate import Estimation
+from nexus_extproc.request.snapshot import SNAPSHOT_KEY, snapshot
 from nexus_extproc.request.state import Reply, RequestState
 
 log = logging.getLogger(__name__)
@@ -254,7 +255,11 @@ class Inbound(Estimation):
             **dict(self._nexus_headers(state)),  # envoy/nexus.yaml's routes add them to the response
         }
         if self._envoy_settles:
-            reply.metadata["worker"] = self.worker  # which process Envoy's report must reach
+            reply.metadata["worker"] = self.worker  # which process Envoy's report should reach
+            reply.metadata["instance"] = self.instance
+            snap = snapshot(state)  # and what any other process needs to settle it (request/snapshot.py)
+            if snap is not None:
+                reply.metadata[SNAPSHOT_KEY] = snap
         if log.isEnabledFor(logging.DEBUG):
             log.debug("decision", extra={"decision": d.action.value, "status": d.status,
                                          "backend": state.route.backend, "tier": tier})

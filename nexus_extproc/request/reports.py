@@ -18,6 +18,7 @@ from typing import Any
 
 from nexus_extproc.ops import metrics
 from nexus_extproc.request.settle import Settlement
+from nexus_extproc.request.snapshot import restore
 from nexus_extproc.request.state import RequestState
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ class EnvoyReport:
     # The last `usage` object seen in a stream (OpenAI, Anthropic's message_delta, Responses), or a JSON answer's
     usage: Any = None
     start_usage: Any = None  # Anthropic's `message_start` usage
+    snapshot: Any = None  # what the request phase wrote for any process to settle it (request/snapshot.py)
+    instance: str = ""  # the process that admitted it
 
 
 # Reports that came before their ext_proc stream ended (Envoy may log the request before it closes the ext_proc
@@ -67,8 +70,7 @@ class Reports(Settlement):
         if entry is None:
             return
         state = entry[0]
-        metrics.envoy_reports.labels("missing").inc()
-        self._settle_at_estimate(state)
+        self._settle_at_estimate(state)  # finish() counts it missing, or settled elsewhere meanwhile
         self._spawn(self.finish(state))
         now = asyncio.get_running_loop().time()
         horizon = now - LATE_WAIT_FACTOR * self.config.server.envoy_report_wait_secs
@@ -97,11 +99,42 @@ class Reports(Settlement):
             late = self._late.pop(report.req_id, None)
             if late is not None:
                 return await self._correct(late[1], report)
+            if self._envoy_settles and report.snapshot is not None and report.instance != self.instance:
+                return await self._settle_elsewhere(report)
+            # Ours, and its stream has not ended yet (Envoy may log before it closes the ext_proc stream).
             self._keep_early(report)
             return False
         state, timer = entry
         timer.cancel()
         await self._apply(state, report)
+        return True
+
+    async def _settle_elsewhere(self, report: EnvoyReport) -> bool:
+        """A report for a request another process admitted (another pod or worker took the access-log stream):
+        settled here from the request's snapshot. The ledger keeps it once: the admitting process, finding no
+        report by its deadline, settles at the estimate only while the request is still reserved, and a report
+        after that estimate corrects it."""
+        state = restore(report.snapshot, report.req_id, self.router, self.prices)
+        if state is None or state.admission is None:
+            metrics.envoy_reports.labels("unmatched").inc()
+            return False
+        adm = state.admission
+        self._read_report(state, report)
+        state.response_complete = True
+        if state.response_status >= 400 and not state.usage_final:
+            await self.budget.release(state.req_id, adm)
+            metrics.envoy_reports.labels("released_elsewhere").inc()
+            metrics.settlements.labels("released").inc()
+            return True
+        cost, source = self.compute_final_cost(state)
+        record = self._record(state, cost, source)
+        if not await self.budget.settle(state.req_id, adm, cost, record):
+            # Settled already: at the estimate by its own process (then corrected here), or from this very report.
+            done = source == "usage" and await self.budget.correct(state.req_id, adm, cost, record)
+            metrics.envoy_reports.labels("corrected" if done else "unmatched").inc()
+            return done
+        metrics.envoy_reports.labels("settled_elsewhere").inc()
+        metrics.settlements.labels(source).inc()
         return True
 
     async def _correct(self, state: RequestState, report: EnvoyReport) -> bool:
@@ -160,6 +193,5 @@ class Reports(Settlement):
         for req_id in list(self._awaiting):
             state, timer = self._awaiting.pop(req_id)
             timer.cancel()
-            metrics.envoy_reports.labels("missing").inc()
             self._settle_at_estimate(state)
             await self.finish(state)

@@ -32,6 +32,11 @@ class Router:
     def _route(self, name: str, b: BackendConfig) -> Route:
         return Route(name, b.cluster, b.type, b.provider, b.prices_from)
 
+    def by_name(self, name: str) -> Route | None:
+        """A backend's route by its name (a settlement snapshot names the backend that served it)."""
+        b = self._backends.get(name)
+        return None if b is None else self._route(name, b)
+
     def route(self, family: str, model: str) -> Route:
         """Memoised (bounded): the answer depends only on the config, and glob-matching every backend's model
         patterns cost ~4 µs a request."""

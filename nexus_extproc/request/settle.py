@@ -179,7 +179,12 @@ class Settlement(Core):
                                      state.prompt_tokens, usage.input_tokens,
                                      usage.web_searches or 0)
         record = self._record(state, cost, source)
-        await self.budget.settle(state.req_id, adm, cost, record)
+        applied = await self.budget.settle(state.req_id, adm, cost, record)
+        if source == "estimate":  # no report came here in time (request/reports.py)
+            # Not applied: another process settled (or released) it from Envoy's report meanwhile.
+            metrics.envoy_reports.labels("missing" if applied else "elsewhere").inc()
+            if not applied:
+                return
         metrics.settlements.labels(source).inc()
         metrics.cost_per_request.labels(self.model_label(state.model, state.price),
                                         state.route.backend_type).observe(usd_float(cost))

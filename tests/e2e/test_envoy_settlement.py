@@ -139,30 +139,45 @@ def test_a_forged_ext_proc_stream_is_refused(fast: E2E):
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_each_report_reaches_the_worker_that_admitted_its_stream(tmp_path):
-    """With several server processes, Envoy sends each report to the worker named in the request's metadata:
-    every stream settles from its report, none waits out its time."""
+@pytest.mark.parametrize("per_worker", [True, False], ids=["logger-per-worker", "one-logger"])
+def test_each_report_settles_whichever_worker_it_reaches(tmp_path, per_worker):
+    """With several server processes, Envoy sends each report to the worker named in the request's metadata; with
+    one logger for all (as in a mesh, where the access-log stream goes to any pod), the worker it reaches settles
+    it from the request's snapshot. Either way every stream settles exactly once, and none waits out its time."""
     with running(Stack()) as stack:
         stack.start_fakes()
         stack.start_extproc(write_config(tmp_path / "config.yaml", budget={"monthly_limit_usd": 1000},
                                          store={"kind": "sqlite", "path": str(tmp_path / "ledger.db")},
                                          server={"settlement": "envoy", "envoy_report_wait_secs": 30}),
                             workers=2)
-        start_envoy_settled(stack, workers=2)
+        start_envoy_settled(stack, workers=2, reports_per_worker=per_worker)
         e2e = E2E(stack)
         e2e.wait_envoy_sees_extproc()
+        before = e2e.stats()["budget"]["current_spending_usd"]
         n = 12
         client = anthropic.Anthropic(base_url=e2e.url, api_key="sk-ant-test", max_retries=0, timeout=30)
+        want = 0.0
         for _ in range(n):
-            with client.messages.stream(model="claude-haiku-4-5", max_tokens=20, messages=MSGS) as s:
-                s.get_final_message()
+            with client.messages.stream(model="claude-haiku-4-5", max_tokens=20, messages=MSGS,
+                                        extra_headers={"x-fake-completion-tokens": "7"}) as s:
+                final = s.get_final_message()
+            want += (final.usage.input_tokens + 7 * 5) / 1e6  # claude-haiku-4-5: $1 in, $5 out per million
+
+        def reports() -> float:
+            # The admin port's metrics add up the workers' counters.
+            return sum(counter(e2e, "nexus_envoy_reports_total", f'outcome="{o}"')
+                       for o in ("settled", "settled_elsewhere"))
         for _ in range(100):  # well inside the 30 s a report may take before its stream settles without it
-            if counter(e2e, "nexus_envoy_reports_total", 'outcome="settled"') >= n:
+            if reports() >= n:
                 break
             time.sleep(0.1)
-        assert counter(e2e, "nexus_envoy_reports_total", 'outcome="settled"') == n
+        assert reports() == n
         assert counter(e2e, "nexus_envoy_reports_total", 'outcome="missing"') == 0
-        assert e2e.stats()["budget"]["reserved_usd"] == 0
+        elsewhere = counter(e2e, "nexus_envoy_reports_total", 'outcome="settled_elsewhere"')
+        # One logger: its stream sits on one worker, the streams spread over both (least-request), so about half
+        # the reports reach the worker that did not admit them (all 12 on one side: p ≈ 0.0005).
+        assert elsewhere == 0 if per_worker else elsewhere > 0
+        assert e2e.stats()["budget"]["current_spending_usd"] - before == pytest.approx(want, abs=1e-6 * n)
 
 
 def test_a_visible_usage_chunk_lets_default_openai_streams_take_envoys_path(tmp_path):

@@ -17,6 +17,7 @@ from nexus_extproc.app import build
 from nexus_extproc.edge.access_log import report_of
 from nexus_extproc.metering.usage import TokenUsage
 from nexus_extproc.request.reports import EnvoyReport
+from nexus_extproc.request.snapshot import snapshot
 from nexus_extproc.request.state import RequestState
 from tests.builders import admitted_state, request_doc
 from tests.conftest import make_config
@@ -191,3 +192,95 @@ def test_envoy_copies_every_usage_field_the_price_database_reads():
                     path = (m.path,) if isinstance(m.path, str) else tuple(m.path)
                     assert ("usage", *path) in rules, (p.id, e.api_flavor, path)
     assert ("model",) in rules and ("usage", "total_tokens") in rules
+
+
+def _pods(counter, tmp_path, wait: float = 0.2):
+    """Two server processes on one ledger, as two pods (or workers) behind one Service."""
+    return processor(counter, tmp_path, wait), processor(counter, tmp_path, wait)
+
+
+async def _settled(proc, key) -> int:
+    return (await proc.budget.ledger.totals(*key)).settled
+
+
+def _snapshot_report(st, owner, **kw) -> EnvoyReport:
+    return EnvoyReport(st.req_id, kw.pop("status", 200), snapshot=snapshot(st), instance=owner.instance,
+                       **{"model": "claude-sonnet-4-5", "usage": DELTA, "start_usage": START, **kw})
+
+
+def test_a_report_reaching_another_process_settles_there_from_the_snapshot(counter, tmp_path):
+    """The access-log stream reached the other pod: it settles the request exactly from the snapshot; the
+    admitting process, finding no report by its deadline, charges nothing more (its estimate is not applied)."""
+    async def go():
+        a, b = _pods(counter, tmp_path)
+        st = await _stream(a)
+        key = st.admission.items[0]
+        await a.finish(st)
+        assert st.awaits_report
+        assert await b.envoy_report(_snapshot_report(st, a))
+        exact = await _settled(b, key)
+        assert exact > 0 and exact != st.estimate
+        for _ in range(100):
+            if st.finished:
+                break
+            await asyncio.sleep(0.01)
+        assert st.finished and st.settle_source == "estimate"  # a's own view: no report came to it
+        await asyncio.sleep(0.1)
+        assert await _settled(a, key) == exact and (await a.budget.ledger.totals(*key)).reserved == 0
+        spend = [x for x in await a.budget.ledger.spend(0, 4e9) if x.budget == key[0]]
+        assert [(x.requests, x.cost, x.input_tokens) for x in spend] == [(1, exact, 4510)]
+    asyncio.run(go())
+
+
+def test_a_report_after_the_estimate_corrects_it_from_another_process(counter, tmp_path):
+    async def go():
+        a, b = _pods(counter, tmp_path, wait=0.05)
+        st = await _stream(a)
+        key = st.admission.items[0]
+        await a.finish(st)
+        for _ in range(100):
+            if await _settled(a, key):
+                break
+            await asyncio.sleep(0.01)
+        assert await _settled(a, key) == st.estimate
+        assert await b.envoy_report(_snapshot_report(st, a))
+        corrected = await _settled(b, key)
+        assert corrected != st.estimate and corrected > 0
+        assert not await b.envoy_report(_snapshot_report(st, a, usage={"output_tokens": 0}))
+        assert await _settled(b, key) == corrected
+    asyncio.run(go())
+
+
+def test_an_upstream_error_reported_elsewhere_releases_and_the_estimate_never_lands(counter, tmp_path):
+    async def go():
+        a, b = _pods(counter, tmp_path)
+        st = await _stream(a)
+        key = st.admission.items[0]
+        await a.finish(st)
+        assert await b.envoy_report(_snapshot_report(st, a, status=429, usage=None, start_usage=None))
+        for _ in range(100):
+            if st.finished:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        t = await a.budget.ledger.totals(*key)
+        assert (t.settled, t.reserved) == (0, 0)
+    asyncio.run(go())
+
+
+def test_a_report_for_its_own_request_waits_for_the_stream_and_snapshots_are_checked(counter, tmp_path):
+    async def go():
+        a, b = _pods(counter, tmp_path)
+        st = await _stream(a)
+        rep = _snapshot_report(st, a)
+        assert not await a.envoy_report(rep)  # its own, before the stream ended: kept for it
+        await a.finish(st)
+        for _ in range(100):
+            if st.finished:
+                break
+            await asyncio.sleep(0.01)
+        assert st.settle_source == "usage"
+        # Garbage where a snapshot should be settles nothing.
+        for bad in ("{", '{"v": 2}', '{"v": 1, "p": "/v1/messages"}', "x" * 10_000, 7):
+            assert not await b.envoy_report(EnvoyReport("other", 200, usage=DELTA, snapshot=bad, instance="z"))
+    asyncio.run(go())
