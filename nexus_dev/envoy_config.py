@@ -222,14 +222,24 @@ def _envoy_settles(routes: list[dict[str, Any]], filters: list[dict[str, Any]]
     # see the default route. Where the server reads the response itself it asks the provider for identity, so the
     # decompressors never hand ext_proc a decoded body (they would stall it).
     j2m_config = filters[0]["typed_config"]
-    j2m_config["response_rules"] = {"rules": _json_usage_rules(),
-                                    "allow_content_types": ["application/json", "application/json; charset=utf-8"]}
+    j2m_config["response_rules"] = _json_response_rules()
     j2m = j2m_config["request_rules"]["rules"]
     j2m.append({"selectors": [{"key": "stream_options"}, {"key": "include_usage"}],
                 "on_present": {"metadata_namespace": "nexus.request", "key": "usage_requested"},
                 "on_missing": {"metadata_namespace": "nexus.request", "key": "usage_requested",
                                "value": False}})
-    sse = {"name": _SSE, "typed_config": {
+    ext = next(i for i, f in enumerate(filters) if f["name"] == _EXT_PROC)
+    filters = [*filters[:ext + 1], _sse_filter(), *filters[ext + 1:], *decompressor_filters()]
+    return [hidden, fast, *rest], filters
+
+
+def _json_response_rules() -> dict[str, Any]:
+    return {"rules": _json_usage_rules(),
+            "allow_content_types": ["application/json", "application/json; charset=utf-8"]}
+
+
+def _sse_filter() -> dict[str, Any]:
+    return {"name": _SSE, "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.sse_to_metadata.v3.SseToMetadata",
         "response_rules": {
             # Responses' `response.completed` carries the whole answer: an event may be large.
@@ -241,9 +251,18 @@ def _envoy_settles(routes: list[dict[str, Any]], filters: list[dict[str, Any]]
                           _usage_rule(["model"], "model", first_only=True),
                           _usage_rule(["message", "model"], "model", first_only=True),
                           _usage_rule(["response", "model"], "model")]}}}}}
-    ext = next(i for i, f in enumerate(filters) if f["name"] == _EXT_PROC)
-    filters = [*filters[:ext + 1], sse, *filters[ext + 1:], *decompressor_filters()]
-    return [hidden, fast, *rest], filters
+
+
+def settlement_filters() -> list[dict[str, Any]]:
+    """settlement="envoy" where ext_proc sees the response headers (Istio, Envoy Gateway, an Envoy of your own):
+    the filters that read the response in its place, to go after ext_proc and before the router, in this order.
+    The server turns ext_proc's response body off for each request at its response headers (mode_override), so
+    no route needs changing; requests it must read itself (an OpenAI stream whose usage chunk it hides) it keeps.
+    """
+    j2m = {"name": "envoy.filters.http.json_to_metadata", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
+        "response_rules": _json_response_rules()}}
+    return [j2m, _sse_filter(), *decompressor_filters()]
 
 
 def _reports(workers: int) -> tuple[list[dict[str, Any]], list[str]]:
@@ -361,10 +380,13 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
                               "allow_content_types": ["application/json", "application/json; charset=utf-8"]}}})
     access_logs: list[dict[str, Any]] = []
     report_clusters: list[str] = []
-    if p.settlement == "envoy":
+    if p.settlement == "envoy" and not p.skip_response_headers:
+        filters = [*filters[:1], *settlement_filters(), *filters[1:]]  # ext_proc first: see settlement_filters
+    elif p.settlement == "envoy":
         routes, filters = _envoy_settles(routes, filters)
         if p.stream_usage == "visible":
             routes = routes[1:]  # no stream needs the server to hide its usage chunk
+    if p.settlement == "envoy":
         access_logs, report_clusters = _reports(len(p.extproc_uds or p.extproc_ports) if p.reports_per_worker else 1)
     if p.envoy_token:
         token = [{"key": "x-nexus-envoy-token", "value": p.envoy_token}]

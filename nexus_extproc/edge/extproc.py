@@ -34,6 +34,11 @@ STREAMED_RESPONSE_MODE = _PM(
     request_header_mode=_PM.SEND, response_header_mode=_PM.SEND, request_body_mode=_PM.BUFFERED,
     response_body_mode=_PM.STREAMED, request_trailer_mode=_PM.SKIP, response_trailer_mode=_PM.SKIP)
 
+# The response body goes past the server (server.settlement: envoy, response headers sent): Envoy reports usage.
+ENVOY_READS_MODE = _PM(
+    request_header_mode=_PM.SEND, response_header_mode=_PM.SEND, request_body_mode=_PM.BUFFERED,
+    response_body_mode=_PM.NONE, request_trailer_mode=_PM.SKIP, response_trailer_mode=_PM.SKIP)
+
 # A pass-through (a free endpoint): nothing more of the request or its response comes to the server.
 PASSTHROUGH_MODE = _PM(
     request_header_mode=_PM.SEND, response_header_mode=_PM.SKIP, request_body_mode=_PM.NONE,
@@ -97,7 +102,7 @@ def render(phase: str, reply: Reply) -> ep.ProcessingResponse:
             headers=ep.HeaderMutation(set_headers=[_hvo(k, v) for k, v in im.headers]),
             body=im.body, details=im.details))
     if not (reply.set_headers or reply.remove_headers or reply.body is not None or reply.clear_route_cache
-            or reply.metadata or reply.stream_response_body or reply.passthrough):
+            or reply.metadata or reply.stream_response_body or reply.passthrough or reply.envoy_reads_body):
         return _EMPTY[phase]
     common = ep.CommonResponse(clear_route_cache=reply.clear_route_cache)
     if reply.set_headers or reply.remove_headers:
@@ -113,6 +118,8 @@ def render(phase: str, reply: Reply) -> ep.ProcessingResponse:
         resp.mode_override.CopyFrom(STREAMED_RESPONSE_MODE)
     elif reply.passthrough:
         resp.mode_override.CopyFrom(PASSTHROUGH_MODE)
+    elif reply.envoy_reads_body:
+        resp.mode_override.CopyFrom(ENVOY_READS_MODE)
     if reply.metadata:
         resp.dynamic_metadata.CopyFrom(_struct(reply.metadata))
     return resp

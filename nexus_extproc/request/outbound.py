@@ -31,6 +31,11 @@ class Outbound(Reports):
         if state.route is None:
             return reply
         reply.set_headers = self._nexus_headers(state)
+        if self._envoy_settles and state.forwarded and not state.added_stream_usage and state.admission is not None:
+            # server.settlement: envoy where the response headers come here (the mesh integrations): the body
+            # goes past the server, and Envoy's filters report its usage as they do in envoy/nexus.yaml.
+            state.envoy_reads = reply.envoy_reads_body = True
+            return reply
         self._content_encoding(state, headers.get("content-encoding", ""))
         if "text/event-stream" in headers.get("content-type", ""):
             state.streaming = True

@@ -51,7 +51,8 @@ class Reports(Settlement):
     def awaits_report(self, state: RequestState) -> bool:
         """A forwarded request whose response never reached this server: Envoy reports its usage. (A stream whose
         usage chunk the server hides reads its response itself.)"""
-        return (self._envoy_settles and state.forwarded and not state.response_started and not state.finished
+        return (self._envoy_settles and state.forwarded and (state.envoy_reads or not state.response_started)
+                and not state.finished
                 and state.settle_source is None and state.admission is not None and state.parsed is not None
                 and not state.added_stream_usage)
 
@@ -155,6 +156,7 @@ class Reports(Settlement):
     def _read_report(self, state: RequestState, report: EnvoyReport) -> None:
         stream = state.parsed is not None and state.parsed.stream
         state.response_status, state.response_started, state.streaming = report.status, True, stream
+        state.envoy_reads = False  # read now: settle, do not wait again
         tr = state.translator
         if tr is not None and not stream:
             u = tr.response_usage({"model": report.model, "usage": report.usage}) if report.usage else None

@@ -38,6 +38,7 @@ class Reply:
     immediate: Immediate | None = None
     stream_response_body: bool = False
     passthrough: bool = False  # forwarded uncharged: Envoy sends nothing more of this request or its response
+    envoy_reads_body: bool = False  # the response body goes past the server: Envoy reports its usage
     metadata: dict[str, Any] | None = None
 
 
@@ -89,4 +90,5 @@ class RequestState:
     settle_source: str | None = None
     finished: bool = False
     awaits_report: bool = False  # parked until Envoy's access-log report (server.settlement: envoy)
+    envoy_reads: bool = False  # its response headers came here, its body goes past: Envoy reports the usage
     forwarded: bool = False  # the request-body reply went out without an immediate answer

@@ -201,3 +201,51 @@ def test_a_visible_usage_chunk_lets_default_openai_streams_take_envoys_path(tmp_
         assert settled(e2e, 0.0) == pytest.approx((usage.prompt_tokens * 2.5 + 6 * 10) / 1e6, abs=2e-6)
         assert counter(e2e, "nexus_envoy_reports_total", 'outcome="settled"') == 1
         assert e2e.fake_requests("openai")[-1]["stream_options"] == {"include_usage": True}  # asked for by us
+
+
+def _ext_proc_messages(admin_port: int) -> int:
+    text = httpx.get(f"http://127.0.0.1:{admin_port}/stats?filter=ext_proc.stream_msgs_received", timeout=5).text
+    return sum(int(v) for k, _, v in (ln.partition(": ") for ln in text.splitlines()) if v.strip().isdigit())
+
+
+def test_the_mesh_shape_settles_in_envoy_too(tmp_path):
+    """Where ext_proc sees the response headers (Istio, Envoy Gateway: no route of ours), the server adds the
+    X-Nexus-* headers there and turns the response body off for that request (mode_override), and
+    settlement_filters() read it: three ext_proc messages for a JSON answer or a stream of any length, settled
+    exactly from Envoy's report. A stream whose usage chunk the server hides still streams through it."""
+    with running(Stack()) as stack:
+        stack.start_fakes()
+        stack.start_extproc(write_config(tmp_path / "config.yaml", budget={"monthly_limit_usd": 1000},
+                                         store={"kind": "sqlite", "path": str(tmp_path / "ledger.db")},
+                                         server={"settlement": "envoy"}))
+        start_envoy_settled(stack, skip_response_headers=False, reports_per_worker=False)
+        e2e = E2E(stack)
+        e2e.wait_envoy_sees_extproc()
+        admin = stack.envoy_admin_port
+        reports = counter(e2e, "nexus_envoy_reports_total", 'outcome="settled"')
+
+        before, msgs = e2e.stats()["budget"]["current_spending_usd"], _ext_proc_messages(admin)
+        raw = e2e.openai().chat.completions.with_raw_response.create(
+            model="gpt-4o", messages=MSGS, max_tokens=20, extra_headers={"x-fake-completion-tokens": "11"})
+        answer = raw.parse()
+        assert raw.headers["x-nexus-backend-type"] == "cloud" and "x-nexus-cost-estimated" in raw.headers
+        # gpt-4o: $2.50 in, $10 out per million tokens.
+        assert settled(e2e, before) == pytest.approx((answer.usage.prompt_tokens * 2.5 + 11 * 10) / 1e6, abs=2e-6)
+        assert _ext_proc_messages(admin) - msgs == 3
+
+        before, msgs = e2e.stats()["budget"]["current_spending_usd"], _ext_proc_messages(admin)
+        client = anthropic.Anthropic(base_url=e2e.url, api_key="sk-ant-test", max_retries=0, timeout=30,
+                                     default_headers={"x-fake-completion-tokens": "40", "x-fake-encoding": "gzip"})
+        with client.messages.stream(model="claude-haiku-4-5", max_tokens=60, messages=MSGS) as s:
+            final = s.get_final_message()
+        assert settled(e2e, before) == pytest.approx((final.usage.input_tokens + 40 * 5) / 1e6, abs=2e-6)
+        assert _ext_proc_messages(admin) - msgs == 3  # 40 tokens, 40-odd chunks: none through the server
+        assert counter(e2e, "nexus_envoy_reports_total", 'outcome="settled"') - reports == 2
+
+        # The OpenAI SDK's default stream: the server asks for usage and hides it, so it reads this one itself.
+        before = e2e.stats()["budget"]["current_spending_usd"]
+        chunks = list(e2e.openai().chat.completions.create(
+            model="gpt-4o", messages=MSGS, max_tokens=20, stream=True, extra_headers={"x-fake-completion-tokens": "6"}))
+        assert chunks and all(c.choices for c in chunks)  # no usage-only chunk reached the client
+        assert settled(e2e, before) > 0
+        assert counter(e2e, "nexus_envoy_reports_total", 'outcome="settled"') - reports == 2
