@@ -69,12 +69,23 @@ def local_reply_text() -> str:
             + yaml.dump(local_reply_config(), Dumper=NoAliases, sort_keys=False, width=120))
 
 
+SETTLEMENT_FILTERS = CHART / "files" / "settlement-filters.yaml"
+
+
+def settlement_filters_text() -> str:
+    from nexus_dev.envoy_config import settlement_filters
+
+    return ("# Generated from nexus_dev/envoy_config.py by `make deploy-assets`: the filters settlement: envoy adds.\n"
+            + yaml.safe_dump(settlement_filters(), sort_keys=False, width=120))
+
+
 def assets() -> dict[Path, str]:
     base = render({"store": {"sqlite": {"persistence": {"enabled": False}}}, "serviceMonitor": {"enabled": True},
                    "adminToken": {"value": "change-me-with-a-real-secret"}})
     redis = render({"store": {"kind": "redis", "redis": {"url": "redis://nexus-redis:6379/0"}}})
     redis_cfg = next(o for o in redis if o["kind"] == "ConfigMap")["data"]["config.yaml"]
     egress = render({"istio": {"envoyFilter": {"enabled": True}}})
+    egress_envoy = render({"istio": {"envoyFilter": {"enabled": True}}, "settlement": "envoy"})
     ingress = render({"istio": {"envoyFilter": {"enabled": True, "gateway": "ingressgateway"}}})
     eg = render({"envoyGateway": {"extensionPolicy": {"enabled": True}}})
 
@@ -86,12 +97,17 @@ def assets() -> dict[Path, str]:
         REPO / "deploy/kubernetes/overlays/redis-ha/config.yaml": HEADER + redis_cfg,
         REPO / "deploy/istio/envoyfilter-egress.yaml": dump(kinds(egress, "EnvoyFilter")),
         REPO / "deploy/istio/envoyfilter-ingress.yaml": dump(kinds(ingress, "EnvoyFilter")),
+        REPO / "deploy/istio/envoyfilter-egress-envoy-settlement.yaml": dump(
+            kinds(egress_envoy, "EnvoyFilter"),
+            "# settlement: envoy (docs/streaming.md); the server's config needs server.settlement: envoy too.\n"),
         REPO / "deploy/envoy-gateway/extension-policy.yaml": dump(kinds(eg, "EnvoyExtensionPolicy", "ReferenceGrant")),
     }
 
 
 if __name__ == "__main__":
-    LOCAL_REPLY.write_text(local_reply_text())  # first: the chart renders it into the Istio EnvoyFilter
-    for path, text in {LOCAL_REPLY: local_reply_text(), **assets()}.items():
+    LOCAL_REPLY.write_text(local_reply_text())  # first: the chart renders them into the Istio EnvoyFilter
+    SETTLEMENT_FILTERS.write_text(settlement_filters_text())
+    for path, text in {LOCAL_REPLY: local_reply_text(), SETTLEMENT_FILTERS: settlement_filters_text(),
+                       **assets()}.items():
         path.write_text(text)
         print(path.relative_to(REPO), file=sys.stderr)

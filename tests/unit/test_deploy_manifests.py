@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
+from nexus_dev.envoy_config import settlement_filters
 from nexus_dev.stack import envoy_binary
 from tests import kustomize
 from tests.manifests import check_workload, validate
@@ -108,15 +109,28 @@ def test_every_envoy_config_in_repo_validates(path, tmp_path):
     _envoy_validate(yaml.safe_load(path.read_text()), tmp_path)
 
 
-@pytest.mark.parametrize("name", ["envoyfilter-egress.yaml", "envoyfilter-ingress.yaml"])
+@pytest.mark.parametrize("name", ["envoyfilter-egress.yaml", "envoyfilter-ingress.yaml",
+                                  "envoyfilter-egress-envoy-settlement.yaml"])
 def test_istio_envoyfilter_patch_is_a_valid_envoy_filter(name, tmp_path):
-    """The filter the EnvoyFilter inserts, loaded by the real Envoy in a minimal listener."""
+    """Every filter the EnvoyFilter inserts before the router, in its order, and the access log it merges into
+    the connection manager, loaded by the real Envoy in a minimal listener."""
     ef = yaml.safe_load((ROOT / "deploy/istio" / name).read_text())
-    value = next(p["patch"]["value"] for p in ef["spec"]["configPatches"] if p["applyTo"] == "HTTP_FILTER")
-    cluster = value["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]
+    inserted = [p["patch"]["value"] for p in ef["spec"]["configPatches"] if p["applyTo"] == "HTTP_FILTER"]
+    merged = [p["patch"]["value"]["typed_config"] for p in ef["spec"]["configPatches"]
+              if p["applyTo"] == "NETWORK_FILTER"]
+    cluster = inserted[0]["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]
     cfg = yaml.safe_load((ROOT / "envoy/nexus.yaml").read_text())
     hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    hcm["http_filters"][0] = value
+    hcm["http_filters"] = [*inserted, hcm["http_filters"][-1]]
+    for m in merged:
+        hcm["access_log"] = [*hcm.get("access_log", []), *m.get("access_log", [])]
     cfg["static_resources"]["clusters"][0]["name"] = cluster
     cfg["static_resources"]["clusters"][0]["load_assignment"]["cluster_name"] = cluster
+    # The connection manager's routes of envoy/nexus.yaml read metadata the mesh does not set: a plain route.
+    hcm["route_config"]["virtual_hosts"][0]["routes"] = [{"match": {"prefix": "/"},
+                                                          "route": {"cluster_header": "x-nexus-upstream"}}]
+    if "settlement" in name:
+        names = [f["name"] for f in inserted]
+        assert names == ["envoy.filters.http.ext_proc", *(f["name"] for f in settlement_filters())]
+        assert any(a["name"] == "envoy.access_loggers.http_grpc" for a in hcm["access_log"])
     _envoy_validate(cfg, tmp_path)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from nexus_dev.deploy_assets import CHART, LOCAL_REPLY, assets, local_reply_text
+from nexus_dev.deploy_assets import CHART, LOCAL_REPLY, assets, local_reply_text, settlement_filters_text
 from nexus_extproc.config import parse_config
 from tests.manifests import check_workload, validate
 
@@ -124,3 +124,22 @@ def test_istio_gateway_answers_envoys_own_errors_in_the_clients_shape():
     on = patches({"istio": {"envoyFilter": {"enabled": True}}})
     assert on[0]["patch"]["value"]["typed_config"]["local_reply_config"] == local_reply_config()
     assert patches({"istio": {"envoyFilter": {"enabled": True, "localReplies": False}}}) == []
+
+
+def test_settlement_envoy_sets_the_server_and_the_gateway_together():
+    """One value switches both sides: the server waits for Envoy's report only where the gateway sends one."""
+    objs = render({"settlement": "envoy", "istio": {"envoyFilter": {"enabled": True}}})
+    cfg = parse_config(yaml.safe_load(next(o for o in objs if o["kind"] == "ConfigMap")["data"]["config.yaml"]),
+                       environ={})
+    assert cfg.server.settlement == "envoy"
+    ef = next(o for o in objs if o["kind"] == "EnvoyFilter")
+    names = [p["patch"]["value"].get("name") for p in ef["spec"]["configPatches"]]
+    assert "envoy.filters.http.sse_to_metadata" in names and "envoy.filters.http.json_to_metadata" in names
+    logs = [a for p in ef["spec"]["configPatches"] if p["applyTo"] == "NETWORK_FILTER"
+            for a in p["patch"]["value"]["typed_config"].get("access_log", [])]
+    assert [a["name"] for a in logs] == ["envoy.access_loggers.http_grpc"]
+    plain = render({"istio": {"envoyFilter": {"enabled": True}}})
+    assert parse_config(yaml.safe_load(next(o for o in plain if o["kind"] == "ConfigMap")["data"]["config.yaml"]),
+                        environ={}).server.settlement == "ext_proc"
+    assert "envoy.filters.http.sse_to_metadata" not in yaml.safe_dump(plain)
+    assert (CHART / "files" / "settlement-filters.yaml").read_text() == settlement_filters_text()

@@ -40,7 +40,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- $_ := set $store "key_prefix" .Values.store.redis.keyPrefix -}}
 {{- end -}}
 {{- $owned := dict "store" $store "store_failure" .Values.store.failure
-      "server" (dict "grpc_host" "0.0.0.0" "admin_host" "0.0.0.0" "workers" (int .Values.workers) "log_json" true)
+      "server" (dict "grpc_host" "0.0.0.0" "admin_host" "0.0.0.0" "workers" (int .Values.workers) "log_json" true
+                     "settlement" .Values.settlement)
       "admin_api" (dict "host" "0.0.0.0" "port" (int .Values.service.adminApiPort) "token_file" "/etc/nexus/admin/token") -}}
 {{- toYaml (merge $owned (deepCopy .Values.config)) -}}
 {{- end -}}
