@@ -71,7 +71,7 @@ class Reports(Settlement):
         if entry is None:
             return
         state = entry[0]
-        self._settle_at_estimate(state)  # finish() counts it missing, or settled elsewhere meanwhile
+        self._settle_at_estimate(state, missing=True)  # finish() counts it missing, or settled elsewhere meanwhile
         self._spawn(self.finish(state))
         now = asyncio.get_running_loop().time()
         horizon = now - LATE_WAIT_FACTOR * self.config.server.envoy_report_wait_secs
@@ -83,8 +83,8 @@ class Reports(Settlement):
         self._late[req_id] = (now, state)
 
     @staticmethod
-    def _settle_at_estimate(state: RequestState) -> None:
-        state.awaits_report = False
+    def _settle_at_estimate(state: RequestState, missing: bool = False) -> None:
+        state.awaits_report, state.report_missing = False, missing
         state.final_cost, state.settle_source = state.estimate, "estimate"
 
     def _spawn(self, coro: Any) -> None:
@@ -169,6 +169,12 @@ class Reports(Settlement):
                 if info.usage is not None:
                     state.usage.merge(info.usage)
                     state.usage_final = state.usage_final or info.final
+        if not state.usage_final and report.status < 400:
+            # No final usage in Envoy's report: the client left (or the stream broke) before the usage event,
+            # or the answer carried none. The server saw none of the text to count, and Envoy's byte count says
+            # little (an SSE event of one token is ~150 bytes): charged the reservation, the amount the budget
+            # admitted it on, as a process that died would be (docs/streaming.md).
+            self._settle_at_estimate(state)
 
     async def _apply(self, state: RequestState, report: EnvoyReport) -> None:
         state.awaits_report = False
@@ -195,5 +201,5 @@ class Reports(Settlement):
         for req_id in list(self._awaiting):
             state, timer = self._awaiting.pop(req_id)
             timer.cancel()
-            self._settle_at_estimate(state)
+            self._settle_at_estimate(state, missing=True)
             await self.finish(state)

@@ -180,11 +180,12 @@ class Settlement(Core):
                                      usage.web_searches or 0)
         record = self._record(state, cost, source)
         applied = await self.budget.settle(state.req_id, adm, cost, record)
-        if source == "estimate":  # no report came here in time (request/reports.py)
-            # Not applied: another process settled (or released) it from Envoy's report meanwhile.
-            metrics.envoy_reports.labels("missing" if applied else "elsewhere").inc()
-            if not applied:
-                return
+        if source == "estimate" and not applied:
+            # No report came here in time, and another process settled (or released) it from Envoy's report.
+            metrics.envoy_reports.labels("elsewhere").inc()
+            return
+        if state.report_missing:
+            metrics.envoy_reports.labels("missing").inc()
         metrics.settlements.labels(source).inc()
         metrics.cost_per_request.labels(self.model_label(state.model, state.price),
                                         state.route.backend_type).observe(usd_float(cost))

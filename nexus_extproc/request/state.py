@@ -91,4 +91,5 @@ class RequestState:
     finished: bool = False
     awaits_report: bool = False  # parked until Envoy's access-log report (server.settlement: envoy)
     envoy_reads: bool = False  # its response headers came here, its body goes past: Envoy reports the usage
+    report_missing: bool = False  # settled at its estimate because no report came in time
     forwarded: bool = False  # the request-body reply went out without an immediate answer
