@@ -284,3 +284,16 @@ def test_a_report_for_its_own_request_waits_for_the_stream_and_snapshots_are_che
         for bad in ("{", '{"v": 2}', '{"v": 1, "p": "/v1/messages"}', "x" * 10_000, 7):
             assert not await b.envoy_report(EnvoyReport("other", 200, usage=DELTA, snapshot=bad, instance="z"))
     asyncio.run(go())
+
+
+def test_a_report_without_final_usage_charges_the_reservation(counter, tmp_path):
+    """The client left after message_start: Envoy saw the input usage but no output count. The server saw no
+    text either, so the request is charged what it reserved, not its prompt alone."""
+    async def go():
+        proc = processor(counter, tmp_path)
+        st = await _stream(proc)
+        await proc.finish(st)
+        assert await proc.envoy_report(report(st, usage=None))
+        assert st.finished and (st.final_cost, st.settle_source) == (st.estimate, "estimate")
+        assert (await proc.budget.ledger.totals(*st.admission.items[0])).settled == st.estimate
+    asyncio.run(go())
