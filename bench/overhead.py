@@ -5,7 +5,7 @@ the bottleneck; the Python fake upstream for multi-chunk SSE and time-to-first-t
 upstream, and Envoy + ext_proc → the same upstream. Drives each with the same wrk load and prints req/s,
 p50/p99 latency, CPU per request of Envoy and of the ext_proc processes (from /proc), and the ratios.
 
-    python bench/overhead.py [--duration 8] [--quick | --modes-only] [--json FILE]
+    python bench/overhead.py [--duration 8] [--quick | --modes-only | --profile FILE.svg] [--json FILE]
 
 `--json FILE` writes every figure (each case's req/s, p50/p99, CPU per request of Envoy and of ext_proc, ext_proc
 messages per request, the floor of a null grpc.aio processor, per-chunk CPU, TTFT, ratios) for machines.
@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -379,6 +380,34 @@ def compare_settlement_modes(b: Bench, fake: int, up: int) -> dict[str, dict[str
     return out
 
 
+def profile(b: Bench, up: int, out: str, mode: str) -> None:
+    """A py-spy flame graph of the server (every worker process) while 16 connections send 1 KB JSON requests
+    through Envoy with the SQLite budget on: the server runs under `py-spy record`, so anyone can repeat the
+    profile the issue's figures came from."""
+    spy = Path(sys.executable).with_name("py-spy")
+    grpc_port, admin = free_port(), free_port()
+    doc = {"backends": {"openai": {"cluster": "openai", "type": "cloud", "provider": "openai", "default": True}},
+           "server": {"grpc_port": grpc_port, "admin_port": admin, "log_level": "WARNING", "settlement": mode},
+           "store": {"kind": "sqlite", "path": str(b.work / "profile.db")},
+           "budget": {"monthly_limit_usd": 1_000_000}}
+    cfg = b.work / "profile.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    fmt = "speedscope" if out.endswith(".json") else "flamegraph"
+    p = b.stack._spawn([str(spy), "record", "--rate", "250", "--subprocesses", "--format", fmt, "--output", out,
+                        "--", sys.executable, "-m", "nexus_extproc", "serve", "--config", str(cfg)], "profiled")
+    wait_http(f"http://{HOST}:{admin}/readyz", timeout=60, proc=p)
+    params = EnvoyParams(listen_address=HOST, listen_port=free_port(), admin_port=free_port(),
+                         extproc_ports=[grpc_port], upstreams=[Upstream("openai", HOST, up)],
+                         access_log_path="/dev/null", settlement=mode)
+    _, port, _ = b.start_envoy(build_config(params), "profile-envoy")
+    rps, p50, _, errs, total = run_wrk(b.wrk, f"http://{HOST}:{port}/v1/chat/completions", chat_body(1024), 16,
+                                       b.args.duration, {}, b.work)
+    p.send_signal(signal.SIGINT)  # py-spy writes the graph when its target ends
+    p.wait(timeout=60)
+    print(f"profile ({mode} settlement): {total} requests, {rps:.0f} req/s, p50 {p50:.2f} ms, errors {errs}; "
+          f"flame graph in {out}")
+
+
 async def ttft(url: str, body: str, n: int) -> float:
     """Median time from sending the request to the first SSE data line, over n sequential requests."""
     import httpx
@@ -461,11 +490,18 @@ def main() -> int:
     ap.add_argument("--modes-only", action="store_true",
                     help="only the settlement modes compared (plain, ext_proc, envoy: JSON, 40- and 300-event streams)")
     ap.add_argument("--json", metavar="FILE", help="also write every figure to FILE as JSON")
+    ap.add_argument("--profile", metavar="FILE", help="only profile the server under 1 KB JSON load with py-spy: an "
+                    "SVG flame graph (or speedscope JSON when FILE ends in .json)")
+    ap.add_argument("--profile-mode", default="envoy", choices=["ext_proc", "envoy"],
+                    help="the settlement mode to profile (default envoy)")
     args = ap.parse_args()
     figures: dict[str, object] = {"machine": {"cores": os.cpu_count()}, "cases": [], "ratios": {}}
     b = Bench(args)
     body_1k, body_100k = chat_body(1024), chat_body(100 * 1024)
     try:
+        if args.profile:
+            profile(b, b.start_upstream(), args.profile, args.profile_mode)
+            return 0
         if args.modes_only:
             b.stack.start_fakes(("openai",))
             figures["modes"] = compare_settlement_modes(b, b.stack.fake_ports["openai"], b.start_upstream())
