@@ -388,9 +388,11 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
             routes = routes[1:]  # no stream needs the server to hide its usage chunk
     if p.settlement == "envoy":
         access_logs, report_clusters = _reports(len(p.extproc_uds or p.extproc_ports) if p.reports_per_worker else 1)
+    if p.settlement == "envoy":  # the server's `auto` reads each stream's response or waits for the report
+        ext_proc["typed_config"]["grpc_service"]["initial_metadata"] = [{"key": "x-nexus-settlement", "value": "envoy"}]
     if p.envoy_token:
         token = [{"key": "x-nexus-envoy-token", "value": p.envoy_token}]
-        ext_proc["typed_config"]["grpc_service"]["initial_metadata"] = token
+        ext_proc["typed_config"]["grpc_service"].setdefault("initial_metadata", []).extend(token)
         for log_cfg in access_logs:
             log_cfg["typed_config"]["common_config"]["grpc_service"]["initial_metadata"] = token
     hcm = {

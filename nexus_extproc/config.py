@@ -195,11 +195,12 @@ class ServerConfig(_Strict):
     # Own deadline for a stream: Envoy runs no timer in some modes, and a half-open stream must not hold a
     # reservation forever.
     stream_idle_timeout_secs: float = Field(default=300.0, gt=0)
-    # Who reads a stream's usage. `ext_proc`: the server, chunk by chunk (every Envoy, every mesh). `envoy`: Envoy's
-    # sse_to_metadata filter, reported to the server on the gRPC access-log stream; no chunk reaches the server
-    # (envoy/nexus.yaml built with settlement="envoy", docs/streaming.md). One server process per Envoy for now:
-    # a report must reach the process that admitted its request.
-    settlement: Literal["ext_proc", "envoy"] = "ext_proc"
+    # Who reads a response's usage. `ext_proc`: the server, chunk by chunk (every Envoy, every mesh). `envoy`:
+    # Envoy's filters (sse_to_metadata, json_to_metadata), reported to the server on the gRPC access-log stream; no
+    # byte of the response reaches the server (docs/streaming.md). `auto`: per ext_proc stream, as its Envoy says
+    # (gRPC initial metadata `x-nexus-settlement: envoy`, which the configs and assets that add those filters send),
+    # so a server is right for either shape of Envoy and a change of the Envoy side needs nothing here.
+    settlement: Literal["auto", "ext_proc", "envoy"] = "auto"
     # The usage chunk the server asks for when an OpenAI stream did not (`stream_options.include_usage`): `hidden`,
     # removed from what the client receives (such streams keep the ext_proc path under settlement: envoy), or
     # `visible`, passed through (they take Envoy's path too; clients ignore a chunk with empty `choices`).

@@ -14,6 +14,12 @@ import grpc
 from nexus_extproc.ops import metrics
 
 TOKEN_METADATA = "x-nexus-envoy-token"
+# What an Envoy that reads responses itself (settlement filters and the access log) says on its ext_proc stream.
+SETTLEMENT_METADATA = "x-nexus-settlement"
+
+
+def declares_envoy_settlement(context: grpc.aio.ServicerContext) -> bool:
+    return any(k == SETTLEMENT_METADATA and v == "envoy" for k, v in (context.invocation_metadata() or ()))
 
 
 class PeerCheck:

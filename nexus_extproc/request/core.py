@@ -65,7 +65,7 @@ class Core:
         self._known_models = config.configured_models()
         self._background: set[asyncio.Task[None]] = set()
         # server.settlement: envoy — forwarded streams whose usage Envoy reports, by request id.
-        self._envoy_settles = config.server.settlement == "envoy"
+        self._settlement = config.server.settlement
         self._awaiting: dict[str, tuple[RequestState, asyncio.TimerHandle]] = {}
         self._early: dict[str, tuple[float, Any]] = {}  # reports that came before their stream ended
         self._late: dict[str, tuple[float, RequestState]] = {}  # settled at the estimate: a report may still come
@@ -83,6 +83,11 @@ class Core:
                         config.identity.api_key_salt_env)
 
     # ---- helpers -------------------------------------------------------------------------------
+
+    def settles_in_envoy(self, declared: bool) -> bool:
+        """Whether Envoy reads this stream's response (server.settlement): forced by the config, or as the stream's
+        Envoy declares it (`auto`)."""
+        return self._settlement == "envoy" or (self._settlement == "auto" and declared)
 
     def model_label(self, model: str | None, price: ResolvedPrice | None) -> str:
         if model and (model in self._known_models or (price is not None and price.known)):

@@ -54,6 +54,7 @@ class Inbound(Estimation):
         """ext_proc phase `request_headers`: pick the translator; the decision waits for the body."""
         state.path = headers.get(":path", "")
         state.family = family_for_path(state.path)
+        state.envoy_settles = self.settles_in_envoy(state.envoy_declared)
         state.client_nexus_headers = [k for k in headers if k.startswith(C.CLIENT_HEADER_PREFIX)]
         state.accept_encoding = headers.get("accept-encoding")
         state.tool, state.session = client_tool(headers), client_session(headers)
@@ -224,7 +225,7 @@ class Inbound(Estimation):
         # With server.settlement: envoy, a stream Envoy settles is decoded by Envoy's decompressors (gzip, br, zstd);
         # everything the server reads itself comes uncompressed, since those decompressors would stall ext_proc.
         readable: tuple[str, ...]
-        if self._envoy_settles:
+        if state.envoy_settles:
             readable = ENVOY_DECODES if parsed.stream else ()
         else:
             readable = READABLE
@@ -232,7 +233,7 @@ class Inbound(Estimation):
         if accept is not None:
             if accept != state.accept_encoding:
                 reply.set_headers.append(("accept-encoding", accept))
-        elif self._envoy_settles and not parsed.stream:
+        elif state.envoy_settles and not parsed.stream:
             # Said outright, not left to an absent header (which allows any coding): a compressed JSON answer
             # would never complete behind json_to_metadata and the decompressor (docs/streaming.md).
             reply.set_headers.append(("accept-encoding", "identity"))
@@ -254,7 +255,7 @@ class Inbound(Estimation):
             "token_tier": tier,
             **dict(self._nexus_headers(state)),  # envoy/nexus.yaml's routes add them to the response
         }
-        if self._envoy_settles:
+        if state.envoy_settles:
             reply.metadata["worker"] = self.worker  # which process Envoy's report should reach
             reply.metadata["instance"] = self.instance
             snap = snapshot(state)  # and what any other process needs to settle it (request/snapshot.py)

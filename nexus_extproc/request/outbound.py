@@ -31,7 +31,7 @@ class Outbound(Reports):
         if state.route is None:
             return reply
         reply.set_headers = self._nexus_headers(state)
-        if self._envoy_settles and state.forwarded and not state.added_stream_usage and state.admission is not None:
+        if state.envoy_settles and state.forwarded and not state.added_stream_usage and state.admission is not None:
             # server.settlement: envoy where the response headers come here (the mesh integrations): the body
             # goes past the server, and Envoy's filters report its usage as they do in envoy/nexus.yaml.
             state.envoy_reads = reply.envoy_reads_body = True

@@ -51,7 +51,7 @@ class Reports(Settlement):
     def awaits_report(self, state: RequestState) -> bool:
         """A forwarded request whose response never reached this server: Envoy reports its usage. (A stream whose
         usage chunk the server hides reads its response itself.)"""
-        return (self._envoy_settles and state.forwarded and (state.envoy_reads or not state.response_started)
+        return (state.envoy_settles and state.forwarded and (state.envoy_reads or not state.response_started)
                 and not state.finished
                 and state.settle_source is None and state.admission is not None and state.parsed is not None
                 and not state.added_stream_usage)
@@ -100,7 +100,7 @@ class Reports(Settlement):
             late = self._late.pop(report.req_id, None)
             if late is not None:
                 return await self._correct(late[1], report)
-            if self._envoy_settles and report.snapshot is not None and report.instance != self.instance:
+            if self._settlement != "ext_proc" and report.snapshot is not None and report.instance != self.instance:
                 return await self._settle_elsewhere(report)
             # Ours, and its stream has not ended yet (Envoy may log before it closes the ext_proc stream).
             self._keep_early(report)

@@ -89,6 +89,8 @@ class RequestState:
     final_cost: int | None = None
     settle_source: str | None = None
     finished: bool = False
+    envoy_declared: bool = False  # its Envoy says it reads responses itself (ext_proc stream's initial metadata)
+    envoy_settles: bool = False  # Envoy reads this response's usage (server.settlement, or that declaration)
     awaits_report: bool = False  # parked until Envoy's access-log report (server.settlement: envoy)
     envoy_reads: bool = False  # its response headers came here, its body goes past: Envoy reports the usage
     report_missing: bool = False  # settled at its estimate because no report came in time

@@ -212,12 +212,12 @@ def test_the_mesh_shape_settles_in_envoy_too(tmp_path):
     """Where ext_proc sees the response headers (Istio, Envoy Gateway: no route of ours), the server adds the
     X-Nexus-* headers there and turns the response body off for that request (mode_override), and
     settlement_filters() read it: three ext_proc messages for a JSON answer or a stream of any length, settled
-    exactly from Envoy's report. A stream whose usage chunk the server hides still streams through it."""
+    exactly from Envoy's report. A stream whose usage chunk the server hides still streams through it. The server
+    keeps the default `settlement: auto`: this Envoy's ext_proc streams say it reads the responses."""
     with running(Stack()) as stack:
         stack.start_fakes()
         stack.start_extproc(write_config(tmp_path / "config.yaml", budget={"monthly_limit_usd": 1000},
-                                         store={"kind": "sqlite", "path": str(tmp_path / "ledger.db")},
-                                         server={"settlement": "envoy"}))
+                                         store={"kind": "sqlite", "path": str(tmp_path / "ledger.db")}))
         start_envoy_settled(stack, skip_response_headers=False, reports_per_worker=False)
         e2e = E2E(stack)
         e2e.wait_envoy_sees_extproc()

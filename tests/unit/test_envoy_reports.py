@@ -297,3 +297,22 @@ def test_a_report_without_final_usage_charges_the_reservation(counter, tmp_path)
         assert st.finished and (st.final_cost, st.settle_source) == (st.estimate, "estimate")
         assert (await proc.budget.ledger.totals(*st.admission.items[0])).settled == st.estimate
     asyncio.run(go())
+
+
+@pytest.mark.parametrize(("setting", "declared", "waits"), [
+    ("auto", True, True), ("auto", False, False), ("envoy", False, True), ("ext_proc", True, False)])
+def test_auto_follows_what_each_streams_envoy_declares(counter, tmp_path, setting, declared, waits):
+    """server.settlement: auto (the default) waits for a report only where the stream's Envoy said it reads the
+    response itself (initial metadata x-nexus-settlement: envoy); a forced setting ignores the declaration."""
+    async def go():
+        cfg = make_config(budget={"monthly_limit_usd": 100}, store={"kind": "sqlite", "path": str(tmp_path / "l.db")},
+                          server={"settlement": setting})
+        proc = build(cfg, counter).processor
+        st = RequestState(envoy_declared=declared)
+        proc.request_headers(st, {":method": "POST", ":path": "/v1/messages", "content-type": "application/json"},
+                             False)
+        await proc.request_body(st, json.dumps(request_doc("/v1/messages", "claude-sonnet-4-5", True)).encode())
+        await proc.forwarded(st)
+        await proc.finish(st)
+        assert st.awaits_report is waits and st.finished is not waits
+    asyncio.run(go())
