@@ -5,7 +5,10 @@ Starts an upstream (Envoy direct_response, as in overhead.py), plain Envoy and E
 SQLite ledger), drives each with wrk in bounded slices and samples RSS after each slice. A leak shows as
 bytes per request past the warm-up point; caches that fill and stop show as growth before it only.
 
-    python bench/memory.py [--requests 80000] [--from 20000] [--json]
+    python bench/memory.py [--requests 80000] [--from 20000] [--settlement ext_proc|envoy] [--json]
+
+`--settlement envoy` measures the path where Envoy reads the response and reports it on the access log (two
+ext_proc messages per request, one access-log entry); the default, the server reading it (three messages).
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=80_000)
     ap.add_argument("--from", dest="start", type=int, default=20_000)
     ap.add_argument("--store", choices=["sqlite", "none"], default="sqlite", help="ledger for the budget, or none")
+    ap.add_argument("--settlement", choices=["ext_proc", "envoy"], default="ext_proc",
+                    help="who reads the response (docs/streaming.md)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     args.duration = 2
@@ -72,15 +77,16 @@ def main() -> int:
         up = b.start_upstream()
         pe, pport, _ = b.start_envoy(plain_config(free_port(), free_port(), up), "plain")
         store = {"kind": "sqlite", "path": str(b.work / "memory.db")} if args.store == "sqlite" else None
-        x, g = b.start_extproc(store, 1)
+        x, g = b.start_extproc(store, 1, settlement=args.settlement)
         params = EnvoyParams(listen_address=HOST, listen_port=free_port(), admin_port=free_port(),
-                             extproc_ports=[g], upstreams=[Upstream("openai", HOST, up)], access_log_path="/dev/null")
+                             extproc_ports=[g], upstreams=[Upstream("openai", HOST, up)], access_log_path="/dev/null",
+                             settlement=args.settlement)
         ee, eport, _ = b.start_envoy(build_config(params), "ext")
         plain = drive(b, pport, [pe.pid], args.requests, body)
         ext = drive(b, eport, children_of(x.pid), args.requests, body)
         p_rate, p0, p1 = growth(plain, args.start)
         x_rate, x0, x1 = growth(ext, args.start)
-        out = {"requests": ext[-1][0], "from": args.start, "store": args.store,
+        out = {"requests": ext[-1][0], "from": args.start, "store": args.store, "settlement": args.settlement,
                "plain_envoy": {"bytes_per_request": round(p_rate, 1), "rss_from": p0, "rss_to": p1},
                "ext_proc": {"bytes_per_request": round(x_rate, 1), "rss_from": x0, "rss_to": x1,
                             "rss_start": ext[0][1], "growth_bytes": x1 - x0},
