@@ -42,6 +42,9 @@ from nexus_extproc.memo import BoundedMemo
 from nexus_extproc.ops import metrics
 
 T = TypeVar("T")
+# _MIGRATIONS[i] takes a file from schema version i + 1 to i + 2.
+_MIGRATIONS = (MIGRATE_1_TO_2, MIGRATE_2_TO_3, MIGRATE_3_TO_4, MIGRATE_4_TO_5, MIGRATE_5_TO_6, MIGRATE_6_TO_7,
+               MIGRATE_7_TO_8, MIGRATE_8_TO_9)
 
 log = logging.getLogger("nexus_extproc.ledger")
 
@@ -131,23 +134,11 @@ class SqliteCore:
             has_tables = c.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'totals'").fetchone()[0]
             if version == 0 and not has_tables:
                 _run_script(c, SCHEMA)
-            elif version in (1, 2, 3, 4, 5, 6, 7, 8):
+            elif 1 <= version < SCHEMA_VERSION:
                 if version == 1:
                     _release_v1_reservations(c)
-                    _run_script(c, MIGRATE_1_TO_2)
-                if version <= 2:
-                    _run_script(c, MIGRATE_2_TO_3)
-                if version <= 3:
-                    _run_script(c, MIGRATE_3_TO_4)
-                if version <= 4:
-                    _run_script(c, MIGRATE_4_TO_5)
-                if version <= 5:
-                    _run_script(c, MIGRATE_5_TO_6)
-                if version <= 6:
-                    _run_script(c, MIGRATE_6_TO_7)
-                if version <= 7:
-                    _run_script(c, MIGRATE_7_TO_8)
-                _run_script(c, MIGRATE_8_TO_9)
+                for script in _MIGRATIONS[version - 1:]:  # from its version up, in order
+                    _run_script(c, script)
                 log.info("ledger schema upgraded", extra={"from_version": version, "to_version": SCHEMA_VERSION})
             elif version != SCHEMA_VERSION:
                 return int(version)
