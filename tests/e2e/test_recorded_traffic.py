@@ -43,10 +43,7 @@ def _replay_stack(tmp_path_factory, settlement: str) -> Iterator[Stack]:
             "store": {"kind": "sqlite", "path": str(cfg.parent / "ledger.db")},
             "server": {"grace_period_secs": 5, "max_request_body_bytes": 8 << 20, "settlement": settlement}}))
         stack.start_extproc(cfg)
-        if settlement == "envoy":
-            start_envoy_settled(stack)
-        else:
-            stack.start_envoy()
+        start_envoy_settled(stack, settlement=settlement)  # each mode named, whatever the default
         yield stack
 
 
