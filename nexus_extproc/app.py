@@ -86,7 +86,8 @@ async def start_grpc(servicer: ExternalProcessor, host: str, port: int, uds: str
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)])
     ep_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
     # Envoy's access-log stream: the usage of streams Envoy settles (server.settlement: envoy).
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogReceiver(servicer.processor, servicer.peer), server)
+    servicer.access_log = AccessLogReceiver(servicer.processor, servicer.peer)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(servicer.access_log, server)
     hs = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     bound = server.add_insecure_port(f"{host}:{port}")

@@ -82,16 +82,33 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
     def __init__(self, processor: Processor, peer: PeerCheck) -> None:
         self.processor = processor
         self.peer = peer
+        self._streams: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    def close(self) -> None:
+        """Shutdown, once the ext_proc streams have drained: Envoy's access-log streams never end by themselves,
+        and the gRPC server's stop would wait its whole grace period for them. Ended here, Envoy opens the next
+        one on a process still serving."""
+        self._closed = True
+        log.info("closing access-log streams", extra={"streams": len(self._streams)})
+        for task in self._streams:
+            task.cancel()
 
     async def StreamAccessLogs(self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
                                context: grpc.aio.ServicerContext) -> als_pb2.StreamAccessLogsResponse:
-        if not await self.peer.allow(context, "access_log"):
+        if self._closed or not await self.peer.allow(context, "access_log"):
             return als_pb2.StreamAccessLogsResponse()
-        async for msg in request_iterator:
-            reports = [r for r in map(report_of, msg.http_logs.log_entry) if r is not None]
-            # A batch's settlements run together, so the ledger writes them in one transaction (SQLite group
-            # commit, one Redis pipeline) instead of one round trip each.
-            await asyncio.gather(*(self._settle(r) for r in reports))
+        task = asyncio.current_task()
+        if task is not None:
+            self._streams.add(task)
+        try:
+            async for msg in request_iterator:
+                reports = [r for r in map(report_of, msg.http_logs.log_entry) if r is not None]
+                # A batch's settlements run together, so the ledger writes them in one transaction (SQLite group
+                # commit, one Redis pipeline) instead of one round trip each.
+                await asyncio.gather(*(self._settle(r) for r in reports))
+        finally:
+            self._streams.discard(task)
         return als_pb2.StreamAccessLogsResponse()
 
     async def _settle(self, report: EnvoyReport) -> None:

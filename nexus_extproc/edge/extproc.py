@@ -133,6 +133,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         self.settling: set[asyncio.Task[None]] = set()
         self.active = 0
         self.started = 0  # streams since start (worker recycling)
+        self.access_log: Any = None  # the AccessLogReceiver beside it (app.start_grpc): closed after the drain
 
     async def Process(self, request_iterator: AsyncIterator[ep.ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[ep.ProcessingResponse]:
@@ -226,3 +227,5 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
             else:
                 await asyncio.sleep(0.05)
         await self.processor.settle_awaiting()
+        if self.access_log is not None:
+            self.access_log.close()
