@@ -531,7 +531,9 @@ async def test_redis_script_calls_of_one_tick_share_a_round_trip_and_survive_a_s
 
     from nexus_extproc.ledger.redis import RedisLedger
 
-    led = RedisLedger(redis_url, key_prefix=f"b{_uuid.uuid4().hex[:8]}")
+    # A generous store timeout: this is about batching, and 20 first calls that each reload a flushed script took
+    # longer than the default 250 ms once in CI while the machine was loaded.
+    led = RedisLedger(redis_url, key_prefix=f"b{_uuid.uuid4().hex[:8]}", timeout_ms=3000)
     assert led._batch is not None
     sizes: list[int] = []
     flush = led._batch._flush
