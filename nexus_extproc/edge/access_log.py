@@ -84,6 +84,7 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
         self.peer = peer
         self._streams: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self._closing = asyncio.Event()
 
     def close(self) -> None:
         """Shutdown, once the ext_proc streams have drained: Envoy's access-log streams never end by themselves,
@@ -91,8 +92,7 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
         one on a process still serving."""
         self._closed = True
         log.info("closing access-log streams", extra={"streams": len(self._streams)})
-        for task in self._streams:
-            task.cancel()
+        self._closing.set()
 
     async def StreamAccessLogs(self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
                                context: grpc.aio.ServicerContext) -> als_pb2.StreamAccessLogsResponse:
@@ -101,8 +101,22 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
         task = asyncio.current_task()
         if task is not None:
             self._streams.add(task)
+        it = request_iterator.__aiter__()
         try:
-            async for msg in request_iterator:
+            while not self._closed:
+                # Each wait also watches for close(): cancelling the handler's task does not end the RPC in
+                # grpc.aio (measured: the server's stop still waited its whole grace period); returning does.
+                nxt = asyncio.ensure_future(it.__anext__())
+                closing = asyncio.ensure_future(self._closing.wait())
+                done, _ = await asyncio.wait({nxt, closing}, return_when=asyncio.FIRST_COMPLETED)
+                closing.cancel()
+                if nxt not in done:
+                    nxt.cancel()
+                    break
+                try:
+                    msg = nxt.result()
+                except StopAsyncIteration:
+                    break
                 reports = [r for r in map(report_of, msg.http_logs.log_entry) if r is not None]
                 # A batch's settlements run together, so the ledger writes them in one transaction (SQLite group
                 # commit, one Redis pipeline) instead of one round trip each.
