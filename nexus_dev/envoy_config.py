@@ -426,11 +426,14 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
                            "healthy_threshold": 1,
                            "grpc_health_check": {"service_name": "envoy.service.ext_proc.v3.ExternalProcessor"}}],
         # A worker that died (and is being restarted) refuses connections: eject it on the first refusal
-        # instead of waiting two health-check intervals; at most half the workers at once.
+        # instead of waiting two health-check intervals; at most half the workers at once. It comes back on its
+        # first passing health check (successful_active_health_check_uneject_host, on by default), not when a
+        # fixed ejection ends: a restarted worker took 3.0 s to listen on a loaded 2-core machine, and with a
+        # 2 s ejection the streams Envoy sent it in between failed with 500.
         "outlier_detection": {"split_external_local_origin_errors": True,
                               "consecutive_local_origin_failure": 1,
                               "enforcing_consecutive_local_origin_failure": 100,
-                              "interval": "1s", "base_ejection_time": "2s", "max_ejection_percent": 50},
+                              "interval": "1s", "base_ejection_time": "30s", "max_ejection_percent": 50},
     }
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p.admin_port}}},

@@ -103,6 +103,12 @@ def test_killed_worker_is_restarted_and_the_other_keeps_serving(stack: tuple[Sta
     # break later (CI once saw one answered 2.7 s after the restart, with no record of when it was sent).
     shown = [(round(a - killed, 2), round(b - killed, 2), c) for a, b, c in failures]
     timeline = f"failures (sent, answered, status) {shown} s after the kill, respawned at {respawned - killed:.2f} s"
+    if failures:  # what Envoy and the workers said about them, for the next time this breaks on a loaded machine
+        timeline += "\nenvoy: " + "\n".join(x for x in s.log("envoy").splitlines() if '" 200 ' not in x)[-3000:]
+        timeline += "\nextproc: " + s.log("extproc")[-4000:]
+        stats = httpx.get(f"http://127.0.0.1:{s.envoy_admin_port}/stats", timeout=5).text.splitlines()
+        timeline += "\nstats: " + "\n".join(x for x in stats if ("nexus_extproc" in x or "ext_proc" in x)
+                                              and not x.endswith(": 0"))
     assert len(failed) <= len(threads), f"{len(failed)} of {len(statuses)} requests failed around the kill; {timeline}"
     assert all(sent - respawned < 2.0 for sent, _, _ in failures), f"failures 2 s after the restart; {timeline}"
     print(timeline)
