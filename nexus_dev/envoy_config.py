@@ -67,7 +67,7 @@ class EnvoyParams:
     # Who reads a stream's usage (server.settlement, docs/streaming.md): "ext_proc", the server chunk by chunk; or
     # "envoy": sse_to_metadata, reported on the gRPC access-log stream, so no chunk goes to the server (streams
     # whose usage chunk the server hides keep the ext_proc path). Needs skip_response_headers.
-    settlement: str = "ext_proc"
+    settlement: str = "envoy"
     # server.stream_usage: "visible" sends OpenAI streams whose usage chunk the server adds through Envoy's path too.
     stream_usage: str = "hidden"
     # The shared secret the server checks on every ext_proc and access-log stream (server.envoy_token_*).

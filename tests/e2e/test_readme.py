@@ -154,7 +154,7 @@ def test_the_tiny_budget_walkthrough(demo: Demo):
             if headers_of(got).get("x-nexus-route-reason"):
                 break
             assert sent < 40, "40 requests and no reroute"
-            time.sleep(0.05)
+            time.sleep(0.3)  # as someone repeating it by hand: the last answer settled (Envoy reports in 0.1 s)
         print(f"rerouted after {sent} requests (the README says ~18)")
         check_headers(ex, got)
         assert headers_of(got)["x-nexus-budget-utilization"] == want["x-nexus-budget-utilization"]

@@ -140,15 +140,16 @@ def _ext_proc_messages(admin_port: int) -> int:
     return sum(int(v) for k, _, v in (ln.partition(": ") for ln in text.splitlines()) if v.strip().isdigit())
 
 
-def test_a_json_request_costs_three_ext_proc_messages_and_a_stream_keeps_streaming(e2e):
-    """envoy/nexus.yaml skips the response-headers exchange: request headers, request body, one buffered
-    response body for JSON; a stream request is routed (json_to_metadata reads `stream`) to STREAMED chunks."""
+def test_a_json_request_costs_two_ext_proc_messages_and_a_stream_keeps_streaming(e2e):
+    """envoy/nexus.yaml (settlement in Envoy, the default) sends the request headers and the request body, and
+    nothing of the response (Envoy's filters read its usage); a stream request whose usage chunk the server
+    hides is routed (json_to_metadata reads `stream` and `stream_options`) to STREAMED chunks."""
     before = _ext_proc_messages(e2e.stack.envoy_admin_port)
     for _ in range(5):
         raw = e2e.openai().chat.completions.with_raw_response.create(model="gpt-4o", messages=MSGS, max_tokens=5)
         assert raw.headers["x-nexus-backend-type"] == "cloud" and len(raw.headers["x-nexus-request-id"]) == 32
     time.sleep(0.2)
-    assert _ext_proc_messages(e2e.stack.envoy_admin_port) - before == 15
+    assert _ext_proc_messages(e2e.stack.envoy_admin_port) - before == 10
     # A stream: its events arrive one by one (the fake paces them), not buffered to the end.
     arrivals = []
     t0 = time.monotonic()
@@ -169,7 +170,7 @@ def test_the_four_exchange_mode_of_the_mesh_integrations_still_works(e2e, tmp_pa
     from nexus_dev.stack import free_port
 
     params = e2e.stack.envoy_params()
-    params.skip_response_headers = False
+    params.skip_response_headers, params.settlement = False, "ext_proc"
     params.listen_port, params.admin_port = free_port(), free_port()
     cfg = tmp_path / "four.yaml"
     cfg.write_text(dump(build_config(params)))
