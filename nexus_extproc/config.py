@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from nexus_extproc.terms import HardAction
+from nexus_extproc.terms import HardAction, duration_s
 
 ENV_PREFIX = "NEXUS_"
 
@@ -70,10 +70,36 @@ class ReportScheduleConfig(_Strict):
     _tz = field_validator("timezone")(classmethod(lambda cls, v: _timezone(v)))
 
 
+class RollingPeriodConfig(_Strict):
+    """The spend of the last `rolling` (15m, 1h, 24h, 7d; up to 31 days): refused with 429 at the limit."""
+
+    rolling: str
+
+    @field_validator("rolling")
+    @classmethod
+    def _window(cls, v: str) -> str:
+        if not 60 <= duration_s(v) <= 31 * 86400:
+            raise ValueError("a rolling window is 1m to 31d")
+        return v
+
+
+class EveryPeriodConfig(_Strict):
+    """A short fixed window (`every: 10m`), aligned to the Unix epoch: refused with 429 at the limit."""
+
+    every: str
+
+    @field_validator("every")
+    @classmethod
+    def _window(cls, v: str) -> str:
+        if not 60 <= duration_s(v) <= 86400:
+            raise ValueError("an `every` window is 1m to 1d")
+        return v
+
+
 class BudgetDefConfig(_Strict):
     name: str = Field(pattern=BUDGET_NAME)
     scope: Literal["global"] | ScopeConfig = "global"
-    period: Literal["daily", "weekly", "monthly"] = "monthly"
+    period: Literal["daily", "weekly", "monthly", "hourly"] | RollingPeriodConfig | EveryPeriodConfig = "monthly"
     timezone: str = "UTC"
     limit_usd: Decimal = Field(gt=0)
     soft_limit_percent: Decimal = Field(default=Decimal(80), gt=0, le=100)

@@ -43,9 +43,10 @@ def not_found(message: str) -> NexusError:
 _REFUSALS = {"cloud_blocked": "cloud backends are blocked: {name} exhausted", "budget_exhausted": "{name} exhausted"}
 
 
-def budget_exceeded(code: str, budget: str | None, reset_in_s: int, reset_at: str, retry_after_max_s: int
-                    ) -> NexusError:
-    """`budget` is the deciding budget's name, None for the global (monthly) one.
+def budget_exceeded(code: str, budget: str | None, reset_in_s: int, reset_at: str, retry_after_max_s: int,
+                    short: bool = False) -> NexusError:
+    """`budget` is the deciding budget's name, None for the global (monthly) one. `short`: a short window's
+    limit (rolling, hourly, `every`), a 429 like the provider's own rate limits, which the SDKs wait out.
 
     SDKs retry a 503 and sleep for its Retry-After: the header goes out only when the wait is one a client can
     sleep through (`server.retry_after_max_secs`). Past it, `x-should-retry: false` (the OpenAI and Anthropic
@@ -59,6 +60,9 @@ def budget_exceeded(code: str, budget: str | None, reset_in_s: int, reset_at: st
         headers["retry-after"] = str(wait)
     else:
         headers["x-should-retry"] = "false"
+    if short:
+        return NexusError(429, "budget_exceeded", message.replace("exhausted", "at its limit for now"), headers,
+                          {"reset_at": reset_at})
     return NexusError(503, "budget_exceeded", message, headers, {"reset_at": reset_at})
 
 

@@ -18,7 +18,7 @@ from datetime import datetime
 
 from nexus_extproc.budget.alerts import AlertWatch
 from nexus_extproc.budget.book import Book, BudgetDef
-from nexus_extproc.budget.periods import Period
+from nexus_extproc.budget.periods import Period, seconds_until_room
 from nexus_extproc.budget.policy import (
     REJECT_EXHAUSTED,
     Action,
@@ -50,6 +50,7 @@ class Rejection:
     code: str  # policy.REJECT_*
     budget: str | None  # the deciding budget's name
     reset_in_s: int
+    short: bool = False  # a short window's refusal (429, a wait a client can sleep through), not a period's (503)
 
 
 @dataclass(slots=True)
@@ -62,6 +63,7 @@ class Admission:
     budget: str | None = None  # the budget whose status decided
     reset_in_s: int = 0
     forward_marked: bool = False  # the reservation was written already marked forwarded (one write)
+    short: bool = False  # the deciding budget's period is a short window (budget.periods.PeriodRule.short)
 
 
 @dataclass(slots=True)
@@ -184,7 +186,9 @@ class Admitter:
             if res.admitted:
                 await self.book.ledger.release(req_id)
             if decision.action is Action.REJECT:
-                return Admission(decision, view, budget=deciding.name, reset_in_s=reset)
+                if deciding.rule.kind == "rolling":
+                    reset = await self._until_room(deciding, periods[i], view, requested.estimate_micros, now)
+                return Admission(decision, view, budget=deciding.name, reset_in_s=reset, short=deciding.rule.short)
             assert decision.target is not None
             amount = decision.target.estimate_micros
             res = await self.book.ledger.reserve(req_id, items, amount, expires)
@@ -225,6 +229,17 @@ class Admitter:
             max([p.start.timestamp() for p in periods], default=-math.inf), valid_until, self.book.settings_gen)
         return self._plans.put(facts, plan)
 
+    async def _until_room(self, d: BudgetDef, period: Period, view: BudgetView, amount: int, now: datetime) -> int:
+        """A rolling window refuses until enough of its spend ages out: read bucket by bucket on a refusal only
+        (a full window, per request, would cost every admitted request a range read)."""
+        assert self.book.ledger is not None
+        need = view.used_micros + max(amount, 1) - view.limit_micros
+        try:
+            buckets = await self.book.ledger.buckets(d.name, period.key)
+        except StoreUnavailable:
+            return period.seconds_until_reset(now)
+        return seconds_until_room(d.rule, period, buckets, need, now)
+
     @staticmethod
     def rejection(adm: Admission) -> Rejection:
-        return Rejection(adm.decision.reason or REJECT_EXHAUSTED, adm.budget, adm.reset_in_s)
+        return Rejection(adm.decision.reason or REJECT_EXHAUSTED, adm.budget, adm.reset_in_s, adm.short)

@@ -160,15 +160,15 @@ class AlertWatch:
                     continue
             crossed = False
             for th, th_bp in zip(d.thresholds, d.thresholds_bp, strict=True):
-                if used_bp >= th_bp and (d.name, p.key, str(th)) not in self._fired:
-                    self._fired.add((d.name, p.key, str(th)))
+                if used_bp >= th_bp and (d.name, p.alert_key, str(th)) not in self._fired:
+                    self._fired.add((d.name, p.alert_key, str(th)))
                     crossed = True
                     asyncio.get_running_loop().create_task(self._claim_and_send(d, p, str(th), t, limit))
-            key = (d.name, p.key, "forecast")
+            key = (d.name, p.alert_key, "forecast")
             if key in self._fired or (not crossed and now - self._forecast_checked.get(d.name, 0.0) < 10.0):
                 continue
             self._forecast_checked[d.name] = now
-            if now - p.start.timestamp() >= 86400:
+            if now - p.start.timestamp() >= 86400 and not d.rule.short:  # a window's forecast means nothing
                 # Reserved spend counts as committed: the check runs at threshold crossings, when the requests
                 # that crossed are often still in flight.
                 fc = forecast(t.settled + t.reserved, limit, p.start.timestamp(), p.end.timestamp(), now)
@@ -180,7 +180,7 @@ class AlertWatch:
     def forecast_overrun(self, d: BudgetDef, p: Period, t: Totals, limit: int, projected: int) -> None:
         """From the reconciler's series forecast: the end-of-period projection passes the limit. Same once-only
         claim as the request path's check, so whichever sees it first sends the one alert."""
-        key = (d.name, p.key, "forecast")
+        key = (d.name, p.alert_key, "forecast")
         if key in self._fired:
             return
         self._fired.add(key)
@@ -190,18 +190,18 @@ class AlertWatch:
                               projected: int | None = None) -> None:
         assert self.book.ledger is not None
         try:
-            if not await self.book.ledger.first_seen(f"alert:{d.name}:{threshold}", p.key, time.time()):
+            if not await self.book.ledger.first_seen(f"alert:{d.name}:{threshold}", p.alert_key, time.time()):
                 return  # another worker or replica sent it
         except StoreUnavailable:
-            self._fired.discard((d.name, p.key, threshold))  # try again on a later request
+            self._fired.discard((d.name, p.alert_key, threshold))  # try again on a later request
             return
         if projected is None:
             projected = forecast(t.settled, limit, p.start.timestamp(), p.end.timestamp(),
                                  self.book.clock().timestamp()).projected_micros
-        payload = alert_payload(d.name, p.key, threshold, t.settled, t.reserved, limit, projected)
+        payload = alert_payload(d.name, p.alert_key, threshold, t.settled, t.reserved, limit, projected)
         payload["definition"] = d.label
         try:
-            payload["id"] = await self.book.ledger.record_alert(time.time(), d.name, p.key, threshold, t.settled,
+            payload["id"] = await self.book.ledger.record_alert(time.time(), d.name, p.alert_key, threshold, t.settled,
                                                                 limit)
         except StoreUnavailable:
             payload["id"] = None  # claimed but not in the history: still sent

@@ -14,7 +14,7 @@ from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 from nexus_extproc.budget.forecast import Forecast, forecast
-from nexus_extproc.budget.periods import Period, period_for
+from nexus_extproc.budget.periods import Period, PeriodRule, period_for
 from nexus_extproc.budget.policy import BudgetView, HardAction
 from nexus_extproc.budget.scopes import RequestFacts, distinct_dims, instance_name, matches, overflow_name
 from nexus_extproc.config import BudgetDefConfig, NexusConfig, ReportScheduleConfig, ScopeConfig
@@ -65,7 +65,7 @@ class BudgetDef:
 
     name: str
     scope: ScopeConfig | None
-    period_kind: str
+    rule: PeriodRule
     tz: ZoneInfo
     base: Settings
     thresholds: list[Decimal]
@@ -91,10 +91,15 @@ class BudgetDef:
     @classmethod
     def from_config(cls, c: BudgetDefConfig) -> BudgetDef:
         scope = None if c.scope == "global" else cast(ScopeConfig, c.scope)
-        return cls(c.name, scope, c.period, ZoneInfo(c.timezone),
+        return cls(c.name, scope, PeriodRule.of(c.period), ZoneInfo(c.timezone),
                    Settings(usd_to_micros(c.limit_usd), c.soft_limit_percent, c.hard_limit_action,
                             active=c.active), list(c.alert_thresholds), distinct_dims(scope), c.max_instances,
                    reports=c.reports)
+
+    @property
+    def period_kind(self) -> str:
+        """As configured: "monthly", "hourly", "every 10m", "rolling 1h"."""
+        return self.rule.text
 
     @property
     def label(self) -> str:
@@ -102,7 +107,7 @@ class BudgetDef:
         return self.parent or self.name
 
     def instance(self, name: str) -> BudgetDef:
-        inst = BudgetDef(name, self.scope, self.period_kind, self.tz, self.base, self.thresholds, (),
+        inst = BudgetDef(name, self.scope, self.rule, self.tz, self.base, self.thresholds, (),
                          self.max_instances, self.name, self.origin)
         inst.settings = self.settings
         return inst
@@ -111,7 +116,7 @@ class BudgetDef:
         """Cached until the period ends: computing calendar boundaries per request is wasted work."""
         p = self._period
         if p is None or not p.start <= now < p.end:
-            p = self._period = period_for(self.period_kind, now, self.tz)  # type: ignore[arg-type]
+            p = self._period = period_for(self.rule, now, self.tz)
         return p
 
 
@@ -134,7 +139,7 @@ def differences(d: BudgetDef) -> dict[str, str]:
 def definition_doc(d: BudgetDef) -> dict[str, object]:
     """A budget's definition as BudgetDefConfig reads it: how a runtime-created one is stored."""
     scope: object = "global" if d.scope is None else d.scope.model_dump(exclude_none=True)
-    return {"name": d.name, "scope": scope, "period": d.period_kind, "timezone": str(d.tz.key),
+    return {"name": d.name, "scope": scope, "period": d.rule.config_value(), "timezone": str(d.tz.key),
             "limit_usd": str(Decimal(d.base.limit_micros) / 1_000_000),
             "soft_limit_percent": str(d.base.soft_limit_percent), "hard_limit_action": d.base.hard_limit_action,
             "alert_thresholds": [str(t) for t in d.thresholds], "max_instances": d.max_instances,
@@ -304,8 +309,8 @@ class Book:
 
     async def observe_period(self, d: BudgetDef, period: Period) -> None:
         """Rollover happens once across every process: the store decides who saw the new period first."""
-        if self._seen_periods.get(d.name) == period.key or self.ledger is None:
-            return
+        if self._seen_periods.get(d.name) == period.key or self.ledger is None or d.rule.short:
+            return  # a short window has no rollover to announce: it would be an event every few minutes
         if await self.ledger.first_seen(d.name, period.key, time.time()):
             meta = f"{d.name}:last_period"
             previous = await self.ledger.get_meta(meta)

@@ -62,6 +62,8 @@ class Reconciler:
         """The series forecast's end-of-period point passing the limit fires the forecast alert (once per
         period, across replicas)."""
         assert self.watch is not None
+        if d.rule.short:
+            return  # a window of minutes or hours has no end of period to project to
         p = await project(self.book, d)
         if p.overrun_likely and p.series.history_days >= 3:
             st = await self.book.state(d)

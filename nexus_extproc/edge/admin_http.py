@@ -81,6 +81,10 @@ async def stats_doc(budget: BudgetAdmin, calibration: Calibrator | None = None) 
         scope = st.defn.scope
         doc.update({
             "name": st.defn.name, "period": st.defn.period_kind, "period_key": st.period.key,
+            # A short window (rolling, hourly, every): its length and the span its spend covers now.
+            "window": None if not st.defn.rule.short else {
+                "kind": st.defn.rule.kind, "seconds": st.defn.rule.seconds,
+                "start": st.period.start.isoformat(), "end": st.period.end.isoformat()},
             "limit_usd": doc.pop("monthly_limit_usd"),
             "scope": "global" if scope is None else scope.model_dump(exclude_none=True),
             "forecast_usd": usd_float(st.forecast.projected_micros),

@@ -33,6 +33,27 @@ class Totals(NamedTuple):
 
 Key = tuple[str, str]  # (budget name, period key)
 
+# A rolling window's period key names its current bucket: `R{width}x{count}:{index}` is bucket `index` (unix
+# seconds // width, zero-padded so keys sort by time) of a window of `count` buckets of `width` seconds. A store
+# writes to that bucket alone, but the totals it returns for such a key, and the cap it checks, are the sums of
+# the window's `count` buckets (the current one and the `count - 1` before it).
+ROLLING_BUCKETS = 12
+
+
+def rolling_key(width_s: int, count: int, index: int) -> str:
+    return f"R{width_s}x{count}:{index:012d}"
+
+
+def window_of(period: str) -> tuple[str, list[str]] | None:
+    """For a rolling key: (the prefix its buckets share, the period keys of the window's older buckets, oldest
+    first); None for any other period key."""
+    if not period.startswith("R"):
+        return None
+    head, _, index = period.partition(":")
+    count = int(head.partition("x")[2])
+    i = int(index)
+    return head, [f"{head}:{j:012d}" for j in range(i - count + 1, i)]
+
 
 @dataclass(frozen=True, slots=True)
 class SpendRecord:
@@ -150,7 +171,13 @@ class SpendLedger(abc.ABC):
     (Postgres, say) starts here; the other contracts add the admin API, reports and shared calibration."""
 
     @abc.abstractmethod
-    async def totals(self, budget: str, period: str) -> Totals: ...
+    async def totals(self, budget: str, period: str) -> Totals:
+        """The key's totals; for a rolling key (`window_of`), its window's."""
+
+    @abc.abstractmethod
+    async def buckets(self, budget: str, period: str) -> list[Totals]:
+        """A rolling key's window bucket by bucket, oldest first, the current one last (when spend ages out);
+        [totals] for any other key."""
 
     @abc.abstractmethod
     async def reserve(self, req_id: str, keys: Sequence[Key], amount: int, expires_at: float,

@@ -42,6 +42,7 @@ from nexus_extproc.ledger.base import (
     StoreUnavailable,
     Totals,
     decay,
+    window_of,
 )
 from nexus_extproc.ledger.redis_batch import ScriptBatcher
 from nexus_extproc.memo import BoundedMemo
@@ -131,8 +132,20 @@ class RedisLedger(Ledger):
         return f"{self._p}:t:{budget}:{period}"
 
     async def totals(self, budget: str, period: str) -> Totals:
-        s, r = await self._call(self._r.hmget(self._tkey(budget, period), "settled", "reserved"))
-        return Totals(int(s or 0), int(r or 0))
+        if window_of(period) is None:
+            s, r = await self._call(self._r.hmget(self._tkey(budget, period), "settled", "reserved"))
+            return Totals(int(s or 0), int(r or 0))
+        b = await self.buckets(budget, period)
+        return Totals(sum(t.settled for t in b), sum(t.reserved for t in b))
+
+    async def buckets(self, budget: str, period: str) -> list[Totals]:
+        w = window_of(period)
+        keys = [period] if w is None else [*w[1], period]
+        pipe = self._r.pipeline(transaction=False)
+        for k in keys:
+            pipe.hmget(self._tkey(budget, k), "settled", "reserved")
+        rows = await self._call(pipe.execute())
+        return [Totals(int(s or 0), int(r or 0)) for s, r in rows]
 
     async def reserve(self, req_id: str, keys: Sequence[Key], amount: int, expires_at: float,
                       caps: Sequence[int | None] | None = None,

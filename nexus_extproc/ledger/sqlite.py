@@ -94,6 +94,9 @@ class SqliteLedger(SyncSqlite, Ledger):
     async def totals(self, budget: str, period: str) -> Totals:
         return await self._io(self._totals_sync, budget, period)
 
+    async def buckets(self, budget: str, period: str) -> list[Totals]:
+        return await self._io(self._buckets_sync, budget, period)
+
     async def reserve(self, req_id: str, keys: Sequence[Key], amount: int, expires_at: float,
                       caps: Sequence[int | None] | None = None,
                       forwarded: tuple[float, ForwardNote] | None = None) -> ReserveResult:

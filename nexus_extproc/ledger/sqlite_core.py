@@ -21,6 +21,7 @@ from nexus_extproc.ledger.base import (
     StoreOpenError,
     StoreUnavailable,
     Totals,
+    window_of,
 )
 from nexus_extproc.ledger.one_thread import OneThread
 from nexus_extproc.ledger.sqlite_schema import (
@@ -52,6 +53,9 @@ log = logging.getLogger("nexus_extproc.ledger")
 # A row is addressed by its id (a direct b-tree seek) and checked against its key, so an id cached by a process
 # can never silently name another row.
 _ROW = "id=? AND budget=? AND period=?"
+# A rolling window's older buckets, summed: a range over the (budget, period) index, bucket keys sort by time.
+_OLDER = ("SELECT COALESCE(SUM(settled), 0), COALESCE(SUM(reserved), 0) FROM totals "
+          "WHERE budget=? AND period>=? AND period<?")
 # Named, not positional: a file upgraded in place has its added columns in the order they were added.
 _SETTLEMENT_COLS = ("(req_id, ts, model, backend, input_tokens, output_tokens, cost, estimate, source, budgets, "
                     "avoided, model_requested, task, tags, team, cache_read_tokens, output_reserved, streamed, agent, "
@@ -73,14 +77,18 @@ class _Shape:
     text: str  # reservations.budgets
     names: str  # settlements.budgets: JSON array of the names, for json_each in reports
     select: str  # reads the totals rows by id, in key order
+    # Per rolling key (ledger.base.window_of): (its index in keys, budget, first older bucket's key, its own key).
+    windows: tuple[tuple[int, str, str, str], ...] = ()
 
     @classmethod
     def of(cls, keys: tuple[Key, ...]) -> _Shape:
         names = sorted(b for b, _ in keys)  # [a-z0-9_.-]: no JSON escaping needed
         select = " UNION ALL ".join(f"SELECT {k}, settled, reserved FROM totals WHERE {_ROW}"
                                     for k in range(len(keys)))
+        windows = tuple((k, b, w[1][0] if w[1] else p, p) for k, (b, p) in enumerate(keys)
+                        if (w := window_of(p)) is not None)
         return cls(keys, "\n".join(f"{b} {p}" for b, p in keys),
-                   '["' + '","'.join(names) + '"]' if names else "[]", select)
+                   '["' + '","'.join(names) + '"]' if names else "[]", select, windows)
 
 
 class _AlreadySettled(Exception):
@@ -218,10 +226,14 @@ class SqliteCore:
         rows = c.execute(sh.select, loc.args).fetchall()
         if len(rows) != len(sh.keys):
             raise _StaleIds
-        if len(rows) == 1:
+        if len(rows) == 1 and not sh.windows:
             return [Totals(rows[0][1], rows[0][2])]
         rows.sort()  # by arm number: key order
-        return [Totals(settled, reserved) for _, settled, reserved in rows]
+        out = [Totals(settled, reserved) for _, settled, reserved in rows]
+        for k, budget, first, current in sh.windows:  # a rolling window: its older buckets count too
+            s_, r = c.execute(_OLDER, (budget, first, current)).fetchone()
+            out[k] = Totals(out[k].settled + s_, out[k].reserved + r)
+        return out
 
     def _retrying(self, fn: Callable[[sqlite3.Cursor], T]) -> T:
         """A cached id that no longer names a row (the file was replaced under us) is forgotten and looked up
@@ -233,12 +245,20 @@ class SqliteCore:
             return self._write(fn)
 
     def _totals_sync(self, budget: str, period: str) -> Totals:
+        b = self._buckets_sync(budget, period)
+        return b[0] if len(b) == 1 else Totals(sum(t.settled for t in b), sum(t.reserved for t in b))
+
+    def _buckets_sync(self, budget: str, period: str) -> list[Totals]:
+        """The key's totals; for a rolling key, each bucket of its window, oldest first (missing ones at zero)."""
+        w = window_of(period)
+        keys = [period] if w is None else [*w[1], period]
         try:
-            row = self._db.execute("SELECT settled, reserved FROM totals WHERE budget=? AND period=?",
-                                   (budget, period)).fetchone()
+            rows = dict(((p, Totals(s_, r)) for p, s_, r in self._db.execute(
+                "SELECT period, settled, reserved FROM totals WHERE budget=? AND period>=? AND period<=?",
+                (budget, keys[0], period))))
         except sqlite3.OperationalError as e:
             raise StoreUnavailable(f"sqlite: {e}") from None
-        return Totals(*row) if row else Totals(0, 0)
+        return [rows.get(k, Totals(0, 0)) for k in keys]
 
     def _checkpoint_sync(self, force: bool) -> int:
         """Fold the WAL back into the database and cut the file to zero when it has grown past its bound (or on

@@ -202,7 +202,7 @@ class Inbound(Estimation):
             reset = self.budget.clock().astimezone(UTC) + timedelta(seconds=rej.reset_in_s)
             reset_at = reset.replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
             return self._error(state, budget_exceeded(rej.code, named, rej.reset_in_s, reset_at,
-                                                      self.config.server.retry_after_max_secs), "budget")
+                                                      self.config.server.retry_after_max_secs, rej.short), "budget")
 
         assert d.target is not None
         rerouted = d.action is Action.REROUTE

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from nexus_extproc.ledger import AuditRecord, ForwardNote, ReapResult, SpendRecord, open_ledger
+from nexus_extproc.ledger.base import rolling_key
 from nexus_extproc.ledger.sqlite_schema import SCHEMA_VERSION
 
 
@@ -194,6 +195,35 @@ async def test_settle_lands_in_period_it_was_reserved_in(ledger_factory):
     await led.settle("a", [("g", "2026-12")], 8, rec(8))
     assert (await led.totals("g", "2026-11")).settled == 8
     assert (await led.totals("g", "2026-12")).settled == 0
+    await led.close()
+
+
+async def test_a_rolling_key_counts_its_window_and_spend_ages_out(ledger_factory):
+    """A rolling key's totals and cap are its 12 buckets' sums; a bucket 12 or more back no longer counts."""
+    led = ledger_factory()
+    bucket = lambda i: rolling_key(300, 12, i)  # noqa: E731
+    # Spend in bucket 100 (settled 300), 105 (reserved 200), and 99, outside the window ending at 111.
+    await led.reserve("old", [("w", bucket(100))], 300, time.time() + 60)
+    await led.settle("old", [("w", bucket(100))], 300, rec(300))
+    await led.reserve("mid", [("w", bucket(105))], 200, time.time() + 60)
+    await led.reserve("gone", [("w", bucket(99))], 1_000, time.time() + 60)
+    assert await led.totals("w", bucket(111)) == (300, 200)  # buckets 100..111
+    assert await led.totals("w", bucket(112)) == (0, 200)  # bucket 100 left the window
+    b = await led.buckets("w", bucket(111))
+    assert len(b) == 12 and b[0] == (300, 0) and b[5] == (0, 200) and b[11] == (0, 0)
+    # The cap checks the window: 500 held in 100..111 under a 600 cap, so 100 fits and 101 more does not.
+    r = await led.reserve("new", [("w", bucket(111)), ("g", "2026-11")], 100, time.time() + 60, caps=[600, None])
+    assert r.admitted and r.totals[0] == (300, 300)
+    r = await led.reserve("over", [("w", bucket(111))], 101, time.time() + 60, caps=[600])
+    assert not r.admitted and r.totals[0] == (300, 300)
+    # Its room comes back once bucket 100 leaves the window.
+    r = await led.reserve("later", [("w", bucket(112))], 101, time.time() + 60, caps=[600])
+    assert r.admitted and r.totals[0] == (0, 401)
+    # Writes land in the bucket the request reserved in, as for any period.
+    assert await led.settle("new", [("w", bucket(111)), ("g", "2026-11")], 90, rec(90))
+    assert (await led.buckets("w", bucket(111)))[-1] == (90, 0)
+    assert await led.totals("g", "2026-11") == (90, 0)
+    assert await led.buckets("g", "2026-11") == [(90, 0)]
     await led.close()
 
 

@@ -16,6 +16,17 @@ local ok = 1
 for i, it in ipairs(items) do
   local t = redis.call('HMGET', it[3], 'settled', 'reserved')
   seen[i] = {tonumber(t[1]) or 0, tonumber(t[2]) or 0}
+  -- A rolling window's key (ledger/base.py window_of): its older buckets count too, and its bucket expires
+  -- two days after it leaves the window.
+  local head, w, n, idx = string.match(it[3], '^(.*:R(%d+)x(%d+)):(%d+)$')
+  if head then
+    for j = tonumber(idx) - tonumber(n) + 1, tonumber(idx) - 1 do
+      local o = redis.call('HMGET', head .. ':' .. string.format('%012d', j), 'settled', 'reserved')
+      seen[i][1] = seen[i][1] + (tonumber(o[1]) or 0)
+      seen[i][2] = seen[i][2] + (tonumber(o[2]) or 0)
+    end
+    it[4] = tonumber(w) * (tonumber(n) + 1) + 172800
+  end
   if it[2] >= 0 and seen[i][1] + seen[i][2] + amt > it[2] then ok = 0 end
 end
 local out = {ok}
@@ -23,6 +34,7 @@ local held = {}
 for i, it in ipairs(items) do
   if ok == 1 then
     redis.call('HINCRBY', it[3], 'reserved', amt)
+    if it[4] then redis.call('EXPIRE', it[3], it[4]) end
     table.insert(held, it[1])
     table.insert(held, amt)
     seen[i][2] = seen[i][2] + amt

