@@ -38,7 +38,7 @@ BUDGET_NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 
 class ScopeConfig(_Strict):
     """Which requests a budget counts: every field given must match (an empty scope matches everything).
-    "*" for user, team or agent: any value, and one budget per distinct value."""
+    "*" for user, team, agent, tool or session: any value, and one budget per distinct value."""
 
     api_key_hash: str | None = Field(default=None, pattern=r"^hmac-sha256:[0-9a-f]{64}$")
     user: str | None = None
@@ -46,6 +46,11 @@ class ScopeConfig(_Strict):
     agent: str | None = None
     model: str | None = None  # glob, e.g. "gpt-4o*"
     backend_type: Literal["cloud", "local"] | None = None
+    # The client's tool (request/client_tool.py labels: claude-code, codex, openai-python, ..., other) and its
+    # own session id (hashed). Both are what the client says, not an identity: a session budget bounds a
+    # runaway agent, not a client that rotates its session id on purpose (pair it with a key or team budget).
+    tool: str | None = None
+    session: str | None = None
 
 
 def _timezone(v: str) -> str:
@@ -111,6 +116,18 @@ class BudgetDefConfig(_Strict):
     # Inactive: tracked (reserved, settled, reported) but never enforced.
     active: bool = True
     reports: ReportScheduleConfig | None = None
+    # Models the budget's requests may ask for (globs); another is refused with 403 naming these.
+    models: list[str] | None = Field(default=None, min_length=1)
+    # A distinct-value instance (session: "*", ...) unused this long stops counting toward `max_instances` and
+    # leaves the instance index; its spend stays in its period. Default: 1h for session scopes, never otherwise.
+    idle_ttl: str | None = None
+
+    @field_validator("idle_ttl")
+    @classmethod
+    def _ttl(cls, v: str | None) -> str | None:
+        if v is not None:
+            duration_s(v)
+        return v
 
     _tz = field_validator("timezone")(classmethod(lambda cls, v: _timezone(v)))
 

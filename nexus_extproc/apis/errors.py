@@ -66,6 +66,13 @@ def budget_exceeded(code: str, budget: str | None, reset_in_s: int, reset_at: st
     return NexusError(503, "budget_exceeded", message, headers, {"reset_at": reset_at})
 
 
+def model_not_allowed(budget: str | None, model: str, allowed: tuple[str, ...]) -> NexusError:
+    """403, final: the same request can never pass, so nothing in the answer invites a retry."""
+    return NexusError(403, "model_not_allowed",
+                      f"model '{model}' is not allowed by budget '{budget}'; allowed: {', '.join(allowed)}",
+                      {"x-should-retry": "false"}, {"allowed_models": list(allowed)})
+
+
 def websocket_not_served() -> NexusError:
     return NexusError(426, "websocket_not_supported",
                       "the WebSocket transport is not served through the budget filter; use HTTP")

@@ -21,6 +21,7 @@ from nexus_extproc.budget.book import Book, BudgetDef
 from nexus_extproc.budget.periods import Period, seconds_until_room
 from nexus_extproc.budget.policy import (
     REJECT_EXHAUSTED,
+    REJECT_MODEL,
     Action,
     BudgetView,
     Decision,
@@ -30,7 +31,7 @@ from nexus_extproc.budget.policy import (
     reservation_cap,
     strictest,
 )
-from nexus_extproc.budget.scopes import RequestFacts
+from nexus_extproc.budget.scopes import RequestFacts, model_allowed
 from nexus_extproc.config import NexusConfig
 from nexus_extproc.ledger import ForwardNote, Key, StoreUnavailable, Totals
 from nexus_extproc.ledger.outbox import Outbox
@@ -51,6 +52,7 @@ class Rejection:
     budget: str | None  # the deciding budget's name
     reset_in_s: int
     short: bool = False  # a short window's refusal (429, a wait a client can sleep through), not a period's (503)
+    allowed_models: tuple[str, ...] = ()  # REJECT_MODEL: what the deciding budget allows
 
 
 @dataclass(slots=True)
@@ -64,6 +66,7 @@ class Admission:
     reset_in_s: int = 0
     forward_marked: bool = False  # the reservation was written already marked forwarded (one write)
     short: bool = False  # the deciding budget's period is a short window (budget.periods.PeriodRule.short)
+    allowed_models: tuple[str, ...] = ()  # refused for its model: the deciding budget's `models`
 
 
 @dataclass(slots=True)
@@ -82,6 +85,9 @@ class _Plan:
     valid_from: float
     valid_until: float
     gen: int
+    # The first enforced budget whose `models` list does not allow the request's model: it refuses before
+    # anything is reserved (no spend, nothing to release).
+    disallowed: BudgetDef | None = None
     next_sweep: float = 0.0  # next forecast check for these budgets (at most every 10 s)
     observed: bool = False  # these periods' rollover has been recorded in the store
 
@@ -118,6 +124,10 @@ class Admitter:
                 return Admission(decide(PolicyInput(requested, equivalent, None)), None, outbox=True)
         if not plan.defs:
             return Admission(decide(PolicyInput(requested, equivalent, None)), None)
+        if plan.disallowed is not None:
+            d = plan.disallowed
+            return Admission(Decision(Action.REJECT, None, "Normal", REJECT_MODEL), None, budget=d.name,
+                             allowed_models=tuple(d.models or ()))
         matched, periods, items = plan.defs, plan.periods, plan.items
         if self.outbox.pending and self.config.store_failure == "closed":
             # Settlements are held only in memory (neither the store nor the disk took them): closed means
@@ -216,6 +226,8 @@ class Admitter:
             until = d.settings.override_until
             if until is not None and ts < until:
                 valid_until = min(valid_until, until)
+            if d.parent is not None and d.idle_ttl_s:  # nor an idle-expiring instance's claim (Book.instance_of)
+                valid_until = min(valid_until, ts + d.idle_ttl_s / 2)
         plan = _Plan(
             matched, tuple(d.name for d in matched), periods,
             tuple((d.name, p.key) for d, p in zip(matched, periods, strict=True)),
@@ -226,7 +238,8 @@ class Admitter:
             [(d.thresholds_bp[0] if d.thresholds_bp else 0) * lim for d, lim in zip(matched, limits, strict=True)],
             [reservation_cap(d.settings.hard_limit_action, lim, 1) if d.settings.active else None
              for d, lim in zip(matched, limits, strict=True)],
-            max([p.start.timestamp() for p in periods], default=-math.inf), valid_until, self.book.settings_gen)
+            max([p.start.timestamp() for p in periods], default=-math.inf), valid_until, self.book.settings_gen,
+            next((d for d in matched if d.settings.active and not model_allowed(d.models, facts.model)), None))
         return self._plans.put(facts, plan)
 
     async def _until_room(self, d: BudgetDef, period: Period, view: BudgetView, amount: int, now: datetime) -> int:
@@ -242,4 +255,5 @@ class Admitter:
 
     @staticmethod
     def rejection(adm: Admission) -> Rejection:
-        return Rejection(adm.decision.reason or REJECT_EXHAUSTED, adm.budget, adm.reset_in_s, adm.short)
+        return Rejection(adm.decision.reason or REJECT_EXHAUSTED, adm.budget, adm.reset_in_s, adm.short,
+                         adm.allowed_models)

@@ -5,6 +5,7 @@ service facade; admission, alerts and the reconciler share it."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from nexus_extproc.config import BudgetDefConfig, NexusConfig, ReportScheduleCon
 from nexus_extproc.ledger import AuditRecord, Ledger, StoreUnavailable, Totals
 from nexus_extproc.metering.money import usd_to_micros
 from nexus_extproc.ops import metrics
+from nexus_extproc.terms import duration_s
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,8 @@ class BudgetDef:
     created_by: str | None = None
     created_at: float | None = None
     reports: ReportScheduleConfig | None = None
+    models: list[str] | None = None  # the models its requests may ask for (globs); None: any
+    idle_ttl_s: int = 0  # a distinct-value instance unused this long leaves the index; 0: never
     settings: Settings = field(init=False)
     # Where the settings come from: None while the config applies, else who set them at runtime and when.
     set_by: str | None = field(init=False, default=None)
@@ -91,10 +95,11 @@ class BudgetDef:
     @classmethod
     def from_config(cls, c: BudgetDefConfig) -> BudgetDef:
         scope = None if c.scope == "global" else cast(ScopeConfig, c.scope)
+        ttl = duration_s(c.idle_ttl) if c.idle_ttl else (3600 if scope is not None and scope.session == "*" else 0)
         return cls(c.name, scope, PeriodRule.of(c.period), ZoneInfo(c.timezone),
                    Settings(usd_to_micros(c.limit_usd), c.soft_limit_percent, c.hard_limit_action,
                             active=c.active), list(c.alert_thresholds), distinct_dims(scope), c.max_instances,
-                   reports=c.reports)
+                   reports=c.reports, models=c.models, idle_ttl_s=ttl)
 
     @property
     def period_kind(self) -> str:
@@ -108,7 +113,8 @@ class BudgetDef:
 
     def instance(self, name: str) -> BudgetDef:
         inst = BudgetDef(name, self.scope, self.rule, self.tz, self.base, self.thresholds, (),
-                         self.max_instances, self.name, self.origin)
+                         self.max_instances, self.name, self.origin, models=self.models,
+                         idle_ttl_s=self.idle_ttl_s)
         inst.settings = self.settings
         return inst
 
@@ -143,7 +149,8 @@ def definition_doc(d: BudgetDef) -> dict[str, object]:
             "limit_usd": str(Decimal(d.base.limit_micros) / 1_000_000),
             "soft_limit_percent": str(d.base.soft_limit_percent), "hard_limit_action": d.base.hard_limit_action,
             "alert_thresholds": [str(t) for t in d.thresholds], "max_instances": d.max_instances,
-            "active": d.base.active}
+            "active": d.base.active, **({"models": d.models} if d.models else {}),
+            **({"idle_ttl": f"{d.idle_ttl_s // 60}m"} if d.idle_ttl_s else {})}
 
 
 class Book:
@@ -160,7 +167,7 @@ class Book:
         self.instance_summary: dict[str, tuple[int, int, int]] = {}
         # (budget, UTC day) -> its complete-day spend history and first weekday, for forecasts (projection.py)
         self.history_cache: dict[tuple[str, str], tuple[list[int], int]] = {}
-        self._claimed: dict[tuple[str, str], BudgetDef] = {}
+        self._claimed: dict[tuple[str, str], tuple[BudgetDef, float]] = {}  # -> (instance, claim again at)
         self.ledger = ledger
         self.clock = clock
         self.settings_gen = 0  # bumped on every settings change; plans built before it are rebuilt
@@ -256,13 +263,14 @@ class Book:
         used unclaimed (the bound is then best effort until the next period)."""
         name = instance_name(d.name, d.distinct, facts)
         period = d.period(now).key
+        ts = now.timestamp()
         hit = self._claimed.get((name, period))
-        if hit is not None:
-            return hit
+        if hit is not None and ts < hit[1]:
+            return hit[0]
         ok = True
         if self.ledger is not None:
             try:
-                ok = await self.ledger.claim_instance(d.name, period, name, d.max_instances)
+                ok = await self.ledger.claim_instance(d.name, period, name, d.max_instances, d.idle_ttl_s)
             except StoreUnavailable:
                 ok = True
         if not ok:
@@ -275,7 +283,10 @@ class Book:
             inst = known[name] = d.instance(name)
         if len(self._claimed) > 100_000:
             self._claimed.clear()
-        self._claimed[(name if ok else instance_name(d.name, d.distinct, facts), period)] = inst
+        # An idle-expiring instance is claimed again every half TTL while in use: the claim is what keeps it
+        # in the store's index.
+        again = ts + d.idle_ttl_s / 2 if d.idle_ttl_s else math.inf
+        self._claimed[(name if ok else instance_name(d.name, d.distinct, facts), period)] = (inst, again)
         return inst
 
     async def reset_settings(self, name: str, actor: str) -> Settings:

@@ -19,6 +19,8 @@ class RequestFacts:
     user: str | None = None
     team: str | None = None
     agent: str | None = None
+    tool: str | None = None
+    session: str | None = None
 
 
 def hash_api_key(key: str, salt: bytes) -> str:
@@ -44,10 +46,15 @@ def matches(scope: ScopeConfig | None, facts: RequestFacts) -> bool:
             scope.api_key_hash, facts.api_key_hash)):
         return False
     return all(want is None or want == got or (want == "*" and bool(got))
-               for want, got in ((scope.user, facts.user), (scope.team, facts.team), (scope.agent, facts.agent)))
+               for want, got in ((scope.user, facts.user), (scope.team, facts.team), (scope.agent, facts.agent),
+                                 (scope.tool, facts.tool), (scope.session, facts.session)))
 
 
-DISTINCT_DIMS = ("user", "team", "agent")
+def model_allowed(globs: list[str] | None, model: str) -> bool:
+    return globs is None or any(fnmatch.fnmatchcase(model, g) for g in globs)
+
+
+DISTINCT_DIMS = ("user", "team", "agent", "tool", "session")
 _SAFE_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 
 

@@ -295,9 +295,12 @@ class InstanceIndex(abc.ABC):
     """The instances of a budget per distinct value (`scope: {team: "*"}`), per period, with a bound."""
 
     @abc.abstractmethod
-    async def claim_instance(self, parent: str, period: str, name: str, max_instances: int) -> bool:
+    async def claim_instance(self, parent: str, period: str, name: str, max_instances: int,
+                             idle_ttl_s: int = 0) -> bool:
         """Atomically: True if `name` is (now) one of `parent`'s instances in `period`; False when it is new
-        and `parent` already has `max_instances` (the caller then counts the request elsewhere)."""
+        and `parent` already has `max_instances` (the caller then counts the request elsewhere). With
+        `idle_ttl_s`, a claim also marks the instance used now (store clock), and instances not claimed within
+        the TTL leave the index: they no longer count toward the bound."""
 
     @abc.abstractmethod
     async def instances(self, parent: str, period: str) -> list[tuple[str, Totals]]:

@@ -65,10 +65,22 @@ _TIME = _lua("time")  # on the node that owns the keys (in a cluster, the slot's
 _PUT_SETTINGS = _lua("put_settings")
 _ALERT = _lua("alert")
 # KEYS: instance set ; ARGV: name, max. A member already, or room for one more: add it (atomic).
+# KEYS: the instance set, the idle-expiring instances' sorted set (score: last claim, server clock); ARGV: name,
+# max_instances, idle TTL in seconds (0: never expire, the set alone).
 _CLAIM = """
-if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
-if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-redis.call('SADD', KEYS[1], ARGV[1])
+local ttl = tonumber(ARGV[3])
+if ttl == 0 then
+  if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
+  if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+  redis.call('SADD', KEYS[1], ARGV[1])
+  return 1
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. string.format('%.6f', now - ttl))
+if not redis.call('ZSCORE', KEYS[2], ARGV[1]) and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[2], string.format('%.6f', now), ARGV[1])
+redis.call('EXPIRE', KEYS[2], ttl + 86400)
 return 1
 """
 
@@ -272,13 +284,15 @@ class RedisLedger(Ledger):
     async def ack_alert(self, alert_id: int, actor: str, at: float) -> AlertRecord | None:
         return await self._alert_update(alert_id, "ack", actor, at)
 
-    async def claim_instance(self, parent: str, period: str, name: str, max_instances: int) -> bool:
-        return bool(int(await self._call(self._claim(keys=[f"{self._p}:inst:{parent}:{period}"],
-                                                     args=[name, max_instances]))))
+    async def claim_instance(self, parent: str, period: str, name: str, max_instances: int,
+                             idle_ttl_s: int = 0) -> bool:
+        keys = [f"{self._p}:inst:{parent}:{period}", f"{self._p}:instz:{parent}:{period}"]
+        return bool(int(await self._call(self._claim(keys=keys, args=[name, max_instances, int(idle_ttl_s)]))))
 
     async def instances(self, parent: str, period: str) -> list[tuple[str, Totals]]:
-        names = sorted((n.decode() if isinstance(n, bytes) else n)
-                       for n in await self._call(self._r.smembers(f"{self._p}:inst:{parent}:{period}")))
+        members = [*await self._call(self._r.smembers(f"{self._p}:inst:{parent}:{period}")),
+                   *await self._call(self._r.zrange(f"{self._p}:instz:{parent}:{period}", 0, -1))]
+        names = sorted({(n.decode() if isinstance(n, bytes) else n) for n in members})
         out: list[tuple[str, Totals]] = []
         for i in range(0, len(names), 500):
             chunk = names[i:i + 500]

@@ -174,8 +174,9 @@ class SqliteLedger(SyncSqlite, Ledger):
     async def ack_alert(self, alert_id: int, actor: str, at: float) -> AlertRecord | None:
         return await self._io(self._ack_alert_sync, alert_id, actor, at)
 
-    async def claim_instance(self, parent: str, period: str, name: str, max_instances: int) -> bool:
-        return await self._io(self._claim_instance_sync, parent, period, name, max_instances)
+    async def claim_instance(self, parent: str, period: str, name: str, max_instances: int,
+                             idle_ttl_s: int = 0) -> bool:
+        return await self._io(self._claim_instance_sync, parent, period, name, max_instances, idle_ttl_s)
 
     async def instances(self, parent: str, period: str) -> list[tuple[str, Totals]]:
         return await self._report(self._instances_sync, parent, period)

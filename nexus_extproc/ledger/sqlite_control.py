@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 
 from nexus_extproc.ledger.base import (
     AlertRecord,
@@ -76,15 +77,25 @@ class ControlSync(SqliteCore):
         rec: AlertRecord | None = self._write(tx)
         return rec
 
-    def _claim_instance_sync(self, parent: str, period: str, name: str, max_instances: int) -> bool:
+    def _claim_instance_sync(self, parent: str, period: str, name: str, max_instances: int,
+                             idle_ttl_s: int = 0) -> bool:
+        now = time.time()
+
         def tx(c: sqlite3.Cursor) -> bool:
+            if idle_ttl_s:
+                c.execute("DELETE FROM instances WHERE parent=? AND period=? AND last_seen<?",
+                          (parent, period, now - idle_ttl_s))
             if c.execute("SELECT 1 FROM instances WHERE parent=? AND period=? AND name=?",
                          (parent, period, name)).fetchone():
+                if idle_ttl_s:
+                    c.execute("UPDATE instances SET last_seen=? WHERE parent=? AND period=? AND name=?",
+                              (now, parent, period, name))
                 return True
             n = c.execute("SELECT COUNT(*) FROM instances WHERE parent=? AND period=?", (parent, period)).fetchone()[0]
             if n >= max_instances:
                 return False
-            c.execute("INSERT INTO instances VALUES (?,?,?)", (parent, period, name))
+            c.execute("INSERT INTO instances (parent, period, name, last_seen) VALUES (?,?,?,?)",
+                      (parent, period, name, now))
             return True
 
         ok: bool = self._write(tx)

@@ -47,11 +47,12 @@ CREATE TABLE IF NOT EXISTS alerts (
   threshold TEXT NOT NULL, spend INTEGER NOT NULL, lim INTEGER NOT NULL, delivery TEXT NOT NULL DEFAULT 'pending',
   attempts INTEGER NOT NULL DEFAULT 0, acked_by TEXT, acked_at REAL);
 CREATE TABLE IF NOT EXISTS instances (
-  parent TEXT NOT NULL, period TEXT NOT NULL, name TEXT NOT NULL, PRIMARY KEY (parent, period, name));
+  parent TEXT NOT NULL, period TEXT NOT NULL, name TEXT NOT NULL, last_seen REAL NOT NULL DEFAULT 0,
+  PRIMARY KEY (parent, period, name));
 """
 
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 # Version 1 had no `id` in totals and one "budget period amount" line per budget in reservations. Upgraded in
 # place: totals keep their rows and sums; v1 reservations (left by a server that has stopped, so never settled)
@@ -124,6 +125,12 @@ ALTER TABLE settlements ADD COLUMN agent TEXT NOT NULL DEFAULT '';
 MIGRATE_8_TO_9 = """
 ALTER TABLE settlements ADD COLUMN tool TEXT NOT NULL DEFAULT '';
 ALTER TABLE settlements ADD COLUMN session TEXT NOT NULL DEFAULT '';
+"""
+
+
+# Version 9 had no idle expiry of distinct-value instances (session budgets).
+MIGRATE_9_TO_10 = """
+ALTER TABLE instances ADD COLUMN last_seen REAL NOT NULL DEFAULT 0;
 """
 
 

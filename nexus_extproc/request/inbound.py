@@ -14,12 +14,13 @@ from nexus_extproc.apis.errors import (
     NexusError,
     bad_request,
     budget_exceeded,
+    model_not_allowed,
     not_found,
     payload_too_large,
     store_unavailable,
     websocket_not_served,
 )
-from nexus_extproc.budget.policy import Action
+from nexus_extproc.budget.policy import REJECT_MODEL, Action
 from nexus_extproc.budget.scopes import RequestFacts, api_key_of, hash_api_key
 from nexus_extproc.budget.service import GLOBAL_BUDGET, BudgetStoreDown
 from nexus_extproc.ledger import ForwardNote
@@ -181,7 +182,8 @@ class Inbound(Estimation):
             equivalent, eq_price = self._target(eq_route, eq_model, adj.prompt_tokens, expected)
 
         facts = RequestFacts(model, route.backend_type, state.api_key_hash, state.identity.get("user"),
-                             state.identity.get("team"), state.identity.get("agent"))
+                             state.identity.get("team"), state.identity.get("agent"), state.tool,
+                             state.session or None)
         # The reservation goes in already marked forwarded (one write on the request path): what the reaper
         # records if this process dies after the reply, for the request as asked.
         label = self.model_label(model, price)
@@ -198,6 +200,8 @@ class Inbound(Estimation):
             log.info("request rejected by budget", extra={"status": d.status,
                                                            "model": self.model_label(model, price)})
             rej = self.budget.rejection(adm)
+            if rej.code == REJECT_MODEL:
+                return self._error(state, model_not_allowed(rej.budget, model, rej.allowed_models), "model")
             named = None if rej.budget == GLOBAL_BUDGET else rej.budget
             reset = self.budget.clock().astimezone(UTC) + timedelta(seconds=rej.reset_in_s)
             reset_at = reset.replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -55,3 +55,28 @@ def test_claude_code_fails_at_once_on_an_exhausted_budget(live: Live):
     finally:
         live.restart(budget={"monthly_limit_usd": 1000},
                      store={"kind": "sqlite", "path": str(live.stack.workdir / "ledger.db")})
+
+
+def test_a_claude_code_session_budget_stops_that_session_only(live: Live):
+    """`scope: {tool: claude-code, session: "*"}`: one budget instance per Claude Code session, named by the hash
+    of the session id Claude Code sends; a tiny limit refuses the session at once, other clients go on."""
+    live.restart(budgets=[{"name": "global", "limit_usd": 1000},
+                          {"name": "cc-session", "scope": {"tool": "claude-code", "session": "*"},
+                           "limit_usd": 0.000001, "hard_limit_action": "block_all"}],
+                 store={"kind": "sqlite", "path": str(live.stack.workdir / "sessions.db")})
+    try:
+        result, elapsed, rc = claude(live, "Say hello.")
+        assert rc != 0 and result["is_error"] is True and result.get("api_error_status") == 503, result
+        assert elapsed < 60, elapsed
+        b = {x["name"]: x for x in live.stats()["budgets"]}["cc-session"]
+        session = client_session({"x-claude-code-session-id": result["session_id"]})
+        assert b["distinct"]["by"] == ["session"] and b["distinct"]["instances"] == 1
+        assert b["distinct"]["top"][0]["value"] == session
+        # Another client (no Claude Code session) is not counted by it.
+        assert live.openai().chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=5).choices
+        spent, reserved = live.settled()
+        assert spent > 0 and reserved == 0
+    finally:
+        live.restart(budget={"monthly_limit_usd": 1000},
+                     store={"kind": "sqlite", "path": str(live.stack.workdir / "ledger.db")})

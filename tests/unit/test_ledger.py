@@ -363,7 +363,7 @@ async def test_sqlite_upgrades_a_version_1_file_in_place(tmp_path):
     assert await led.totals("team", "2026-11") == (940, 0)
     await led.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 9
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 10
     db.close()
     assert await open_ledger("sqlite", path=str(path)).totals("global", "2026-11") == (1540, 0)  # reopens as v2
 

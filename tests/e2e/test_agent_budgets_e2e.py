@@ -1,5 +1,6 @@
-"""Issue 28 item 1 through the real Envoy, with the SDKs: a rolling budget at its limit answers 429 in the
-provider's shape with a Retry-After a client can sleep through; a calendar one keeps its 503. SQLite and Redis."""
+"""Issue 28 through the real Envoy, with the SDKs: a rolling budget at its limit answers 429 in the provider's
+shape with a Retry-After a client can sleep through (SQLite and Redis); a model outside a budget's allowlist is
+refused with 403 before anything is reserved."""
 
 from __future__ import annotations
 
@@ -55,3 +56,24 @@ def test_rolling_budget_answers_429_with_a_short_retry_after(e2e: E2E, store):
     burst = {b["name"]: b for b in e2e.stats()["budgets"]}["burst"]
     assert burst["period"] == "rolling 1m" and burst["window"]["seconds"] == 60
     assert 0 < burst["current_spending_usd"] <= 0.0004 + 1e-9
+
+
+def test_a_model_outside_the_allowlist_gets_403_in_each_providers_shape(e2e: E2E, tmp_path):
+    e2e.restart(budgets=[{"name": "month", "limit_usd": 100, "models": ["gpt-4o-mini", "claude-haiku-*"]}],
+                store={"kind": "sqlite", "path": str(tmp_path / "allow.db")})
+    with pytest.raises(openai.PermissionDeniedError) as oa:
+        e2e.openai().chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=10)
+    err = oa.value.response.json()["error"]
+    assert err["code"] == "model_not_allowed" and err["allowed_models"] == ["gpt-4o-mini", "claude-haiku-*"]
+    assert oa.value.response.headers["x-should-retry"] == "false"
+    with pytest.raises(anthropic.PermissionDeniedError) as an:
+        e2e.anthropic().messages.create(model="claude-sonnet-4-5", max_tokens=10, messages=MSGS)
+    assert an.value.response.json()["error"]["type"] == "model_not_allowed"
+    # The allowed ones pass, and only they were reserved or spent.
+    assert e2e.openai().chat.completions.create(model="gpt-4o-mini", messages=MSGS, max_tokens=10).choices
+    assert e2e.anthropic().messages.create(model="claude-haiku-4-5", max_tokens=10, messages=MSGS).content
+    time.sleep(0.3)
+    assert "x-fake-upstream" not in oa.value.response.headers  # answered by the filter, never forwarded
+    assert e2e.fake_requests("openai")[-1]["model"] == "gpt-4o-mini"
+    spent = e2e.stats()["budgets"][0]
+    assert spent["name"] == "month" and spent["current_spending_usd"] > 0 and spent["reserved_usd"] == 0
