@@ -294,6 +294,32 @@ class EstimationConfig(_Strict):
     calibration_flush_secs: float = Field(default=2.0, gt=0, le=300)
 
 
+RunawayDim = Literal["api_key", "session", "agent", "tool", "team", "user"]
+RUNAWAY_DEFAULT_DIMS: tuple[RunawayDim, ...] = ("api_key", "session", "agent")
+
+
+class RunawayConfig(_Strict):
+    """Runaway detection (docs/budgets.md): per value of each `by` dimension, the spend of the last `window`
+    against its own trailing `baseline` (as a rate) and against its peers' median; `factor` past either, and
+    at least `min_spend_usd`, fires one alert, and `throttle` (429) or `block` (403) it for `cooldown`."""
+
+    enabled: bool = False
+    by: list[RunawayDim] = Field(default_factory=lambda: list(RUNAWAY_DEFAULT_DIMS), min_length=1)
+    window: str = "5m"
+    baseline: str = "1h"
+    factor: Decimal = Field(default=Decimal(10), gt=1)
+    min_spend_usd: Decimal = Field(default=Decimal("0.50"), ge=0)
+    min_peers: int = Field(default=3, ge=1)
+    action: Literal["alert", "throttle", "block"] = "alert"
+    cooldown: str = "10m"
+
+    @field_validator("window", "baseline", "cooldown")
+    @classmethod
+    def _durations(cls, v: str) -> str:
+        duration_s(v)
+        return v
+
+
 class NexusConfig(_Strict):
     budget: BudgetConfig | None = None
     budgets: list[BudgetDefConfig] = Field(default_factory=list)
@@ -309,6 +335,7 @@ class NexusConfig(_Strict):
     estimation: EstimationConfig = EstimationConfig()
     server: ServerConfig = ServerConfig()
     admin_api: AdminApiConfig = AdminApiConfig()
+    runaway: RunawayConfig = RunawayConfig()
 
     @field_validator("backends")
     @classmethod

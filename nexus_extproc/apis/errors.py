@@ -73,6 +73,18 @@ def model_not_allowed(budget: str | None, model: str, allowed: tuple[str, ...]) 
                       {"x-should-retry": "false"}, {"allowed_models": list(allowed)})
 
 
+def runaway(dimension: str, wait_s: int, blocked: bool, retry_after_max_s: int) -> NexusError:
+    """Runaway detection's refusal for the cool-down: a throttle is a 429 a client may wait out (Retry-After
+    under the cap), a block a 403 that ends the agent's loop at once. Names the dimension, never its value."""
+    what = f"spending on this {dimension.replace('_', ' ')} ran away (runaway detection)"
+    if blocked:
+        return NexusError(403, "runaway_blocked", f"{what}; blocked for {wait_s} s", {"x-should-retry": "false"},
+                          {"retry_in_secs": wait_s})
+    headers = {"retry-after": str(wait_s)} if wait_s <= retry_after_max_s else {"x-should-retry": "false"}
+    return NexusError(429, "runaway_throttled", f"{what}; throttled for {wait_s} s", headers,
+                      {"retry_in_secs": wait_s})
+
+
 def websocket_not_served() -> NexusError:
     return NexusError(426, "websocket_not_supported",
                       "the WebSocket transport is not served through the budget filter; use HTTP")

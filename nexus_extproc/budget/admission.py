@@ -22,6 +22,7 @@ from nexus_extproc.budget.periods import Period, seconds_until_room
 from nexus_extproc.budget.policy import (
     REJECT_EXHAUSTED,
     REJECT_MODEL,
+    REJECT_RUNAWAY,
     Action,
     BudgetView,
     Decision,
@@ -31,6 +32,7 @@ from nexus_extproc.budget.policy import (
     reservation_cap,
     strictest,
 )
+from nexus_extproc.budget.runaway import Detector
 from nexus_extproc.budget.scopes import RequestFacts, model_allowed
 from nexus_extproc.config import NexusConfig
 from nexus_extproc.ledger import ForwardNote, Key, StoreUnavailable, Totals
@@ -67,6 +69,7 @@ class Admission:
     forward_marked: bool = False  # the reservation was written already marked forwarded (one write)
     short: bool = False  # the deciding budget's period is a short window (budget.periods.PeriodRule.short)
     allowed_models: tuple[str, ...] = ()  # refused for its model: the deciding budget's `models`
+    facts: RequestFacts | None = None  # what the request was matched by (runaway detection reads it on settle)
 
 
 @dataclass(slots=True)
@@ -93,11 +96,13 @@ class _Plan:
 
 
 class Admitter:
-    def __init__(self, config: NexusConfig, book: Book, watch: AlertWatch, outbox: Outbox) -> None:
+    def __init__(self, config: NexusConfig, book: Book, watch: AlertWatch, outbox: Outbox,
+                 runaway: Detector | None = None) -> None:
         self.config = config
         self.book = book
         self.watch = watch
         self.outbox = outbox
+        self.runaway = runaway
         self._plans: BoundedMemo[RequestFacts, _Plan] = BoundedMemo()
 
     async def admit(self, req_id: str, requested: Target, equivalent: Target | None,
@@ -113,6 +118,19 @@ class Admitter:
         facts = facts or RequestFacts(requested.model, requested.backend_type)
         now = self.book.clock()
         ts = now.timestamp()
+        if self.runaway is not None and self.runaway.penalties:
+            hit = self.runaway.penalty(facts, time.time())
+            if hit is not None:
+                return Admission(Decision(Action.REJECT, None, "HardLimit", REJECT_RUNAWAY), None,
+                                 budget=f"runaway:{hit[0]}", reset_in_s=math.ceil(hit[1]),
+                                 short=self.runaway.config.action == "throttle")
+        adm = await self._admit(req_id, requested, equivalent, facts, note, now, ts)
+        adm.facts = facts
+        return adm
+
+    async def _admit(self, req_id: str, requested: Target, equivalent: Target | None, facts: RequestFacts,
+                     note: ForwardNote | None, now: datetime, ts: float) -> Admission:
+        assert self.book.ledger is not None
         plan = self._plans.get(facts)
         if plan is None or plan.gen != self.book.settings_gen or not plan.valid_from <= ts < plan.valid_until:
             try:

@@ -14,8 +14,8 @@ from typing import Literal
 
 from nexus_extproc.terms import STATUS_CODE, BudgetStatus, HardAction
 
-__all__ = ["REJECT_MODEL", "STATUS_CODE", "Action", "BudgetStatus", "BudgetView", "Decision", "HardAction",
-           "PolicyInput", "Target", "decide", "reservation_cap", "strictest"]
+__all__ = ["REJECT_MODEL", "REJECT_RUNAWAY", "STATUS_CODE", "Action", "BudgetStatus", "BudgetView", "Decision",
+           "HardAction", "PolicyInput", "Target", "decide", "reservation_cap", "strictest"]
 
 
 class Action(enum.Enum):
@@ -86,6 +86,7 @@ class Decision:
 REJECT_CLOUD_BLOCKED = "cloud_blocked"  # block_cloud, and no healthy local equivalent
 REJECT_EXHAUSTED = "budget_exhausted"  # block_all
 REJECT_MODEL = "model_not_allowed"  # the model is not on a matching budget's `models` list
+REJECT_RUNAWAY = "runaway"  # runaway detection throttles or blocks one of the request's values
 
 
 def reservation_cap(action: HardAction, limit_micros: int, amount: int) -> int | None:

@@ -23,11 +23,13 @@ log = logging.getLogger(__name__)
 
 class Reconciler:
     def __init__(self, book: Book, outbox: Outbox, watch: AlertWatch | None = None,
-                 reports: ReportScheduler | None = None) -> None:
+                 reports: ReportScheduler | None = None,
+                 shared: Callable[[], Awaitable[None]] | None = None) -> None:
         self.book = book
         self.outbox = outbox
         self.watch = watch
         self.reports = reports
+        self.shared = shared  # more state other processes change, read with the settings (runaway penalties)
 
     async def reconcile_once(self) -> None:
         """One pass: reap, replay, checkpoint, refresh. Each step stands alone: a failure is logged and
@@ -105,6 +107,8 @@ class Reconciler:
             try:
                 with metrics.reconciler_duration.labels("SettingsReloader").time():
                     await self.book.load_settings()
+                    if self.shared is not None:
+                        await self.shared()
             except StoreUnavailable:
                 metrics.store_failures.labels("settings").inc()
             except Exception:

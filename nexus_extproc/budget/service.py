@@ -12,6 +12,8 @@ from nexus_extproc.budget.alerts import AlertSender, AlertWatch
 from nexus_extproc.budget.book import GLOBAL_BUDGET, Book, BudgetDef, BudgetState, Clock, Settings, utc_now
 from nexus_extproc.budget.policy import Target
 from nexus_extproc.budget.reconciler import Reconciler
+from nexus_extproc.budget.runaway import Detector
+from nexus_extproc.budget.runaway_guard import RunawayGuard
 from nexus_extproc.budget.scheduled import ReportScheduler
 from nexus_extproc.budget.scopes import RequestFacts
 from nexus_extproc.config import NexusConfig
@@ -44,10 +46,14 @@ class BudgetService:
         self.outbox = Outbox(config.store.outbox_path)
         self.always_headers = bool(config.budget and config.budget.always_send_status_headers)
         self.watch = AlertWatch(self.book, self.alerts)
-        self.admitter = Admitter(config, self.book, self.watch, self.outbox)
+        self.runaway = (RunawayGuard(self.book, self.alerts, Detector(config.runaway))
+                        if config.runaway.enabled else None)
+        self.admitter = Admitter(config, self.book, self.watch, self.outbox,
+                                 self.runaway.detector if self.runaway else None)
         self.admin = BudgetAdmin(self.book)
         self.reports = ReportScheduler(self.book, lambda: self.admin.insights.price_info, self.alerts.post)
-        self.reconciler = Reconciler(self.book, self.outbox, self.watch, self.reports)
+        self.reconciler = Reconciler(self.book, self.outbox, self.watch, self.reports,
+                                     self.runaway.load if self.runaway else None)
 
     # The book's state, as callers have always read it.
     @property
@@ -91,14 +97,19 @@ class BudgetService:
         reserved). A store that is down keeps it in the outbox, which counts as done."""
         if self.ledger is None or not adm.items:
             return False
-        if not adm.outbox:
+        done, held = True, adm.outbox
+        if not held:
             try:
-                return await self.ledger.settle(req_id, adm.items, cost, record)
+                done = await self.ledger.settle(req_id, adm.items, cost, record)
             except StoreUnavailable:
                 metrics.store_failures.labels("settle").inc()
-        self.outbox.append({"req_id": req_id, "items": [list(i) for i in adm.items], "cost": cost,
-                            "record": {k: getattr(record, k) for k in record.__slots__}})
-        return True
+                held = True
+        if held:
+            self.outbox.append({"req_id": req_id, "items": [list(i) for i in adm.items], "cost": cost,
+                                "record": {k: getattr(record, k) for k in record.__slots__}})
+        if done and self.runaway is not None:
+            self.runaway.settled(adm.facts, cost)
+        return done
 
     async def correct(self, req_id: str, adm: Admission, cost: int, record: SpendRecord) -> bool:
         """A late usage report replacing a settlement made at the estimate; best effort (the estimate stands)."""

@@ -17,10 +17,11 @@ from nexus_extproc.apis.errors import (
     model_not_allowed,
     not_found,
     payload_too_large,
+    runaway,
     store_unavailable,
     websocket_not_served,
 )
-from nexus_extproc.budget.policy import REJECT_MODEL, Action
+from nexus_extproc.budget.policy import REJECT_MODEL, REJECT_RUNAWAY, Action
 from nexus_extproc.budget.scopes import RequestFacts, api_key_of, hash_api_key
 from nexus_extproc.budget.service import GLOBAL_BUDGET, BudgetStoreDown
 from nexus_extproc.ledger import ForwardNote
@@ -202,6 +203,10 @@ class Inbound(Estimation):
             rej = self.budget.rejection(adm)
             if rej.code == REJECT_MODEL:
                 return self._error(state, model_not_allowed(rej.budget, model, rej.allowed_models), "model")
+            if rej.code == REJECT_RUNAWAY:
+                dim = (rej.budget or "runaway:value").partition(":")[2]
+                return self._error(state, runaway(dim, max(1, rej.reset_in_s), not rej.short,
+                                                  self.config.server.retry_after_max_secs), "runaway")
             named = None if rej.budget == GLOBAL_BUDGET else rej.budget
             reset = self.budget.clock().astimezone(UTC) + timedelta(seconds=rej.reset_in_s)
             reset_at = reset.replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")

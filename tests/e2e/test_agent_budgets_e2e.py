@@ -77,3 +77,36 @@ def test_a_model_outside_the_allowlist_gets_403_in_each_providers_shape(e2e: E2E
     assert e2e.fake_requests("openai")[-1]["model"] == "gpt-4o-mini"
     spent = e2e.stats()["budgets"][0]
     assert spent["name"] == "month" and spent["current_spending_usd"] > 0 and spent["reserved_usd"] == 0
+
+
+def test_a_runaway_session_is_throttled_through_envoy(e2e: E2E, tmp_path):
+    """Four sessions: three ask once each, one loops. The loop is found against its peers and its next request is
+    a 429 runaway_throttled, with a Retry-After within the cap; a calm session still passes."""
+    e2e.restart(budgets=[{"name": "month", "limit_usd": 100}],
+                store={"kind": "sqlite", "path": str(tmp_path / "runaway.db")},
+                runaway={"enabled": True, "by": ["session"], "window": "5m", "baseline": "1h", "factor": 5,
+                         "min_spend_usd": "0.0005", "min_peers": 3, "action": "throttle", "cooldown": "1m"})
+
+    def ask(session: str) -> openai.APIStatusError | None:
+        try:
+            e2e.openai(default_headers={"session-id": session}).chat.completions.create(
+                model="gpt-4o", messages=MSGS, max_tokens=10)
+            time.sleep(0.15)  # settled before the next one
+            return None
+        except openai.APIStatusError as e:
+            return e
+
+    for i in range(3):
+        assert ask(f"calm-{i}") is None
+    refused = None
+    for _ in range(30):
+        refused = ask("loop")
+        if refused is not None:
+            break
+    assert refused is not None, "the loop was never throttled"
+    assert refused.status_code == 429
+    err = refused.response.json()["error"]
+    assert err["code"] == "runaway_throttled" and "session" in err["message"] and "loop" not in err["message"]
+    assert 1 <= int(refused.response.headers["retry-after"]) <= 60
+    assert ask("calm-0") is None
+    assert 'nexus_runaway_findings_total{action="throttle",dimension="session"} 1.0' in e2e.metrics()
