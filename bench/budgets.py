@@ -1,4 +1,5 @@
-"""CPU cost of more budgets on the request path: admit + settle with one budget vs five matching budgets.
+"""CPU cost of more budgets on the request path: admit + settle with one budget vs five matching budgets; with
+`--windows`, a rolling and a session budget each next to a calendar one (issue 28: ≤ +30 µs each).
 
 In-process on the ledger (no Envoy, no gRPC), so machine noise is small enough to resolve tens of µs. Two
 services live side by side (one budget; five budgets that all match the request) and run in alternating short
@@ -8,12 +9,14 @@ Through Envoy, `bench/overhead.py` makes the same comparison, but this VM's nois
 
     python bench/budgets.py                  # SQLite, the embedded default
     python bench/budgets.py --store redis    # starts redis-server on a free 127.0.0.1 port; also its CPU
+    python bench/budgets.py --windows [--store redis] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import statistics
@@ -43,6 +46,13 @@ BACKENDS = {"openai": {"cluster": "openai", "type": "cloud", "provider": "openai
 TARGET, FACTS = Target("openai", "cloud", "gpt-4o", 100), RequestFacts("gpt-4o", "cloud")
 RECORD = SpendRecord(time.time(), "gpt-4o", "openai", 1, 1, 100, "usage")
 HISTORY_DAYS = 730
+# --windows: the global budget plus one more, of each kind. The session budget's requests come from 50 sessions
+# in turn (each claims its instance once, then the plan is cached per session).
+CALENDAR = [*ONE, {"name": "team", "period": "daily", "limit_usd": 100_000, "hard_limit_action": "block_all"}]
+ROLLING = [*ONE, {"name": "team", "period": {"rolling": "1h"}, "limit_usd": 100_000, "hard_limit_action": "block_all"}]
+SESSION = [*ONE, {"name": "team", "scope": {"session": "*"}, "period": "daily", "limit_usd": 100_000,
+                  "hard_limit_action": "block_all"}]
+SESSIONS = [RequestFacts("gpt-4o", "cloud", session=f"s-{i:016x}") for i in range(50)]
 
 
 async def history(ledger: Ledger, budgets: list[dict]) -> None:
@@ -64,11 +74,11 @@ async def service(budgets: list[dict], store: dict) -> BudgetService:
     return svc
 
 
-async def block(svc: BudgetService, prefix: str, n: int) -> float:
+async def block(svc: BudgetService, prefix: str, n: int, sessions: bool = False) -> float:
     """CPU µs per request (admit + settle) over `n` sequential requests."""
     t0 = time.process_time()
     for i in range(n):
-        adm = await svc.admit(f"{prefix}{i}", TARGET, None, FACTS)
+        adm = await svc.admit(f"{prefix}{i}", TARGET, None, SESSIONS[i % len(SESSIONS)] if sessions else FACTS)
         await svc.settle(f"{prefix}{i}", adm, 90, RECORD)
     return (time.process_time() - t0) / n * 1e6
 
@@ -102,12 +112,43 @@ async def compare(args: argparse.Namespace, stores: list[dict], redis: subproces
               f"5 budgets {server['5'] / n * 1e6:.0f} µs")
 
 
+async def windows(args: argparse.Namespace, stores: list[dict]) -> None:
+    """A rolling and a session budget against a calendar one, in alternating blocks (same pairing as above)."""
+    kinds = {"calendar": CALENDAR, "rolling": ROLLING, "session": SESSION}
+    svcs = {k: await service(b, stores[i]) for i, (k, b) in enumerate(kinds.items())}
+    for k in ("session",):
+        await block(svcs[k], "ws", 300, sessions=True)
+    got: dict[str, list[float]] = {k: [] for k in kinds}
+    for r in range(args.rounds):
+        for k, svc in svcs.items():
+            got[k].append(await block(svc, f"{k}-{r}-", args.block, sessions=k == "session"))
+    out: dict[str, object] = {"store": args.store, "rounds": args.rounds, "block": args.block,
+                              "calendar_us": round(statistics.median(got["calendar"]), 1)}
+    for k in ("rolling", "session"):
+        diffs = sorted(b - a for a, b in zip(got["calendar"], got[k], strict=True))
+        out[f"{k}_us"] = round(statistics.median(got[k]), 1)
+        out[f"{k}_minus_calendar_us"] = round(statistics.median(diffs), 1)
+        out[f"{k}_minus_calendar_iqr_us"] = [round(diffs[len(diffs) // 4], 1), round(diffs[3 * len(diffs) // 4], 1)]
+    if args.json:
+        print(json.dumps(out))
+        return
+    print(f"{args.store}: admit + settle CPU per request, global + one more budget ({args.rounds} alternating blocks "
+          f"of {args.block}): calendar (daily) {out['calendar_us']} µs, rolling 1h {out['rolling_us']} µs, "
+          f"session (50 sessions) {out['session_us']} µs")
+    for k in ("rolling", "session"):
+        q1, q3 = out[f"{k}_minus_calendar_iqr_us"]  # type: ignore[misc]
+        print(f"{k} vs calendar, paired median: {out[f'{k}_minus_calendar_us']:+} µs (interquartile {q1:+} … {q3:+} "
+              f"µs); target ≤ +30 µs")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", choices=("sqlite", "redis"), default="sqlite")
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--block", type=int, default=250)
     ap.add_argument("--history-days", type=int, default=HISTORY_DAYS)
+    ap.add_argument("--windows", action="store_true", help="rolling and session budgets vs a calendar one")
+    ap.add_argument("--json", action="store_true", help="--windows: one JSON line")
     args = ap.parse_args()
     globals()["HISTORY_DAYS"] = args.history_days
 
@@ -122,10 +163,10 @@ def main() -> None:
             redis = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                       "--appendonly", "no"], stdout=subprocess.DEVNULL)
             time.sleep(0.5)
-            stores = [{"kind": "redis", "url": f"redis://127.0.0.1:{port}/0", "key_prefix": p} for p in ("a", "b")]
+            stores = [{"kind": "redis", "url": f"redis://127.0.0.1:{port}/0", "key_prefix": p} for p in "abc"]
         else:
-            stores = [{"kind": "sqlite", "path": str(tmp / f"{p}.db")} for p in ("a", "b")]
-        asyncio.run(compare(args, stores, redis))
+            stores = [{"kind": "sqlite", "path": str(tmp / f"{p}.db")} for p in "abc"]
+        asyncio.run(windows(args, stores) if args.windows else compare(args, stores, redis))
     finally:
         if redis:
             redis.terminate()
