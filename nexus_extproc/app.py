@@ -33,6 +33,7 @@ from nexus_extproc.config import NexusConfig
 from nexus_extproc.edge.access_log import AccessLogReceiver
 from nexus_extproc.edge.admin_grpc import start_admin_api
 from nexus_extproc.edge.admin_http import build_admin_app
+from nexus_extproc.edge.email import send_mail
 from nexus_extproc.edge.envoy_admin import poll_envoy_health
 from nexus_extproc.edge.extproc import ExternalProcessor
 from nexus_extproc.edge.peer import PeerCheck
@@ -69,6 +70,19 @@ class Components:
     prices: PriceBook
 
 
+def budget_service(config: NexusConfig) -> BudgetService:
+    """The budget service with its deliveries: the webhook, and alert mail where `alerts.email` is set."""
+    email = config.alerts.email
+    mail = None
+    if email.smtp_host:
+        password = os.environ.get(email.password_env)
+
+        async def mail(to: list[str], subject: str, body: str) -> None:
+            await send_mail(email, password, to, subject, body)
+
+    return BudgetService(config, open_store(config), alerts=AlertSender(config.alerts, post_json), mail=mail)
+
+
 def build(config: NexusConfig, counter: TokenCounter | None = None) -> Components:
     counter = counter or TokenCounter(config.estimation.approximation_factor)
     prices = PriceBook(config)
@@ -77,7 +91,7 @@ def build(config: NexusConfig, counter: TokenCounter | None = None) -> Component
         action = "rejected" if config.unpriced_model_action == "reject" else "charged the fallback price"
         log.warning("configured models without a known price will be %s", action,
                     extra={"models": ",".join(missing)})
-    budget = BudgetService(config, open_store(config), alerts=AlertSender(config.alerts, post_json))
+    budget = budget_service(config)
     return Components(Processor(config, counter, prices, budget, Router(config)), budget, prices)
 
 
@@ -305,7 +319,7 @@ async def serve_workers(config: NexusConfig, config_path: str, workers: int) -> 
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
     supervisor = Supervisor(config_path, config.server.grpc_port, workers)
     children = supervisor.children
-    budget = BudgetService(config, open_store(config), alerts=AlertSender(config.alerts, post_json))
+    budget = budget_service(config)
     host, base = config.server.grpc_host, config.server.grpc_port
 
     async def is_ready() -> bool:

@@ -118,6 +118,7 @@ class BudgetDefConfig(_Strict):
     reports: ReportScheduleConfig | None = None
     # Models the budget's requests may ask for (globs); another is refused with 403 naming these.
     models: list[str] | None = Field(default=None, min_length=1)
+    alert_emails: list[str] = Field(default_factory=list)  # this budget's alerts also go to these addresses
     # A distinct-value instance (session: "*", ...) unused this long stops counting toward `max_instances` and
     # leaves the instance index; its spend stays in its period. Default: 1h for session scopes, never otherwise.
     idle_ttl: str | None = None
@@ -150,11 +151,27 @@ class IdentityConfig(_Strict):
     api_key_salt_env: str = "NEXUS_API_KEY_SALT"
 
 
+class EmailConfig(_Strict):
+    """Alert mail (seed 004): off until `smtp_host` is set. Recipients: `recipients`, plus the comma-separated
+    $BUDGET_ALERT_EMAIL_RECIPIENTS, plus each budget's own `alert_emails`."""
+
+    smtp_host: str | None = None
+    smtp_port: int = Field(default=587, ge=1, le=65535)
+    starttls: bool = True
+    tls_ca_file: str | None = None  # a private CA to verify the server by (default: the system's)
+    username: str | None = None
+    password_env: str = "NEXUS_SMTP_PASSWORD"  # the password is read from this variable, never from the file
+    sender: str = "nexus-extproc@localhost"
+    recipients: list[str] = Field(default_factory=list)
+    timeout_secs: float = Field(default=10.0, gt=0)
+
+
 class AlertsConfig(_Strict):
     webhook_url: str | None = None
     timeout_secs: float = Field(default=2.0, gt=0)
     max_attempts: int = Field(default=5, ge=1, le=20)
     backoff_secs: float = Field(default=0.5, ge=0)
+    email: EmailConfig = EmailConfig()
 
 
 class StoreConfig(_Strict):
@@ -400,6 +417,13 @@ def _apply_env(doc: dict[str, Any], environ: dict[str, str]) -> None:
                 node[part] = child
             node = child
         node[path[-1]] = yaml.safe_load(raw)
+    # The cost-control seed's own variable: more alert mail recipients, comma-separated.
+    extra = [a.strip() for a in environ.get("BUDGET_ALERT_EMAIL_RECIPIENTS", "").split(",") if a.strip()]
+    if extra:
+        alerts = doc.setdefault("alerts", {})
+        email = alerts.setdefault("email", {}) if isinstance(alerts, dict) else None
+        if isinstance(email, dict):
+            email["recipients"] = [*(email.get("recipients") or []), *extra]
 
 
 def _format_validation(err: ValidationError) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from nexus_extproc.budget.alert_mail import MailSender
 from nexus_extproc.budget.book import Book, BudgetDef
 from nexus_extproc.budget.forecast import forecast
 from nexus_extproc.budget.periods import Period
@@ -61,11 +62,14 @@ class AlertSender:
         self._task: asyncio.Task[None] | None = None
         self._results: set[asyncio.Task[None]] = set()
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # tests record the waits
+        self.mail: MailSender | None = None  # alert mail beside the webhook (alert_mail.py), when configured
 
     def send(self, payload: dict[str, Any]) -> None:
         # The label is the definition (bounded), never a distinct-value instance.
         alerts_total.labels(payload.get("definition") or payload["budget"], str(payload["threshold"])).inc()
         log.warning("budget alert", extra={k: payload[k] for k in ("budget", "period", "threshold")})
+        if self.mail is not None:
+            self.mail.send(payload)
         if not self.config.webhook_url or self.post is None:
             self._result(payload, "no_webhook", 0)
             return
@@ -120,6 +124,8 @@ class AlertSender:
                                                        "attempts": attempt})
 
     async def drain(self, grace: float) -> None:
+        if self.mail is not None:
+            await self.mail.drain(grace)
         if self._task is not None and not self._task.done():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._task), grace)

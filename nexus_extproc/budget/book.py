@@ -80,6 +80,7 @@ class BudgetDef:
     reports: ReportScheduleConfig | None = None
     models: list[str] | None = None  # the models its requests may ask for (globs); None: any
     idle_ttl_s: int = 0  # a distinct-value instance unused this long leaves the index; 0: never
+    alert_emails: list[str] = field(default_factory=list)  # this budget's own alert mail recipients
     settings: Settings = field(init=False)
     # Where the settings come from: None while the config applies, else who set them at runtime and when.
     set_by: str | None = field(init=False, default=None)
@@ -99,7 +100,7 @@ class BudgetDef:
         return cls(c.name, scope, PeriodRule.of(c.period), ZoneInfo(c.timezone),
                    Settings(usd_to_micros(c.limit_usd), c.soft_limit_percent, c.hard_limit_action,
                             active=c.active), list(c.alert_thresholds), distinct_dims(scope), c.max_instances,
-                   reports=c.reports, models=c.models, idle_ttl_s=ttl)
+                   reports=c.reports, models=c.models, idle_ttl_s=ttl, alert_emails=list(c.alert_emails))
 
     @property
     def period_kind(self) -> str:

@@ -8,6 +8,7 @@ import time
 
 from nexus_extproc.budget.admin import BudgetAdmin
 from nexus_extproc.budget.admission import Admission, Admitter, BudgetStoreDown, Rejection
+from nexus_extproc.budget.alert_mail import Mail, MailSender
 from nexus_extproc.budget.alerts import AlertSender, AlertWatch
 from nexus_extproc.budget.book import GLOBAL_BUDGET, Book, BudgetDef, BudgetState, Clock, Settings, utc_now
 from nexus_extproc.budget.policy import Target
@@ -37,12 +38,14 @@ __all__ = [
 
 class BudgetService:
     def __init__(self, config: NexusConfig, ledger: Ledger | None, clock: Clock = utc_now,
-                 alerts: AlertSender | None = None) -> None:
+                 alerts: AlertSender | None = None, mail: Mail | None = None) -> None:
         self.config = config
         self.budget = config.budget  # the legacy single block, for its options
         self.book = Book(config, ledger, clock)
         self.alerts = alerts or AlertSender(config.alerts)
         self.alerts.on_result = self._alert_result
+        if mail is not None and config.alerts.email.smtp_host:
+            self.alerts.mail = MailSender(config.alerts, mail, self._alert_emails)
         self.outbox = Outbox(config.store.outbox_path)
         self.always_headers = bool(config.budget and config.budget.always_send_status_headers)
         self.watch = AlertWatch(self.book, self.alerts)
@@ -137,6 +140,10 @@ class BudgetService:
             await self.ledger.release(req_id)
         except StoreUnavailable:
             metrics.store_failures.labels("release").inc()  # the reservation expires by its TTL
+
+    def _alert_emails(self, budget: str) -> list[str]:
+        d = self.book.by_name.get(budget)
+        return list(d.alert_emails) if d is not None else []
 
     async def _alert_result(self, alert_id: int, result: str, attempts: int) -> None:
         if self.ledger is None:
