@@ -65,7 +65,9 @@ class AdminBase:
         st = await b.state(d)
         view, s, period = st.view, d.settings, st.period
         out = pb.BudgetStatus(
-            name=d.name, period=period.key, limit_micros=view.limit_micros, base_limit_micros=s.limit_micros,
+            # A short window's key names a bucket; the operator reads the window ("rolling 15m") instead.
+            name=d.name, period=d.period_kind if d.rule.short else period.key, limit_micros=view.limit_micros,
+            base_limit_micros=s.limit_micros,
             settled_micros=view.settled_micros, reserved_micros=view.reserved_micros,
             utilization_percent=float(view.utilization()), status=STATUS_TO_PB[view.status()],
             soft_limit_percent=float(s.soft_limit_percent), hard_limit_action=ACTION_TO_PB[s.hard_limit_action],

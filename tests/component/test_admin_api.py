@@ -163,3 +163,17 @@ async def test_a_runtime_limit_says_where_it_comes_from_and_reset_gives_the_conf
     assert ("limit_micros", "80000000", "10000000", "bob") in {(a.field, a.old_value, a.new_value, a.actor)
                                                               for a in audit}
     await other.budget.ledger.close()
+
+
+async def test_status_names_a_short_window_by_its_window(counter, tmp_path):
+    comps = build(make_config(budgets=[{"name": "global", "limit_usd": 10},
+                                       {"name": "burst", "period": {"rolling": "15m"}, "limit_usd": 1}],
+                              store={"kind": "sqlite", "path": str(tmp_path / "w.db")}), counter)
+    server, port = await start_admin_api(comps.budget.admin, "127.0.0.1", 0, TOKEN)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            got = await pb_grpc.BudgetAdminServiceStub(ch).GetStatus(pb.GetStatusRequest(), metadata=AUTH)
+        periods = {b.name: b.period for b in got.budgets}
+        assert periods["burst"] == "rolling 15m" and periods["global"] == datetime.now(UTC).strftime("%Y-%m")
+    finally:
+        await server.stop(0)
