@@ -337,6 +337,14 @@ class RunawayConfig(_Strict):
         return v
 
 
+class RetentionConfig(_Strict):
+    """Pruned once a day across replicas (seed 004 keeps 30 days of alerts). Settlements are rolled up into daily
+    aggregates first, so reports and forecasts over old periods still answer; 0 keeps them forever."""
+
+    alerts_days: int = Field(default=30, ge=0)
+    settlements_days: int = Field(default=400, ge=0)
+
+
 class NexusConfig(_Strict):
     budget: BudgetConfig | None = None
     budgets: list[BudgetDefConfig] = Field(default_factory=list)
@@ -353,6 +361,7 @@ class NexusConfig(_Strict):
     server: ServerConfig = ServerConfig()
     admin_api: AdminApiConfig = AdminApiConfig()
     runaway: RunawayConfig = RunawayConfig()
+    retention: RetentionConfig = RetentionConfig()
 
     @field_validator("backends")
     @classmethod

@@ -30,6 +30,7 @@ class Reconciler:
         self.watch = watch
         self.reports = reports
         self.shared = shared  # more state other processes change, read with the settings (runaway penalties)
+        self._retained = ""  # the last day this process ran (or saw another run) retention
 
     async def reconcile_once(self) -> None:
         """One pass: reap, replay, checkpoint, refresh. Each step stands alone: a failure is logged and
@@ -50,6 +51,7 @@ class Reconciler:
                 await self._step("instances", functools.partial(self._instances, d))
         if self.reports is not None:
             await self._step("reports", self.reports.run_due)
+        await self._step("retention", self._retention)
         await self._step("meta", lambda: ledger.set_meta(
             "last_reconciliation", self.book.clock().strftime("%Y-%m-%dT%H:%M:%SZ")))
 
@@ -72,6 +74,25 @@ class Reconciler:
             self.watch.forecast_overrun(d, st.period, Totals(st.view.settled_micros, st.view.reserved_micros),
                                         p.limit_micros,
                                         p.end_of_period.point_micros)
+
+    async def _retention(self) -> None:
+        """Once a day, by whichever process claims the day first."""
+        assert self.book.ledger is not None
+        cfg = self.book.config.retention
+        now = time.time()
+        day = self.book.clock().strftime("%Y-%m-%d")
+        if day == self._retained or not await self.book.ledger.first_seen("retention", day, now):
+            self._retained = day
+            return
+        self._retained = day
+        forever = 1e12
+        r = await self.book.ledger.prune(now - cfg.settlements_days * 86400 if cfg.settlements_days else -forever,
+                                         now - cfg.alerts_days * 86400 if cfg.alerts_days else -forever, now)
+        for kind, n in (("settlements", r.settlements), ("alerts", r.alerts), ("buckets", r.buckets)):
+            if n:
+                metrics.retention_pruned.labels(kind).inc(n)
+        log.info("retention pass", extra={"days_rolled_up": r.days_rolled_up, "settlements": r.settlements,
+                                          "alerts": r.alerts, "buckets": r.buckets})
 
     async def _reap(self) -> None:
         assert self.book.ledger is not None

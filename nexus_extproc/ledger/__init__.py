@@ -9,6 +9,7 @@ from nexus_extproc.ledger.base import (
     ForwardNote,
     Key,
     Ledger,
+    PruneResult,
     ReapResult,
     SpendAgg,
     SpendLedger,
@@ -21,7 +22,8 @@ from nexus_extproc.ledger.base import (
 
 __all__ = [
     "AlertLog", "AlertRecord",
-    "AuditRecord", "CalibrationStore", "ControlStore", "ForwardNote", "Key", "Ledger", "ReapResult", "SpendAgg",
+    "AuditRecord", "CalibrationStore", "ControlStore", "ForwardNote", "Key", "Ledger", "PruneResult", "ReapResult",
+    "SpendAgg",
     "SpendLedger", "SpendLog", "SpendRecord", "StoreOpenError", "StoreUnavailable", "Totals", "open_ledger",
 ]
 

@@ -119,6 +119,30 @@ class SpendAgg:
     session: str = ""
 
 
+class PruneResult(NamedTuple):
+    """What one retention pass removed."""
+
+    days_rolled_up: int = 0  # whole UTC days of settlements folded into daily aggregates
+    settlements: int = 0  # settlement rows (or log entries) deleted after their day was rolled up
+    alerts: int = 0  # alert history entries deleted
+    buckets: int = 0  # totals rows of short windows long out of their window
+
+
+def old_window_key(period: str, now: float, keep_s: float) -> bool:
+    """A short window's bucket (rolling `R…`, `every` `E…`) that ended more than `keep_s` before `now`."""
+    try:
+        if period.startswith("R"):
+            head, _, index = period.partition(":")
+            width, count = (int(x) for x in head[1:].split("x"))
+            return (int(index) + count) * width < now - keep_s
+        if period.startswith("E"):
+            secs, _, index = period[1:].partition(":")
+            return (int(index) + 1) * int(secs) < now - keep_s
+    except ValueError:
+        return False
+    return False
+
+
 class ReapResult(NamedTuple):
     """What one reaper pass did with expired reservations."""
 
@@ -318,6 +342,12 @@ class SpendLog(abc.ABC):
 
     @abc.abstractmethod
     async def settlement_count(self) -> int: ...
+
+    @abc.abstractmethod
+    async def prune(self, settlements_before: float, alerts_before: float, now: float) -> PruneResult:
+        """Retention: fold every whole UTC day of settlements before `settlements_before`'s day into daily
+        aggregates (what `spend` returns for those days from then on, unchanged at its grain), then delete them;
+        delete alert history before `alerts_before`; drop short-window buckets two days out of their window."""
 
 
 class CalibrationStore(abc.ABC):

@@ -19,7 +19,7 @@ import asyncio
 import json
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
@@ -35,6 +35,7 @@ from nexus_extproc.ledger.base import (
     ForwardNote,
     Key,
     Ledger,
+    PruneResult,
     ReapResult,
     ReserveResult,
     SpendAgg,
@@ -85,6 +86,10 @@ return 1
 """
 
 SETTLED_MARKER_TTL_S = 40 * 86400
+
+
+def _agg_doc(a: SpendAgg) -> dict[str, object]:
+    return {k: getattr(a, k) for k in a.__slots__}
 
 
 class RedisLedger(Ledger):
@@ -317,11 +322,25 @@ class RedisLedger(Ledger):
         return [AuditRecord(*json.loads(r)) for r in rows]
 
     async def spend(self, start_ts: float, end_ts: float, per_budget: bool = True) -> list[SpendAgg]:
+        end_ts = min(end_ts, time.time() + 86400)
+        out: list[SpendAgg] = []
+        days = [d for d in range(int(start_ts // 86400), int(end_ts // 86400) + 1) if d * 86400 < end_ts]
+        rollups = await self._per_day(days, lambda p, d: p.get(f"{self._p}:rollup:{d}"))
+        logs = await self._per_day(days, lambda p, d: p.exists(f"{self._p}:log:{d}"))
+        for raw, has_log in zip(rollups, logs, strict=True):
+            if raw is not None and not has_log:
+                # A day retention rolled up: its aggregates, as they were computed from its log.
+                out += [SpendAgg(**d) for d in json.loads(raw)["per_budget" if per_budget else "once"]]
+        return sorted(out + await self._spend_logs(start_ts, end_ts, per_budget),
+                      key=lambda a: (a.day, a.budget, a.model, a.model_requested, a.backend, a.task, a.tags, a.team,
+                                     a.agent, a.tool, a.session))
+
+    async def _spend_logs(self, start_ts: float, end_ts: float, per_budget: bool) -> list[SpendAgg]:
         # (budget, model, day, asked, backend, task, tags, team, agent) -> sums, the SQLite ledger's grain
         acc: dict[tuple[str, ...], list[int]] = defaultdict(lambda: [0] * 10)
-        end_ts = min(end_ts, time.time() + 86400)
-        for day in range(int(start_ts // 86400), int(end_ts // 86400) + 1):
-            for raw in await self._call(self._r.lrange(f"{self._p}:log:{day}", 0, -1)):
+        days = list(range(int(start_ts // 86400), int(end_ts // 86400) + 1))
+        for entries in await self._per_day(days, lambda p, d: p.lrange(f"{self._p}:log:{d}", 0, -1)):
+            for raw in entries:
                 d = json.loads(raw)
                 if not start_ts <= d["ts"] < end_ts:
                     continue
@@ -340,6 +359,39 @@ class RedisLedger(Ledger):
                          tags=k[6], cache_read_tokens=v[7], output_reserved=v[8], streamed=v[9], team=k[7],
                          agent=k[8], tool=k[9], session=k[10])
                 for k, v in sorted(acc.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1], *kv[0][3:]))]
+
+    async def _per_day(self, days: list[int], op: Callable[[Any, int], Any]) -> list[Any]:
+        """One command per day, pipelined 500 at a time (a year's report is 365 round trips otherwise)."""
+        out: list[Any] = []
+        for i in range(0, len(days), 500):
+            pipe = self._r.pipeline(transaction=False)
+            for d in days[i:i + 500]:
+                op(pipe, d)
+            out += await self._call(pipe.execute())
+        return out
+
+    async def prune(self, settlements_before: float, alerts_before: float, now: float) -> PruneResult:
+        """Each old day's log becomes one aggregate document, then the log goes (a crash in between leaves both:
+        spend reads the log while it exists, so nothing counts twice). Days are looked for over the 5 years
+        before the cutoff."""
+        cutoff = int(settlements_before // 86400)
+        days = list(range(cutoff - 5 * 366, cutoff))
+        found = [d for d, e in zip(days, await self._per_day(days, lambda p, d: p.exists(f"{self._p}:log:{d}")),
+                                   strict=True) if e]
+        rolled = entries = 0
+        for day in found:
+            doc = {"per_budget": [_agg_doc(a) for a in await self._spend_logs(day * 86400, (day + 1) * 86400, True)],
+                   "once": [_agg_doc(a) for a in await self._spend_logs(day * 86400, (day + 1) * 86400, False)]}
+            entries += int(await self._call(self._r.llen(f"{self._p}:log:{day}")))
+            await self._call(self._r.set(f"{self._p}:rollup:{day}", json.dumps(doc)))
+            await self._call(self._r.delete(f"{self._p}:log:{day}"))
+            rolled += 1
+        old = [k for k, v in (await self._call(self._r.hgetall(f"{self._p}:alerts"))).items()
+               if json.loads(v)["ts"] < alerts_before]
+        if old:
+            await self._call(self._r.hdel(f"{self._p}:alerts", *old))
+        # Short-window buckets expire by themselves (reserve.lua).
+        return PruneResult(rolled, entries, len(old), 0)
 
     async def merge_calibration(self, deltas: dict[str, CalibrationSums], now: float,
                                 half_life_s: float) -> dict[str, CalibrationSums]:

@@ -21,6 +21,7 @@ from nexus_extproc.ledger.base import (
     ForwardNote,
     Key,
     Ledger,
+    PruneResult,
     ReapResult,
     ReserveResult,
     SpendAgg,
@@ -189,6 +190,9 @@ class SqliteLedger(SyncSqlite, Ledger):
 
     async def audit_log(self, limit: int) -> list[AuditRecord]:
         return await self._report(self._audit_log_sync, limit)
+
+    async def prune(self, settlements_before: float, alerts_before: float, now: float) -> PruneResult:
+        return await self._io(self._prune_sync, settlements_before, alerts_before, now)
 
     async def spend(self, start_ts: float, end_ts: float, per_budget: bool = True) -> list[SpendAgg]:
         return await self._report(self._spend_sync, start_ts, end_ts, per_budget)

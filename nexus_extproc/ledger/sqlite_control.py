@@ -12,9 +12,11 @@ from nexus_extproc.ledger.base import (
     AlertRecord,
     AuditRecord,
     CalibrationSums,
+    PruneResult,
     SpendAgg,
     Totals,
     decay,
+    old_window_key,
 )
 from nexus_extproc.ledger.sqlite_core import SqliteCore
 
@@ -122,19 +124,55 @@ class ControlSync(SqliteCore):
                                 (limit,)).fetchall()
         return [AuditRecord(*r) for r in rows]
 
-    def _spend_sync(self, start_ts: float, end_ts: float, per_budget: bool = True,
-                    db: sqlite3.Connection | None = None) -> list[SpendAgg]:
+    @staticmethod
+    def _aggregate(per_budget: bool) -> str:
+        """Settlements at the reports' grain, in SpendAgg's field order (and the rollup table's columns)."""
         budget, source = ("j.value", "settlements s, json_each(s.budgets) j") if per_budget else \
             ("''", "settlements s")
-        rows = (db or self._db).execute(
-            f"SELECT {budget}, s.model, date(s.ts, 'unixepoch'), COUNT(*), SUM(s.input_tokens), "
-            "SUM(s.output_tokens), SUM(s.cost), SUM(s.estimate), SUM(s.avoided), s.model_requested, "
-            "SUM(CASE WHEN s.source = 'reaped' THEN s.cost ELSE 0 END), s.backend, s.task, s.tags, "
-            "SUM(s.cache_read_tokens), SUM(s.output_reserved), SUM(s.streamed), s.team, s.agent, s.tool, s.session "
-            f"FROM {source} WHERE s.ts >= ? AND s.ts < ? "
-            "GROUP BY 1, 2, 3, 10, 12, 13, 14, 18, 19, 20, 21 ORDER BY 3, 1, 2, 10, 12, 13, 14, 18, 19, 20, 21",
-            (start_ts, end_ts)).fetchall()
+        return (f"SELECT {budget}, s.model, date(s.ts, 'unixepoch'), COUNT(*), SUM(s.input_tokens), "
+                "SUM(s.output_tokens), SUM(s.cost), SUM(s.estimate), SUM(s.avoided), s.model_requested, "
+                "SUM(CASE WHEN s.source = 'reaped' THEN s.cost ELSE 0 END), s.backend, s.task, s.tags, "
+                "SUM(s.cache_read_tokens), SUM(s.output_reserved), SUM(s.streamed), s.team, s.agent, s.tool, "
+                f"s.session FROM {source} WHERE s.ts >= ? AND s.ts < ? "
+                "GROUP BY 1, 2, 3, 10, 12, 13, 14, 18, 19, 20, 21")
+
+    def _spend_sync(self, start_ts: float, end_ts: float, per_budget: bool = True,
+                    db: sqlite3.Connection | None = None) -> list[SpendAgg]:
+        conn = db or self._db
+        rows = conn.execute(self._aggregate(per_budget), (start_ts, end_ts)).fetchall()
+        # Days that retention rolled up (their settlements are gone): the same grain, from the aggregates.
+        rows += conn.execute(
+            "SELECT budget, model, day, requests, input_tokens, output_tokens, cost, estimate, avoided, "
+            "model_requested, reaped, backend, task, tags, cache_read_tokens, output_reserved, streamed, team, agent, "
+            "tool, session FROM rollup WHERE per_budget=? AND day>=date(?, 'unixepoch') AND day<=date(?, 'unixepoch')"
+            " AND CAST(strftime('%s', day) AS REAL) < ?", (int(per_budget), start_ts, end_ts, end_ts)).fetchall()
+        rows.sort(key=lambda r: (r[2], r[0], r[1], r[9], r[11], r[12], r[13], r[17], r[18], r[19], r[20]))
         return [SpendAgg(*r) for r in rows]
+
+    def _prune_sync(self, settlements_before: float, alerts_before: float, now: float) -> PruneResult:
+        cutoff = int(settlements_before // 86400) * 86400  # whole UTC days only
+
+        def tx(c: sqlite3.Cursor) -> PruneResult:
+            days = c.execute("SELECT COUNT(DISTINCT date(ts, 'unixepoch')) FROM settlements WHERE ts < ?",
+                             (cutoff,)).fetchone()[0]
+            for per_budget in (1, 0):
+                c.execute(f"INSERT INTO rollup SELECT {per_budget}, * FROM ({self._aggregate(bool(per_budget))})",
+                          (0, cutoff))
+            settled = c.execute("DELETE FROM settlements WHERE ts < ?", (cutoff,)).rowcount
+            alerts = c.execute("DELETE FROM alerts WHERE ts < ?", (alerts_before,)).rowcount
+            old = [(i,) for i, p in c.execute("SELECT id, period FROM totals WHERE (period LIKE 'R%' OR period "
+                                              "LIKE 'E%') AND reserved = 0").fetchall()
+                   if old_window_key(p, now, 2 * 86400)]
+            c.executemany("DELETE FROM totals WHERE id=?", old)
+            c.executemany("DELETE FROM instances WHERE period=?", [
+                (p,) for (p,) in c.execute("SELECT DISTINCT period FROM instances WHERE period LIKE 'R%' OR period "
+                                           "LIKE 'E%'").fetchall() if old_window_key(p, now, 2 * 86400)])
+            return PruneResult(days, settled, alerts, len(old))
+
+        result: PruneResult = self._write(tx)
+        if result.buckets:
+            self._located.clear()  # cached row ids of deleted buckets must not be reused
+        return result
 
     def _merge_calibration_sync(self, deltas: dict[str, CalibrationSums], now: float,
                                 half_life_s: float) -> dict[str, CalibrationSums]:

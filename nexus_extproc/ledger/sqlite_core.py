@@ -34,6 +34,7 @@ from nexus_extproc.ledger.sqlite_schema import (
     MIGRATE_7_TO_8,
     MIGRATE_8_TO_9,
     MIGRATE_9_TO_10,
+    MIGRATE_10_TO_11,
     SCHEMA,
     SCHEMA_VERSION,
     LedgerSchemaError,
@@ -46,7 +47,7 @@ from nexus_extproc.ops import metrics
 T = TypeVar("T")
 # _MIGRATIONS[i] takes a file from schema version i + 1 to i + 2.
 _MIGRATIONS = (MIGRATE_1_TO_2, MIGRATE_2_TO_3, MIGRATE_3_TO_4, MIGRATE_4_TO_5, MIGRATE_5_TO_6, MIGRATE_6_TO_7,
-               MIGRATE_7_TO_8, MIGRATE_8_TO_9, MIGRATE_9_TO_10)
+               MIGRATE_7_TO_8, MIGRATE_8_TO_9, MIGRATE_9_TO_10, MIGRATE_10_TO_11)
 
 log = logging.getLogger("nexus_extproc.ledger")
 

@@ -49,10 +49,19 @@ CREATE TABLE IF NOT EXISTS alerts (
 CREATE TABLE IF NOT EXISTS instances (
   parent TEXT NOT NULL, period TEXT NOT NULL, name TEXT NOT NULL, last_seen REAL NOT NULL DEFAULT 0,
   PRIMARY KEY (parent, period, name));
+-- Retention: whole UTC days of settlements, aggregated at the reports' grain before they are deleted (per_budget
+-- 1: one row set per budget, as spend(per_budget=True) returns; 0: each settlement once).
+CREATE TABLE IF NOT EXISTS rollup (
+  per_budget INTEGER NOT NULL, budget TEXT NOT NULL, model TEXT NOT NULL, day TEXT NOT NULL, requests INTEGER NOT NULL,
+  input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, cost INTEGER NOT NULL, estimate INTEGER NOT NULL,
+  avoided INTEGER NOT NULL, model_requested TEXT NOT NULL, reaped INTEGER NOT NULL, backend TEXT NOT NULL,
+  task TEXT NOT NULL, tags TEXT NOT NULL, cache_read_tokens INTEGER NOT NULL, output_reserved INTEGER NOT NULL,
+  streamed INTEGER NOT NULL, team TEXT NOT NULL, agent TEXT NOT NULL, tool TEXT NOT NULL, session TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS rollup_day ON rollup (day);
 """
 
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 # Version 1 had no `id` in totals and one "budget period amount" line per budget in reservations. Upgraded in
 # place: totals keep their rows and sums; v1 reservations (left by a server that has stopped, so never settled)
@@ -132,6 +141,9 @@ ALTER TABLE settlements ADD COLUMN session TEXT NOT NULL DEFAULT '';
 MIGRATE_9_TO_10 = """
 ALTER TABLE instances ADD COLUMN last_seen REAL NOT NULL DEFAULT 0;
 """
+
+# Version 10 kept every settlement row forever (no retention roll-up).
+MIGRATE_10_TO_11 = SCHEMA[SCHEMA.index("-- Retention"):]
 
 
 def _release_v1_reservations(c: sqlite3.Cursor) -> None:

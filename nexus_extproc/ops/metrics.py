@@ -52,6 +52,9 @@ estimate_ratio = Gauge("nexus_estimate_ratio", "Provider input tokens per counte
 reaped = Counter("nexus_reaped_reservations_total",
                  "Expired reservations: charged at the estimate (forwarded, then its process died) or released",
                  ["outcome"])
+retention_pruned = Counter("nexus_retention_pruned_total",
+                           "Rows removed by the daily retention pass (settlements after their day's roll-up)",
+                           ["kind"])
 reaped_micros = Counter("nexus_reaped_charged_microdollars_total",
                         "Micro-dollars charged by the reaper at the estimate (no usage was ever seen)")
 outbox_corrupt = Counter("nexus_outbox_corrupt_total", "Outbox lines that failed their checksum (moved aside)")

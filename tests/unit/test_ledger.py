@@ -227,6 +227,34 @@ async def test_a_rolling_key_counts_its_window_and_spend_ages_out(ledger_factory
     await led.close()
 
 
+async def test_retention_rolls_old_days_up_then_prunes_them(ledger_factory):
+    """Reports over an old period answer the same after its settlements are gone; old alerts go; a second
+    pass finds nothing more."""
+    led = ledger_factory(fresh=True)
+    now = time.time()
+    old, recent = now - 500 * 86400, now - 86400
+    keys = [("g", "2025-01"), ("t", "2025-01")]
+    for i, ts in enumerate([old, old + 60, recent]):
+        await led.reserve(f"p{i}", keys, 10, now + 60)
+        await led.settle(f"p{i}", keys, 7 + i, SpendRecord(ts, "gpt-4o", "openai", 10, 5, 7 + i, "usage",
+                                                         tool="codex", session="s-1"))
+    await led.record_alert(old, "g", "2025-01", "80", 1, 2)
+    await led.record_alert(recent, "g", "2026-11", "80", 1, 2)
+    # An `every` bucket long past (SQLite deletes its row; Redis expires it).
+    await led.reserve("e1", [("w", "E600:000000000001")], 5, now + 60)
+    await led.settle("e1", [("w", "E600:000000000001")], 5, rec(5))
+    before = (await led.spend(old - 2 * 86400, now + 1, True), await led.spend(old - 2 * 86400, now + 1, False))
+    assert sum(a.requests for a in before[1]) == 4
+    r = await led.prune(now - 400 * 86400, now - 30 * 86400, now)
+    assert (r.days_rolled_up, r.settlements, r.alerts) == (1, 2, 1)
+    assert r.buckets == (1 if ledger_factory.kind == "sqlite" else 0)
+    assert (await led.spend(old - 2 * 86400, now + 1, True), await led.spend(old - 2 * 86400, now + 1, False)) == before
+    assert [a.ts for a in await led.list_alerts(10)] == [recent]
+    assert await led.prune(now - 400 * 86400, now - 30 * 86400, now) == (0, 0, 0, 0)
+    assert (await led.spend(old - 86400, old + 86400, False))[0].cost == 15  # the rolled-up day alone
+    await led.close()
+
+
 async def test_first_seen_once(ledger_factory):
     a, b = ledger_factory(), ledger_factory()
     results = [await a.first_seen("g", "2026-12", 1.0), await b.first_seen("g", "2026-12", 2.0)]
@@ -363,7 +391,7 @@ async def test_sqlite_upgrades_a_version_1_file_in_place(tmp_path):
     assert await led.totals("team", "2026-11") == (940, 0)
     await led.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 10
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 11
     db.close()
     assert await open_ledger("sqlite", path=str(path)).totals("global", "2026-11") == (1540, 0)  # reopens as v2
 

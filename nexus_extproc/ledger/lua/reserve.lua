@@ -27,6 +27,8 @@ for i, it in ipairs(items) do
     end
     it[4] = tonumber(w) * (tonumber(n) + 1) + 172800
   end
+  local secs = string.match(it[3], ':E(%d+):%d+$')  -- an `every` window's bucket: the same expiry
+  if secs then it[4] = tonumber(secs) * 2 + 172800 end
   if it[2] >= 0 and seen[i][1] + seen[i][2] + amt > it[2] then ok = 0 end
 end
 local out = {ok}
