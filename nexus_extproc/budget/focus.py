@@ -52,14 +52,17 @@ def _usd(micros: int) -> str:
     return f"{micros / 1e6:.6f}"
 
 
-def _tags(task: str, tags: str) -> str:
-    """KeyValueFormat: `k=v` tags as keys and values, a bare tag as a key with an empty value; the task too."""
+def _tags(task: str, tags: str, tool: str = "") -> str:
+    """KeyValueFormat: `k=v` tags as keys and values, a bare tag as a key with an empty value; the task and the
+    client tool too (claude-code, codex, ...; its sessions stay in the ledger's reports, not here)."""
     out: dict[str, str] = {}
     for t in tags.split(",") if tags else []:
         k, _, v = t.partition("=")
         out[k] = v
     if task:
         out["x_nexus_task"] = task
+    if tool and tool != "other":  # "other": no tool recognised, nothing to tag
+        out["x_nexus_tool"] = tool
     return json.dumps(out, sort_keys=True, separators=(",", ":"))
 
 
@@ -82,13 +85,13 @@ def focus_rows(aggs: Iterable[SpendAgg], price_of: PriceOf, billing_account: str
     """`aggs` from `ledger.spend(..., per_budget=False)`."""
     merged: dict[tuple[str, ...], list[int]] = {}
     for a in aggs:
-        k = (a.day, a.team, a.task, a.tags, a.backend, a.model, a.model_requested)
+        k = (a.day, a.team, a.task, a.tags, a.backend, a.model, a.model_requested, a.tool)
         m = merged.setdefault(k, [0] * 7)
         for i, v in enumerate((a.requests, a.input_tokens, a.cache_read_tokens, a.output_tokens, a.cost,
                                a.avoided, a.estimate)):
             m[i] += v
     rows: list[dict[str, str]] = []
-    for (day_s, team, task, tags, backend, model, asked), (n, inp, cread, out, cost, avoided, est) in sorted(
+    for (day_s, team, task, tags, backend, model, asked, tool), (n, inp, cread, out, cost, avoided, est) in sorted(
             merged.items()):
         info = price_of(backend, model)
         day = date.fromisoformat(day_s)
@@ -118,7 +121,7 @@ def focus_rows(aggs: Iterable[SpendAgg], price_of: PriceOf, billing_account: str
                 "ServiceCategory": "AI and Machine Learning", "ServiceName": info.service,
                 "ProviderName": info.provider, "PublisherName": info.provider, "InvoiceIssuerName": info.provider,
                 "ResourceId": model, "ResourceName": model, "ResourceType": "Model", "SubAccountId": team,
-                "SubAccountName": team, "Tags": _tags(task, tags), "x_Task": task, "x_Backend": backend,
+                "SubAccountName": team, "Tags": _tags(task, tags, tool), "x_Task": task, "x_Backend": backend,
                 "x_ModelRequested": asked, "x_Requests": str(n if i == 0 else 0),
                 "x_AvoidedCost": _usd(avoided_s[i]), "x_EstimatedCost": _usd(est_s[i]), "x_TokenType": t,
             })

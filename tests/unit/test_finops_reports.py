@@ -114,3 +114,13 @@ def test_tags_normalised_and_bounded():
         parse_tags(",".join(f"t{i}" for i in range(9)))
     with pytest.raises(BadAttribution):
         parse_tags("ok,bad tag")
+
+
+def test_focus_tags_carry_the_client_tool():
+    rows = focus_rows([agg("2026-12-01", 50, backend="openai", task="fix", tool="claude-code"),
+                       agg("2026-12-01", 20, backend="openai", task="fix", tool="codex"),
+                       agg("2026-12-01", 5, backend="openai", task="fix", tool="other")], _prices)
+    tags = sorted((json.loads(r["Tags"]) for r in rows if r["x_TokenType"] == "input"),
+                  key=lambda t: t.get("x_nexus_tool", ""))
+    assert tags == [{"x_nexus_task": "fix"}, {"x_nexus_task": "fix", "x_nexus_tool": "claude-code"},
+                    {"x_nexus_task": "fix", "x_nexus_tool": "codex"}]
