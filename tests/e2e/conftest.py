@@ -113,3 +113,11 @@ def e2e() -> Iterator[E2E]:
         stack.start_envoy()
         env.wait_envoy_sees_extproc()
         yield env
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request, tmp_path) -> dict[str, Any]:
+    """A budget store for one test, on each kind: a fresh SQLite file, or a fresh key prefix on the Redis."""
+    if request.param == "sqlite":
+        return {"kind": "sqlite", "path": str(tmp_path / "ledger.db")}
+    return {"kind": "redis", "url": request.getfixturevalue("redis_url"), "key_prefix": f"e2e{uuid.uuid4().hex[:6]}"}

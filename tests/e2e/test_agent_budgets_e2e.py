@@ -5,7 +5,6 @@ refused with 403 before anything is reserved."""
 from __future__ import annotations
 
 import time
-import uuid
 
 import anthropic
 import openai
@@ -14,13 +13,6 @@ import pytest
 from tests.e2e.conftest import E2E
 
 MSGS = [{"role": "user", "content": "Hello"}]
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        return {"kind": "sqlite", "path": str(tmp_path / "ledger.db")}
-    return {"kind": "redis", "url": request.getfixturevalue("redis_url"), "key_prefix": f"w{uuid.uuid4().hex[:6]}"}
 
 
 # Each gpt-4o request here costs ~$0.00014, each claude-haiku one less: the window holds two or three.

@@ -25,13 +25,6 @@ def period() -> str:
     return datetime.now(UTC).strftime("%Y-%m")
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        return {"kind": "sqlite", "path": str(tmp_path / "ledger.db")}
-    return {"kind": "redis", "url": request.getfixturevalue("redis_url"), "key_prefix": f"e2e{uuid.uuid4().hex[:6]}"}
-
-
 def seed_spend(store: dict, micros: int) -> None:
     asyncio.run(_seed_spend(store, micros))
 

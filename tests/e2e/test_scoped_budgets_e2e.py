@@ -7,18 +7,10 @@ import time
 import uuid
 
 import openai
-import pytest
 
 from tests.e2e.conftest import E2E
 
 MSGS = [{"role": "user", "content": "Hello"}]
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        return {"kind": "sqlite", "path": str(tmp_path / "ledger.db")}
-    return {"kind": "redis", "url": request.getfixturevalue("redis_url"), "key_prefix": f"s{uuid.uuid4().hex[:6]}"}
 
 
 BUDGETS = [

@@ -118,30 +118,30 @@ def test_the_seed_variable_adds_recipients():
     assert cfg.alerts.email.recipients == ["a@example.com", "b@example.com", "c@example.com"]
 
 
+async def mail_one(c: Controller, cert: Path, password: str = "s3cret") -> None:
+    """One alert through a MailSender with the real SMTP client, to the server `c`, until it gives up."""
+    cfg = alerts_cfg(c, cert)
+    sender = MailSender(cfg, lambda to, s, b: send_mail(cfg.email, password, to, s, b), lambda _: [])
+    sender.send({"budget": "b", "threshold": "80", "period": "2026-12"})
+    await sender.drain(10)
+
+
 async def test_a_temporary_refusal_is_retried_and_a_refused_recipient_is_not(cert):
     inbox = Inbox(refuse_first=1)
     c = smtp(inbox, cert)
     try:
-        cfg = alerts_cfg(c, cert)
-        sender = MailSender(cfg, lambda to, s, b: send_mail(cfg.email, "s3cret", to, s, b), lambda _: [])
-        sender.send({"budget": "b", "threshold": "80", "period": "2026-12"})
-        await sender.drain(10)
+        await mail_one(c, cert)
         assert inbox.attempts == 2 and len(inbox.got) == 1  # 451, then delivered
         bad = Inbox(bad="finops@example.com")
         c2 = smtp(bad, cert)
         try:
-            cfg2 = alerts_cfg(c2, cert)
-            s2 = MailSender(cfg2, lambda to, s, b: send_mail(cfg2.email, "s3cret", to, s, b), lambda _: [])
-            s2.send({"budget": "b", "threshold": "80", "period": "2026-12"})
-            await s2.drain(10)
+            await mail_one(c2, cert)
             assert bad.got == [] and bad.attempts == 0  # refused at RCPT, once: not retried into the same 550
         finally:
             c2.stop()
         # A wrong password is a refusal too: one attempt, nothing delivered.
         before = len(inbox.got)
-        s3 = MailSender(cfg, lambda to, s, b: send_mail(cfg.email, "wrong", to, s, b), lambda _: [])
-        s3.send({"budget": "b", "threshold": "90", "period": "2026-12"})
-        await s3.drain(10)
+        await mail_one(c, cert, password="wrong")
         assert len(inbox.got) == before
     finally:
         c.stop()
