@@ -40,6 +40,12 @@ Key = tuple[str, str]  # (budget name, period key)
 ROLLING_BUCKETS = 12
 
 
+# A token budget's period key starts with `T:` (`T:2026-12`, `T:R300x12:…`): its amounts are tokens, not
+# micro-dollars. It reserves the request's token estimate (`reserve(tokens=…)`), and settles (or is charged by the
+# reaper, or corrected) in the record's tokens, input plus output, where a dollar key settles in the cost.
+TOKENS = "T:"
+
+
 def rolling_key(width_s: int, count: int, index: int) -> str:
     return f"R{width_s}x{count}:{index:012d}"
 
@@ -47,12 +53,19 @@ def rolling_key(width_s: int, count: int, index: int) -> str:
 def window_of(period: str) -> tuple[str, list[str]] | None:
     """For a rolling key: (the prefix its buckets share, the period keys of the window's older buckets, oldest
     first); None for any other period key."""
-    if not period.startswith("R"):
+    unit = TOKENS if period.startswith(TOKENS) else ""
+    bare = period[len(unit):]
+    if not bare.startswith("R"):
         return None
-    head, _, index = period.partition(":")
+    head, _, index = bare.partition(":")
     count = int(head.partition("x")[2])
     i = int(index)
-    return head, [f"{head}:{j:012d}" for j in range(i - count + 1, i)]
+    return unit + head, [f"{unit}{head}:{j:012d}" for j in range(i - count + 1, i)]
+
+
+def record_tokens(record: SpendRecord) -> int:
+    """What a token budget counts of a settlement."""
+    return record.input_tokens + record.output_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +143,7 @@ class PruneResult(NamedTuple):
 
 def old_window_key(period: str, now: float, keep_s: float) -> bool:
     """A short window's bucket (rolling `R…`, `every` `E…`) that ended more than `keep_s` before `now`."""
+    period = period.removeprefix(TOKENS)
     try:
         if period.startswith("R"):
             head, _, index = period.partition(":")
@@ -206,10 +220,11 @@ class SpendLedger(abc.ABC):
     @abc.abstractmethod
     async def reserve(self, req_id: str, keys: Sequence[Key], amount: int, expires_at: float,
                       caps: Sequence[int | None] | None = None,
-                      forwarded: tuple[float, ForwardNote] | None = None) -> ReserveResult:
+                      forwarded: tuple[float, ForwardNote] | None = None, tokens: int = 0) -> ReserveResult:
         """Reserve `amount` in every budget of `keys`, all or nothing: refused (nothing reserved) if any budget
         would pass its cap (caps[i] for keys[i]; None: no cap). One amount for all: a request costs the same
-        whichever budgets count it. Callers on the hot path pass the same tuple object per budget set.
+        whichever budgets count it; a token budget's key (`TOKENS`) holds `tokens` instead. Callers on the hot
+        path pass the same tuple object per budget set.
         `forwarded` writes the reservation already marked as `mark_forwarded` would, in the same write: the
         request path's one ledger write (a process that dies before sending it charges its estimate)."""
 

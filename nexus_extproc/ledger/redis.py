@@ -43,6 +43,7 @@ from nexus_extproc.ledger.base import (
     StoreUnavailable,
     Totals,
     decay,
+    record_tokens,
     window_of,
 )
 from nexus_extproc.ledger.redis_batch import ScriptBatcher
@@ -166,7 +167,7 @@ class RedisLedger(Ledger):
 
     async def reserve(self, req_id: str, keys: Sequence[Key], amount: int, expires_at: float,
                       caps: Sequence[int | None] | None = None,
-                      forwarded: tuple[float, ForwardNote] | None = None) -> ReserveResult:
+                      forwarded: tuple[float, ForwardNote] | None = None, tokens: int = 0) -> ReserveResult:
         caps_t = None if caps is None else tuple(caps)
         kt = keys if type(keys) is tuple else tuple(keys)
         packed = self._packed.get((kt, caps_t))
@@ -181,7 +182,7 @@ class RedisLedger(Ledger):
         deadline = time.time() + self._clock_offset + self._timeout
         fwd: list[Any] = [forwarded[0], self._note_doc(forwarded[1])] if forwarded is not None else []
         out = await self._call(self._script(self._reserve, [f"{self._p}:r:{req_id}", f"{self._p}:rexp"],
-                                            [req_id, expires_at, amount, self._p, packed, deadline, *fwd]))
+                                            [req_id, expires_at, amount, self._p, packed, deadline, tokens, *fwd]))
         if int(out[0]) < 0:
             raise StoreUnavailable("redis: reserve reached the server after its deadline")
         totals = [Totals(int(out[1 + 2 * i]), int(out[2 + 2 * i])) for i in range(len(keys))]
@@ -209,7 +210,8 @@ class RedisLedger(Ledger):
                   if record.source == "estimate" else "1")
         return bool(int(await self._call(self._script(
             self._settle, keys, [req_id, cost, self._p, SETTLED_MARKER_TTL_S,
-                                 self._settle_doc(req_id, items, cost, record), fields, marker]))))
+                                 self._settle_doc(req_id, items, cost, record), fields, marker,
+                                 record_tokens(record)]))))
 
     async def correct(self, req_id: str, keys: Sequence[Key], cost: int, record: SpendRecord) -> bool:
         """The settle marker says how the request was settled; the log gets a correction entry (`corr`) holding

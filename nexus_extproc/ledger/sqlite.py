@@ -100,8 +100,8 @@ class SqliteLedger(SyncSqlite, Ledger):
 
     async def reserve(self, req_id: str, keys: Sequence[Key], amount: int, expires_at: float,
                       caps: Sequence[int | None] | None = None,
-                      forwarded: tuple[float, ForwardNote] | None = None) -> ReserveResult:
-        return await self._io(self._reserve_sync, req_id, keys, amount, expires_at, caps, forwarded)
+                      forwarded: tuple[float, ForwardNote] | None = None, tokens: int = 0) -> ReserveResult:
+        return await self._io(self._reserve_sync, req_id, keys, amount, expires_at, caps, forwarded, tokens)
 
     async def settle(self, req_id: str, keys: Sequence[Key], cost: int, record: SpendRecord) -> bool:
         """Group commit: settlements that arrive while one transaction runs (a batch of access-log reports,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from nexus_extproc.ledger.base import (
+    TOKENS,
     Key,
     StoreOpenError,
     StoreUnavailable,
@@ -35,6 +36,7 @@ from nexus_extproc.ledger.sqlite_schema import (
     MIGRATE_8_TO_9,
     MIGRATE_9_TO_10,
     MIGRATE_10_TO_11,
+    MIGRATE_11_TO_12,
     SCHEMA,
     SCHEMA_VERSION,
     LedgerSchemaError,
@@ -47,7 +49,8 @@ from nexus_extproc.ops import metrics
 T = TypeVar("T")
 # _MIGRATIONS[i] takes a file from schema version i + 1 to i + 2.
 _MIGRATIONS = (MIGRATE_1_TO_2, MIGRATE_2_TO_3, MIGRATE_3_TO_4, MIGRATE_4_TO_5, MIGRATE_5_TO_6, MIGRATE_6_TO_7,
-               MIGRATE_7_TO_8, MIGRATE_8_TO_9, MIGRATE_9_TO_10, MIGRATE_10_TO_11)
+               MIGRATE_7_TO_8, MIGRATE_8_TO_9, MIGRATE_9_TO_10, MIGRATE_10_TO_11,
+               MIGRATE_11_TO_12)
 
 log = logging.getLogger("nexus_extproc.ledger")
 
@@ -81,6 +84,11 @@ class _Shape:
     select: str  # reads the totals rows by id, in key order
     # Per rolling key (ledger.base.window_of): (its index in keys, budget, first older bucket's key, its own key).
     windows: tuple[tuple[int, str, str, str], ...] = ()
+    tokens: tuple[bool, ...] = ()  # per key: a token budget's (base.TOKENS); empty when there is none
+
+    def amounts(self, amount: int, tokens: int) -> list[int]:
+        """Per key: what the request holds there (tokens in a token budget, micro-dollars elsewhere)."""
+        return [tokens if t else amount for t in self.tokens] if self.tokens else [amount] * len(self.keys)
 
     @classmethod
     def of(cls, keys: tuple[Key, ...]) -> _Shape:
@@ -89,8 +97,9 @@ class _Shape:
                                     for k in range(len(keys)))
         windows = tuple((k, b, w[1][0] if w[1] else p, p) for k, (b, p) in enumerate(keys)
                         if (w := window_of(p)) is not None)
+        tokens = tuple(p.startswith(TOKENS) for _, p in keys)
         return cls(keys, "\n".join(f"{b} {p}" for b, p in keys),
-                   '["' + '","'.join(names) + '"]' if names else "[]", select, windows)
+                   '["' + '","'.join(names) + '"]' if names else "[]", select, windows, tokens if any(tokens) else ())
 
 
 class _AlreadySettled(Exception):

@@ -18,7 +18,7 @@ CREATE TABLE IF NOT EXISTS totals (
 -- reaped settlement records ("model\tbackend\tmodel_requested\tinput_tokens").
 CREATE TABLE IF NOT EXISTS reservations (
   req_id TEXT PRIMARY KEY, amount INTEGER NOT NULL, budgets TEXT NOT NULL, expires_at REAL NOT NULL,
-  forwarded_at REAL, note TEXT);
+  forwarded_at REAL, note TEXT, tokens INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS reservations_expiry ON reservations (expires_at);
 CREATE TABLE IF NOT EXISTS settlements (
   req_id TEXT PRIMARY KEY, ts REAL NOT NULL, model TEXT NOT NULL, backend TEXT NOT NULL,
@@ -61,7 +61,7 @@ CREATE INDEX IF NOT EXISTS rollup_day ON rollup (day);
 """
 
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 
 # Version 1 had no `id` in totals and one "budget period amount" line per budget in reservations. Upgraded in
 # place: totals keep their rows and sums; v1 reservations (left by a server that has stopped, so never settled)
@@ -144,6 +144,11 @@ ALTER TABLE instances ADD COLUMN last_seen REAL NOT NULL DEFAULT 0;
 
 # Version 10 kept every settlement row forever (no retention roll-up).
 MIGRATE_10_TO_11 = SCHEMA[SCHEMA.index("-- Retention"):]
+
+# Version 11 had no token budgets: a reservation held one amount in every budget.
+MIGRATE_11_TO_12 = """
+ALTER TABLE reservations ADD COLUMN tokens INTEGER NOT NULL DEFAULT 0;
+"""
 
 
 def _release_v1_reservations(c: sqlite3.Cursor) -> None:

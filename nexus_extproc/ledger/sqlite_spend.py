@@ -8,12 +8,14 @@ import sqlite3
 from collections.abc import Sequence
 
 from nexus_extproc.ledger.base import (
+    TOKENS,
     ForwardNote,
     Key,
     ReapResult,
     ReserveResult,
     SpendRecord,
     Totals,
+    record_tokens,
 )
 from nexus_extproc.ledger.sqlite_core import (
     _ROW,
@@ -28,22 +30,24 @@ from nexus_extproc.ledger.sqlite_core import (
 class SpendSync(SqliteCore):
     def _reserve_sync(self, req_id: str, keys: Sequence[Key], amount: int, expires_at: float,
                       caps: Sequence[int | None] | None = None,
-                      forwarded: tuple[float, ForwardNote] | None = None) -> ReserveResult:
+                      forwarded: tuple[float, ForwardNote] | None = None, tokens: int = 0) -> ReserveResult:
         sh = self._shape(keys)
         fwd_at, note = (forwarded[0], forwarded[1].pack()) if forwarded is not None else (None, None)
+        amts = sh.amounts(amount, tokens)
 
         def tx(c: sqlite3.Cursor) -> ReserveResult:
             # Read, check every cap, then write: BEGIN IMMEDIATE holds the write lock from the start, so nothing
             # interleaves between the check and the increments; a refusal writes nothing (all or nothing).
             loc = self._locate(c, sh)
             before = self._read(c, sh, loc)
-            if caps is not None and any(cap is not None and t.settled + t.reserved + amount > cap
-                                        for t, cap in zip(before, caps, strict=True)):
+            if caps is not None and any(cap is not None and t.settled + t.reserved + a > cap
+                                        for t, cap, a in zip(before, caps, amts, strict=True)):
                 return ReserveResult(False, before)
-            c.executemany(f"UPDATE totals SET reserved = reserved + ? WHERE {_ROW}", [(amount, *r) for r in loc.rows])
-            c.execute("INSERT OR REPLACE INTO reservations VALUES (?,?,?,?,?,?)",
-                      (req_id, amount, sh.text, expires_at, fwd_at, note))
-            return ReserveResult(True, [Totals(s_, r + amount) for s_, r in before])
+            c.executemany(f"UPDATE totals SET reserved = reserved + ? WHERE {_ROW}",
+                          [(a, *r) for a, r in zip(amts, loc.rows, strict=True)])
+            c.execute("INSERT OR REPLACE INTO reservations VALUES (?,?,?,?,?,?,?)",
+                      (req_id, amount, sh.text, expires_at, fwd_at, note, tokens))
+            return ReserveResult(True, [Totals(s_, r + a) for (s_, r), a in zip(before, amts, strict=True)])
 
         result: ReserveResult = self._retrying(tx)
         return result
@@ -51,7 +55,7 @@ class SpendSync(SqliteCore):
     def _settle_tx(self, c: sqlite3.Cursor, req_id: str, keys: Sequence[Key], cost: int,
                    record: SpendRecord) -> bool:
         sh = self._shape(keys)
-        row = c.execute("SELECT amount, budgets FROM reservations WHERE req_id=?", (req_id,)).fetchone()
+        row = c.execute("SELECT amount, budgets, tokens FROM reservations WHERE req_id=?", (req_id,)).fetchone()
         if row is None and record.source == "estimate":
             raise _AlreadySettled  # settled or released elsewhere (base.SpendLedger.settle)
         target: _Shape = sh
@@ -64,7 +68,8 @@ class SpendSync(SqliteCore):
                 merged.update(held.keys)
                 target = self._shape(tuple(merged.items()))
                 held_names = {b for b, _ in held.keys}
-                amounts = [row[0] if b in held_names else 0 for b, _ in target.keys]
+                amounts = [(row[2] if p.startswith(TOKENS) else row[0]) if b in held_names else 0
+                           for b, p in target.keys]
         try:
             c.execute(f"INSERT INTO settlements {_SETTLEMENT_COLS}",
                       (req_id, record.ts, record.model, record.backend, record.input_tokens,
@@ -77,9 +82,10 @@ class SpendSync(SqliteCore):
             c.execute("DELETE FROM reservations WHERE req_id=?", (req_id,))
         loc = self._locate(c, target)
         if amounts is None:
-            amounts = [0 if row is None else row[0]] * len(loc.rows)
+            amounts = target.amounts(0, 0) if row is None else target.amounts(row[0], row[2])
+        costs = target.amounts(cost, record_tokens(record))
         c.executemany(f"UPDATE totals SET settled = settled + ?, reserved = reserved - ? WHERE {_ROW}",
-                      [(cost, a, *r) for a, r in zip(amounts, loc.rows, strict=True)])
+                      [(k, a, *r) for k, a, r in zip(costs, amounts, loc.rows, strict=True)])
         if c.rowcount != len(loc.rows):
             raise _StaleIds
         return True
@@ -107,16 +113,19 @@ class SpendSync(SqliteCore):
 
     def _correct_sync(self, req_id: str, keys: Sequence[Key], cost: int, record: SpendRecord) -> bool:
         def tx(c: sqlite3.Cursor) -> bool:
-            row = c.execute("SELECT cost FROM settlements WHERE req_id=? AND source='estimate'", (req_id,)).fetchone()
+            row = c.execute("SELECT cost, input_tokens + output_tokens FROM settlements WHERE req_id=? AND "
+                            "source='estimate'", (req_id,)).fetchone()
             if row is None:
                 return False
             c.execute("UPDATE settlements SET model=?, input_tokens=?, output_tokens=?, cost=?, source=?, "
                       "cache_read_tokens=?, avoided=? WHERE req_id=?",
                       (record.model, record.input_tokens, record.output_tokens, cost, record.source,
                        record.cache_read_tokens, record.avoided, req_id))
-            loc = self._locate(c, self._shape(keys))
+            sh = self._shape(keys)
+            loc = self._locate(c, sh)
+            deltas = sh.amounts(cost - row[0], record_tokens(record) - row[1])
             c.executemany(f"UPDATE totals SET settled = settled + ? WHERE {_ROW}",
-                          [(cost - row[0], *r) for r in loc.rows])
+                          [(d, *r) for d, r in zip(deltas, loc.rows, strict=True)])
             if c.rowcount != len(loc.rows):
                 raise _StaleIds
             return True
@@ -124,19 +133,19 @@ class SpendSync(SqliteCore):
         applied: bool = self._retrying(tx)
         return applied
 
-    def _unreserve(self, c: sqlite3.Cursor, rows: list[tuple[int, str]]) -> int:
+    def _unreserve(self, c: sqlite3.Cursor, rows: list[tuple[int, str, int]]) -> int:
         n = 0
-        for amount, text in rows:
+        for amount, text, tokens in rows:
             sh = self._shape_of_text(text)
             c.executemany("UPDATE totals SET reserved = reserved - ? WHERE budget=? AND period=?",
-                          [(amount, b, p) for b, p in sh.keys])
+                          [(a, b, p) for a, (b, p) in zip(sh.amounts(amount, tokens), sh.keys, strict=True)])
             n += len(sh.keys)
         return n
 
     def _release_sync(self, req_id: str) -> int:
         def tx(c: sqlite3.Cursor) -> int:
-            return self._unreserve(c, c.execute("DELETE FROM reservations WHERE req_id=? RETURNING amount, budgets",
-                                                (req_id,)).fetchall())
+            return self._unreserve(c, c.execute("DELETE FROM reservations WHERE req_id=? RETURNING amount, budgets, "
+                                                "tokens", (req_id,)).fetchall())
 
         n: int = self._write(tx)
         return n
@@ -148,11 +157,11 @@ class SpendSync(SqliteCore):
     def _reap_sync(self, now: float) -> ReapResult:
         def tx(c: sqlite3.Cursor) -> ReapResult:
             rows = c.execute("DELETE FROM reservations WHERE expires_at < ? "
-                             "RETURNING req_id, amount, budgets, forwarded_at, note", (now,)).fetchall()
-            released = [(amount, text) for _, amount, text, fwd, _ in rows if fwd is None]
+                             "RETURNING req_id, amount, budgets, forwarded_at, note, tokens", (now,)).fetchall()
+            released = [(amount, text, tokens) for _, amount, text, fwd, _, tokens in rows if fwd is None]
             self._unreserve(c, released)
             charged = 0
-            for req_id, amount, text, fwd, note in rows:
+            for req_id, amount, text, fwd, note, tokens in rows:
                 if fwd is None:
                     continue
                 sh = self._shape_of_text(text)
@@ -160,10 +169,12 @@ class SpendSync(SqliteCore):
                 c.execute(f"INSERT OR IGNORE INTO settlements {_SETTLEMENT_COLS}",
                           (req_id, now, n.model, n.backend, n.input_tokens, 0, amount, amount, "reaped", sh.names,
                            0, n.model_requested, n.task, n.tags, "", 0, 0, 0, "", "", ""))
-                settle = amount if c.rowcount == 1 else 0  # a settlement already recorded is not charged twice
+                once = c.rowcount == 1  # a settlement already recorded is not charged twice
                 c.executemany("UPDATE totals SET settled = settled + ?, reserved = reserved - ? "
-                              "WHERE budget=? AND period=?", [(settle, amount, b, p) for b, p in sh.keys])
-                charged += settle
+                              "WHERE budget=? AND period=?",
+                              [(a if once else 0, a, b, p)
+                               for a, (b, p) in zip(sh.amounts(amount, tokens), sh.keys, strict=True)])
+                charged += amount if once else 0
             return ReapResult(len(released), len(rows) - len(released), charged)
 
         result: ReapResult = self._write(tx)

@@ -255,6 +255,36 @@ async def test_retention_rolls_old_days_up_then_prunes_them(ledger_factory):
     await led.close()
 
 
+async def test_a_token_budget_holds_settles_corrects_and_is_charged_in_tokens(ledger_factory):
+    """A key with the TOKENS prefix counts tokens beside a dollar one, in the same atomic reservation."""
+    led = ledger_factory(fresh=True)
+    keys = [("g", "2026-11"), ("tok", "T:2026-11")]
+    now = time.time()
+    r = await led.reserve("a", keys, 100, now + 60, caps=[None, 1_000], tokens=600)
+    assert r.admitted and r.totals == [(0, 100), (0, 600)]
+    r = await led.reserve("b", keys, 100, now + 60, caps=[None, 1_000], tokens=500)
+    assert not r.admitted and r.totals == [(0, 100), (0, 600)]  # 600 + 500 tokens > 1,000: nothing reserved
+    assert await led.settle("a", keys, 70, SpendRecord(now, "gpt-4o", "openai", 300, 40, 70, "usage"))
+    assert (await led.totals("g", "2026-11"), await led.totals("tok", "T:2026-11")) == ((70, 0), (340, 0))
+    await led.reserve("c", keys, 50, now + 60, tokens=200)
+    assert await led.release("c") == 2
+    assert await led.totals("tok", "T:2026-11") == (340, 0)
+    # Settled at the estimate, then corrected by the late usage: each budget by its own unit's difference.
+    await led.reserve("d", keys, 80, now + 60, tokens=500)
+    assert await led.settle("d", keys, 80, SpendRecord(now, "gpt-4o", "openai", 400, 100, 80, "estimate"))
+    assert await led.totals("tok", "T:2026-11") == (840, 0)
+    assert await led.correct("d", keys, 60, SpendRecord(now, "gpt-4o", "openai", 300, 50, 60, "usage"))
+    assert (await led.totals("g", "2026-11"), await led.totals("tok", "T:2026-11")) == ((130, 0), (690, 0))
+    # A forwarded request whose process died: the reaper charges what each budget held.
+    await led.reserve("e", keys, 30, now - 1, tokens=250, forwarded=(now, ForwardNote("gpt-4o", "openai", "gpt-4o", 9)))
+    assert await led.reap(now + 1) == ReapResult(0, 1, 30)
+    assert (await led.totals("g", "2026-11"), await led.totals("tok", "T:2026-11")) == ((160, 0), (940, 0))
+    # A rolling token window sums its buckets like a dollar one.
+    await led.reserve("f", [("tw", "T:" + rolling_key(300, 12, 100))], 5, now + 60, tokens=70)
+    assert await led.totals("tw", "T:" + rolling_key(300, 12, 105)) == (0, 70)
+    await led.close()
+
+
 async def test_first_seen_once(ledger_factory):
     a, b = ledger_factory(), ledger_factory()
     results = [await a.first_seen("g", "2026-12", 1.0), await b.first_seen("g", "2026-12", 2.0)]
@@ -391,7 +421,7 @@ async def test_sqlite_upgrades_a_version_1_file_in_place(tmp_path):
     assert await led.totals("team", "2026-11") == (940, 0)
     await led.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 11
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 12
     db.close()
     assert await open_ledger("sqlite", path=str(path)).totals("global", "2026-11") == (1540, 0)  # reopens as v2
 

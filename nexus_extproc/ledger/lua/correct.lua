@@ -8,12 +8,15 @@ if not m then return 0 end
 local old, oin, oout, ocr = string.match(m, '^estimate:(%d+):(%d+):(%d+):(%d+)$')
 if not old then return 0 end
 local delta = tonumber(ARGV[2]) - tonumber(old)
+local doc = cjson.decode(ARGV[3])
+local tdelta = doc['in'] + doc['out'] - tonumber(oin) - tonumber(oout)  -- a token budget's difference
 redis.call('SET', KEYS[1], 'corrected', 'EX', ARGV[5])
 for line in string.gmatch(ARGV[4], '[^\n]+') do
   local b, p = string.match(line, '^([^\t]+)\t([^\t]+)$')
-  redis.call('HINCRBY', ARGV[1] .. ':t:' .. b .. ':' .. p, 'settled', delta)
+  local d = delta
+  if string.sub(p, 1, 2) == 'T:' then d = tdelta end
+  redis.call('HINCRBY', ARGV[1] .. ':t:' .. b .. ':' .. p, 'settled', d)
 end
-local doc = cjson.decode(ARGV[3])
 doc['corr'] = 1
 doc['cost'] = delta
 doc['in'] = doc['in'] - tonumber(oin)

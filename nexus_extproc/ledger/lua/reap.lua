@@ -11,9 +11,13 @@ for _, id in ipairs(ids) do
     local amount, budgets = 0, {}
     for i = 1, #held, 2 do
       local sep = string.find(held[i], '\t', 1, true)
-      if sep then amount = tonumber(held[i + 1]); table.insert(budgets, string.sub(held[i], 1, sep - 1)) end
+      if sep then
+        -- the request's cost is what a dollar budget held (a token budget's holds tokens)
+        if string.sub(held[i], sep + 1, sep + 2) ~= 'T:' then amount = tonumber(held[i + 1]) end
+        table.insert(budgets, string.sub(held[i], 1, sep - 1))
+      end
     end
-    unreserve(ARGV[2], rkey, amount, {})
+    unreserve(ARGV[2], rkey, 'held', {})
     local note = cjson.decode(fwd[2] or '{}')
     note['req'] = id; note['ts'] = tonumber(ARGV[1]); note['cost'] = amount; note['estimate'] = amount
     note['source'] = 'reaped'; note['budgets'] = budgets; note['out'] = 0; note['avoided'] = 0

@@ -1,5 +1,7 @@
--- Shared by settle, release and reap: move one request's reservations out of the totals.
-local function unreserve(prefix, rkey, settle_cost, extra)
+-- Shared by settle, release and reap: move one request's reservations out of the totals, settling `settle_cost`
+-- into each budget (`settle_tokens` into a token budget's, period "T:…"; 'held': what each held, as the reaper
+-- charges; nil: nothing, a release).
+local function unreserve(prefix, rkey, settle_cost, extra, settle_tokens)
   local held = redis.call('HGETALL', rkey)
   local targets = {}
   for i = 1, #extra do
@@ -18,7 +20,15 @@ local function unreserve(prefix, rkey, settle_cost, extra)
   end
   for budget, pa in pairs(targets) do
     local key = prefix .. ':t:' .. budget .. ':' .. pa[1]
-    if settle_cost ~= nil then redis.call('HINCRBY', key, 'settled', settle_cost) end
+    if settle_cost == 'held' then
+      redis.call('HINCRBY', key, 'settled', pa[2])
+    elseif settle_cost ~= nil then
+      if string.sub(pa[1], 1, 2) == 'T:' then
+        redis.call('HINCRBY', key, 'settled', settle_tokens or 0)
+      else
+        redis.call('HINCRBY', key, 'settled', settle_cost)
+      end
+    end
     if pa[2] ~= 0 then redis.call('HINCRBY', key, 'reserved', -pa[2]) end
   end
   redis.call('DEL', rkey)
