@@ -106,7 +106,10 @@ class BudgetDefConfig(_Strict):
     scope: Literal["global"] | ScopeConfig = "global"
     period: Literal["daily", "weekly", "monthly", "hourly"] | RollingPeriodConfig | EveryPeriodConfig = "monthly"
     timezone: str = "UTC"
-    limit_usd: Decimal = Field(gt=0)
+    limit_usd: Decimal | None = Field(default=None, gt=0)
+    # Tokens (input + output) instead of, or beside, dollars: with both, `<name>.tokens` is a second budget on
+    # the same scope and period, and a request must fit both.
+    limit_tokens: int | None = Field(default=None, gt=0)
     soft_limit_percent: Decimal = Field(default=Decimal(80), gt=0, le=100)
     hard_limit_action: HardAction = "warn"
     alert_thresholds: list[Decimal] = Field(default_factory=lambda: [Decimal(80), Decimal(90), Decimal(100)])
@@ -122,6 +125,12 @@ class BudgetDefConfig(_Strict):
     # A distinct-value instance (session: "*", ...) unused this long stops counting toward `max_instances` and
     # leaves the instance index; its spend stays in its period. Default: 1h for session scopes, never otherwise.
     idle_ttl: str | None = None
+
+    @model_validator(mode="after")
+    def _a_limit(self) -> BudgetDefConfig:
+        if self.limit_usd is None and self.limit_tokens is None:
+            raise ValueError("a budget needs limit_usd, limit_tokens or both")
+        return self
 
     @field_validator("idle_ttl")
     @classmethod
@@ -397,7 +406,13 @@ class NexusConfig(_Strict):
             out.append(BudgetDefConfig(name="global", limit_usd=self.budget.monthly_limit_usd,
                                        soft_limit_percent=self.budget.soft_limit_percent,
                                        hard_limit_action=self.budget.hard_limit_action))
-        return out + list(self.budgets)
+        for b in self.budgets:
+            if b.limit_usd is not None and b.limit_tokens is not None:
+                out += [b.model_copy(update={"limit_tokens": None}),
+                        b.model_copy(update={"name": f"{b.name}.tokens", "limit_usd": None})]
+            else:
+                out.append(b)
+        return out
 
     def configured_models(self) -> set[str]:
         """Every concrete model id the config names: each must have a price at start-up (SPEC §2.3)."""

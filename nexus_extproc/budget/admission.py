@@ -91,8 +91,21 @@ class _Plan:
     # The first enforced budget whose `models` list does not allow the request's model: it refuses before
     # anything is reserved (no spend, nothing to release).
     disallowed: BudgetDef | None = None
+    tokens: tuple[bool, ...] = ()  # per budget: counted in tokens (BudgetDef.unit); empty when none is
     next_sweep: float = 0.0  # next forecast check for these budgets (at most every 10 s)
     observed: bool = False  # these periods' rollover has been recorded in the store
+
+
+def _decide(d: BudgetDef, view: BudgetView, requested: Target, equivalent: Target | None,
+            force_hard: bool = False) -> Decision:
+    """The policy for one budget, in its unit: a token budget weighs the request's token estimate. The decision
+    names the request's own targets, whichever unit chose them."""
+    if d.unit != "tokens":
+        return decide(PolicyInput(requested, equivalent, view), force_hard=force_hard)
+    rq, eq = requested.in_tokens(), equivalent.in_tokens() if equivalent is not None else None
+    dec = decide(PolicyInput(rq, eq, view), force_hard=force_hard)
+    target = requested if dec.target is rq else equivalent if eq is not None and dec.target is eq else dec.target
+    return Decision(dec.action, target, dec.status, dec.reason)
 
 
 class Admitter:
@@ -160,9 +173,12 @@ class Admitter:
                         await self.book.observe_period(d, p)
                 plan.observed = True
             amount = requested.estimate_micros
-            caps = plan.caps if amount > 0 else None
+            tokens = requested.estimate_tokens if plan.tokens else 0
+            # What each budget holds: micro-dollars, or a token budget's tokens.
+            amts = [tokens if t else amount for t in plan.tokens] if plan.tokens else [amount] * len(items)
+            caps = plan.caps if amount > 0 or tokens > 0 else None
             res = await self.book.ledger.reserve(req_id, items, amount, expires, caps,
-                                                 None if note is None else (time.time(), note))
+                                                 None if note is None else (time.time(), note), tokens=tokens)
             marked = note is not None
             if res.admitted:
                 # Fast path: every budget was Normal before this request (and at the last decision), and the
@@ -175,12 +191,12 @@ class Admitter:
                 else:
                     for k, (settled, reserved) in enumerate(res.totals):
                         used = settled + reserved
-                        if (used - amount) * 10_000 >= plan.soft[k]:
+                        if (used - amts[k]) * 10_000 >= plan.soft[k]:
                             fast = False
                             break
                         if used * 10_000 >= plan.alert_at[k]:
                             alert = True
-                        u = (used - amount) * 1_000_000 // plan.limits[k]
+                        u = (used - amts[k]) * 1_000_000 // plan.limits[k]
                         if u > best:
                             best, i = u, k
                 if fast:
@@ -188,19 +204,20 @@ class Admitter:
                         plan.next_sweep = ts + 10.0
                         self.watch.check(matched, periods, res.totals)
                     t = res.totals[i]
-                    view = self.book.view_of(matched[i], Totals(t.settled, t.reserved - amount))
-                    decision = decide(PolicyInput(requested, equivalent, view))
+                    view = self.book.view_of(matched[i], Totals(t.settled, t.reserved - amts[i]))
+                    decision = _decide(matched[i], view, requested, equivalent)
                     if decision.action is Action.ALLOW and decision.target == requested:
                         return Admission(decision, view, items, amount, budget=matched[i].name,
                                          reset_in_s=periods[i].seconds_until_reset(now), forward_marked=marked)
             self.book.last_totals.update(zip(plan.names, res.totals, strict=True))
-            befores = [Totals(t.settled, t.reserved - amount) if res.admitted else t for t in res.totals]
+            befores = [Totals(t.settled, t.reserved - a) if res.admitted else t
+                       for t, a in zip(res.totals, amts, strict=True)]
             views = [self.book.view_of(d, t) for d, t in zip(matched, befores, strict=True)]
-            refused = [not res.admitted and (cap := reservation_cap(v.hard_limit_action, v.limit_micros, amount))
-                       is not None and t.settled + t.reserved + amount > cap
-                       for v, t in zip(views, res.totals, strict=True)]
+            refused = [not res.admitted and (cap := reservation_cap(v.hard_limit_action, v.limit_micros, a))
+                       is not None and t.settled + t.reserved + a > cap
+                       for v, t, a in zip(views, res.totals, amts, strict=True)]
             # An inactive budget is tracked, never enforced: its decision is to allow, at its real status.
-            decisions = [decide(PolicyInput(requested, equivalent, v), force_hard=r) if d.settings.active
+            decisions = [_decide(d, v, requested, equivalent, r) if d.settings.active
                          else Decision(Action.ALLOW, requested, v.status())
                          for d, v, r in zip(matched, views, refused, strict=True)]
             i = strictest(decisions, views)
@@ -215,11 +232,12 @@ class Admitter:
                 await self.book.ledger.release(req_id)
             if decision.action is Action.REJECT:
                 if deciding.rule.kind == "rolling":
-                    reset = await self._until_room(deciding, periods[i], view, requested.estimate_micros, now)
+                    reset = await self._until_room(deciding, periods[i], view, amts[i], now)
                 return Admission(decision, view, budget=deciding.name, reset_in_s=reset, short=deciding.rule.short)
             assert decision.target is not None
             amount = decision.target.estimate_micros
-            res = await self.book.ledger.reserve(req_id, items, amount, expires)
+            res = await self.book.ledger.reserve(req_id, items, amount, expires,
+                                                 tokens=decision.target.estimate_tokens if plan.tokens else 0)
             self.watch.check(matched, periods, res.totals)
             return Admission(decision, view, items, amount, budget=deciding.name, reset_in_s=reset)
         except StoreUnavailable:
@@ -248,7 +266,7 @@ class Admitter:
                 valid_until = min(valid_until, ts + d.idle_ttl_s / 2)
         plan = _Plan(
             matched, tuple(d.name for d in matched), periods,
-            tuple((d.name, p.key) for d, p in zip(matched, periods, strict=True)),
+            tuple((d.name, d.key(p)) for d, p in zip(matched, periods, strict=True)),
             [max(lim, 1) for lim in limits],
             # An inactive budget never sends the fast path to the full decision.
             [d.settings.soft_bp * lim if d.settings.active else 1 << 62
@@ -257,7 +275,8 @@ class Admitter:
             [reservation_cap(d.settings.hard_limit_action, lim, 1) if d.settings.active else None
              for d, lim in zip(matched, limits, strict=True)],
             max([p.start.timestamp() for p in periods], default=-math.inf), valid_until, self.book.settings_gen,
-            next((d for d in matched if d.settings.active and not model_allowed(d.models, facts.model)), None))
+            next((d for d in matched if d.settings.active and not model_allowed(d.models, facts.model)), None),
+            tuple(d.unit == "tokens" for d in matched) if any(d.unit == "tokens" for d in matched) else ())
         return self._plans.put(facts, plan)
 
     async def _until_room(self, d: BudgetDef, period: Period, view: BudgetView, amount: int, now: datetime) -> int:
@@ -266,7 +285,7 @@ class Admitter:
         assert self.book.ledger is not None
         need = view.used_micros + max(amount, 1) - view.limit_micros
         try:
-            buckets = await self.book.ledger.buckets(d.name, period.key)
+            buckets = await self.book.ledger.buckets(d.name, d.key(period))
         except StoreUnavailable:
             return period.seconds_until_reset(now)
         return seconds_until_room(d.rule, period, buckets, need, now)

@@ -174,7 +174,8 @@ class AlertWatch:
             if key in self._fired or (not crossed and now - self._forecast_checked.get(d.name, 0.0) < 10.0):
                 continue
             self._forecast_checked[d.name] = now
-            if now - p.start.timestamp() >= 86400 and not d.rule.short:  # a window's forecast means nothing
+            # A window's forecast means nothing, and a token budget's history is in dollars.
+            if now - p.start.timestamp() >= 86400 and not d.rule.short and d.unit != "tokens":
                 # Reserved spend counts as committed: the check runs at threshold crossings, when the requests
                 # that crossed are often still in flight.
                 fc = forecast(t.settled + t.reserved, limit, p.start.timestamp(), p.end.timestamp(), now)
@@ -206,6 +207,10 @@ class AlertWatch:
                                  self.book.clock().timestamp()).projected_micros
         payload = alert_payload(d.name, p.alert_key, threshold, t.settled, t.reserved, limit, projected)
         payload["definition"] = d.label
+        if d.unit == "tokens":  # its figures are tokens: said as such, never as dollars
+            payload.update({"unit": "tokens", "spend_usd": None, "reserved_usd": None, "limit_usd": None,
+                            "forecast_usd": None, "spend_tokens": t.settled, "reserved_tokens": t.reserved,
+                            "limit_tokens": limit})
         try:
             payload["id"] = await self.book.ledger.record_alert(time.time(), d.name, p.alert_key, threshold, t.settled,
                                                                 limit)

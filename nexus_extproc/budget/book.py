@@ -20,6 +20,7 @@ from nexus_extproc.budget.policy import BudgetView, HardAction
 from nexus_extproc.budget.scopes import RequestFacts, distinct_dims, instance_name, matches, overflow_name
 from nexus_extproc.config import BudgetDefConfig, NexusConfig, ReportScheduleConfig, ScopeConfig
 from nexus_extproc.ledger import AuditRecord, Ledger, StoreUnavailable, Totals
+from nexus_extproc.ledger.base import TOKENS
 from nexus_extproc.metering.money import usd_to_micros
 from nexus_extproc.ops import metrics
 from nexus_extproc.terms import duration_s
@@ -81,6 +82,8 @@ class BudgetDef:
     models: list[str] | None = None  # the models its requests may ask for (globs); None: any
     idle_ttl_s: int = 0  # a distinct-value instance unused this long leaves the index; 0: never
     alert_emails: list[str] = field(default_factory=list)  # this budget's own alert mail recipients
+    # "usd": amounts and limits in micro-dollars; "tokens": in tokens (input + output), the ledger key's TOKENS
+    unit: str = "usd"
     settings: Settings = field(init=False)
     # Where the settings come from: None while the config applies, else who set them at runtime and when.
     set_by: str | None = field(init=False, default=None)
@@ -97,10 +100,13 @@ class BudgetDef:
     def from_config(cls, c: BudgetDefConfig) -> BudgetDef:
         scope = None if c.scope == "global" else cast(ScopeConfig, c.scope)
         ttl = duration_s(c.idle_ttl) if c.idle_ttl else (3600 if scope is not None and scope.session == "*" else 0)
+        tokens = c.limit_usd is None  # config.budget_defs() splits a budget with both limits in two
+        limit = int(c.limit_tokens or 0) if tokens else usd_to_micros(c.limit_usd or 0)
         return cls(c.name, scope, PeriodRule.of(c.period), ZoneInfo(c.timezone),
-                   Settings(usd_to_micros(c.limit_usd), c.soft_limit_percent, c.hard_limit_action,
+                   Settings(limit, c.soft_limit_percent, c.hard_limit_action,
                             active=c.active), list(c.alert_thresholds), distinct_dims(scope), c.max_instances,
-                   reports=c.reports, models=c.models, idle_ttl_s=ttl, alert_emails=list(c.alert_emails))
+                   reports=c.reports, models=c.models, idle_ttl_s=ttl, alert_emails=list(c.alert_emails),
+                   unit="tokens" if tokens else "usd")
 
     @property
     def period_kind(self) -> str:
@@ -115,9 +121,13 @@ class BudgetDef:
     def instance(self, name: str) -> BudgetDef:
         inst = BudgetDef(name, self.scope, self.rule, self.tz, self.base, self.thresholds, (),
                          self.max_instances, self.name, self.origin, models=self.models,
-                         idle_ttl_s=self.idle_ttl_s)
+                         idle_ttl_s=self.idle_ttl_s, unit=self.unit)
         inst.settings = self.settings
         return inst
+
+    def key(self, period: Period) -> str:
+        """The ledger's period key for this budget: a token budget's carries the TOKENS prefix."""
+        return TOKENS + period.key if self.unit == "tokens" else period.key
 
     def period(self, now: datetime) -> Period:
         """Cached until the period ends: computing calendar boundaries per request is wasted work."""
@@ -147,7 +157,8 @@ def definition_doc(d: BudgetDef) -> dict[str, object]:
     """A budget's definition as BudgetDefConfig reads it: how a runtime-created one is stored."""
     scope: object = "global" if d.scope is None else d.scope.model_dump(exclude_none=True)
     return {"name": d.name, "scope": scope, "period": d.rule.config_value(), "timezone": str(d.tz.key),
-            "limit_usd": str(Decimal(d.base.limit_micros) / 1_000_000),
+            **({"limit_tokens": d.base.limit_micros} if d.unit == "tokens"
+               else {"limit_usd": str(Decimal(d.base.limit_micros) / 1_000_000)}),
             "soft_limit_percent": str(d.base.soft_limit_percent), "hard_limit_action": d.base.hard_limit_action,
             "alert_thresholds": [str(t) for t in d.thresholds], "max_instances": d.max_instances,
             "active": d.base.active, **({"models": d.models} if d.models else {}),
@@ -188,7 +199,7 @@ class Book:
     def view_of(self, d: BudgetDef, t: Totals) -> BudgetView:
         s = d.settings
         return BudgetView(s.limit_at(self.clock().timestamp()), t.settled, t.reserved, s.soft_limit_percent,
-                          s.hard_limit_action)
+                          s.hard_limit_action, d.unit)
 
     async def load_settings(self) -> None:
         """Runtime changes made through the admin API (by any process) win over the config file until
@@ -263,7 +274,7 @@ class Book:
         process. Past `max_instances` the overflow instance takes it; with the store down, the instance is
         used unclaimed (the bound is then best effort until the next period)."""
         name = instance_name(d.name, d.distinct, facts)
-        period = d.period(now).key
+        period = d.key(d.period(now))
         ts = now.timestamp()
         hit = self._claimed.get((name, period))
         if hit is not None and ts < hit[1]:
@@ -340,7 +351,7 @@ class Book:
         now = self.clock()
         period = d.period(now)
         await self.observe_period(d, period)
-        t = await self.ledger.totals(d.name, period.key)
+        t = await self.ledger.totals(d.name, d.key(period))
         self.last_totals[d.name] = t
         view = self.view_of(d, t)
         fc = forecast(t.settled, view.limit_micros, period.start.timestamp(), period.end.timestamp(),

@@ -87,11 +87,11 @@ class Insights:
         ledger = self._book.ledger
         if ledger is None or not d.distinct:
             return Totals(0, 0)
-        return await ledger.totals(overflow_name(d.name), d.period(self._book.clock()).key)
+        return await ledger.totals(overflow_name(d.name), d.key(d.period(self._book.clock())))
 
     async def instances(self, d: BudgetDef) -> list[tuple[str, Totals]]:
         """A distinct-value definition's instances this period, with their totals (empty for other budgets)."""
         ledger = self._book.ledger
         if ledger is None or not d.distinct:
             return []
-        return await ledger.instances(d.name, d.period(self._book.clock()).key)
+        return await ledger.instances(d.name, d.key(d.period(self._book.clock())))

@@ -30,6 +30,11 @@ class Target:
     backend_type: Literal["cloud", "local"]
     model: str
     estimate_micros: int
+    estimate_tokens: int = 0  # what a token budget reserves: the prompt's tokens plus the output expected
+
+    def in_tokens(self) -> Target:
+        """The same request as a token budget sees it: its estimate in tokens."""
+        return Target(self.backend, self.backend_type, self.model, self.estimate_tokens, self.estimate_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +44,7 @@ class BudgetView:
     reserved_micros: int
     soft_limit_percent: Decimal
     hard_limit_action: HardAction
+    unit: str = "usd"  # "tokens": the *_micros fields count tokens (a token budget's view)
 
     @property
     def used_micros(self) -> int:

@@ -57,7 +57,7 @@ class Reconciler:
 
     async def _instances(self, d: BudgetDef) -> None:
         assert self.book.ledger is not None
-        rows = await self.book.ledger.instances(d.name, d.period(self.book.clock()).key)
+        rows = await self.book.ledger.instances(d.name, d.key(d.period(self.book.clock())))
         limit = d.settings.limit_at(time.time())
         self.book.instance_summary[d.name] = (len(rows), sum(t.settled for _, t in rows),
                                               sum(t.settled >= limit for _, t in rows))
@@ -66,8 +66,8 @@ class Reconciler:
         """The series forecast's end-of-period point passing the limit fires the forecast alert (once per
         period, across replicas)."""
         assert self.watch is not None
-        if d.rule.short:
-            return  # a window of minutes or hours has no end of period to project to
+        if d.rule.short or d.unit == "tokens":
+            return  # a window of minutes or hours has no end of period to project to; the history is in dollars
         p = await project(self.book, d)
         if p.overrun_likely and p.series.history_days >= 3:
             st = await self.book.state(d)

@@ -94,6 +94,13 @@ async def stats_doc(budget: BudgetAdmin, calibration: Calibrator | None = None) 
             "active": st.defn.settings.active,
             "origin": st.defn.origin,
         })
+        if st.defn.unit == "tokens":  # its figures are tokens, not dollars
+            v = st.view
+            doc.update({"unit": "tokens", "limit_usd": None, "current_spending_usd": None, "reserved_usd": None,
+                        "forecast_usd": None, "forecasts": None, "limit_tokens": v.limit_micros,
+                        "current_tokens": v.settled_micros, "reserved_tokens": v.reserved_micros})
+        else:
+            doc["unit"] = "usd"
         if st.defn.distinct:
             doc["distinct"] = await _instances_doc(budget, st)
         del doc["billing_month"]
@@ -128,6 +135,12 @@ class BudgetCollector:
             "exhaustion": GaugeMetricFamily("nexus_budget_exhaustion_seconds",
                                             "Projected seconds until the limit is reached (+Inf: not this period)",
                                             labels=LABELS),
+            "tokens": GaugeMetricFamily("nexus_budget_spending_tokens", "A token budget's settled tokens this period",
+                                        labels=LABELS),
+            "tokens_reserved": GaugeMetricFamily("nexus_budget_reserved_tokens",
+                                                 "A token budget's reserved tokens, not yet settled", labels=LABELS),
+            "tokens_limit": GaugeMetricFamily("nexus_budget_limit_tokens", "A token budget's limit (tokens)",
+                                              labels=LABELS),
         }
         inst = {
             "count": GaugeMetricFamily("nexus_budget_instances", "Distinct-value budget instances this period",
@@ -150,14 +163,20 @@ class BudgetCollector:
             fc = forecast(view.settled_micros, view.limit_micros, p.start.timestamp(), p.end.timestamp(),
                           now.timestamp())
             labels = [d.name, p.key]
+            fams["util"].add_metric(labels, float(view.utilization()))
+            fams["status"].add_metric(labels, STATUS_CODE[view.status()])
+            if d.unit == "tokens":  # in tokens, under their own names: never a token count in a *_usd series
+                fams["tokens"].add_metric(labels, view.settled_micros)
+                fams["tokens_reserved"].add_metric(labels, view.reserved_micros)
+                fams["tokens_limit"].add_metric(labels, view.limit_micros)
+                continue
             fams["spending"].add_metric(labels, usd_float(view.settled_micros))
             fams["reserved"].add_metric(labels, usd_float(view.reserved_micros))
             fams["limit"].add_metric(labels, usd_float(view.limit_micros))
-            fams["util"].add_metric(labels, float(view.utilization()))
-            fams["status"].add_metric(labels, STATUS_CODE[view.status()])
             fams["forecast"].add_metric(labels, usd_float(fc.projected_micros))
             fams["exhaustion"].add_metric(labels, math.inf if fc.exhaustion_in_s is None else fc.exhaustion_in_s)
-        yield from fams.values()
+        has_tokens = any(d.unit == "tokens" for d in self.budget.defs)
+        yield from (f for k, f in fams.items() if has_tokens or not k.startswith("tokens"))
         if any(d.distinct for d in self.budget.defs):
             yield from inst.values()
 

@@ -131,7 +131,11 @@ class Core:
                 out.append((C.H_BUDGET_NAME, adm.budget))
             out.append((C.H_BUDGET_STATUS, d.status))
             out.append((C.H_BUDGET_UTILIZATION, f"{min(view.utilization(), 9999):.2f}"))
-            out.append((C.H_BUDGET_REMAINING, format_usd(view.remaining_micros, 2)))
+            if view.unit == "tokens":  # a token budget decided: its remaining tokens, and the unit said
+                out.append((C.H_BUDGET_REMAINING, str(view.remaining_micros)))
+                out.append((C.H_BUDGET_UNIT, "tokens"))
+            else:
+                out.append((C.H_BUDGET_REMAINING, format_usd(view.remaining_micros, 2)))
         if d.reason and d.action is Action.REROUTE:
             out.append((C.H_ROUTE_REASON, d.reason))
         return out

@@ -42,4 +42,5 @@ class Estimation(Core):
                 tool_calls: int = 0) -> tuple[Target, ResolvedPrice]:
         price = self.prices.resolve(route.price_provider, model)
         est = price.estimate_micros(prompt_tokens, expected_out, tool_calls)
-        return Target(route.backend, route.backend_type, model, est), price  # type: ignore[arg-type]
+        return Target(route.backend, route.backend_type, model, est,  # type: ignore[arg-type]
+                      prompt_tokens + expected_out), price

@@ -7,6 +7,7 @@ H_COST_ESTIMATED = "x-nexus-cost-estimated"
 H_BUDGET_STATUS = "x-nexus-budget-status"
 H_BUDGET_UTILIZATION = "x-nexus-budget-utilization"
 H_BUDGET_REMAINING = "x-nexus-budget-remaining"
+H_BUDGET_UNIT = "x-nexus-budget-unit"  # "tokens" when a token budget decided (remaining is then in tokens)
 H_BACKEND_TYPE = "x-nexus-backend-type"
 H_ROUTE_REASON = "x-nexus-route-reason"
 H_TOKEN_TIER = "x-nexus-token-tier"

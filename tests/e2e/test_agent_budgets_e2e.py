@@ -102,3 +102,28 @@ def test_a_runaway_session_is_throttled_through_envoy(e2e: E2E, tmp_path):
     assert 1 <= int(refused.response.headers["retry-after"]) <= 60
     assert ask("calm-0") is None
     assert 'nexus_runaway_findings_total{action="throttle",dimension="session"} 1.0' in e2e.metrics()
+
+
+def test_a_token_budget_counts_the_providers_tokens_through_envoy(e2e: E2E, store):
+    e2e.restart(budgets=[{"name": "month", "limit_usd": 100},
+                         {"name": "tok", "limit_tokens": 150, "hard_limit_action": "block_all"}], store=store)
+    client = e2e.openai()
+    used: list[int] = []
+    refusal: openai.APIStatusError | None = None
+    for _ in range(20):
+        try:
+            r = client.chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=10)
+            assert r.usage is not None
+            used.append(r.usage.prompt_tokens + r.usage.completion_tokens)
+            time.sleep(0.2)  # settled before the next one reserves
+        except openai.APIStatusError as e:
+            refusal = e
+            break
+    assert refusal is not None and refusal.status_code == 503 and used, used
+    assert "tok" in refusal.response.json()["error"]["message"]
+    assert refusal.response.headers["x-nexus-budget-unit"] == "tokens"
+    tok = {b["name"]: b for b in e2e.stats()["budgets"]}["tok"]
+    # Settled in the provider's own tokens (input + output), to the token.
+    assert tok["unit"] == "tokens" and tok["limit_tokens"] == 150 and tok["current_tokens"] == sum(used)
+    assert tok["reserved_tokens"] == 0 and tok["current_spending_usd"] is None
+    assert 'nexus_budget_spending_tokens{billing_month="' in e2e.metrics()
