@@ -78,6 +78,11 @@ def report_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> EnvoyReport | None:
                        instance=ours.fields["instance"].string_value if "instance" in ours.fields else "")
 
 
+def _collect(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
     def __init__(self, processor: Processor, peer: PeerCheck) -> None:
         self.processor = processor
@@ -111,6 +116,9 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
                 done, _ = await asyncio.wait({nxt, closing}, return_when=asyncio.FIRST_COMPLETED)
                 closing.cancel()
                 if nxt not in done:
+                    # The read may still end later (grpc.aio does not always honour the cancel): its outcome,
+                    # StopAsyncIteration included, is collected so asyncio never logs it as never retrieved.
+                    nxt.add_done_callback(_collect)
                     nxt.cancel()
                     break
                 try:

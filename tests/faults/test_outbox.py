@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,7 @@ async def test_unwritable_disk_holds_settlements_in_memory_until_the_store_is_ba
     for i in range(5):
         adm = await svc.admit(f"r{i}", CLOUD, None)
         assert adm.decision.action is Action.ALLOW and adm.outbox
-        await svc.settle(f"r{i}", adm, 700, SpendRecord(0, "gpt-4o", "openai", 1, 1, 20_000, "usage"))
+        await svc.settle(f"r{i}", adm, 700, SpendRecord(time.time(), "gpt-4o", "openai", 1, 1, 20_000, "usage"))
     assert len(svc.outbox.pending) == 5 and metric(metrics.settlements_pending) == 5
     assert metric(metrics.outbox_failures) == fails + 5
     await svc.reconcile_once()  # store still down: nothing lost, nothing raised
@@ -178,7 +179,7 @@ async def test_closed_mode_refuses_while_settlements_wait_in_memory(tmp_path):
     adm = await svc.admit("r1", CLOUD, None)
     assert adm.decision.action is Action.ALLOW and not adm.outbox
     led.down = True  # the store goes away while r1 is at the provider, and the disk refuses the outbox
-    await svc.settle("r1", adm, 900, SpendRecord(0, "gpt-4o", "openai", 1, 1, 20_000, "usage"))
+    await svc.settle("r1", adm, 900, SpendRecord(time.time(), "gpt-4o", "openai", 1, 1, 20_000, "usage"))
     assert len(svc.outbox.pending) == 1
     led.down = False
     with pytest.raises(BudgetStoreDown):
