@@ -83,8 +83,9 @@ class RollingPeriodConfig(_Strict):
     @field_validator("rolling")
     @classmethod
     def _window(cls, v: str) -> str:
-        if not 60 <= duration_s(v) <= 31 * 86400:
-            raise ValueError("a rolling window is 1m to 31d")
+        s = duration_s(v)
+        if not 60 <= s <= 31 * 86400 or s % 60:
+            raise ValueError("a rolling window is whole minutes, 1m to 31d")
         return v
 
 
@@ -96,8 +97,9 @@ class EveryPeriodConfig(_Strict):
     @field_validator("every")
     @classmethod
     def _window(cls, v: str) -> str:
-        if not 60 <= duration_s(v) <= 86400:
-            raise ValueError("an `every` window is 1m to 1d")
+        s = duration_s(v)
+        if not 60 <= s <= 86400 or s % 60:
+            raise ValueError("an `every` window is whole minutes, 1m to 1d")
         return v
 
 

@@ -10,13 +10,14 @@ BudgetStatus = Literal["Normal", "SoftLimit", "HardLimit"]
 STATUSES: tuple[BudgetStatus, ...] = ("Normal", "SoftLimit", "HardLimit")
 STATUS_CODE: dict[BudgetStatus, int] = {s: i for i, s in enumerate(STATUSES)}  # the nexus_budget_status gauge
 
-_DURATION_UNIT_S = {"m": 60, "h": 3600, "d": 86400}
+_DURATION_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def duration_s(text: str) -> int:
-    """A window's length: `15m`, `1h`, `24h`, `7d`, whole minutes, hours or days (a rolling window's twelve
-    buckets then divide it exactly)."""
+    """`30s`, `15m`, `1h`, `7d`: whole seconds, minutes, hours or days (windows take whole minutes, so that a
+    rolling window's twelve buckets divide it exactly)."""
     t = text.strip()
     if len(t) < 2 or t[-1] not in _DURATION_UNIT_S or not t[:-1].isdigit() or len(t) > 7 or t[0] == "0":
-        raise ValueError(f"a duration is a whole number of minutes, hours or days (15m, 1h, 7d), not {text!r}")
+        raise ValueError(f"a duration is a whole number of seconds, minutes, hours or days (30s, 15m, 1h, 7d), "
+                         f"not {text!r}")
     return int(t[:-1]) * _DURATION_UNIT_S[t[-1]]

@@ -162,7 +162,7 @@ def definition_doc(d: BudgetDef) -> dict[str, object]:
             "soft_limit_percent": str(d.base.soft_limit_percent), "hard_limit_action": d.base.hard_limit_action,
             "alert_thresholds": [str(t) for t in d.thresholds], "max_instances": d.max_instances,
             "active": d.base.active, **({"models": d.models} if d.models else {}),
-            **({"idle_ttl": f"{d.idle_ttl_s // 60}m"} if d.idle_ttl_s else {})}
+            **({"idle_ttl": f"{d.idle_ttl_s}s"} if d.idle_ttl_s else {})}
 
 
 class Book:

@@ -127,3 +127,31 @@ def test_a_token_budget_counts_the_providers_tokens_through_envoy(e2e: E2E, stor
     assert tok["unit"] == "tokens" and tok["limit_tokens"] == 150 and tok["current_tokens"] == sum(used)
     assert tok["reserved_tokens"] == 0 and tok["current_spending_usd"] is None
     assert 'nexus_budget_spending_tokens{billing_month="' in e2e.metrics()
+
+
+def test_an_idle_session_leaves_its_budget_slot_after_its_ttl(e2e: E2E, tmp_path):
+    """One slot (max_instances 1), a 2 s idle TTL: a second session shares the overflow instance while the first
+    is active, and gets the slot of its own once the first has been idle past the TTL."""
+    e2e.restart(budgets=[{"name": "per-session", "scope": {"session": "*"}, "limit_usd": 1, "max_instances": 1,
+                          "idle_ttl": "2s"}],
+                store={"kind": "sqlite", "path": str(tmp_path / "ttl.db")})
+
+    def ask(session: str) -> None:
+        e2e.openai(default_headers={"session-id": session}).chat.completions.create(
+            model="gpt-4o", messages=MSGS, max_tokens=5)
+
+    def holders() -> tuple[set[str], float]:
+        """The instances that have spent, and what the overflow instance has."""
+        d = {x["name"]: x for x in e2e.stats()["budgets"]}["per-session"]["distinct"]
+        return {t["name"] for t in d["top"] if t["current_spending_usd"] > 0}, d["overflow_spending_usd"]
+
+    ask("first")
+    ask("second")
+    time.sleep(0.3)
+    names, overflow = holders()
+    assert len(names) == 1 and overflow > 0  # the second went to the overflow instance
+    time.sleep(2.5)  # the first is idle past its TTL
+    ask("second")
+    time.sleep(0.3)
+    now, overflow_after = holders()
+    assert len(now - names) == 1 and overflow_after == overflow, (names, now)  # the second has its own now

@@ -46,8 +46,8 @@ def test_hourly_follows_the_zone_hour():
     assert p.start == datetime(2026, 11, 10, 12, 30, tzinfo=UTC) and p.key == "2026-11-10T12:30Z"
 
 
-@pytest.mark.parametrize("bad", [{"rolling": "90s"}, {"rolling": "0m"}, {"rolling": "32d"}, {"every": "2d"},
-                                 {"rolling": "1h", "every": "1h"}, "yearly"])
+@pytest.mark.parametrize("bad", [{"rolling": "90s"}, {"rolling": "30s"}, {"rolling": "0m"}, {"rolling": "32d"},
+                                 {"every": "2d"}, {"every": "90s"}, {"rolling": "1h", "every": "1h"}, "yearly"])
 def test_bad_windows_are_refused_at_start_up(bad):
     with pytest.raises(ValidationError):
         BudgetDefConfig(name="b", limit_usd=1, period=bad)
