@@ -68,7 +68,8 @@ class ReportScheduleConfig(_Strict):
     schedule: str = Field(default="01:00", pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
     timezone: str = "UTC"
     every: Literal["daily", "weekly", "monthly"] = "daily"
-    # A directory (written as <budget>-<window>.<ext>) or an http(s) URL (POSTed as JSON).
+    # A directory (written as <budget>-<window>.<ext>), an http(s) URL (POSTed as JSON), or
+    # `mailto:a@example.com,b@example.com` (mailed through alerts.email, the report as the message's text).
     to: str = Field(min_length=1)
     format: Literal["json", "csv", "focus"] = "json"
 

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+from nexus_extproc.budget.alert_mail import Mail
 from nexus_extproc.budget.alerts import Post
 from nexus_extproc.budget.book import Book, BudgetDef
 from nexus_extproc.budget.focus import PriceOf, focus_rows, to_focus_csv
@@ -60,10 +61,12 @@ def due_window(cfg: ReportScheduleConfig, now: datetime) -> Window | None:
 
 
 class ReportScheduler:
-    def __init__(self, book: Book, price_of: Callable[[], PriceOf], post: Post | None = None) -> None:
+    def __init__(self, book: Book, price_of: Callable[[], PriceOf], post: Post | None = None,
+                 mail: Mail | None = None) -> None:
         self.book = book
         self.price_of = price_of
         self.post = post
+        self.mail = mail  # alerts.email's SMTP, for `mailto:` targets
         self._done: set[tuple[str, str]] = set()
 
     async def run_due(self) -> list[str]:
@@ -104,6 +107,14 @@ class ReportScheduler:
                                    "rows": [row_dict(r) for r in rows]}, indent=2)
                 ext = "json"
         target = cfg.to
+        if target.startswith("mailto:"):
+            to = [a.strip() for a in target[len("mailto:"):].split(",") if a.strip()]
+            if self.mail is None or not to:
+                log.error("a scheduled report to mail, without alerts.email configured", extra={"budget": d.name})
+                return "no-mail"
+            await self.mail(to, f"[nexus] {d.name} report {w.key} ({cfg.format})", body)
+            log.info("scheduled report mailed", extra={"budget": d.name, "window": w.key, "recipients": len(to)})
+            return f"mailto ({len(to)})"
         if target.startswith(("http://", "https://")):
             if self.post is None:
                 return "no-http"

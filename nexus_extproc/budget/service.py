@@ -54,7 +54,8 @@ class BudgetService:
         self.admitter = Admitter(config, self.book, self.watch, self.outbox,
                                  self.runaway.detector if self.runaway else None)
         self.admin = BudgetAdmin(self.book)
-        self.reports = ReportScheduler(self.book, lambda: self.admin.insights.price_info, self.alerts.post)
+        self.reports = ReportScheduler(self.book, lambda: self.admin.insights.price_info, self.alerts.post,
+                                       mail if config.alerts.email.smtp_host else None)
         self.reconciler = Reconciler(self.book, self.outbox, self.watch, self.reports,
                                      self.runaway.load if self.runaway else None)
 

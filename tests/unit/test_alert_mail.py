@@ -5,6 +5,7 @@ temporary refusal retried; a refused recipient not retried."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import ssl
 import subprocess
@@ -169,3 +170,26 @@ def test_render_subjects():
     assert render({"budget": "g", "threshold": "forecast"})[0] == "[nexus] budget g: forecast passes the limit"
     assert render({"budget": "runaway", "threshold": "runaway", "dimension": "session", "action": "throttle"}
                   )[0] == "[nexus] runaway spend: session (throttle)"
+
+
+async def test_a_scheduled_report_can_go_by_mail(tmp_path, cert, monkeypatch):
+    inbox = Inbox()
+    c = smtp(inbox, cert)
+    try:
+        monkeypatch.setenv("NEXUS_SMTP_PASSWORD", "s3cret")
+        cfg = make_config(budgets=[{"name": "team-ml", "limit_usd": 1, "reports": {
+                              "schedule": "00:00", "to": "mailto:finops@example.com, cfo@example.com"}}],
+                          store={"kind": "sqlite", "path": str(tmp_path / "r.db")},
+                          alerts=alerts_cfg(c, cert).model_dump())
+        svc = budget_service(cfg)
+        made = await svc.reports.run_due()
+        assert made == ["mailto (2)"]
+        to, raw = inbox.got[0]
+        msg = message_from_bytes(raw)
+        assert sorted(to) == ["cfo@example.com", "finops@example.com"]
+        assert msg["Subject"].startswith("[nexus] team-ml report ") and msg["Subject"].endswith("(json)")
+        doc = json.loads(msg.get_payload(decode=True))
+        assert doc["budget"] == "team-ml" and doc["cost_usd"] == 0.0
+        assert await svc.reports.run_due() == []  # once per window
+    finally:
+        c.stop()
