@@ -101,7 +101,9 @@ def live(e2e: E2E, tmp_path_factory):
     os.environ["NEXUS_ADMIN_TOKEN"] = TOKEN
     path = tmp_path_factory.mktemp("page") / "ledger.db"
     e2e.restart(budgets=[{"name": "global", "limit_usd": 0.01, "soft_limit_percent": 50},
-                         {"name": "team", "scope": {"team": "*"}, "limit_usd": 0.002, "period": "daily"}],
+                         {"name": "team", "scope": {"team": "*"}, "limit_usd": 0.002, "period": "daily"},
+                         {"name": "burst", "period": {"rolling": "1h"}, "limit_usd": 1},
+                         {"name": "tok", "limit_tokens": 100_000}],
                 store={"kind": "sqlite", "path": str(path)},
                 identity={"trust_identity_headers": True, "trust_attribution_headers": True})
     for team, task, model in [("search", "triage", "gpt-4o"), ("search", "triage", "gpt-4o"),
@@ -141,8 +143,15 @@ async def test_the_page_shows_what_stats_says_and_updates_live(live: E2E):
                                util: Number(s.querySelector('[data-testid=gauge]').dataset.utilization)}]))""")
         for doc in before_doc["budgets"]:
             got = shown[doc["name"]]
-            assert got["spent"] == usd4(doc["current_spending_usd"]), (doc["name"], got)
+            want = (f"{doc['current_tokens']:,} tokens" if doc["unit"] == "tokens"
+                    else usd4(doc["current_spending_usd"]))
+            assert got["spent"] == want, (doc["name"], got)
             assert got["status"] == doc["status"] and got["util"] == doc["utilization_percent"]
+        # A rolling window shows its span; a token budget its tokens (it has spent some: the requests above).
+        window = await b.js("document.querySelector('[data-testid=window][data-budget=burst]').textContent")
+        w = next(d for d in before_doc["budgets"] if d["name"] == "burst")["window"]
+        assert window == f"rolling 1h: {w['start'][11:16]}Z–{w['end'][11:16]}Z", window
+        assert shown["tok"]["spent"].endswith(" tokens") and shown["tok"]["spent"] != "0 tokens"
         await b.wait_for("document.querySelectorAll('[data-testid=row-team]').length >= 2")
         teams = await b.js("[...document.querySelectorAll('[data-testid=row-team]')].map(r => r.dataset.key).sort()")
         assert teams == ["ads", "search"]

@@ -91,7 +91,18 @@
     for (const b of stats.budgets || []) {
       const fc = b.forecasts || {};
       const hz = (fc.horizons || []).map((h) => `${h.days} d: ${usd(h.point_usd)} (${usd(h.low_usd)}–${usd(h.high_usd)})`);
-      const kv = el("dl", { class: "kv" },
+      const hhmm = (iso) => new Date(iso).toISOString().slice(11, 16) + "Z";
+      // A token budget counts tokens, and a short window has no calendar period to chart or forecast.
+      const tok = (n) => `${Number(n || 0).toLocaleString("en-US")} tokens`;
+      const kv = b.unit === "tokens" || b.window ? el("dl", { class: "kv" },
+        el("dt", {}, "spent"), el("dd", { "data-testid": "spent", "data-budget": b.name },
+          b.unit === "tokens" ? tok(b.current_tokens) : usd4(b.current_spending_usd)),
+        el("dt", {}, "limit"), el("dd", { "data-testid": "limit", "data-budget": b.name },
+          b.unit === "tokens" ? tok(b.limit_tokens) : usd(b.limit_usd)),
+        el("dt", {}, "reserved"), el("dd", {}, b.unit === "tokens" ? tok(b.reserved_tokens) : usd4(b.reserved_usd)),
+        el("dt", {}, b.window ? "window" : "resets"), el("dd", { "data-testid": "window", "data-budget": b.name },
+          b.window ? `${b.period}: ${hhmm(b.window.start)}–${hhmm(b.window.end)}` : b.next_reset_date))
+      : el("dl", { class: "kv" },
         el("dt", {}, "spent"), el("dd", { "data-testid": "spent", "data-budget": b.name }, usd4(b.current_spending_usd)),
         el("dt", {}, "limit"), el("dd", { "data-testid": "limit", "data-budget": b.name }, usd(b.limit_usd)),
         el("dt", {}, "reserved"), el("dd", {}, usd4(b.reserved_usd)),
@@ -108,7 +119,7 @@
         el("div", { class: "row" }, gauge(b.utilization_percent, b.status), kv));
       sec.querySelector("svg").setAttribute("data-testid", "gauge");
       sec.querySelector("svg").setAttribute("data-utilization", String(b.utilization_percent));
-      sec.append(chart(spendByBudgetDay[b.name] || [], b.limit_usd, fc));
+      if (b.unit !== "tokens" && !b.window) sec.append(chart(spendByBudgetDay[b.name] || [], b.limit_usd, fc));
       if (b.distinct) {
         const t = el("table", {}, el("tr", {}, el("th", {}, (b.distinct.by || []).join("+")), el("th", { class: "num" }, "spent"), el("th", { class: "num" }, "used"), el("th", {}, "status")));
         for (const i of b.distinct.top.slice(0, 8)) {
