@@ -276,23 +276,27 @@ class WatchStatusResponse(_message.Message):
     def __init__(self, budget: _Optional[_Union[BudgetStatus, _Mapping]] = ...) -> None: ...
 
 class BudgetScope(_message.Message):
-    __slots__ = ("user", "team", "agent", "model", "backend_type", "api_key_hash")
+    __slots__ = ("user", "team", "agent", "model", "backend_type", "api_key_hash", "tool", "session")
     USER_FIELD_NUMBER: _ClassVar[int]
     TEAM_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BACKEND_TYPE_FIELD_NUMBER: _ClassVar[int]
     API_KEY_HASH_FIELD_NUMBER: _ClassVar[int]
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     user: str
     team: str
     agent: str
     model: str
     backend_type: str
     api_key_hash: str
-    def __init__(self, user: _Optional[str] = ..., team: _Optional[str] = ..., agent: _Optional[str] = ..., model: _Optional[str] = ..., backend_type: _Optional[str] = ..., api_key_hash: _Optional[str] = ...) -> None: ...
+    tool: str
+    session: str
+    def __init__(self, user: _Optional[str] = ..., team: _Optional[str] = ..., agent: _Optional[str] = ..., model: _Optional[str] = ..., backend_type: _Optional[str] = ..., api_key_hash: _Optional[str] = ..., tool: _Optional[str] = ..., session: _Optional[str] = ...) -> None: ...
 
 class CreateBudgetRequest(_message.Message):
-    __slots__ = ("name", "scope", "period", "timezone", "limit_micros", "soft_limit_percent", "hard_limit_action", "alert_thresholds", "max_instances", "inactive", "actor")
+    __slots__ = ("name", "scope", "period", "timezone", "limit_micros", "soft_limit_percent", "hard_limit_action", "alert_thresholds", "max_instances", "inactive", "actor", "limit_tokens", "models")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     PERIOD_FIELD_NUMBER: _ClassVar[int]
@@ -304,6 +308,8 @@ class CreateBudgetRequest(_message.Message):
     MAX_INSTANCES_FIELD_NUMBER: _ClassVar[int]
     INACTIVE_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
     name: str
     scope: BudgetScope
     period: str
@@ -315,7 +321,9 @@ class CreateBudgetRequest(_message.Message):
     max_instances: int
     inactive: bool
     actor: str
-    def __init__(self, name: _Optional[str] = ..., scope: _Optional[_Union[BudgetScope, _Mapping]] = ..., period: _Optional[str] = ..., timezone: _Optional[str] = ..., limit_micros: _Optional[int] = ..., soft_limit_percent: _Optional[float] = ..., hard_limit_action: _Optional[_Union[HardLimitAction, str]] = ..., alert_thresholds: _Optional[_Iterable[float]] = ..., max_instances: _Optional[int] = ..., inactive: _Optional[bool] = ..., actor: _Optional[str] = ...) -> None: ...
+    limit_tokens: int
+    models: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., scope: _Optional[_Union[BudgetScope, _Mapping]] = ..., period: _Optional[str] = ..., timezone: _Optional[str] = ..., limit_micros: _Optional[int] = ..., soft_limit_percent: _Optional[float] = ..., hard_limit_action: _Optional[_Union[HardLimitAction, str]] = ..., alert_thresholds: _Optional[_Iterable[float]] = ..., max_instances: _Optional[int] = ..., inactive: _Optional[bool] = ..., actor: _Optional[str] = ..., limit_tokens: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateBudgetResponse(_message.Message):
     __slots__ = ("budget",)

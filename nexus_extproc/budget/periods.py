@@ -51,6 +51,16 @@ class PeriodRule:
         return {self.kind: self.text.split(" ", 1)[1]} if self.kind in ("rolling", "every") else self.kind
 
 
+def period_value(text: str) -> object:
+    """The config's `period` from its one-line form, as the admin API and the CLI take it: "monthly", "hourly",
+    "rolling 1h" (or "rolling:1h"), "every 10m"."""
+    t = text.strip()
+    for kind in ("rolling", "every"):
+        if t.startswith(kind) and t[len(kind):len(kind) + 1] in (" ", ":"):
+            return {kind: t[len(kind) + 1:].strip()}
+    return t
+
+
 @dataclass(frozen=True, slots=True)
 class Period:
     key: str  # "2026-11", "2026-W48", "2026-11-23", a bucket's key: the store's key for this period's totals

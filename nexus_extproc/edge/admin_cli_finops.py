@@ -26,11 +26,15 @@ def add_finops_args(sub: argparse._SubParsersAction, common: Any) -> None:
     p = sub.add_parser("create-budget", help="add a budget at runtime (persisted, audited, on every replica)")
     common(p)
     p.add_argument("name")
-    p.add_argument("limit_usd")
-    p.add_argument("--period", choices=("daily", "weekly", "monthly"), default="monthly")
+    p.add_argument("limit_usd", nargs="?", default="0", help="the limit in USD (or --limit-tokens)")
+    p.add_argument("--limit-tokens", type=int, default=0, help="a limit in tokens (input + output) instead")
+    p.add_argument("--period", default="monthly",
+                   help='daily, weekly, monthly (default), hourly, "every 10m" or "rolling 1h"')
+    p.add_argument("--models", default="", help="comma list of model globs the budget allows")
     p.add_argument("--timezone", default="")
     p.add_argument("--scope", action="append", default=[], metavar="KEY=VALUE",
-                   help="user, team, agent (\"*\": one budget per distinct value), model (glob), backend_type")
+                   help="user, team, agent, tool, session (\"*\": one budget per distinct value), model (glob), "
+                        "backend_type")
     p.add_argument("--soft-limit-percent", type=float, default=0.0)
     p.add_argument("--hard-limit-action", choices=sorted(ACTION_TO_PB))
     p.add_argument("--alert-thresholds", default="", help="comma list of percentages")
@@ -95,12 +99,15 @@ def run_finops(args: argparse.Namespace, token: str) -> int:
                 scope = pb.BudgetScope()
                 for kv in args.scope:
                     k, _, v = kv.partition("=")
-                    if k not in ("user", "team", "agent", "model", "backend_type", "api_key_hash") or not v:
+                    if k not in ("user", "team", "agent", "tool", "session", "model", "backend_type",
+                                 "api_key_hash") or not v:
                         raise SystemExit(f"nexus-extproc: bad --scope {kv!r}")
                     setattr(scope, k, v)
                 req = pb.CreateBudgetRequest(
                     name=args.name, period=args.period, timezone=args.timezone,
-                    limit_micros=usd_to_micros(args.limit_usd), soft_limit_percent=args.soft_limit_percent,
+                    limit_micros=usd_to_micros(args.limit_usd), limit_tokens=args.limit_tokens,
+                    models=[m.strip() for m in args.models.split(",") if m.strip()],
+                    soft_limit_percent=args.soft_limit_percent,
                     hard_limit_action=ACTION_TO_PB[args.hard_limit_action] if args.hard_limit_action
                     else pb.HARD_LIMIT_ACTION_UNSPECIFIED,
                     alert_thresholds=[float(t) for t in args.alert_thresholds.split(",") if t],
@@ -108,7 +115,8 @@ def run_finops(args: argparse.Namespace, token: str) -> int:
                 if args.scope:
                     req.scope.CopyFrom(scope)
                 b = stub.CreateBudget(req, metadata=md, timeout=10).budget
-                print(f"created {b.name}: ${b.limit_micros / 1e6:,.2f}, period {b.period}")
+                limit = f"{b.limit_micros:,} tokens" if args.limit_tokens else f"${b.limit_micros / 1e6:,.2f}"
+                print(f"created {b.name}: {limit}, period {b.period}")
             elif args.cmd == "delete-budget":
                 stub.DeleteBudget(pb.DeleteBudgetRequest(name=args.name, actor=args.actor), metadata=md, timeout=10)
                 print(f"deleted {args.name}")

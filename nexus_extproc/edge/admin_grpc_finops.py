@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from nexus_extproc.api import budget_admin_pb2 as pb
 from nexus_extproc.budget.book import Settings
 from nexus_extproc.budget.focus import to_focus_csv
+from nexus_extproc.budget.periods import period_value
 from nexus_extproc.budget.reports import to_csv
 from nexus_extproc.config import BudgetDefConfig
 from nexus_extproc.edge.admin_grpc_base import AdminBase, forecast_pb, range_of, ts_pb
@@ -34,16 +35,25 @@ class LifecycleRpcs(AdminBase):
         await self._auth(context)
         if not self.budget.runtime.available:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no budget store is configured")
-        spec: dict[str, Any] = {"name": request.name, "limit_usd": Decimal(request.limit_micros) / 1_000_000}
+        if bool(request.limit_micros) == bool(request.limit_tokens):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give limit_micros or limit_tokens (one)")
+        spec: dict[str, Any] = {"name": request.name}
+        if request.limit_micros:
+            spec["limit_usd"] = Decimal(request.limit_micros) / 1_000_000
+        else:
+            spec["limit_tokens"] = request.limit_tokens
         if request.HasField("scope"):
             spec["scope"] = {k: v for k, v in (("user", request.scope.user), ("team", request.scope.team),
                                                ("agent", request.scope.agent), ("model", request.scope.model),
                                                ("backend_type", request.scope.backend_type),
-                                               ("api_key_hash", request.scope.api_key_hash)) if v}
-        for key, value in (("period", request.period), ("timezone", request.timezone),
-                           ("max_instances", request.max_instances)):
+                                               ("api_key_hash", request.scope.api_key_hash),
+                                               ("tool", request.scope.tool), ("session", request.scope.session)) if v}
+        for key, value in (("period", period_value(request.period) if request.period else ""),
+                           ("timezone", request.timezone), ("max_instances", request.max_instances)):
             if value:
                 spec[key] = value
+        if request.models:
+            spec["models"] = list(request.models)
         if request.soft_limit_percent:
             spec["soft_limit_percent"] = Decimal(str(request.soft_limit_percent))
         if request.hard_limit_action:

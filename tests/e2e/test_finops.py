@@ -125,6 +125,22 @@ def test_runtime_budget_from_the_cli_applies_at_once_and_goes_away(live: E2E):
     assert "ml-cap" not in r.stdout
 
 
+def test_a_rolling_session_token_budget_from_the_cli(live: E2E):
+    """The agent-era budgets at runtime: a rolling window, per session, in tokens, with a model allowlist."""
+    r = cli(live, "create-budget", "agent-burst", "--limit-tokens", "40", "--period", "rolling 15m",
+            "--scope", "session=*", "--models", "gpt-4o", "--hard-limit-action", "block_all", "--actor", "ci")
+    assert r.returncode == 0, r.stderr
+    assert "created agent-burst: 40 tokens, period rolling 15m" in r.stdout
+    doc = next(b for b in admin(live, "/v1/stats").json()["budgets"] if b["name"] == "agent-burst")
+    assert doc["unit"] == "tokens" and doc["window"]["seconds"] == 900 and doc["scope"] == {"session": "*"}
+    codes = [chat(live, **{"session-id": "loop-1"}).status_code for _ in range(4)]
+    assert codes[0] == 200 and codes[-1] == 429, codes  # a short window's refusal
+    assert chat(live, **{"session-id": "loop-2"}).status_code == 200  # another session has its own
+    r = cli(live, "create-budget", "both", "1", "--limit-tokens", "5", "--actor", "ci")
+    assert r.returncode == 1 and "INVALID_ARGUMENT" in r.stderr
+    assert cli(live, "delete-budget", "agent-burst", "--actor", "ci").returncode == 0
+
+
 def test_forecast_alerts_and_recommendations_from_the_cli(live: E2E):
     r = cli(live, "forecast", "--budget", "global")
     assert r.returncode == 0, r.stderr
