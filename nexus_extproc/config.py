@@ -76,18 +76,20 @@ class ReportScheduleConfig(_Strict):
     _tz = field_validator("timezone")(classmethod(lambda cls, v: _timezone(v)))
 
 
+def _minutes(v: str, most_s: int, what: str) -> str:
+    """A window's length: whole minutes (a rolling window's twelve buckets divide it), 1m to `most_s`."""
+    s = duration_s(v)
+    if not 60 <= s <= most_s or s % 60:
+        raise ValueError(f"{what} is whole minutes, 1m to {most_s // 86400}d")
+    return v
+
+
 class RollingPeriodConfig(_Strict):
     """The spend of the last `rolling` (15m, 1h, 24h, 7d; up to 31 days): refused with 429 at the limit."""
 
     rolling: str
 
-    @field_validator("rolling")
-    @classmethod
-    def _window(cls, v: str) -> str:
-        s = duration_s(v)
-        if not 60 <= s <= 31 * 86400 or s % 60:
-            raise ValueError("a rolling window is whole minutes, 1m to 31d")
-        return v
+    _window = field_validator("rolling")(classmethod(lambda cls, v: _minutes(v, 31 * 86400, "a rolling window")))
 
 
 class EveryPeriodConfig(_Strict):
@@ -95,13 +97,7 @@ class EveryPeriodConfig(_Strict):
 
     every: str
 
-    @field_validator("every")
-    @classmethod
-    def _window(cls, v: str) -> str:
-        s = duration_s(v)
-        if not 60 <= s <= 86400 or s % 60:
-            raise ValueError("an `every` window is whole minutes, 1m to 1d")
-        return v
+    _window = field_validator("every")(classmethod(lambda cls, v: _minutes(v, 86400, "an `every` window")))
 
 
 class BudgetDefConfig(_Strict):
