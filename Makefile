@@ -33,7 +33,7 @@ node_modules/.installed: package.json
 	touch $@; else echo "npm not found: buf lint and the real-client tests will be skipped"; fi
 
 test: $(STAMP) lint typecheck node_modules/.installed
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 	$(MAKE) --no-print-directory test-py313
 
 # The unit and component tiers again on the newest supported Python (pyenv's 3.13 where it exists), from the
