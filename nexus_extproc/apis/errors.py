@@ -68,8 +68,9 @@ def budget_exceeded(code: str, budget: str | None, reset_in_s: int, reset_at: st
 
 def model_not_allowed(budget: str | None, model: str, allowed: tuple[str, ...]) -> NexusError:
     """403, final: the same request can never pass, so nothing in the answer invites a retry."""
+    shown = model if len(model) <= 100 else model[:100] + "…"  # the client's own string: bounded in the answer
     return NexusError(403, "model_not_allowed",
-                      f"model '{model}' is not allowed by budget '{budget}'; allowed: {', '.join(allowed)}",
+                      f"model '{shown}' is not allowed by budget '{budget}'; allowed: {', '.join(allowed)}",
                       {"x-should-retry": "false"}, {"allowed_models": list(allowed)})
 
 

@@ -17,7 +17,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from decimal import Decimal
 
-from nexus_extproc.budget.scopes import RequestFacts
+from nexus_extproc.budget.scopes import RequestFacts, safe_value
 from nexus_extproc.config import RunawayConfig
 from nexus_extproc.metering.money import usd_to_micros
 from nexus_extproc.terms import duration_s
@@ -38,7 +38,7 @@ class Finding:
     window_s: int
 
     def doc(self) -> dict[str, object]:
-        return {"dimension": self.dim, "value": self.value, "window_secs": self.window_s,
+        return {"dimension": self.dim, "value": safe_value(self.value), "window_secs": self.window_s,
                 "window_spend_micros": self.window_micros, "baseline_per_window_micros": self.baseline_micros,
                 "peers_median_micros": self.peers_micros, "factor": str(self.factor), "action": self.action}
 

@@ -65,11 +65,13 @@ def distinct_dims(scope: ScopeConfig | None) -> tuple[str, ...]:
 def instance_name(parent: str, dims: tuple[str, ...], facts: RequestFacts) -> str:
     """`parent/value` (values joined by '+' for several dimensions). A value outside a small character set is
     named by a hash of it: instance names go into ledger keys and reports, never raw header text."""
-    parts = []
-    for k in dims:
-        v = getattr(facts, k) or ""
-        parts.append(v if _SAFE_VALUE.fullmatch(v) else "h-" + hashlib.sha256(v.encode()).hexdigest()[:16])
-    return f"{parent}/{'+'.join(parts)}"
+    return f"{parent}/{'+'.join(safe_value(getattr(facts, k) or '') for k in dims)}"
+
+
+def safe_value(v: str) -> str:
+    """A header value as it may appear in names, alerts and reports: itself within a small character set and
+    64 characters, else `h-` and 16 hex digits of its hash."""
+    return v if _SAFE_VALUE.fullmatch(v) else "h-" + hashlib.sha256(v.encode()).hexdigest()[:16]
 
 
 def overflow_name(parent: str) -> str:

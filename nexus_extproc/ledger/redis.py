@@ -327,9 +327,9 @@ class RedisLedger(Ledger):
         end_ts = min(end_ts, time.time() + 86400)
         out: list[SpendAgg] = []
         days = [d for d in range(int(start_ts // 86400), int(end_ts // 86400) + 1) if d * 86400 < end_ts]
-        rollups = await self._per_day(days, lambda p, d: p.get(f"{self._p}:rollup:{d}"))
-        logs = await self._per_day(days, lambda p, d: p.exists(f"{self._p}:log:{d}"))
-        for raw, has_log in zip(rollups, logs, strict=True):
+        # One pipelined pass: each day's roll-up and whether its log still exists.
+        both = await self._per_day(days, lambda p, d: p.get(f"{self._p}:rollup:{d}").exists(f"{self._p}:log:{d}"))
+        for raw, has_log in zip(both[0::2], both[1::2], strict=True):
             if raw is not None and not has_log:
                 # A day retention rolled up: its aggregates, as they were computed from its log.
                 out += [SpendAgg(**d) for d in json.loads(raw)["per_budget" if per_budget else "once"]]
