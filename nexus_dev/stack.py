@@ -89,6 +89,18 @@ class Stack:
     envoy: subprocess.Popen[bytes] | None = None
     quiet: bool = True
     die_with_parent: bool = False  # the demo: its children end with it, also when it is killed -9
+    grpc_ports: int = 1  # the workers' run of ports from grpc_port
+
+    def _claimed(self) -> set[int]:
+        return {self.admin_port, self.envoy_port, self.envoy_admin_port, self.admin_api_port,
+                *self.fake_ports.values(), *(self.grpc_port + i for i in range(self.grpc_ports) if self.grpc_port)}
+
+    def port(self) -> int:
+        """A free port none of this stack's processes has been promised yet. A worker's port (grpc_port + i) is
+        bound only once that worker starts, so a bare free_port() could hand it to Envoy's admin (CI run 29)."""
+        while (p := free_port()) in self._claimed():
+            pass
+        return p
 
     def _spawn(self, args: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         out = open(self.workdir / f"{log_name}.log", "ab")
@@ -106,7 +118,9 @@ class Stack:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def start_fakes(self, names: tuple[str, ...] = ("openai", "anthropic", "ollama"), compress: bool = False) -> None:
-        self.fake_ports = {n: free_port() for n in names}
+        self.fake_ports = {}
+        for n in names:
+            self.fake_ports[n] = self.port()
         p = self._spawn([sys.executable, "-m", "nexus_dev.fakes.upstream",
                          *[f"{n}={port}" for n, port in self.fake_ports.items()],
                          *(["--compress"] if compress else [])], "fakes")
@@ -114,14 +128,16 @@ class Stack:
             wait_port(port, proc=p)
 
     def start_extproc(self, config_path: str | Path, workers: int = 1, env: dict[str, str] | None = None) -> None:
-        self.grpc_port = self.grpc_port or free_port()
-        if workers > 1:
-            # Each worker takes grpc_port + i: find a free run of ports.
-            while not all(is_free(self.grpc_port + i) for i in range(workers)):
-                self.grpc_port = free_port()
-        self.admin_port = self.admin_port or free_port()
-        self.envoy_admin_port = self.envoy_admin_port or free_port()
-        self.admin_api_port = self.admin_api_port or free_port()
+        if not self.grpc_port:
+            # Each worker takes grpc_port + i: find a free run of ports that nothing else here was promised.
+            taken = self._claimed()
+            self.grpc_port = self.port()
+            while not all(is_free(self.grpc_port + i) and self.grpc_port + i not in taken for i in range(workers)):
+                self.grpc_port = self.port()
+        self.grpc_ports = max(self.grpc_ports, workers)
+        self.admin_port = self.admin_port or self.port()
+        self.envoy_admin_port = self.envoy_admin_port or self.port()
+        self.admin_api_port = self.admin_api_port or self.port()
         full_env = {**os.environ, "NEXUS_SERVER__ENVOY_ADMIN_URL": f"http://{HOST}:{self.envoy_admin_port}",
                     "NEXUS_ADMIN_API__PORT": str(self.admin_api_port),
                     "NEXUS_SERVER__HEALTH_POLL_SECS": "0.5", **(env or {})}
@@ -154,8 +170,8 @@ class Stack:
             access_log_path=str(self.workdir / "access.log"), local_health_interval="1s")
 
     def start_envoy(self, workers: int = 1, params: EnvoyParams | None = None, concurrency: int = 2) -> None:
-        self.envoy_port = self.envoy_port or free_port()
-        self.envoy_admin_port = self.envoy_admin_port or free_port()
+        self.envoy_port = self.envoy_port or self.port()
+        self.envoy_admin_port = self.envoy_admin_port or self.port()
         params = params or self.envoy_params(workers)
         cfg = self.workdir / "envoy.yaml"
         cfg.write_text(dump(build_config(params)))

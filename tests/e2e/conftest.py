@@ -15,7 +15,7 @@ import openai
 import pytest
 import yaml
 
-from nexus_dev.stack import Stack, admin_headers, free_port
+from nexus_dev.stack import Stack, admin_headers
 from tests.conftest import BACKENDS
 
 pytestmark = pytest.mark.e2e
@@ -94,7 +94,9 @@ def running(stack: Stack) -> Iterator[Stack]:
 
 def start_envoy_settled(stack: Stack, workers: int = 1, **fields: Any) -> None:
     """Envoy built with settlement="envoy" (issue 27) and any other EnvoyParams fields, on fresh ports."""
-    stack.envoy_port, stack.envoy_admin_port = free_port(), free_port()
+    stack.envoy_port = stack.envoy_admin_port = 0
+    stack.envoy_port = stack.port()
+    stack.envoy_admin_port = stack.port()
     params = stack.envoy_params(workers=workers)
     params.settlement = "envoy"
     for k, v in fields.items():
@@ -106,7 +108,7 @@ def start_envoy_settled(stack: Stack, workers: int = 1, **fields: Any) -> None:
 def e2e() -> Iterator[E2E]:
     with running(Stack()) as stack:
         stack.start_fakes()
-        stack.fake_ports["vllm"] = free_port()  # a local backend that is down: nothing listens there
+        stack.fake_ports["vllm"] = stack.port()  # a local backend that is down: nothing listens there
         env = E2E(stack)
         cfg = write_config(stack.workdir / "initial.yaml")
         stack.start_extproc(cfg)

@@ -14,7 +14,7 @@ import openai
 import pytest
 import yaml
 
-from nexus_dev.stack import HOST, REPO, Stack, free_port
+from nexus_dev.stack import HOST, REPO, Stack
 from nexus_extproc.ledger import SpendRecord, open_ledger
 from tests.e2e.conftest import E2E, write_config
 
@@ -44,7 +44,9 @@ def mesh(tmp_path_factory) -> Iterator[E2E]:
     try:
         stack.start_fakes()
         env = E2E(stack)
-        stack.envoy_port, stack.envoy_admin_port = free_port(), free_port()
+        stack.envoy_port = stack.envoy_admin_port = 0
+        stack.envoy_port = stack.port()
+        stack.envoy_admin_port = stack.port()
         stack.start_extproc(write_config(stack.workdir / "initial.yaml"))
         doc = localize(yaml.safe_load((REPO / "envoy/examples/existing-mesh.yaml").read_text()), stack)
         cfg = stack.workdir / "existing-mesh.yaml"

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from nexus_dev.stack import Stack, admin_headers, free_port, wait_port
+from nexus_dev.stack import Stack, admin_headers, wait_port
 from tests.conftest import BACKENDS
 from tests.corpus import ROOT, case_params, expected_micros
 from tests.e2e.conftest import running, start_envoy_settled
@@ -31,7 +31,8 @@ pytestmark = pytest.mark.e2e
 
 def _replay_stack(tmp_path_factory, settlement: str) -> Iterator[Stack]:
     with running(Stack()) as stack:
-        stack.fake_ports = {"openai": free_port(), "anthropic": free_port(), "ollama": free_port()}
+        for name in ("openai", "anthropic", "ollama"):
+            stack.fake_ports[name] = stack.port()
         p = stack._spawn([sys.executable, "-m", "tests.replay_upstream",
                           *[f"{n}={port}" for n, port in stack.fake_ports.items()]], "replay",
                          env={**os.environ, "PYTHONPATH": str(ROOT)})

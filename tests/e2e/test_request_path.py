@@ -217,9 +217,9 @@ def test_envoy_reaches_the_server_over_a_unix_socket(tmp_path):
         stack.start_extproc(write_config(stack.workdir / "uds.yaml", budget={"monthly_limit_usd": 10},
                                          store={"kind": "sqlite", "path": str(tmp_path / "l.db")},
                                          server={"uds_path": sock, "grace_period_secs": 5}))
-        from nexus_dev.stack import free_port
-
-        stack.envoy_port, stack.envoy_admin_port = free_port(), free_port()
+        stack.envoy_port = stack.envoy_admin_port = 0
+        stack.envoy_port = stack.port()
+        stack.envoy_admin_port = stack.port()
         params = stack.envoy_params()
         params.extproc_uds = [sock]
         stack.start_envoy(params=params)

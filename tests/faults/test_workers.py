@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nexus_dev.stack import Stack, free_port
+from nexus_dev.stack import Stack
 from tests.faults.conftest import ledger_spend, post, send_threads, wait_for, write_config
 from tests.procs import alive, children
 
@@ -27,7 +27,7 @@ def start(tmp_path: Path, **server: object) -> tuple[Stack, Path]:
     s = Stack()
     try:
         s.start_fakes()
-        s.fake_ports["vllm"] = free_port()
+        s.fake_ports["vllm"] = s.port()
         db = tmp_path / "ledger.db"
         cfg = write_config(s.workdir / "workers.yaml",
                            budget={"monthly_limit_usd": 1000, "reconciliation_interval_secs": 1},
