@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -27,7 +28,9 @@ ACCESS_LOG_FORMAT = (
     "model=%DYNAMIC_METADATA(nexus.extproc:model)% decision=%DYNAMIC_METADATA(nexus.extproc:decision)% "
     "cost_est=%DYNAMIC_METADATA(nexus.extproc:cost_estimated_usd)% cost=%DYNAMIC_METADATA(nexus.extproc:cost_usd)% "
     "tokens_in=%DYNAMIC_METADATA(nexus.extproc:tokens_in)% tokens_out=%DYNAMIC_METADATA(nexus.extproc:tokens_out)% "
-    "settlement=%DYNAMIC_METADATA(nexus.extproc:settlement)%\n"
+    "settlement=%DYNAMIC_METADATA(nexus.extproc:settlement)% request_id=%DYNAMIC_METADATA(nexus.extproc:request_id)% "
+    # What Envoy's own filters read of the answer (settlement: envoy): the server's cost is in the ledger.
+    "usage=%DYNAMIC_METADATA(nexus.usage)%\n"
 )
 
 
@@ -70,6 +73,9 @@ class EnvoyParams:
     settlement: str = "envoy"
     # server.stream_usage: "visible" sends OpenAI streams whose usage chunk the server adds through Envoy's path too.
     stream_usage: str = "hidden"
+    # Who hides that chunk (settlement="envoy"): "envoy", a Lua filter on those streams' route (envoy/lua/), so they
+    # take the fast path too; "server", ext_proc's STREAMED path (bench/overhead.py --modes-only compares both).
+    hide_usage_in: str = "envoy"
     # The shared secret the server checks on every ext_proc and access-log stream (server.envoy_token_*).
     envoy_token: str | None = None
     # One access logger per server worker, each taking its worker's requests (the fast path); False: one logger to
@@ -174,6 +180,8 @@ def local_reply_config() -> dict[str, Any]:
 
 
 _SSE = "envoy.filters.http.sse_to_metadata"
+_LUA = "envoy.filters.http.lua"
+HIDE_USAGE_LUA = Path(__file__).resolve().parent.parent / "envoy" / "lua" / "hide_usage.lua"
 
 
 def _usage_rule(selectors: list[str], key: str, first_only: bool = False) -> dict[str, Any]:
@@ -199,7 +207,7 @@ def _json_usage_rules() -> list[dict[str, Any]]:
             *(rule(("usage", *path), "usage." + ".".join(path), "NUMBER") for path in json_usage_paths())]
 
 
-def _envoy_settles(routes: list[dict[str, Any]], filters: list[dict[str, Any]]
+def _envoy_settles(routes: list[dict[str, Any]], filters: list[dict[str, Any]], hide_usage_in: str = "envoy"
                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """settlement="envoy": responses leave ext_proc's response path. sse_to_metadata keeps a stream's answered
     model and usage (OpenAI's last `usage`, Anthropic's `message.usage` then `message_delta` usage, Responses'
@@ -211,12 +219,16 @@ def _envoy_settles(routes: list[dict[str, Any]], filters: list[dict[str, Any]]
                        "overrides": {"processing_mode": {**_mode("SKIP", "NONE")}}}}
     # Everything but a stream: JSON answers, free endpoints (passed through anyway), bodies the server refuses.
     rest = [{**r, "typed_per_filter_config": off} for r in rest]
-    # The usage chunk the server adds for an OpenAI stream that did not ask for it is hidden by the server:
-    # those streams keep the ext_proc path (an identity response: the server asks for one).
+    # The usage chunk the server adds for an OpenAI stream that did not ask for it is hidden by the Lua filter on
+    # this route, or (hide_usage_in="server") by the server on ext_proc's STREAMED path (an identity response: the
+    # server asks for one either way).
     hidden = {**stream_route, "match": {"safe_regex": {"regex": "^/v1/(chat/)?completions$"}, "dynamic_metadata": [
         *stream_route["match"]["dynamic_metadata"],
         {"filter": "nexus.request", "path": [{"key": "usage_requested"}], "value": {"bool_match": False}}]}}
     fast = {**stream_route, "typed_per_filter_config": off}
+    if hide_usage_in == "envoy":
+        hidden["typed_per_filter_config"] = {**off, _LUA: {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute", "name": "hide_usage"}}
     # sse_to_metadata and the decompressors run on every route: Envoy builds a stream's filter chain from the route
     # matched before ext_proc's decision (and before json_to_metadata read `stream`), so a per-route switch would
     # see the default route. Where the server reads the response itself it asks the provider for identity, so the
@@ -229,8 +241,19 @@ def _envoy_settles(routes: list[dict[str, Any]], filters: list[dict[str, Any]]
                 "on_missing": {"metadata_namespace": "nexus.request", "key": "usage_requested",
                                "value": False}})
     ext = next(i for i, f in enumerate(filters) if f["name"] == _EXT_PROC)
-    filters = [*filters[:ext + 1], _sse_filter(), *filters[ext + 1:], *decompressor_filters()]
+    # Response filters run in reverse: the decompressors, then sse_to_metadata (which reads the usage chunk), then
+    # the Lua filter (which hides it), then ext_proc.
+    lua = [hide_usage_filter()] if hide_usage_in == "envoy" else []
+    filters = [*filters[:ext + 1], *lua, _sse_filter(), *filters[ext + 1:], *decompressor_filters()]
     return [hidden, fast, *rest], filters
+
+
+def hide_usage_filter() -> dict[str, Any]:
+    """The Lua filter that hides the usage chunk the server asked for (envoy/lua/hide_usage.lua); it does nothing
+    on a route that does not name its code."""
+    return {"name": _LUA, "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+        "source_codes": {"hide_usage": {"inline_string": HIDE_USAGE_LUA.read_text()}}}}
 
 
 def _json_response_rules() -> dict[str, Any]:
@@ -383,13 +406,16 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
     if p.settlement == "envoy" and not p.skip_response_headers:
         filters = [*filters[:1], *settlement_filters(), *filters[1:]]  # ext_proc first: see settlement_filters
     elif p.settlement == "envoy":
-        routes, filters = _envoy_settles(routes, filters)
+        routes, filters = _envoy_settles(routes, filters, p.hide_usage_in)
         if p.stream_usage == "visible":
             routes = routes[1:]  # no stream needs the server to hide its usage chunk
     if p.settlement == "envoy":
         access_logs, report_clusters = _reports(len(p.extproc_uds or p.extproc_ports) if p.reports_per_worker else 1)
     if p.settlement == "envoy":  # the server's `auto` reads each stream's response or waits for the report
         ext_proc["typed_config"]["grpc_service"]["initial_metadata"] = [{"key": "x-nexus-settlement", "value": "envoy"}]
+        if p.skip_response_headers and p.hide_usage_in == "envoy" and p.stream_usage == "hidden":
+            ext_proc["typed_config"]["grpc_service"]["initial_metadata"].append(
+                {"key": "x-nexus-usage-hidden-by", "value": "envoy"})
     if p.envoy_token:
         token = [{"key": "x-nexus-envoy-token", "value": p.envoy_token}]
         ext_proc["typed_config"]["grpc_service"].setdefault("initial_metadata", []).extend(token)

@@ -20,7 +20,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from nexus_extproc.edge.peer import PeerCheck, declares_envoy_settlement
+from nexus_extproc.edge.peer import PeerCheck, envoy_declarations
 from nexus_extproc.ops import metrics
 from nexus_extproc.request.headers import METADATA_NAMESPACE, RESPONSE_METADATA_NAMESPACE
 from nexus_extproc.request.pipeline import Processor, Reply, RequestState
@@ -141,7 +141,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
             return
         proc = self.processor
         state = RequestState()
-        state.envoy_declared = declares_envoy_settlement(context)
+        state.envoy_declared, state.envoy_hides_usage = envoy_declarations(context)
         phase = "open"
         self.active += 1
         self.started += 1

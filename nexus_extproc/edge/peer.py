@@ -18,8 +18,19 @@ TOKEN_METADATA = "x-nexus-envoy-token"
 SETTLEMENT_METADATA = "x-nexus-settlement"
 
 
-def declares_envoy_settlement(context: grpc.aio.ServicerContext) -> bool:
-    return any(k == SETTLEMENT_METADATA and v == "envoy" for k, v in (context.invocation_metadata() or ()))
+# ... and what one whose Lua filter hides the usage chunk the server asks for says (envoy/lua/hide_usage.lua).
+USAGE_HIDDEN_METADATA = "x-nexus-usage-hidden-by"
+
+
+def envoy_declarations(context: grpc.aio.ServicerContext) -> tuple[bool, bool]:
+    """(Envoy reads responses itself, Envoy hides the added usage chunk), from the stream's initial metadata."""
+    settles = hides = False
+    for k, v in context.invocation_metadata() or ():
+        if k == SETTLEMENT_METADATA and v == "envoy":
+            settles = True
+        elif k == USAGE_HIDDEN_METADATA and v == "envoy":
+            hides = True
+    return settles, hides
 
 
 class PeerCheck:

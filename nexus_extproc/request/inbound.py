@@ -226,6 +226,7 @@ class Inbound(Estimation):
         add_usage = parsed.stream and tr.stream_usage_option and not parsed.client_wants_stream_usage
         # Only a hidden usage chunk means editing the stream's bytes (server.stream_usage).
         state.added_stream_usage = add_usage and self.config.server.stream_usage == "hidden"
+        state.server_hides_usage = state.added_stream_usage and not (state.envoy_settles and state.envoy_hides_usage)
         reply = Reply(clear_route_cache=True)
         reply.set_headers.append((C.UPSTREAM_HEADER, state.route.cluster))
         reply.remove_headers = [h for h in state.client_nexus_headers if h != C.UPSTREAM_HEADER]

@@ -31,7 +31,7 @@ class Outbound(Reports):
         if state.route is None:
             return reply
         reply.set_headers = self._nexus_headers(state)
-        if state.envoy_settles and state.forwarded and not state.added_stream_usage and state.admission is not None:
+        if state.envoy_settles and state.forwarded and not state.server_hides_usage and state.admission is not None:
             # server.settlement: envoy where the response headers come here (the mesh integrations): the body
             # goes past the server, and Envoy's filters report its usage as they do in envoy/nexus.yaml.
             state.envoy_reads = reply.envoy_reads_body = True
@@ -111,9 +111,9 @@ class Outbound(Reports):
                             state.usage_final = state.usage_final or info.final
                         if info.text:
                             self._note_text(state, info.text)
-                        drop = info.usage_only and state.added_stream_usage
+                        drop = info.usage_only and state.server_hides_usage
                 keep.append(b"" if drop else ev.raw)
-            if state.added_stream_usage and raw is chunk:
+            if state.server_hides_usage and raw is chunk:
                 # Only whole events go out (a partial one waits in the parser), so an unrequested usage
                 # chunk can be removed whole and the client sees exactly the stream it asked for. (Such a
                 # request asks for identity; a provider that compresses anyway keeps its bytes unedited.)

@@ -50,11 +50,11 @@ LATE_WAIT_FACTOR = 10
 class Reports(Settlement):
     def awaits_report(self, state: RequestState) -> bool:
         """A forwarded request whose response never reached this server: Envoy reports its usage. (A stream whose
-        usage chunk the server hides reads its response itself.)"""
+        usage chunk the server hides, rather than Envoy's Lua filter, reads its response itself.)"""
         return (state.envoy_settles and state.forwarded and (state.envoy_reads or not state.response_started)
                 and not state.finished
                 and state.settle_source is None and state.admission is not None and state.parsed is not None
-                and not state.added_stream_usage)
+                and not state.server_hides_usage)
 
     def park(self, state: RequestState) -> None:
         state.awaits_report = True

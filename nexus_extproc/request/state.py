@@ -74,6 +74,7 @@ class RequestState:
     estimate: int = 0
     admission: Admission | None = None
     added_stream_usage: bool = False  # the server asked for the usage chunk and removes it (stream_usage: hidden)
+    server_hides_usage: bool = False  # ... reading the stream itself; else Envoy's Lua filter does (envoy/lua/)
     response_status: int = 0
     response_started: bool = False  # response headers, or the first body message where headers are skipped
     streaming: bool = False
@@ -90,6 +91,7 @@ class RequestState:
     settle_source: str | None = None
     finished: bool = False
     envoy_declared: bool = False  # its Envoy says it reads responses itself (ext_proc stream's initial metadata)
+    envoy_hides_usage: bool = False  # ... and hides the usage chunk the server asks for (the same metadata)
     envoy_settles: bool = False  # Envoy reads this response's usage (server.settlement, or that declaration)
     awaits_report: bool = False  # parked until Envoy's access-log report (server.settlement: envoy)
     envoy_reads: bool = False  # its response headers came here, its body goes past: Envoy reports the usage

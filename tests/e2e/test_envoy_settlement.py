@@ -4,6 +4,7 @@ stream) from anyone without the secret is refused and moves nothing."""
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -89,6 +90,38 @@ def test_a_stream_settles_from_envoys_report(fast: E2E):
     # claude-haiku-4-5: $1 in, $5 out per million tokens; the fake counts input as the API does.
     assert settled(fast, before) == pytest.approx((final.usage.input_tokens + 9 * 5) / 1e6, abs=2e-6)
     assert counter(fast, "nexus_envoy_reports_total", 'outcome="settled"') - reports == 1
+
+
+@pytest.mark.parametrize("delay_ms", [0, 3])  # 3 ms: the fake's two halves of each event reach Envoy apart
+def test_envoy_hides_the_usage_chunk_the_server_asked_for(fast: E2E, delay_ms: int):
+    """The OpenAI SDK's default stream (no `include_usage`): the server asks the provider for usage, Envoy's
+    sse_to_metadata reads it and the Lua filter (envoy/lua/hide_usage.lua) removes that chunk, so the stream takes
+    the fast path (two ext_proc messages, none per chunk), the client gets exactly the events it asked for, and the
+    request settles exactly from Envoy's report."""
+    # The prompt as the provider counts it: the same request with the usage chunk asked for by the client.
+    asked = list(fast.openai().chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=20, stream=True,
+                                                       stream_options={"include_usage": True}))
+    prompt = next(c.usage.prompt_tokens for c in asked if c.usage is not None)
+    admin = fast.stack.envoy_admin_port
+    time.sleep(0.3)  # that request's report and settlement are in
+    before, msgs = fast.stats()["budget"]["current_spending_usd"], _ext_proc_messages(admin)
+    reports = counter(fast, "nexus_envoy_reports_total", 'outcome="settled"')
+    body = {"model": "gpt-4o", "messages": MSGS, "max_tokens": 20, "stream": True}
+    with httpx.stream("POST", f"{fast.url}/v1/chat/completions", json=body, timeout=30,
+                      headers={"authorization": "Bearer sk-test", "x-fake-completion-tokens": "7",
+                               "x-fake-delay-ms": str(delay_ms)}) as r:
+        assert r.status_code == 200
+        raw = b"".join(r.iter_bytes())
+    events = [e for e in raw.decode().split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    docs = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert all(d["choices"] and d.get("usage") is None for d in docs)  # no usage chunk reached the client
+    assert sum(1 for d in docs if d["choices"][0]["delta"].get("content")) == 7
+    assert fast.fake_requests("openai")[-1]["stream_options"] == {"include_usage": True}  # asked for by us
+    # gpt-4o: $2.50 in, $10 out per million tokens.
+    assert settled(fast, before) == pytest.approx((prompt * 2.5 + 7 * 10) / 1e6, abs=2e-6)
+    assert counter(fast, "nexus_envoy_reports_total", 'outcome="settled"') - reports == 1
+    assert _ext_proc_messages(admin) - msgs == 2
 
 
 def test_forged_reports_are_refused_and_move_nothing(fast: E2E):

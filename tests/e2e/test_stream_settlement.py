@@ -3,6 +3,7 @@ never leak a reservation. Expected costs are computed independently with genai-p
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from decimal import ROUND_CEILING
@@ -114,10 +115,16 @@ def test_first_chunk_is_not_held_back(budgeted: E2E):
     assert first is not None and first < 1.0  # the first event arrived while the upstream was still writing
 
 
+def _not_exact_settlements(e2e: E2E) -> float:
+    found = re.findall(r'^nexus_settlements_total{source="estimated?"} ([0-9.e+]+)$', e2e.metrics(), re.M)
+    return sum(float(v) for v in found)
+
+
 @pytest.mark.parametrize("fault", ["truncate", "500-mid-stream", "client-abort"])
 @pytest.mark.parametrize("api", ["chat", "anthropic"])
 def test_aborted_streams_release_or_settle_never_leak(budgeted: E2E, fault: str, api: str):
     before, _ = spent(budgeted)
+    not_exact = _not_exact_settlements(budgeted)
     headers = {} if fault == "client-abort" else {"x-fake-fault": fault}
     headers["x-fake-completion-tokens"] = "40"
     if api == "chat":
@@ -146,5 +153,7 @@ def test_aborted_streams_release_or_settle_never_leak(budgeted: E2E, fault: str,
     model, provider = ("gpt-4o", "openai") if api == "chat" else ("claude-sonnet-4-5", "anthropic")
     # At least the output the client actually received is paid for (prompt cost comes on top).
     assert after - before >= expected_micros(model, provider, input_tokens=0, output_tokens=streamed_tokens)
-    m = budgeted.metrics()
-    assert 'nexus_settlements_total{source="estimated"}' in m
+    if fault != "client-abort":  # (a client that leaves may do so after Envoy read the usage event)
+        # The usage never came: settled from our count of what the server read ("estimated"), or, where Envoy
+        # read the stream (docs/streaming.md), at the reservation ("estimate").
+        assert _not_exact_settlements(budgeted) - not_exact == 1
