@@ -29,6 +29,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -317,12 +318,40 @@ def compare_settlement_modes(b: Bench, fake: int, up: int) -> dict[str, dict[str
     stream lengths over the 260 extra chunks, so the per-request work cancels."""
     print("\nBy settlement mode (SQLite budget; JSON 1 KB c=16; streams of 40 and 300 paced events c=8)")
 
-    def stream_body(n: int) -> str:
-        return json.dumps({"model": "gpt-4o-mini", "stream": True, "max_tokens": n, "stream_options": {
-            "include_usage": True}, "messages": [{"role": "user", "content": "hi"}]})
+    def stream_body(n: int, usage: bool = True) -> str:
+        # usage=False: the OpenAI SDK's default, whose usage chunk the server asks for and someone hides.
+        return json.dumps({"model": "gpt-4o-mini", "stream": True, "max_tokens": n, "messages": [
+            {"role": "user", "content": "hi"}], **({"stream_options": {"include_usage": True}} if usage else {})})
 
     def paced(n: int) -> dict[str, str]:
         return {"x-fake-completion-tokens": str(n), "x-fake-delay-ms": "2"}
+
+    def streams(r: dict[str, float], url: str, admin: int, e: Any, x: Any, usage: bool, tag: str) -> None:
+        for n in (40, 300):
+            body = stream_body(n, usage)
+            run_wrk(b.wrk, url, body, 8, 1, paced(n), b.work)  # warm-up
+            m0, e0 = envoy_stat(admin, "ext_proc.stream_msgs_received"), cpu_seconds([e.pid])
+            x0 = cpu_seconds(children_of(x.pid)) if x else 0.0
+            _, p50, _, errs, total = run_wrk(b.wrk, url, body, 8, b.args.duration, paced(n), b.work)
+            k = max(1, total)
+            r[f"{tag}{n}_responses"], r[f"{tag}{n}_errors"], r[f"{tag}{n}_p50_ms"] = total, errs, p50
+            r[f"{tag}{n}_messages_per_response"] = round(
+                (envoy_stat(admin, "ext_proc.stream_msgs_received") - m0) / k, 2)
+            r[f"{tag}{n}_envoy_cpu_us"] = round((cpu_seconds([e.pid]) - e0) / k * 1e6)
+            r[f"{tag}{n}_extproc_cpu_us"] = round((cpu_seconds(children_of(x.pid)) - x0) / k * 1e6) if x else 0
+        per = "" if tag == "s" else tag + "_"
+        r[f"{per}envoy_cpu_us_per_chunk"] = round((r[f"{tag}300_envoy_cpu_us"] - r[f"{tag}40_envoy_cpu_us"]) / 260, 2)
+        r[f"{per}extproc_cpu_us_per_chunk"] = round(
+            (r[f"{tag}300_extproc_cpu_us"] - r[f"{tag}40_extproc_cpu_us"]) / 260, 2)
+
+    def envoys(mode: str, g: int, **params: Any) -> list[tuple[Any, int, int]]:
+        configs = []
+        for upstream in (fake, up):
+            p = EnvoyParams(listen_address=HOST, listen_port=free_port(), admin_port=free_port(),
+                            extproc_ports=[g], upstreams=[Upstream("openai", HOST, upstream)],
+                            access_log_path="/dev/null", settlement=mode, **params)
+            configs.append(b.start_envoy(build_config(p), f"mode-{mode}-{upstream}-{len(params)}"))
+        return configs
 
     out: dict[str, dict[str, float]] = {}
     for mode in ("plain", "ext_proc", "envoy"):
@@ -333,13 +362,7 @@ def compare_settlement_modes(b: Bench, fake: int, up: int) -> dict[str, dict[str
         else:
             db = b.work / f"modes-{mode}.db"
             x, g = b.start_extproc({"kind": "sqlite", "path": str(db)}, 1, settlement=mode)
-            configs = []
-            for upstream in (fake, up):
-                params = EnvoyParams(listen_address=HOST, listen_port=free_port(), admin_port=free_port(),
-                                     extproc_ports=[g], upstreams=[Upstream("openai", HOST, upstream)],
-                                     access_log_path="/dev/null", settlement=mode)
-                configs.append(b.start_envoy(build_config(params), f"mode-{mode}-{upstream}"))
-            (e, port, admin), (ej, jport, jadmin) = configs
+            (e, port, admin), (ej, jport, jadmin) = envoys(mode, g)
         r: dict[str, float] = {}
         json_res = b.measure(f"{mode}: 1 KB JSON", jport, ej, x, chat_body(1024), 16)
         r.update(json_rps=round(json_res.rps), json_envoy_cpu_us=round(json_res.envoy_cpu_us),
@@ -347,19 +370,13 @@ def compare_settlement_modes(b: Bench, fake: int, up: int) -> dict[str, dict[str
         if x is not None:
             r["json_messages_per_request"] = round(messages_per_request(jport, jadmin, chat_body(1024)), 2)
         url = f"http://{HOST}:{port}/v1/chat/completions"
-        for n in (40, 300):
-            body = stream_body(n)
-            run_wrk(b.wrk, url, body, 8, 1, paced(n), b.work)  # warm-up
-            m0, e0 = envoy_stat(admin, "ext_proc.stream_msgs_received"), cpu_seconds([e.pid])
-            x0 = cpu_seconds(children_of(x.pid)) if x else 0.0
-            _, p50, _, errs, total = run_wrk(b.wrk, url, body, 8, b.args.duration, paced(n), b.work)
-            k = max(1, total)
-            r[f"s{n}_responses"], r[f"s{n}_errors"], r[f"s{n}_p50_ms"] = total, errs, p50
-            r[f"s{n}_messages_per_response"] = round((envoy_stat(admin, "ext_proc.stream_msgs_received") - m0) / k, 2)
-            r[f"s{n}_envoy_cpu_us"] = round((cpu_seconds([e.pid]) - e0) / k * 1e6)
-            r[f"s{n}_extproc_cpu_us"] = round((cpu_seconds(children_of(x.pid)) - x0) / k * 1e6) if x else 0
-        r["envoy_cpu_us_per_chunk"] = round((r["s300_envoy_cpu_us"] - r["s40_envoy_cpu_us"]) / 260, 2)
-        r["extproc_cpu_us_per_chunk"] = round((r["s300_extproc_cpu_us"] - r["s40_extproc_cpu_us"]) / 260, 2)
+        streams(r, url, admin, e, x, True, "s")
+        if mode == "envoy":
+            # The OpenAI SDK's default stream: its added usage chunk hidden by Envoy's Lua filter (the default) ...
+            streams(r, url, admin, e, x, False, "lua")
+            # ... or by the server on ext_proc's STREAMED path (hide_usage_in="server"), with the same server.
+            (e2, port2, admin2), _ = envoys(mode, g, hide_usage_in="server")
+            streams(r, f"http://{HOST}:{port2}/v1/chat/completions", admin2, e2, x, False, "srv")
         sse = stream_body(20)
         r["ttft_ms"] = round(asyncio.run(ttft(url, sse, 40)), 2)
         if mode != "plain":
@@ -372,6 +389,15 @@ def compare_settlement_modes(b: Bench, fake: int, up: int) -> dict[str, dict[str
               f"events); per chunk ext_proc {r['extproc_cpu_us_per_chunk']} µs, Envoy {r['envoy_cpu_us_per_chunk']} "
               f"µs; TTFT {r['ttft_ms']} ms; settled after the stream p50/p99 "
               f"{r.get('settle_p50_ms', '-')} / {r.get('settle_p99_ms', '-')} ms", flush=True)
+        if mode == "envoy":
+            for tag, who in (("lua", "Envoy's Lua filter"), ("srv", "the server (STREAMED)")):
+                print(f"  {'':<9} default OpenAI stream, usage chunk hidden by {who}: "
+                      f"{r[f'{tag}40_messages_per_response']} / {r[f'{tag}300_messages_per_response']} messages; "
+                      f"per chunk ext_proc {r[f'{tag}_extproc_cpu_us_per_chunk']} µs, "
+                      f"Envoy {r[f'{tag}_envoy_cpu_us_per_chunk']} µs", flush=True)
+    for tag in ("lua", "srv"):
+        out["envoy"][f"{tag}_envoy_cpu_us_per_chunk_above_plain"] = round(
+            out["envoy"][f"{tag}_envoy_cpu_us_per_chunk"] - out["plain"]["envoy_cpu_us_per_chunk"], 2)
     for mode in ("ext_proc", "envoy"):
         out[mode]["envoy_cpu_us_per_chunk_above_plain"] = round(
             out[mode]["envoy_cpu_us_per_chunk"] - out["plain"]["envoy_cpu_us_per_chunk"], 2)
