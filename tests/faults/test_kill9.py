@@ -16,7 +16,7 @@ import pytest
 
 from tests.faults.conftest import E2E, ledger_spend, post, wait_for
 
-ROUNDS = 5
+ROUNDS = 3
 PER_ROUND = 4
 TTL = 5
 
@@ -27,10 +27,10 @@ def body(stream: bool) -> dict[str, object]:
 
 
 POINTS = {
-    # The fake holds its answer 3 s: the request sits at the provider when the server dies.
-    "awaiting_response": {"x-fake-fault": "slow", "x-fake-delay-ms": "3000"},
-    # The fake sends its headers (they pass through the filter), then the body 3 s later.
-    "after_response_headers": {"x-fake-fault": "slow-body", "x-fake-delay-ms": "3000"},
+    # The fake holds its answer 1.5 s: the request sits at the provider when the server dies.
+    "awaiting_response": {"x-fake-fault": "slow", "x-fake-delay-ms": "1500"},
+    # The fake sends its headers (they pass through the filter), then the body 1.5 s later.
+    "after_response_headers": {"x-fake-fault": "slow-body", "x-fake-delay-ms": "1500"},
     # 40 events 100 ms apart: the server dies after the first ones reached the client.
     "mid_sse": {"x-fake-delay-ms": "100"},
 }
