@@ -413,7 +413,8 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
         access_logs, report_clusters = _reports(len(p.extproc_uds or p.extproc_ports) if p.reports_per_worker else 1)
     if p.settlement == "envoy":  # the server's `auto` reads each stream's response or waits for the report
         ext_proc["typed_config"]["grpc_service"]["initial_metadata"] = [{"key": "x-nexus-settlement", "value": "envoy"}]
-        if p.skip_response_headers and p.hide_usage_in == "envoy" and p.stream_usage == "hidden":
+        # No route of this Envoy sends the server a response message (so it reads none).
+        if p.skip_response_headers and (p.hide_usage_in == "envoy" or p.stream_usage == "visible"):
             ext_proc["typed_config"]["grpc_service"]["initial_metadata"].append(
                 {"key": "x-nexus-usage-hidden-by", "value": "envoy"})
     if p.envoy_token:
