@@ -84,9 +84,11 @@ def assets() -> dict[Path, str]:
                    "adminToken": {"value": "change-me-with-a-real-secret"}})
     redis = render({"store": {"kind": "redis", "redis": {"url": "redis://nexus-redis:6379/0"}}})
     redis_cfg = next(o for o in redis if o["kind"] == "ConfigMap")["data"]["config.yaml"]
-    egress = render({"istio": {"envoyFilter": {"enabled": True}}})
-    egress_envoy = render({"istio": {"envoyFilter": {"enabled": True}}, "settlement": "envoy"})
-    ingress = render({"istio": {"envoyFilter": {"enabled": True, "gateway": "ingressgateway"}}})
+    # The chart's shared secret is random per install: plain manifests go without it (docs/kubernetes.md).
+    untokened = {"envoyToken": {"enabled": False}}
+    egress = render({"istio": {"envoyFilter": {"enabled": True}}, **untokened})
+    egress_envoy = render({"istio": {"envoyFilter": {"enabled": True}}, "settlement": "envoy", **untokened})
+    ingress = render({"istio": {"envoyFilter": {"enabled": True, "gateway": "ingressgateway"}}, **untokened})
     eg = render({"envoyGateway": {"extensionPolicy": {"enabled": True}}})
 
     def kinds(objs: list[dict[str, Any]], *names: str) -> list[dict[str, Any]]:

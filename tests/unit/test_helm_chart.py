@@ -143,3 +143,43 @@ def test_settlement_envoy_sets_the_server_and_the_gateway_together():
                         environ={}).server.settlement == "ext_proc"
     assert "envoy.filters.http.sse_to_metadata" not in yaml.safe_dump(plain)
     assert (CHART / "files" / "settlement-filters.yaml").read_text() == settlement_filters_text()
+
+
+def test_the_istio_gateway_and_the_server_share_one_random_envoy_token():
+    """Issue 27: only the gateway's Envoy may open ext_proc and access-log streams. With the Istio EnvoyFilter the
+    chart makes one token per install, gives it to the server (NEXUS_ENVOY_TOKEN from the Secret) and puts the same
+    value in both grpc_services' initial_metadata; none where the chart does not configure the gateway."""
+    import base64
+
+    def tokens(values: dict) -> tuple[str | None, list[str], list[dict]]:
+        objs = render(values)
+        sec = next((o for o in objs if o["kind"] == "Secret" and o["metadata"]["name"].endswith("-envoy")), None)
+        ef = next((o for o in objs if o["kind"] == "EnvoyFilter"), None)
+        sent: list[str] = []
+
+        def walk(x: Any) -> None:
+            if isinstance(x, dict):
+                if x.get("key") == "x-nexus-envoy-token":
+                    sent.append(x["value"])
+                for v in x.values():
+                    walk(v)
+            elif isinstance(x, list):
+                for v in x:
+                    walk(v)
+
+        walk(ef)
+        env = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0].get(
+            "env", [])
+        return (base64.b64decode(sec["data"]["token"]).decode() if sec else None), sent, env
+
+    istio = {"settlement": "envoy", "istio": {"envoyFilter": {"enabled": True}}}
+    secret, sent, env = tokens(istio)
+    assert secret and len(secret) >= 32 and sent == [secret, secret]  # ext_proc's and the access logger's
+    assert {"name": "NEXUS_ENVOY_TOKEN", "valueFrom": {"secretKeyRef": {
+        "name": "nexus-extproc-envoy", "key": "token"}}} in env
+    cfg = yaml.safe_load(next(o for o in render(istio) if o["kind"] == "ConfigMap")["data"]["config.yaml"])
+    assert parse_config(cfg, environ={}).server.envoy_token_env == "NEXUS_ENVOY_TOKEN"  # what the server reads
+    assert tokens(istio)[0] != secret  # random per install (an upgrade keeps the Secret's, via lookup)
+    assert tokens({**istio, "envoyToken": {"value": "given-token"}})[1] == ["given-token", "given-token"]
+    assert tokens({**istio, "envoyToken": {"enabled": False}}) == (None, [], [])
+    assert tokens({"settlement": "envoy"}) == (None, [], [])  # no gateway of ours to give it to

@@ -45,3 +45,24 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
       "admin_api" (dict "host" "0.0.0.0" "port" (int .Values.service.adminApiPort) "token_file" "/etc/nexus/admin/token") -}}
 {{- toYaml (merge $owned (deepCopy .Values.config)) -}}
 {{- end -}}
+
+{{- /* The gateway's shared secret is used only where the chart also configures that gateway (Istio). */ -}}
+{{- define "nexus.envoyTokenOn" -}}
+{{- if and .Values.envoyToken.enabled .Values.istio.envoyFilter.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{- define "nexus.envoyTokenSecret" -}}{{ include "nexus.fullname" . }}-envoy{{- end -}}
+
+{{- /* The token, resolved once per render (the Secret and the EnvoyFilter must agree): the given value, the one a
+previous install generated, or a new random one. */ -}}
+{{- define "nexus.envoyToken" -}}
+{{- if not (hasKey .Values.envoyToken "resolved") -}}
+{{- $token := .Values.envoyToken.value -}}
+{{- if not $token -}}
+{{- $old := lookup "v1" "Secret" .Release.Namespace (include "nexus.envoyTokenSecret" .) -}}
+{{- $token = ternary (index ($old.data | default dict) "token" | default "" | b64dec) (randAlphaNum 32) (and (not (empty $old)) (hasKey ($old.data | default dict) "token")) -}}
+{{- end -}}
+{{- $_ := set .Values.envoyToken "resolved" $token -}}
+{{- end -}}
+{{- .Values.envoyToken.resolved -}}
+{{- end -}}
