@@ -116,14 +116,17 @@ class BudgetService:
         return done
 
     async def correct(self, req_id: str, adm: Admission, cost: int, record: SpendRecord) -> bool:
-        """A late usage report replacing a settlement made at the estimate; best effort (the estimate stands)."""
+        """A late usage report replacing a settlement made at the estimate. A store that is down keeps it in the
+        outbox behind that settlement (the replay corrects only an estimate, once), which counts as done."""
         if self.ledger is None or not adm.items:
             return False
         try:
             return await self.ledger.correct(req_id, adm.items, cost, record)
         except StoreUnavailable:
             metrics.store_failures.labels("correct").inc()
-            return False
+            self.outbox.append({"op": "correct", "req_id": req_id, "items": [list(i) for i in adm.items],
+                                "cost": cost, "record": {k: getattr(record, k) for k in record.__slots__}})
+            return True
 
     async def mark_forwarded(self, req_id: str, note: ForwardNote) -> None:
         """Best effort: without the mark, a reservation whose process dies is released, not charged."""

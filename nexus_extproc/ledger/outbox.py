@@ -167,5 +167,11 @@ class Outbox:
 
 
 async def _settle(ledger: Ledger, e: dict[str, Any]) -> None:
+    """A settlement, or (`op: correct`) a late report's correction of a settlement made at the estimate; both
+    idempotent in the ledger, so a replay cut short and repeated moves nothing twice."""
     rec = SpendRecord(**e["record"])
-    await ledger.settle(str(e["req_id"]), [tuple(i) for i in e["items"]], int(e["cost"]), rec)
+    items = [tuple(i) for i in e["items"]]
+    if e.get("op") == "correct":
+        await ledger.correct(str(e["req_id"]), items, int(e["cost"]), rec)
+    else:
+        await ledger.settle(str(e["req_id"]), items, int(e["cost"]), rec)

@@ -189,3 +189,29 @@ async def test_closed_mode_refuses_while_settlements_wait_in_memory(tmp_path):
     assert (await svc.admit("r3", CLOUD, None)).decision.action is Action.ALLOW
     assert (await led.inner.totals("global", svc.book.period().key)).settled == 900
     await led.inner.close()
+
+
+async def test_a_late_reports_correction_waits_in_the_outbox_while_the_store_is_down(tmp_path):
+    """Issue 27: a request settled at its estimate (no report in time) whose report comes while the store is
+    down: the correction is kept in the outbox behind the settlement and applied once the store is back; the
+    replay, like the ledger, corrects only an estimate and only once."""
+    db = tmp_path / "l.db"
+    cfg = make_config(budget={"monthly_limit_usd": 100}, store_failure="open",
+                      store={"kind": "sqlite", "path": str(db), "outbox_path": str(tmp_path / "ob.jsonl")})
+    led = Switchable(open_ledger("sqlite", path=str(db)))
+    svc = BudgetService(cfg, led)  # type: ignore[arg-type]
+    keys = [("global", svc.book.period().key)]
+    adm = await svc.admit("late", CLOUD, None)
+    assert await svc.settle("late", adm, CLOUD.estimate_micros,
+                            SpendRecord(time.time(), "gpt-4o", "openai", 10, 64, CLOUD.estimate_micros, "estimate"))
+    led.down = True
+    exact = SpendRecord(time.time(), "gpt-4o", "openai", 10, 3, CLOUD.estimate_micros, "usage")
+    assert await svc.correct("late", adm, 123, exact)  # held, not lost
+    assert await svc.correct("late", adm, 7, exact)  # a second report: held too, but will move nothing
+    assert (await led.inner.totals(*keys[0])).settled == CLOUD.estimate_micros
+    led.down = False
+    await svc.reconcile_once()
+    assert (await led.inner.totals(*keys[0])).settled == 123
+    aggs = [a for a in await led.inner.spend(0, time.time() + 10) if a.budget == "global"]
+    assert [(a.requests, a.cost, a.output_tokens) for a in aggs] == [(1, 123, 3)]
+    await led.inner.close()
