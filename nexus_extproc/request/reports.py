@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from nexus_extproc.ledger import SpendRecord
 from nexus_extproc.ops import metrics
 from nexus_extproc.request.settle import Settlement
 from nexus_extproc.request.snapshot import restore
@@ -127,8 +128,7 @@ class Reports(Settlement):
             metrics.envoy_reports.labels("released_elsewhere").inc()
             metrics.settlements.labels("released").inc()
             return True
-        cost, source = self.compute_final_cost(state)
-        record = self._record(state, cost, source)
+        cost, source, record = self._priced(state)
         if not await self.budget.settle(state.req_id, adm, cost, record):
             # Settled already: at the estimate by its own process (then corrected here), or from this very report.
             done = source == "usage" and await self.budget.correct(state.req_id, adm, cost, record)
@@ -146,12 +146,18 @@ class Reports(Settlement):
             return False
         self._read_report(state, report)
         state.final_cost, state.settle_source = None, None
-        cost, source = self.compute_final_cost(state)
+        cost, source, record = self._priced(state)
         if source != "usage":
             return False
-        done = await self.budget.correct(state.req_id, adm, cost, self._record(state, cost, source))
+        done = await self.budget.correct(state.req_id, adm, cost, record)
         metrics.envoy_reports.labels("corrected" if done else "unmatched").inc()
         return done
+
+    def _priced(self, state: RequestState) -> tuple[int, str, SpendRecord]:
+        """A request read from its report, priced and recorded: what settling it elsewhere or correcting it
+        writes."""
+        cost, source = self.compute_final_cost(state)
+        return cost, source, self._record(state, cost, source)
 
     def _read_report(self, state: RequestState, report: EnvoyReport) -> None:
         stream = state.parsed is not None and state.parsed.stream
