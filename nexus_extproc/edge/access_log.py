@@ -87,7 +87,7 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
     def __init__(self, processor: Processor, peer: PeerCheck) -> None:
         self.processor = processor
         self.peer = peer
-        self._streams: set[asyncio.Task[Any]] = set()
+        self._open = 0  # access-log streams being served (logged at close)
         self._closed = False
         self._closing = asyncio.Event()
 
@@ -96,17 +96,15 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
         and the gRPC server's stop would wait its whole grace period for them. Ended here, Envoy opens the next
         one on a process still serving."""
         self._closed = True
-        log.info("closing access-log streams", extra={"streams": len(self._streams)})
+        log.info("closing access-log streams", extra={"streams": self._open})
         self._closing.set()
 
     async def StreamAccessLogs(self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
                                context: grpc.aio.ServicerContext) -> als_pb2.StreamAccessLogsResponse:
         if self._closed or not await self.peer.allow(context, "access_log"):
             return als_pb2.StreamAccessLogsResponse()
-        task = asyncio.current_task()
-        if task is not None:
-            self._streams.add(task)
         it = request_iterator.__aiter__()
+        self._open += 1
         try:
             while not self._closed:
                 # Each wait also watches for close(): cancelling the handler's task does not end the RPC in
@@ -130,7 +128,7 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
                 # commit, one Redis pipeline) instead of one round trip each.
                 await asyncio.gather(*(self._settle(r) for r in reports))
         finally:
-            self._streams.discard(task)
+            self._open -= 1
         return als_pb2.StreamAccessLogsResponse()
 
     async def _settle(self, report: EnvoyReport) -> None:
