@@ -4,6 +4,7 @@ it (one source of truth)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -145,6 +146,17 @@ def test_settlement_envoy_sets_the_server_and_the_gateway_together():
     assert (CHART / "files" / "settlement-filters.yaml").read_text() == settlement_filters_text()
 
 
+def _mappings(x: Any) -> Iterator[dict]:
+    """Every mapping in a rendered object, depth first."""
+    if isinstance(x, dict):
+        yield x
+        for v in x.values():
+            yield from _mappings(v)
+    elif isinstance(x, list):
+        for v in x:
+            yield from _mappings(v)
+
+
 def test_the_istio_gateway_and_the_server_share_one_random_envoy_token():
     """Issue 27: only the gateway's Envoy may open ext_proc and access-log streams. With the Istio EnvoyFilter the
     chart makes one token per install, gives it to the server (NEXUS_ENVOY_TOKEN from the Secret) and puts the same
@@ -155,19 +167,7 @@ def test_the_istio_gateway_and_the_server_share_one_random_envoy_token():
         objs = render(values)
         sec = next((o for o in objs if o["kind"] == "Secret" and o["metadata"]["name"].endswith("-envoy")), None)
         ef = next((o for o in objs if o["kind"] == "EnvoyFilter"), None)
-        sent: list[str] = []
-
-        def walk(x: Any) -> None:
-            if isinstance(x, dict):
-                if x.get("key") == "x-nexus-envoy-token":
-                    sent.append(x["value"])
-                for v in x.values():
-                    walk(v)
-            elif isinstance(x, list):
-                for v in x:
-                    walk(v)
-
-        walk(ef)
+        sent = [d["value"] for d in _mappings(ef) if d.get("key") == "x-nexus-envoy-token"]
         env = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0].get(
             "env", [])
         return (base64.b64decode(sec["data"]["token"]).decode() if sec else None), sent, env
