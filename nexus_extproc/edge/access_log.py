@@ -83,6 +83,14 @@ def _collect(fut: asyncio.Future[Any]) -> None:
         fut.exception()
 
 
+def _abandon(read: asyncio.Future[Any]) -> None:
+    """A read nobody will consume: it may still end later (grpc.aio does not always honour the cancel), or have
+    ended just now; its outcome, StopAsyncIteration included, is collected so asyncio never logs it as never
+    retrieved."""
+    read.add_done_callback(_collect)
+    read.cancel()
+
+
 class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
     def __init__(self, processor: Processor, peer: PeerCheck) -> None:
         self.processor = processor
@@ -111,13 +119,15 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
                 # grpc.aio (measured: the server's stop still waited its whole grace period); returning does.
                 nxt = asyncio.ensure_future(it.__anext__())
                 closing = asyncio.ensure_future(self._closing.wait())
-                done, _ = await asyncio.wait({nxt, closing}, return_when=asyncio.FIRST_COMPLETED)
-                closing.cancel()
-                if nxt not in done:
-                    # The read may still end later (grpc.aio does not always honour the cancel): its outcome,
-                    # StopAsyncIteration included, is collected so asyncio never logs it as never retrieved.
-                    nxt.add_done_callback(_collect)
-                    nxt.cancel()
+                try:
+                    await asyncio.wait({nxt, closing}, return_when=asyncio.FIRST_COMPLETED)
+                except BaseException:
+                    _abandon(nxt)  # the server's stop cancelled this handler, maybe as the read ended (CI31)
+                    raise
+                finally:
+                    closing.cancel()
+                if not nxt.done():
+                    _abandon(nxt)
                     break
                 try:
                     msg = nxt.result()

@@ -99,11 +99,12 @@ def test_envoy_hides_the_usage_chunk_the_server_asked_for(fast: E2E, delay_ms: i
     the fast path (two ext_proc messages, none per chunk), the client gets exactly the events it asked for, and the
     request settles exactly from Envoy's report."""
     # The prompt as the provider counts it: the same request with the usage chunk asked for by the client.
+    start = fast.stats()["budget"]["current_spending_usd"]
     asked = list(fast.openai().chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=20, stream=True,
                                                        stream_options={"include_usage": True}))
     prompt = next(c.usage.prompt_tokens for c in asked if c.usage is not None)
+    assert settled(fast, start) > 0  # that request's report is in before this one's counts start
     admin = fast.stack.envoy_admin_port
-    time.sleep(0.3)  # that request's report and settlement are in
     before, msgs = fast.stats()["budget"]["current_spending_usd"], _ext_proc_messages(admin)
     reports = counter(fast, "nexus_envoy_reports_total", 'outcome="settled"')
     body = {"model": "gpt-4o", "messages": MSGS, "max_tokens": 20, "stream": True}
