@@ -68,8 +68,8 @@ class EnvoyParams:
     # False: the four-exchange design the mesh integrations use (bench/overhead.py compares both).
     skip_response_headers: bool = True
     # Who reads a stream's usage (server.settlement, docs/streaming.md): "ext_proc", the server chunk by chunk; or
-    # "envoy": sse_to_metadata, reported on the gRPC access-log stream, so no chunk goes to the server (streams
-    # whose usage chunk the server hides keep the ext_proc path). Needs skip_response_headers.
+    # "envoy": sse_to_metadata, reported on the gRPC access-log stream, so no chunk goes to the server (a stream whose
+    # added usage chunk the server hides, hide_usage_in="server", keeps the ext_proc path). Needs skip_response_headers.
     settlement: str = "envoy"
     # server.stream_usage: "visible" sends OpenAI streams whose usage chunk the server adds through Envoy's path too.
     stream_usage: str = "hidden"

@@ -270,7 +270,8 @@ class ServerConfig(_Strict):
     # so a server is right for either shape of Envoy and a change of the Envoy side needs nothing here.
     settlement: Literal["auto", "ext_proc", "envoy"] = "auto"
     # The usage chunk the server asks for when an OpenAI stream did not (`stream_options.include_usage`): `hidden`,
-    # removed from what the client receives (such streams keep the ext_proc path under settlement: envoy), or
+    # removed from what the client receives (by envoy/nexus.yaml's Lua filter where its Envoy says so, else by the
+    # server on the ext_proc path), or
     # `visible`, passed through (they take Envoy's path too; clients ignore a chunk with empty `choices`).
     stream_usage: Literal["hidden", "visible"] = "hidden"
     # With settlement: envoy, a stream whose report has not come this long after its end settles at its estimate.
