@@ -395,6 +395,17 @@ def compare_settlement_modes(b: Bench, fake: int, up: int) -> dict[str, dict[str
                       f"{r[f'{tag}40_messages_per_response']} / {r[f'{tag}300_messages_per_response']} messages; "
                       f"per chunk ext_proc {r[f'{tag}_extproc_cpu_us_per_chunk']} µs, "
                       f"Envoy {r[f'{tag}_envoy_cpu_us_per_chunk']} µs", flush=True)
+    # Envoy mode with Envoy and the server on a Unix socket (server.uds_path): the JSON case only.
+    sock = str(b.work / "modes-uds.sock")
+    xu, _ = b.start_extproc({"kind": "sqlite", "path": str(b.work / "modes-uds.db")}, 1, uds=sock,
+                            settlement="envoy")
+    pu = EnvoyParams(listen_address=HOST, listen_port=free_port(), admin_port=free_port(), extproc_uds=[sock],
+                     upstreams=[Upstream("openai", HOST, up)], access_log_path="/dev/null", settlement="envoy")
+    eu, uport, _ = b.start_envoy(build_config(pu), "mode-envoy-uds")
+    uds = b.measure("envoy over a Unix socket: 1 KB JSON", uport, eu, xu, chat_body(1024), 16)
+    out["envoy"].update(uds_json_rps=round(uds.rps), uds_json_extproc_cpu_us=round(uds.extproc_cpu_us),
+                        uds_json_envoy_cpu_us=round(uds.envoy_cpu_us),
+                        uds_json_rps_ratio=round(uds.rps / max(1, out["plain"]["json_rps"]), 3))
     for tag in ("lua", "srv"):
         out["envoy"][f"{tag}_envoy_cpu_us_per_chunk_above_plain"] = round(
             out["envoy"][f"{tag}_envoy_cpu_us_per_chunk"] - out["plain"]["envoy_cpu_us_per_chunk"], 2)
