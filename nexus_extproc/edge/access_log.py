@@ -31,7 +31,10 @@ def _value(v: struct_pb2.Value | None) -> Any:
     """sse_to_metadata hands a JSON object over as its JSON text; a Struct is taken as it is."""
     if v is None:
         return None
-    out = json_format.MessageToDict(v)
+    # The usual kinds read directly: MessageToDict's generic walk took most of a report's parse.
+    kind = v.WhichOneof("kind")
+    out: Any = v.string_value if kind == "string_value" else (
+        v.number_value if kind == "number_value" else json_format.MessageToDict(v))
     if isinstance(out, str) and out[:1] in ("{", "["):
         try:
             return json.loads(out)
