@@ -406,7 +406,9 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
     if p.settlement == "envoy" and not p.skip_response_headers:
         filters = [*filters[:1], *settlement_filters(), *filters[1:]]  # ext_proc first: see settlement_filters
     elif p.settlement == "envoy":
-        routes, filters = _envoy_settles(routes, filters, p.hide_usage_in)
+        # With a visible usage chunk nothing is hidden: no route for it, and no Lua filter in the chain.
+        hide = p.hide_usage_in if p.stream_usage == "hidden" else "nobody"
+        routes, filters = _envoy_settles(routes, filters, hide)
         if p.stream_usage == "visible":
             routes = routes[1:]  # no stream needs the server to hide its usage chunk
     if p.settlement == "envoy":
