@@ -21,7 +21,13 @@ from nexus_extproc.request.headers import (
     USAGE_METADATA_NAMESPACE,
 )
 
-BODY_LIMIT = 8 * 1024 * 1024  # buffered request/response bodies; keep in step with max_request_body_bytes
+# The largest request body Envoy buffers for the server (json_to_metadata and ext_proc hold the whole body): the
+# Anthropic Messages API's own limit, so a long-context request with images that the provider accepts (9.5 MB was
+# refused at the 8 MiB this used to be) is not refused here. Set per route (the virtual host's
+# request_body_buffer_limit), so the listener's flow-control window stays at CONNECTION_BUFFER. Keep it in step
+# with the server's max_request_body_bytes.
+REQUEST_BODY_LIMIT = 32 * 1024 * 1024
+CONNECTION_BUFFER = 8 * 1024 * 1024  # per-connection read/write buffering (flow control) toward clients and upstreams
 ACCESS_LOG_FORMAT = (
     "[%START_TIME%] \"%REQ(:METHOD)% %REQ(:PATH)%\" %RESPONSE_CODE% %RESPONSE_FLAGS% "
     "upstream=%UPSTREAM_CLUSTER% dur_ms=%DURATION% "
@@ -81,6 +87,8 @@ class EnvoyParams:
     # One access logger per server worker, each taking its worker's requests (the fast path); False: one logger to
     # the whole cluster, as a mesh does (any process settles a report from the request's snapshot).
     reports_per_worker: bool = True
+    # Request bodies past this get Envoy's 413 (in the client's error shape) before the server sees them.
+    request_body_limit: int = REQUEST_BODY_LIMIT
 
 
 # The X-Nexus-* headers the server publishes as request-phase metadata (request/core.py _nexus_headers).
@@ -120,7 +128,7 @@ def _upstream_cluster(u: Upstream, health_interval: str) -> dict[str, Any]:
         "name": u.name,
         "type": "STATIC" if is_ip else "LOGICAL_DNS",
         "connect_timeout": "5s",
-        "per_connection_buffer_limit_bytes": BODY_LIMIT,
+        "per_connection_buffer_limit_bytes": CONNECTION_BUFFER,
         "circuit_breakers": _THRESHOLDS,
         "load_assignment": _endpoints(u.name, u.host, [u.port]),
     }
@@ -436,7 +444,8 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
             "path": p.access_log_path, "log_format": {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}}}},
             *access_logs],
         "local_reply_config": local_reply_config(),
-        "route_config": {"name": "llm", "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}]},
+        "route_config": {"name": "llm", "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes,
+                                                           "request_body_buffer_limit": p.request_body_limit}]},
         "http_filters": [*filters, {"name": "envoy.filters.http.router", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
     }
@@ -470,7 +479,7 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
             "listeners": [{
                 "name": "llm",
                 "address": {"socket_address": {"address": p.listen_address, "port_value": p.listen_port}},
-                "per_connection_buffer_limit_bytes": BODY_LIMIT,
+                "per_connection_buffer_limit_bytes": CONNECTION_BUFFER,
                 "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                                 "typed_config": hcm}]}],
             }],

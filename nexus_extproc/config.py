@@ -251,7 +251,9 @@ class ServerConfig(_Strict):
     # Requests whose text exceeds this many bytes are tokenized in a worker thread (tiktoken releases the GIL)
     # so one huge prompt does not stall every other stream on the event loop.
     thread_tokenize_bytes: int = Field(default=32_768, ge=0)
-    max_request_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # The Anthropic Messages API's own limit (long context with images runs past 8 MiB); Envoy's buffer limit
+    # (request_body_buffer_limit in envoy/nexus.yaml) is the same.
+    max_request_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     # A refusal's Retry-After only when the budget frees up within this many seconds (0: never). The Anthropic
     # SDK and Codex sleep for whatever Retry-After says (a month's reset: ~24 days); past the cap the refusal
     # says `x-should-retry: false` instead, and the reset time is in X-Nexus-Budget-Reset and the body.

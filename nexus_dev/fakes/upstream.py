@@ -128,7 +128,7 @@ class FakeUpstream:
         doc = await req.json()
         self.seen.append({"path": req.path, "model": doc.get("model"), "stream": doc.get("stream", False),
                           "stream_options": doc.get("stream_options"), "headers": sorted(req.headers.keys()),
-                          "upstream": self.name})
+                          "body_bytes": len(await req.read()), "upstream": self.name})
         return doc if isinstance(doc, dict) else {}
 
     def _headers(self, doc: dict[str, Any]) -> dict[str, str]:

@@ -100,7 +100,9 @@ def test_bad_input_is_400_in_provider_shape(e2e, path, body, key):
 
 
 def test_body_over_buffer_limit_is_413(e2e):
-    big = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * (9 * 1024 * 1024)}]})
+    from nexus_dev.envoy_config import REQUEST_BODY_LIMIT
+
+    big = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * (REQUEST_BODY_LIMIT + 1)}]})
     r = httpx.post(e2e.url + "/v1/chat/completions", content=big, headers={"content-type": "application/json"},
                    timeout=30)
     assert r.status_code == 413

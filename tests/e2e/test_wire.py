@@ -108,11 +108,37 @@ def test_unknown_post_path_is_refused_in_the_clients_shape(e2e: E2E):
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
 
 
+def test_long_context_with_images_passes_and_settles(e2e: E2E):
+    """A 9.5 MB Anthropic request (long context and an image), which the provider accepts (its limit is 32 MB),
+    got Envoy's 413 at the old 8 MiB buffer limit; it is admitted, forwarded whole and settled."""
+    import base64
+    import os
+
+    before, _ = spend(e2e)
+    image = base64.b64encode(os.urandom(7 << 20)).decode()
+    client = anthropic.Anthropic(base_url=e2e.url, api_key="sk-ant-test", max_retries=0, timeout=60)
+    msg = client.messages.create(model="claude-haiku-4-5", max_tokens=20, messages=[{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": image}},
+        {"type": "text", "text": "What does this show? " * 2000}]}])
+    assert msg.usage.input_tokens > 8000
+    seen = e2e.fake_requests("anthropic")[-1]
+    assert seen["path"] == "/v1/messages" and seen["body_bytes"] > 9_500_000  # forwarded whole
+    for _ in range(100):
+        after, reserved = spend(e2e)
+        if after > before and reserved == 0:
+            break
+    # claude-haiku-4-5: $1 in, $5 out per million, settled from the provider's usage.
+    expected = (msg.usage.input_tokens * 1 + msg.usage.output_tokens * 5) / 1e6
+    assert after - before == pytest.approx(expected, abs=2e-6)
+
+
 def test_envoys_own_413_speaks_the_clients_api(e2e: E2E):
-    """Past Envoy's 8 MiB buffer (the json_to_metadata filter buffers before ext_proc), Envoy answers itself:
-    the body is still the provider's error shape, not plain text."""
-    big = b'{"model":"claude-sonnet-4-5","max_tokens":5,"messages":[{"role":"user","content":"' + b"x" * (9 << 20) \
-        + b'"}]}'
+    """Past Envoy's 32 MiB request buffer (the json_to_metadata filter buffers before ext_proc), Envoy answers
+    itself: the body is still the provider's error shape, not plain text."""
+    from nexus_dev.envoy_config import REQUEST_BODY_LIMIT
+
+    big = b'{"model":"claude-sonnet-4-5","max_tokens":5,"messages":[{"role":"user","content":"' \
+        + b"x" * (REQUEST_BODY_LIMIT + 1) + b'"}]}'
     r = httpx.post(e2e.url + "/v1/messages", content=big, headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 413 and r.headers["content-type"] == "application/json"
     assert r.json() == {"type": "error", "error": {"type": "request_too_large",
