@@ -89,6 +89,8 @@ class EnvoyParams:
     reports_per_worker: bool = True
     # Request bodies past this get Envoy's 413 (in the client's error shape) before the server sees them.
     request_body_limit: int = REQUEST_BODY_LIMIT
+    # How long a provider may take to answer (the route timeout; a long completion streams for minutes).
+    upstream_timeout: str = "600s"
 
 
 # The X-Nexus-* headers the server publishes as request-phase metadata (request/core.py _nexus_headers).
@@ -155,35 +157,51 @@ def _cel(expression: str) -> dict[str, Any]:
 
 
 _NOT_OURS = _cel("!response.code_details.startsWith('nexus_')")
-# Envoy's own answers (a body over the buffer limit, no healthy upstream, an upstream timeout) in the client's
-# API error shape, as the server's refusals are: Anthropic's under /v1/messages, OpenAI's elsewhere.
+# Envoy's own answers in the client's API error shape, as the server's refusals are: Anthropic's under
+# /v1/messages, OpenAI's elsewhere under /v1/. Other paths (a gateway shared with other traffic) keep Envoy's own.
+# (status, Anthropic type, OpenAI type/code, message); a 500 is Envoy's when the server cannot be reached
+# (failure_mode_allow: false): an empty text/plain body the SDKs could not read.
 _LOCAL_ERRORS = ((413, "request_too_large", "request_too_large", "the request body exceeds the proxy's buffer limit"),
+                 (500, "api_error", "budget_filter_unavailable",
+                  "the budget filter could not be reached; the request was not sent to the provider"),
                  (503, "overloaded_error", "upstream_unavailable", "the upstream is unavailable"),
                  (504, "timeout_error", "upstream_timeout", "the upstream did not answer in time"))
 
 
+def _api_path(anthropic: bool) -> dict[str, Any]:
+    messages = {"name": ":path", "string_match": {"prefix": "/v1/messages"}}
+    if anthropic:
+        return {"header_filter": {"header": messages}}
+    return {"and_filter": {"filters": [
+        {"header_filter": {"header": {"name": ":path", "string_match": {"prefix": "/v1/"}}}},
+        {"header_filter": {"header": {**messages, "invert_match": True}}}]}}
+
+
+def _error_doc(anthropic: bool, anthropic_type: str, openai_type: str, message: str) -> dict[str, Any]:
+    return ({"type": "error", "error": {"type": anthropic_type, "message": message}} if anthropic else
+            {"error": {"message": message, "type": openai_type, "code": openai_type, "param": None}})
+
+
+def _status(status: int) -> dict[str, Any]:
+    return {"status_code_filter": {"comparison": {"op": "EQ", "value": {
+        "default_value": status, "runtime_key": f"nexus.local_reply.{status}"}}}}
+
+
 def local_reply_config() -> dict[str, Any]:
-    anthropic_path = {"name": ":path", "string_match": {"prefix": "/v1/messages"}}
     mappers = []
-    for status, anthropic_type, openai_type, message in _LOCAL_ERRORS:
-        for anthropic in (True, False):
-            on_path = {"header_filter": {"header": anthropic_path if anthropic
-                                         else {**anthropic_path, "invert_match": True}}}
-            doc: dict[str, Any] = (
-                {"type": "error", "error": {"type": anthropic_type, "message": message}} if anthropic else
-                {"error": {"message": message, "type": openai_type, "code": openai_type, "param": None}})
-            mappers.append({"filter": {"and_filter": {"filters": [
-                {"status_code_filter": {"comparison": {"op": "EQ", "value": {
-                    "default_value": status, "runtime_key": f"nexus.local_reply.{status}"}}}},
-                {"extension_filter": _NOT_OURS}, on_path]}},
-                "body_format_override": {"json_format": doc, "content_type": "application/json"}})
     # A WebSocket upgrade where the listener allows none: Envoy answers 403 before any filter runs, and Codex
     # retries a 403 seven times (~6 s) before it falls back to HTTP; a 426 makes it fall back at once.
-    mappers.insert(0, {"filter": {"extension_filter": _cel("response.code_details == 'upgrade_failed'")},
+    mappers.append({"filter": {"extension_filter": _cel("response.code_details == 'upgrade_failed'")},
         "status_code": 426, "body_format_override": {"json_format": {"error": {
             "message": "the WebSocket transport is not served through the budget filter; use HTTP",
             "type": "websocket_not_supported", "code": "websocket_not_supported", "param": None}},
             "content_type": "application/json"}})
+    for status, anthropic_type, openai_type, message in _LOCAL_ERRORS:
+        for anthropic in (True, False):
+            mappers.append({"filter": {"and_filter": {"filters": [
+                _status(status), {"extension_filter": _NOT_OURS}, _api_path(anthropic)]}},
+                "body_format_override": {"json_format": _error_doc(anthropic, anthropic_type, openai_type, message),
+                                         "content_type": "application/json"}})
     return {"mappers": mappers}
 
 
@@ -376,7 +394,7 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
         ext_proc["typed_config"]["response_attributes"] = ["response.code"]
         ext_proc["typed_config"]["metadata_options"]["forwarding_namespaces"] = {
             "untyped": [RESPONSE_METADATA_NAMESPACE]}
-    route_action = {"cluster_header": "x-nexus-upstream", "timeout": "600s", "auto_host_rewrite": True}
+    route_action = {"cluster_header": "x-nexus-upstream", "timeout": p.upstream_timeout, "auto_host_rewrite": True}
     # The cluster is chosen by then: the provider never sees our routing header.
     routes: list[dict[str, Any]] = [{"match": {"prefix": "/"}, "route": route_action,
                                      "request_headers_to_remove": ["x-nexus-upstream"]}]

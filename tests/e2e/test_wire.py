@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 
 import anthropic
 import httpx
@@ -217,3 +218,56 @@ def test_envoys_own_503_speaks_the_clients_api(e2e: E2E, tmp_path):
     finally:
         e2e.restart(budget={"monthly_limit_usd": 1000},
                     store={"kind": "sqlite", "path": str(tmp_path / "ledger2.db")})
+
+
+def test_envoys_own_500_speaks_the_clients_api_when_the_server_is_down(e2e: E2E, tmp_path):
+    """failure_mode_allow: false: with the server unreachable Envoy refuses (nothing reaches a provider unbudgeted)
+    with a 500 whose body was empty text/plain; on the API paths it is now the provider's error shape, and other
+    paths (a gateway shared with other traffic) keep Envoy's own answer."""
+    e2e.stack.stop_extproc()
+    try:
+        r = httpx.post(e2e.url + "/v1/chat/completions", timeout=30,
+                       json={"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "budget_filter_unavailable", r.text
+        r = httpx.post(e2e.url + "/v1/messages", timeout=30, headers={"anthropic-version": "2023-06-01"},
+                       json={"model": "claude-haiku-4-5", "max_tokens": 3,
+                             "messages": [{"role": "user", "content": "Hi"}]})
+        assert r.status_code == 500 and r.json()["type"] == "error" and r.json()["error"]["type"] == "api_error"
+        r = httpx.post(e2e.url + "/internal/thing", content=b"{}", timeout=30)
+        assert r.status_code == 500 and r.headers.get("content-type") != "application/json"
+    finally:
+        e2e.restart(budget={"monthly_limit_usd": 1000}, store={"kind": "sqlite", "path": str(tmp_path / "l.db")})
+
+
+def test_envoys_own_504_speaks_the_clients_api(e2e: E2E):
+    """A provider slower than the route's timeout: Envoy's own 504 reaches an SDK in its provider's error shape.
+    A second Envoy with a 1 s route timeout, in front of the same server and fakes."""
+    from nexus_dev.envoy_config import build_config, dump
+    from nexus_dev.stack import envoy_binary, free_port, wait_http
+
+    stack = e2e.stack
+    params = stack.envoy_params()
+    params.listen_port, params.admin_port, params.upstream_timeout = stack.port(), stack.port(), "1s"
+    cfg = stack.workdir / "envoy-504.yaml"
+    cfg.write_text(dump(build_config(params)))
+    proc = stack._spawn([envoy_binary(), "-c", str(cfg), "--concurrency", "1", "--log-level", "warn",
+                         "--base-id", str(free_port())], "envoy-504")
+    try:
+        wait_http(f"http://127.0.0.1:{params.admin_port}/ready", timeout=30, proc=proc)
+        url = f"http://127.0.0.1:{params.listen_port}"
+        slow = {"x-fake-fault": "slow", "x-fake-delay-ms": "3000"}
+        for _ in range(100):  # until this Envoy's health check has seen the server
+            r = httpx.post(url + "/v1/chat/completions", timeout=30, headers=slow,
+                           json={"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+            if r.status_code != 500:
+                break
+            time.sleep(0.1)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout", r.text
+        r = httpx.post(url + "/v1/messages", timeout=30, headers={"anthropic-version": "2023-06-01", **slow},
+                       json={"model": "claude-haiku-4-5", "max_tokens": 3,
+                             "messages": [{"role": "user", "content": "Hi"}]})
+        assert r.status_code == 504 and r.json() == {"type": "error", "error": {
+            "type": "timeout_error", "message": "the upstream did not answer in time"}}
+    finally:
+        proc.terminate()
+        proc.wait(10)
