@@ -198,6 +198,17 @@ def test_tool_and_session_attribution_from_the_clients_headers(e2e: E2E):
     assert mine[0]["session"].startswith("s-") and "visible" not in str(rows)
 
 
+def _both_apis(url: str, headers: dict[str, str] | None = None) -> tuple[httpx.Response, httpx.Response]:
+    """A minimal OpenAI chat request and a minimal Anthropic one, for the refusals Envoy makes itself."""
+    openai_reply = httpx.post(url + "/v1/chat/completions", timeout=30, headers=headers, json={
+        "model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+    anthropic_reply = httpx.post(url + "/v1/messages", timeout=30,
+                                 headers={"anthropic-version": "2023-06-01", **(headers or {})},
+                                 json={"model": "claude-haiku-4-5", "max_tokens": 3,
+                                       "messages": [{"role": "user", "content": "Hi"}]})
+    return openai_reply, anthropic_reply
+
+
 def test_envoys_own_503_speaks_the_clients_api(e2e: E2E, tmp_path):
     """An upstream that refuses connections: Envoy's own 503 ('upstream connect error…', plain text by default)
     reaches an SDK in its provider's error shape."""
@@ -207,13 +218,9 @@ def test_envoys_own_503_speaks_the_clients_api(e2e: E2E, tmp_path):
             "anthropic": {**BACKENDS["anthropic"], "cluster": "vllm"}}
     e2e.restart(backends=dead, store={"kind": "sqlite", "path": str(tmp_path / "l.db")})
     try:
-        r = httpx.post(e2e.url + "/v1/chat/completions", timeout=30,
-                       json={"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+        r, a = _both_apis(e2e.url)
         assert r.status_code == 503 and r.json()["error"]["code"] == "upstream_unavailable", r.text
-        r = httpx.post(e2e.url + "/v1/messages", timeout=30, headers={"anthropic-version": "2023-06-01"},
-                       json={"model": "claude-haiku-4-5", "max_tokens": 3,
-                             "messages": [{"role": "user", "content": "Hi"}]})
-        assert r.status_code == 503 and r.json() == {"type": "error", "error": {
+        assert a.status_code == 503 and a.json() == {"type": "error", "error": {
             "type": "overloaded_error", "message": "the upstream is unavailable"}}
     finally:
         e2e.restart(budget={"monthly_limit_usd": 1000},
@@ -226,13 +233,9 @@ def test_envoys_own_500_speaks_the_clients_api_when_the_server_is_down(e2e: E2E,
     paths (a gateway shared with other traffic) keep Envoy's own answer."""
     e2e.stack.stop_extproc()
     try:
-        r = httpx.post(e2e.url + "/v1/chat/completions", timeout=30,
-                       json={"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+        r, a = _both_apis(e2e.url)
         assert r.status_code == 500 and r.json()["error"]["code"] == "budget_filter_unavailable", r.text
-        r = httpx.post(e2e.url + "/v1/messages", timeout=30, headers={"anthropic-version": "2023-06-01"},
-                       json={"model": "claude-haiku-4-5", "max_tokens": 3,
-                             "messages": [{"role": "user", "content": "Hi"}]})
-        assert r.status_code == 500 and r.json()["type"] == "error" and r.json()["error"]["type"] == "api_error"
+        assert a.status_code == 500 and a.json()["type"] == "error" and a.json()["error"]["type"] == "api_error"
         r = httpx.post(e2e.url + "/internal/thing", content=b"{}", timeout=30)
         assert r.status_code == 500 and r.headers.get("content-type") != "application/json"
     finally:
@@ -257,16 +260,12 @@ def test_envoys_own_504_speaks_the_clients_api(e2e: E2E):
         url = f"http://127.0.0.1:{params.listen_port}"
         slow = {"x-fake-fault": "slow", "x-fake-delay-ms": "3000"}
         for _ in range(100):  # until this Envoy's health check has seen the server
-            r = httpx.post(url + "/v1/chat/completions", timeout=30, headers=slow,
-                           json={"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+            r, a = _both_apis(url, slow)
             if r.status_code != 500:
                 break
             time.sleep(0.1)
         assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout", r.text
-        r = httpx.post(url + "/v1/messages", timeout=30, headers={"anthropic-version": "2023-06-01", **slow},
-                       json={"model": "claude-haiku-4-5", "max_tokens": 3,
-                             "messages": [{"role": "user", "content": "Hi"}]})
-        assert r.status_code == 504 and r.json() == {"type": "error", "error": {
+        assert a.status_code == 504 and a.json() == {"type": "error", "error": {
             "type": "timeout_error", "message": "the upstream did not answer in time"}}
     finally:
         proc.terminate()
