@@ -259,18 +259,18 @@ def _envoy_settles(routes: list[dict[str, Any]], filters: list[dict[str, Any]], 
     # matched before ext_proc's decision (and before json_to_metadata read `stream`), so a per-route switch would
     # see the default route. Where the server reads the response itself it asks the provider for identity, so the
     # decompressors never hand ext_proc a decoded body (they would stall it).
-    j2m_config = filters[0]["typed_config"]
-    j2m_config["response_rules"] = _json_response_rules()
-    j2m = j2m_config["request_rules"]["rules"]
+    j2m = filters[0]["typed_config"]["request_rules"]["rules"]
     j2m.append({"selectors": [{"key": "stream_options"}, {"key": "include_usage"}],
                 "on_present": {"metadata_namespace": "nexus.request", "key": "usage_requested"},
                 "on_missing": {"metadata_namespace": "nexus.request", "key": "usage_requested",
                                "value": False}})
     ext = next(i for i, f in enumerate(filters) if f["name"] == _EXT_PROC)
-    # Response filters run in reverse: the decompressors, then sse_to_metadata (which reads the usage chunk), then
-    # the Lua filter (which hides it), then ext_proc.
+    # Response filters run in reverse: json_to_metadata's response rules first (see json_response_filter), the
+    # decompressors, then sse_to_metadata (which reads the usage chunk), then the Lua filter (which hides it), then
+    # ext_proc.
     lua = [hide_usage_filter()] if hide_usage_in == "envoy" else []
-    filters = [*filters[:ext + 1], *lua, _sse_filter(), *filters[ext + 1:], *decompressor_filters()]
+    filters = [*filters[:ext + 1], *lua, _sse_filter(), *filters[ext + 1:], *decompressor_filters(),
+               json_response_filter()]
     return [hidden, fast, *rest], filters
 
 
@@ -308,10 +308,19 @@ def settlement_filters() -> list[dict[str, Any]]:
     The server turns ext_proc's response body off for each request at its response headers (mode_override), so
     no route needs changing; requests it must read itself (an OpenAI stream whose usage chunk it hides) it keeps.
     """
-    j2m = {"name": "envoy.filters.http.json_to_metadata", "typed_config": {
+    return [_sse_filter(), *decompressor_filters(), json_response_filter()]
+
+
+def json_response_filter() -> dict[str, Any]:
+    """json_to_metadata's response rules, placed last before the router so that it reads a JSON answer first, as the
+    provider sent it. After a decompressor it would hang the response: a decompressor that decoded a body ends it
+    with trailers, and json_to_metadata, holding the body for its end, never completes it (measured with 1.40: a
+    JSON answer gzipped against the server's `accept-encoding: identity` never reached the client). Here a
+    compressed JSON answer (a provider ignoring identity) is unreadable to it, reaches the client decoded by the
+    decompressors, and settles at its estimate (`nexus_envoy_reports_total{outcome="no_usage"}`)."""
+    return {"name": "envoy.filters.http.json_to_metadata.response", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
         "response_rules": _json_response_rules()}}
-    return [j2m, _sse_filter(), *decompressor_filters()]
 
 
 def _reports(workers: int) -> tuple[list[dict[str, Any]], list[str]]:
@@ -338,13 +347,40 @@ def _reports(workers: int) -> tuple[list[dict[str, Any]], list[str]]:
     return [logger(n, i) for i, n in enumerate(names)], names
 
 
+def _cel_call(node: int, function: str, *args: dict[str, Any]) -> dict[str, Any]:
+    return {"id": node, "call_expr": {"function": function, "args": list(args)}}
+
+
 def decompressor_filters() -> list[dict[str, Any]]:
+    """Envoy's decompressors, each skipped for a request whose response the server reads itself (its request-phase
+    metadata says `server_reads`: a stream whose added usage chunk it removes). The server asks the provider for
+    identity there; one that compresses anyway then reaches the server as it was sent, and the server decodes it,
+    instead of decoded by Envoy: a decompressor ends a decoded body with trailers, and ext_proc holding that body
+    never completes it (measured with 1.40: the client waited until its timeout)."""
+    server_reads = {"single_predicate": {
+        "input": {"name": "attributes", "typed_config": {
+            "@type": "type.googleapis.com/xds.type.matcher.v3.HttpAttributesCelMatchInput"}},
+        "custom_match": {"name": "server_reads", "typed_config": {
+            "@type": "type.googleapis.com/xds.type.matcher.v3.CelMatcher",
+            # metadata.filter_metadata['nexus.extproc']['server_reads'] == true, as the parsed expression
+            # (Envoy 1.40's matcher takes no expression string).
+            "expr_match": {"cel_expr_parsed": {"expr": _cel_call(1, "_==_", _cel_call(
+                2, "_[_]", _cel_call(3, "_[_]", {"id": 4, "select_expr": {
+                    "operand": {"id": 5, "ident_expr": {"name": "metadata"}}, "field": "filter_metadata"}},
+                    {"id": 6, "const_expr": {"string_value": METADATA_NAMESPACE}}),
+                {"id": 7, "const_expr": {"string_value": "server_reads"}}),
+                {"id": 8, "const_expr": {"bool_value": True}})}}}}}}
+    skip = {"action": {"name": "skip", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter"}}}
     return [{"name": f"envoy.filters.http.decompressor.{enc}", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.decompressor.v3.Decompressor",
-        "decompressor_library": {"name": enc, "typed_config": {"@type": f"type.googleapis.com/{lib}"}},
-        # The server decides what the provider may send (request/inbound.py): no advertising here.
-        "request_direction_config": {"advertise_accept_encoding": False, "common_config": {"enabled": {
-            "default_value": False, "runtime_key": f"nexus.decompressor.{enc}.request"}}}}}
+        "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+        "extension_config": {"name": f"envoy.filters.http.decompressor.{enc}", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.decompressor.v3.Decompressor",
+            "decompressor_library": {"name": enc, "typed_config": {"@type": f"type.googleapis.com/{lib}"}},
+            # The server decides what the provider may send (request/inbound.py): no advertising here.
+            "request_direction_config": {"advertise_accept_encoding": False, "common_config": {"enabled": {
+                "default_value": False, "runtime_key": f"nexus.decompressor.{enc}.request"}}}}},
+        "xds_matcher": {"matcher_list": {"matchers": [{"predicate": server_reads, "on_match": skip}]}}}}
         for enc, lib in (("gzip", "envoy.extensions.compression.gzip.decompressor.v3.Gzip"),
                          ("br", "envoy.extensions.compression.brotli.decompressor.v3.Brotli"),
                          ("zstd", "envoy.extensions.compression.zstd.decompressor.v3.Zstd"))]

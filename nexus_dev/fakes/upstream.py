@@ -11,7 +11,7 @@ count toward input tokens; the Responses stream sends the full event sequence (`
 `content_part.added`, deltas, `.done` events, `response.completed`); Anthropic's `message_delta` repeats the input
 usage; `count_tokens`, `/v1/responses/compact`, `GET /v1/models` and `HEAD /` answer. With `--compress` (the demo)
 or `x-fake-encoding: gzip|br|zstd|deflate`, answers are compressed as the client's accept-encoding allows, SSE
-flushed per event, as the Anthropic API does.
+flushed per event, as the Anthropic API does (`x-fake-encoding-ignores: accept-encoding`: whatever it allows).
 """
 
 from __future__ import annotations
@@ -117,11 +117,13 @@ class FakeUpstream:
 
     def _encoding(self, req: web.Request) -> str | None:
         """The provider's choice: forced by x-fake-encoding, or with --compress its preference the client
-        accepts; never one the request's accept-encoding refuses."""
+        accepts; never one the request's accept-encoding refuses, unless the test says `x-fake-encoding-ignores:
+        accept-encoding` (a provider or a CDN in front of it that compresses what it was asked not to)."""
         ae = req.headers.get("accept-encoding", "")
         want = req.headers.get("x-fake-encoding")
         if want:
-            return want if accepts(ae, want) else None
+            rude = req.headers.get("x-fake-encoding-ignores") == "accept-encoding"
+            return want if rude or accepts(ae, want) else None
         return pick(ae) if self.compress else None
 
     async def _read(self, req: web.Request) -> dict[str, Any]:

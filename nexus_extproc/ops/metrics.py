@@ -37,8 +37,9 @@ passthrough = Counter("nexus_passthrough_requests_total",
 websocket_refused = Counter("nexus_websocket_upgrades_refused_total",
                             "WebSocket upgrades answered 426 (clients fall back to HTTP, which is metered)")
 envoy_reports = Counter("nexus_envoy_reports_total",
-                        "Responses settled from Envoy's access-log report, by outcome: settled, unmatched (no "
-                        "request waits for it), missing (none came in time: settled at the estimate), corrected (a "
+                        "Responses settled from Envoy's access-log report, by outcome: settled, no_usage (a report "
+                        "without final usage: settled at the estimate), unmatched (no request waits for it), "
+                        "missing (none came in time: settled at the estimate), corrected (a "
                         "late one replaced that estimate), settled_elsewhere / released_elsewhere (a request another "
                         "process admitted, from its snapshot), elsewhere (none came here: another process had it)",
                         ["outcome"])

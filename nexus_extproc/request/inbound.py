@@ -243,9 +243,10 @@ class Inbound(Estimation):
         if accept is not None:
             if accept != state.accept_encoding:
                 reply.set_headers.append(("accept-encoding", accept))
-        elif state.envoy_settles and not parsed.stream:
-            # Said outright, not left to an absent header (which allows any coding): a compressed JSON answer
-            # would never complete behind json_to_metadata and the decompressor (docs/streaming.md).
+        elif state.added_stream_usage or (state.envoy_settles and not parsed.stream):
+            # Said outright, not left to an absent header (which allows any coding): the server edits that stream
+            # (it removes the usage chunk it added), and json_to_metadata reads a JSON answer only uncompressed
+            # (docs/streaming.md).
             reply.set_headers.append(("accept-encoding", "identity"))
         elif state.accept_encoding is not None:
             reply.remove_headers.append("accept-encoding")
@@ -265,6 +266,8 @@ class Inbound(Estimation):
             "token_tier": tier,
             **dict(self._nexus_headers(state)),  # envoy/nexus.yaml's routes add them to the response
         }
+        if state.server_hides_usage or not state.envoy_settles:
+            reply.metadata["server_reads"] = True  # Envoy's decompressors skip it (nexus_dev/envoy_config.py)
         if state.envoy_settles:
             reply.metadata["worker"] = self.worker  # which process Envoy's report should reach
             reply.metadata["instance"] = self.instance

@@ -186,7 +186,10 @@ class Reports(Settlement):
         state.awaits_report = False
         self._read_report(state, report)
         state.response_complete = True
-        metrics.envoy_reports.labels("settled").inc()
+        # no_usage: an answer whose report carried no final usage, settled at its estimate (a client that left
+        # early, an answer without usage, a JSON answer compressed against the server's identity request).
+        read = state.usage_final or (state.response_status or 0) >= 400
+        metrics.envoy_reports.labels("settled" if read else "no_usage").inc()
         await self.finish(state)
 
     def _keep_early(self, report: EnvoyReport) -> None:

@@ -290,3 +290,18 @@ def test_the_mesh_shape_settles_in_envoy_too(tmp_path):
         assert chunks and all(c.choices for c in chunks)  # no usage-only chunk reached the client
         assert settled(e2e, before) > 0
         assert counter(e2e, "nexus_envoy_reports_total", 'outcome="settled"') - reports == 2
+
+        # The same stream from a provider that compresses it although the server asked for identity: Envoy's
+        # decompressors skip what the server reads (a decoded body would stall ext_proc: the client waited until
+        # its timeout), so the provider's gzip reaches the server, which decodes its own copy and settles it
+        # exactly; the client gets the provider's bytes as sent (their usage chunk included: not edited).
+        before = e2e.stats()["budget"]["current_spending_usd"]
+        rude = {"x-fake-completion-tokens": "6", "x-fake-encoding": "gzip",
+                "x-fake-encoding-ignores": "accept-encoding"}
+        r = httpx.post(e2e.url + "/v1/chat/completions", headers=rude, timeout=15, json={
+            "model": "gpt-4o", "messages": MSGS, "max_tokens": 20, "stream": True})
+        assert r.status_code == 200 and r.headers["content-encoding"] == "gzip" and r.text.endswith("[DONE]\n\n")
+        usage = next(json.loads(line[6:])["usage"] for line in r.text.splitlines()
+                     if line.startswith("data: {") and json.loads(line[6:]).get("usage"))
+        assert settled(e2e, before) == pytest.approx(
+            (usage["prompt_tokens"] * 2.5 + usage["completion_tokens"] * 10) / 1e6, abs=2e-6)

@@ -270,3 +270,43 @@ def test_envoys_own_504_speaks_the_clients_api(e2e: E2E):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_answers_compressed_against_identity_never_hang(e2e: E2E):
+    """Whatever the provider does: the server asks for identity where a reader would stall on a decoded body (a
+    JSON answer read by json_to_metadata), and a provider (or a CDN) that compresses anyway must not hang the
+    client. The JSON answer reaches the client decoded and settles at its estimate (its usage unread, counted);
+    a stream compressed the same way is decoded by Envoy and settles exactly."""
+    rude = {"x-fake-encoding": "gzip", "x-fake-encoding-ignores": "accept-encoding", "accept-encoding": "identity",
+            "x-fake-completion-tokens": "9"}
+    for _ in range(200):  # nothing of an earlier test's still in flight
+        before_spend, reserved = spend(e2e)
+        if reserved == 0:
+            break
+        time.sleep(0.05)
+    unread = counter(e2e, "nexus_envoy_reports_total", 'outcome="no_usage"')
+    r = httpx.post(e2e.url + "/v1/chat/completions", headers=rude, timeout=15, json={
+        "model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 9
+    assert e2e.fake_requests("openai")[-1]["path"] == "/v1/chat/completions"
+    for _ in range(100):
+        after, reserved = spend(e2e)
+        if after > before_spend and reserved == 0:
+            break
+        time.sleep(0.05)
+    assert after - before_spend == pytest.approx(float(r.headers["x-nexus-cost-estimated"]), abs=2e-6)
+    assert counter(e2e, "nexus_envoy_reports_total", 'outcome="no_usage"') - unread == 1
+
+    before_spend = after
+    client = anthropic.Anthropic(base_url=e2e.url, api_key="sk-ant-test", max_retries=0, timeout=15,
+                                 default_headers=rude)
+    with client.messages.stream(model="claude-haiku-4-5", max_tokens=50,
+                                messages=[{"role": "user", "content": "Hi"}]) as s:
+        final = s.get_final_message()
+    for _ in range(100):
+        after, reserved = spend(e2e)
+        if after > before_spend and reserved == 0:
+            break
+        time.sleep(0.05)
+    # claude-haiku-4-5: $1 in, $5 out per million, from the provider's usage.
+    assert after - before_spend == pytest.approx((final.usage.input_tokens + 9 * 5) / 1e6, abs=2e-6)

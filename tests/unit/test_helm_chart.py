@@ -135,7 +135,11 @@ def test_settlement_envoy_sets_the_server_and_the_gateway_together():
     assert cfg.server.settlement == "envoy"
     ef = next(o for o in objs if o["kind"] == "EnvoyFilter")
     names = [p["patch"]["value"].get("name") for p in ef["spec"]["configPatches"]]
-    assert "envoy.filters.http.sse_to_metadata" in names and "envoy.filters.http.json_to_metadata" in names
+    from nexus_dev.envoy_config import settlement_filters
+
+    # All of them, in their order (each inserted before the router): json_to_metadata's response rules last.
+    wanted = [f["name"] for f in settlement_filters()]
+    assert [n for n in names if n in wanted] == wanted and wanted[-1].startswith("envoy.filters.http.json_to_metadata")
     logs = [a for p in ef["spec"]["configPatches"] if p["applyTo"] == "NETWORK_FILTER"
             for a in p["patch"]["value"]["typed_config"].get("access_log", [])]
     assert [a["name"] for a in logs] == ["envoy.access_loggers.http_grpc"]
