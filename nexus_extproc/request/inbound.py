@@ -243,13 +243,12 @@ class Inbound(Estimation):
         if accept is not None:
             if accept != state.accept_encoding:
                 reply.set_headers.append(("accept-encoding", accept))
-        elif state.added_stream_usage or (state.envoy_settles and not parsed.stream):
-            # Said outright, not left to an absent header (which allows any coding): the server edits that stream
-            # (it removes the usage chunk it added), and json_to_metadata reads a JSON answer only uncompressed
+        elif state.accept_encoding is not None or state.added_stream_usage or state.envoy_settles:
+            # Said outright, not left to an absent header (which allows any coding): nothing the client accepts
+            # is readable here (a client saying `compress` only must not get gzip), the server edits that stream
+            # (it removes the usage chunk it added), or json_to_metadata reads that JSON answer only uncompressed
             # (docs/streaming.md).
             reply.set_headers.append(("accept-encoding", "identity"))
-        elif state.accept_encoding is not None:
-            reply.remove_headers.append("accept-encoding")
         if rerouted or add_usage:
             new_body = tr.rewrite(parsed.doc, model=state.model if rerouted else None, add_stream_usage=add_usage)
             if len(new_body) > self.config.server.max_request_body_bytes:

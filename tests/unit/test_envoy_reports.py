@@ -316,3 +316,30 @@ def test_auto_follows_what_each_streams_envoy_declares(counter, tmp_path, settin
         await proc.finish(st)
         assert st.awaits_report is waits and st.finished is not waits
     asyncio.run(go())
+
+
+@pytest.mark.parametrize(("settlement", "client", "stream", "upstream"), [
+    ("ext_proc", "compress", False, "identity"),  # nothing the client takes is readable: not "any coding"
+    ("ext_proc", "br, compress", False, "br"),  # narrowed to what the server reads
+    ("ext_proc", "gzip", False, None),  # readable as it is: left alone
+    ("ext_proc", None, False, None),  # the client said nothing: nothing said for it
+    ("envoy", None, False, "identity"),  # json_to_metadata reads JSON uncompressed only
+    ("envoy", "gzip, deflate", True, "gzip"),  # a stream Envoy decodes: what its decompressors read
+])
+def test_what_the_provider_may_compress_with(counter, tmp_path, settlement, client, stream, upstream):
+    """The accept-encoding the provider gets (None: the client's, untouched). A narrowing that leaves nothing says
+    identity outright: removing the header would allow any coding, one the client may not read."""
+    async def go():
+        cfg = make_config(budget={"monthly_limit_usd": 100}, store={"kind": "sqlite", "path": str(tmp_path / "l.db")},
+                          server={"settlement": settlement})
+        proc = build(cfg, counter).processor
+        st = RequestState()
+        headers = {":method": "POST", ":path": "/v1/messages", "content-type": "application/json"}
+        if client is not None:
+            headers["accept-encoding"] = client
+        proc.request_headers(st, headers, False)
+        r = await proc.request_body(st, json.dumps(request_doc("/v1/messages", "claude-sonnet-4-5",
+                                                               stream=stream)).encode())
+        assert dict(r.set_headers).get("accept-encoding") == upstream, r.set_headers
+        assert "accept-encoding" not in r.remove_headers
+    asyncio.run(go())
