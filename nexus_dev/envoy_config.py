@@ -238,8 +238,9 @@ def _envoy_settles(routes: list[dict[str, Any]], filters: list[dict[str, Any]], 
     """settlement="envoy": responses leave ext_proc's response path. sse_to_metadata keeps a stream's answered
     model and usage (OpenAI's last `usage`, Anthropic's `message.usage` then `message_delta` usage, Responses'
     `response.usage`) in `nexus.usage`, json_to_metadata does the same for a JSON answer, field by field, and the
-    gRPC access log brings it to the server. The decompressors only ever see a compressed stream: with ext_proc or
-    json_to_metadata holding a decoded body they never complete it (the server asks for identity there)."""
+    gRPC access log brings it to the server. No buffering reader ever holds a body a decompressor decoded (it would
+    never complete): json_to_metadata's response rules read before the decompressors, and the decompressors skip
+    what ext_proc reads (json_response_filter, decompressor_filters)."""
     stream_route, *rest = routes
     off = {_EXT_PROC: {"@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
                        "overrides": {"processing_mode": {**_mode("SKIP", "NONE")}}}}
@@ -257,8 +258,8 @@ def _envoy_settles(routes: list[dict[str, Any]], filters: list[dict[str, Any]], 
             "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute", "name": "hide_usage"}}
     # sse_to_metadata and the decompressors run on every route: Envoy builds a stream's filter chain from the route
     # matched before ext_proc's decision (and before json_to_metadata read `stream`), so a per-route switch would
-    # see the default route. Where the server reads the response itself it asks the provider for identity, so the
-    # decompressors never hand ext_proc a decoded body (they would stall it).
+    # see the default route. Where the server reads the response itself the decompressors skip it (their matcher,
+    # decompressor_filters), so they never hand ext_proc a decoded body (it would stall).
     j2m = filters[0]["typed_config"]["request_rules"]["rules"]
     j2m.append({"selectors": [{"key": "stream_options"}, {"key": "include_usage"}],
                 "on_present": {"metadata_namespace": "nexus.request", "key": "usage_requested"},
