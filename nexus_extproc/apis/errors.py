@@ -99,5 +99,13 @@ def store_unavailable() -> NexusError:
     return NexusError(503, "budget_store_unavailable", "budget store unavailable; request not admitted")
 
 
+def encoded_body() -> NexusError:
+    """A compressed request body (Codex compresses with zstd, toward the ChatGPT backend only): refused up front in
+    the client's shape instead of failing as 'not JSON' after the body was buffered."""
+    return NexusError(415, "unsupported_content_encoding",
+                      "compressed request bodies (content-encoding) are not read by the budget filter; "
+                      "send the body uncompressed (Codex: features.enable_request_compression = false)")
+
+
 def payload_too_large(limit: int) -> NexusError:
     return NexusError(413, "request_too_large", f"request body exceeds the {limit}-byte limit")

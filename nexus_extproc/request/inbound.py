@@ -14,6 +14,7 @@ from nexus_extproc.apis.errors import (
     NexusError,
     bad_request,
     budget_exceeded,
+    encoded_body,
     model_not_allowed,
     not_found,
     payload_too_large,
@@ -86,6 +87,8 @@ class Inbound(Estimation):
                 return self._error(state, bad_request(str(e)), "bad_attribution")
         if method != "POST" or end_of_stream:
             return self._error(state, bad_request("a JSON request body is required"), "no_body")
+        if headers.get("content-encoding", "identity").strip().lower() not in ("identity", ""):
+            return self._error(state, encoded_body(), "encoded_body")
         try:
             length = int(headers.get("content-length", "0") or 0)
         except ValueError:

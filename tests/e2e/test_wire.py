@@ -4,6 +4,7 @@ refusals speak the client's API, and our routing header never reaches a provider
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import time
@@ -310,3 +311,24 @@ def test_answers_compressed_against_identity_never_hang(e2e: E2E):
         time.sleep(0.05)
     # claude-haiku-4-5: $1 in, $5 out per million, from the provider's usage.
     assert after - before_spend == pytest.approx((final.usage.input_tokens + 9 * 5) / 1e6, abs=2e-6)
+
+
+def test_a_compressed_request_body_is_refused_up_front(e2e: E2E):
+    """A request body sent compressed (Codex zstd-compresses toward the ChatGPT backend) cannot be read: a clear
+    415 in the client's shape at the request headers, nothing reserved, nothing sent on; it used to be buffered
+    and refused as 'not UTF-8 encoded JSON'."""
+    import gzip
+
+    before = spend(e2e)
+    seen = len(e2e.fake_requests("openai")) + len(e2e.fake_requests("anthropic"))
+    doc = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}
+    r = httpx.post(e2e.url + "/v1/chat/completions", content=gzip.compress(json.dumps(doc).encode()), timeout=10,
+                   headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_content_encoding", r.text
+    doc = {"model": "claude-haiku-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": "Hi"}]}
+    r = httpx.post(e2e.url + "/v1/messages", content=gzip.compress(json.dumps(doc).encode()), timeout=10,
+                   headers={"content-type": "application/json", "content-encoding": "zstd"})
+    assert r.status_code == 415 and r.json()["error"]["type"] == "unsupported_content_encoding", r.text
+    assert spend(e2e) == before
+    assert len(e2e.fake_requests("openai")) + len(e2e.fake_requests("anthropic")) == seen
+    assert re.search(r'^nexus_bad_requests_total\{reason="encoded_body"\} 2\.0$', e2e.metrics(), re.M)
