@@ -82,6 +82,12 @@ def test_codex_exhausted_budget_ends_within_bounded_retries(live: Live, tmp_path
         new = live.access_log()[len(before):]
         assert 1 <= new.count('" 503 ') <= 40 and '" 200 ' not in new
         assert live.settled() == (0, 0)
+        # The README's way to stop at the first refusal: no retries on the provider entry.
+        before = live.access_log()
+        out, elapsed, rc = codex(live, provider_config(live.url) + "request_max_retries = 0\nstream_max_retries = 0\n")
+        assert rc != 0 and "budget exhausted" in out, out[-2000:]
+        assert elapsed < 15, elapsed
+        assert live.access_log()[len(before):].count('" 503 ') == 1
     finally:
         live.restart(budget={"monthly_limit_usd": 1000},
                      store={"kind": "sqlite", "path": str(live.stack.workdir / "ledger.db")})
