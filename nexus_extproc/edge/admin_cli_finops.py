@@ -15,6 +15,7 @@ import grpc
 from nexus_extproc.api import budget_admin_pb2 as pb
 from nexus_extproc.api import budget_admin_pb2_grpc as pb_grpc
 from nexus_extproc.budget.reports import parse_range, to_table
+from nexus_extproc.config import ScopeConfig
 from nexus_extproc.edge.pb_terms import ACTION_TO_PB
 from nexus_extproc.metering.money import usd_to_micros
 
@@ -99,8 +100,7 @@ def run_finops(args: argparse.Namespace, token: str) -> int:
                 scope = pb.BudgetScope()
                 for kv in args.scope:
                     k, _, v = kv.partition("=")
-                    if k not in ("user", "team", "agent", "tool", "session", "model", "backend_type",
-                                 "api_key_hash") or not v:
+                    if k not in ScopeConfig.model_fields or not v:
                         raise SystemExit(f"nexus-extproc: bad --scope {kv!r}")
                     setattr(scope, k, v)
                 req = pb.CreateBudgetRequest(

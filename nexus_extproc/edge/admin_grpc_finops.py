@@ -14,7 +14,7 @@ from nexus_extproc.budget.book import Settings
 from nexus_extproc.budget.focus import to_focus_csv
 from nexus_extproc.budget.periods import period_value
 from nexus_extproc.budget.reports import to_csv
-from nexus_extproc.config import BudgetDefConfig
+from nexus_extproc.config import BudgetDefConfig, ScopeConfig
 from nexus_extproc.edge.admin_grpc_base import AdminBase, forecast_pb, range_of, ts_pb
 from nexus_extproc.edge.pb_terms import ACTION_FROM_PB
 from nexus_extproc.ledger import AlertRecord
@@ -43,11 +43,9 @@ class LifecycleRpcs(AdminBase):
         else:
             spec["limit_tokens"] = request.limit_tokens
         if request.HasField("scope"):
-            spec["scope"] = {k: v for k, v in (("user", request.scope.user), ("team", request.scope.team),
-                                               ("agent", request.scope.agent), ("model", request.scope.model),
-                                               ("backend_type", request.scope.backend_type),
-                                               ("api_key_hash", request.scope.api_key_hash),
-                                               ("tool", request.scope.tool), ("session", request.scope.session)) if v}
+            # BudgetScope carries ScopeConfig's fields by name (a unit test holds them equal).
+            spec["scope"] = {k: getattr(request.scope, k) for k in ScopeConfig.model_fields
+                             if getattr(request.scope, k)}
         for key, value in (("period", period_value(request.period) if request.period else ""),
                            ("timezone", request.timezone), ("max_instances", request.max_instances)):
             if value:

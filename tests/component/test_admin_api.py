@@ -177,3 +177,11 @@ async def test_status_names_a_short_window_by_its_window(counter, tmp_path):
         assert periods["burst"] == "rolling 15m" and periods["global"] == datetime.now(UTC).strftime("%Y-%m")
     finally:
         await server.stop(0)
+
+
+def test_the_api_scope_names_every_scope_field():
+    """CreateBudget and the CLI's --scope read ScopeConfig's fields by name from BudgetScope: a scope field the
+    config gains without the message (or the other way round) fails here, not at a caller's request."""
+    from nexus_extproc.config import ScopeConfig
+
+    assert {f.name for f in pb.BudgetScope.DESCRIPTOR.fields} == set(ScopeConfig.model_fields)
