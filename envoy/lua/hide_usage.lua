@@ -25,6 +25,13 @@ local function event_end(data, pos)
 end
 
 function envoy_on_response(handle)
+  -- Only an event stream has events to hide. Anything else on this route (the filter's own refusal in the
+  -- provider's JSON error shape, an upstream's error page) goes out untouched: held as a partial event, it
+  -- would never be sent.
+  local ctype = handle:headers():get("content-type") or ""
+  if find(ctype, "text/event-stream", 1, true) == nil then
+    return
+  end
   local carry = ""
   for chunk in handle:bodyChunks() do
     local n = chunk:length()

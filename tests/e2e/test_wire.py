@@ -332,3 +332,26 @@ def test_a_compressed_request_body_is_refused_up_front(e2e: E2E):
     assert spend(e2e) == before
     assert len(e2e.fake_requests("openai")) + len(e2e.fake_requests("anthropic")) == seen
     assert re.search(r'^nexus_bad_requests_total\{reason="encoded_body"\} 2\.0$', e2e.metrics(), re.M)
+
+
+def test_a_refused_default_openai_stream_gets_its_error_body(e2e: E2E, tmp_path):
+    """The OpenAI SDK's default stream (no include_usage) takes the route whose Lua filter hides the usage chunk
+    the server adds. The filter's own refusals on that route are JSON, not events: they reach the client whole
+    (the Lua filter held them as a partial event, and a 400 or a budget's 503 arrived with an empty body)."""
+    import openai
+
+    client = e2e.openai()
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}], stream=True,
+                                       max_tokens=-5)
+    assert bad.value.code == "invalid_request_error" and "max_tokens" in bad.value.message
+    e2e.restart(budget={"monthly_limit_usd": 0.000001, "hard_limit_action": "block_all"},
+                store={"kind": "sqlite", "path": str(tmp_path / "exhausted.db")})
+    try:
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}],
+                                           stream=True)
+        assert refused.value.status_code == 503 and refused.value.code == "budget_exceeded", refused.value
+        assert refused.value.response.headers["x-should-retry"] == "false"
+    finally:
+        e2e.restart(budget={"monthly_limit_usd": 1000}, store={"kind": "sqlite", "path": str(tmp_path / "l.db")})
