@@ -91,6 +91,9 @@ class EnvoyParams:
     request_body_limit: int = REQUEST_BODY_LIMIT
     # How long a provider may take to answer (the route timeout; a long completion streams for minutes).
     upstream_timeout: str = "600s"
+    # Envoy's gzip compressor toward clients that accept it, first in the chain (so last on the response, after
+    # everything that reads the provider's decoded answer): what an Envoy that already compresses looks like.
+    compress_to_client: bool = False
 
 
 # The X-Nexus-* headers the server publishes as request-phase metadata (request/core.py _nexus_headers).
@@ -348,6 +351,15 @@ def _reports(workers: int) -> tuple[list[dict[str, Any]], list[str]]:
     return [logger(n, i) for i, n in enumerate(names)], names
 
 
+def client_compressor() -> dict[str, Any]:
+    return {"name": "envoy.filters.http.compressor", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.compressor.v3.Compressor",
+        "response_direction_config": {"common_config": {
+            "content_type": ["application/json", "text/event-stream"]}},
+        "compressor_library": {"name": "gzip", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.compression.gzip.compressor.v3.Gzip"}}}}
+
+
 def _cel_call(node: int, function: str, *args: dict[str, Any]) -> dict[str, Any]:
     return {"id": node, "call_expr": {"function": function, "args": list(args)}}
 
@@ -482,6 +494,8 @@ def build_config(p: EnvoyParams) -> dict[str, Any]:
         if p.skip_response_headers and (p.hide_usage_in == "envoy" or p.stream_usage == "visible"):
             ext_proc["typed_config"]["grpc_service"]["initial_metadata"].append(
                 {"key": "x-nexus-usage-hidden-by", "value": "envoy"})
+    if p.compress_to_client:
+        filters.insert(0, client_compressor())
     if p.envoy_token:
         token = [{"key": "x-nexus-envoy-token", "value": p.envoy_token}]
         ext_proc["typed_config"]["grpc_service"].setdefault("initial_metadata", []).extend(token)

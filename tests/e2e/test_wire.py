@@ -4,10 +4,13 @@ refusals speak the client's API, and our routing header never reaches a provider
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import anthropic
 import httpx
@@ -243,34 +246,80 @@ def test_envoys_own_500_speaks_the_clients_api_when_the_server_is_down(e2e: E2E,
         e2e.restart(budget={"monthly_limit_usd": 1000}, store={"kind": "sqlite", "path": str(tmp_path / "l.db")})
 
 
-def test_envoys_own_504_speaks_the_clients_api(e2e: E2E):
-    """A provider slower than the route's timeout: Envoy's own 504 reaches an SDK in its provider's error shape.
-    A second Envoy with a 1 s route timeout, in front of the same server and fakes."""
+@contextlib.contextmanager
+def second_envoy(e2e: E2E, **fields: Any) -> Iterator[str]:
+    """Another Envoy in front of the same server and fakes, built with these EnvoyParams fields: its URL, once its
+    health check has seen the server."""
     from nexus_dev.envoy_config import build_config, dump
     from nexus_dev.stack import envoy_binary, free_port, wait_http
 
     stack = e2e.stack
     params = stack.envoy_params()
-    params.listen_port, params.admin_port, params.upstream_timeout = stack.port(), stack.port(), "1s"
-    cfg = stack.workdir / "envoy-504.yaml"
+    params.listen_port, params.admin_port = stack.port(), stack.port()
+    for k, v in fields.items():
+        setattr(params, k, v)
+    cfg = stack.workdir / f"envoy-{params.listen_port}.yaml"
     cfg.write_text(dump(build_config(params)))
     proc = stack._spawn([envoy_binary(), "-c", str(cfg), "--concurrency", "1", "--log-level", "warn",
-                         "--base-id", str(free_port())], "envoy-504")
+                         "--base-id", str(free_port())], f"envoy-{params.listen_port}")
     try:
         wait_http(f"http://127.0.0.1:{params.admin_port}/ready", timeout=30, proc=proc)
-        url = f"http://127.0.0.1:{params.listen_port}"
-        slow = {"x-fake-fault": "slow", "x-fake-delay-ms": "3000"}
-        for _ in range(100):  # until this Envoy's health check has seen the server
-            r, a = _both_apis(url, slow)
-            if r.status_code != 500:
+        clusters = f"http://127.0.0.1:{params.admin_port}/clusters"
+        for _ in range(150):
+            if "nexus_extproc::" in (text := httpx.get(clusters, timeout=2).text) and all(
+                    ln.endswith("::healthy") for ln in text.splitlines() if "::health_flags::" in ln
+                    and ln.startswith("nexus_extproc::")):
                 break
             time.sleep(0.1)
-        assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout", r.text
-        assert a.status_code == 504 and a.json() == {"type": "error", "error": {
-            "type": "timeout_error", "message": "the upstream did not answer in time"}}
+        yield f"http://127.0.0.1:{params.listen_port}"
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_envoys_own_504_speaks_the_clients_api(e2e: E2E):
+    """A provider slower than the route's timeout: Envoy's own 504 reaches an SDK in its provider's error shape
+    (an Envoy with a 1 s route timeout)."""
+    with second_envoy(e2e, upstream_timeout="1s") as url:
+        r, a = _both_apis(url, {"x-fake-fault": "slow", "x-fake-delay-ms": "3000"})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout", r.text
+        assert a.status_code == 504 and a.json() == {"type": "error", "error": {
+            "type": "timeout_error", "message": "the upstream did not answer in time"}}
+
+
+def test_settlement_reads_the_decoded_answer_under_envoys_own_compressor(e2e: E2E):
+    """'With or without Envoy's compressor toward the client': an Envoy that gzips its answers (the compressor
+    first in the chain, last on the response) still settles each answer from the provider's usage, and the client
+    gets gzip it can decode: a JSON answer, an Anthropic stream the provider gzipped (Envoy decodes it, reads it,
+    the compressor encodes it again), and the OpenAI SDK's default stream (its added usage chunk still hidden)."""
+    with second_envoy(e2e, compress_to_client=True) as url:
+        cases = [
+            ("/v1/chat/completions", {"model": "gpt-4o", "max_tokens": 20}, {}, 2.5, 10),
+            ("/v1/messages", {"model": "claude-haiku-4-5", "max_tokens": 20, "stream": True},
+             {"x-fake-encoding": "gzip", "anthropic-version": "2023-06-01"}, 1, 5),
+            ("/v1/chat/completions", {"model": "gpt-4o", "max_tokens": 20, "stream": True}, {}, 2.5, 10)]
+        prompts: dict[str, int] = {}
+        for path, doc, headers, per_in, per_out in cases:
+            for _ in range(200):
+                before, reserved = spend(e2e)
+                if reserved == 0:
+                    break
+                time.sleep(0.05)
+            r = httpx.post(url + path, timeout=15, json={**doc, "messages": [{"role": "user", "content": "Hi"}]},
+                           headers={"accept-encoding": "gzip", "x-fake-completion-tokens": "7", **headers})
+            assert r.status_code == 200 and r.headers["content-encoding"] == "gzip", (path, r.headers)
+            assert '"choices":[]' not in r.text.replace(" ", "")  # no usage-only chunk the client did not ask for
+            assert e2e.fake_requests("anthropic" if "messages" in path else "openai")[-1]["path"] == path
+            for _ in range(100):
+                after, reserved = spend(e2e)
+                if after > before and reserved == 0:
+                    break
+                time.sleep(0.05)
+            # The prompt's tokens as the provider counted them (the hidden-usage stream shows none: the JSON
+            # answer to the same messages and model does).
+            m = re.search(r'"(?:prompt|input)_tokens":\s*(\d+)', r.text)
+            prompt = prompts.setdefault(path, int(m.group(1)) if m else 0)
+            assert after - before == pytest.approx((prompt * per_in + 7 * per_out) / 1e6, abs=2e-6), path
 
 
 def test_answers_compressed_against_identity_never_hang(e2e: E2E):
