@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from nexus_extproc.apis import TRANSLATORS
+from nexus_extproc.apis.errors import NexusError, error_doc
 from nexus_extproc.metering.pricing import UsageExtraction
 from nexus_extproc.request.headers import (
     METADATA_NAMESPACE,
@@ -180,11 +181,6 @@ def _api_path(anthropic: bool) -> dict[str, Any]:
         {"header_filter": {"header": {**messages, "invert_match": True}}}]}}
 
 
-def _error_doc(anthropic: bool, anthropic_type: str, openai_type: str, message: str) -> dict[str, Any]:
-    return ({"type": "error", "error": {"type": anthropic_type, "message": message}} if anthropic else
-            {"error": {"message": message, "type": openai_type, "code": openai_type, "param": None}})
-
-
 def _status(status: int) -> dict[str, Any]:
     return {"status_code_filter": {"comparison": {"op": "EQ", "value": {
         "default_value": status, "runtime_key": f"nexus.local_reply.{status}"}}}}
@@ -203,8 +199,10 @@ def local_reply_config() -> dict[str, Any]:
         for anthropic in (True, False):
             mappers.append({"filter": {"and_filter": {"filters": [
                 _status(status), {"extension_filter": _NOT_OURS}, _api_path(anthropic)]}},
-                "body_format_override": {"json_format": _error_doc(anthropic, anthropic_type, openai_type, message),
-                                         "content_type": "application/json"}})
+                "body_format_override": {"json_format": error_doc(
+                    "anthropic" if anthropic else "openai",
+                    NexusError(status, anthropic_type if anthropic else openai_type, message)),
+                    "content_type": "application/json"}})
     return {"mappers": mappers}
 
 

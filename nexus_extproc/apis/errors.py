@@ -22,13 +22,16 @@ class NexusError(Exception):
         return f"{self.status} {self.code}: {self.message}"
 
 
+def error_doc(api_family: str, err: NexusError) -> dict[str, object]:
+    """The error object OpenAI and Anthropic clients each parse (also Envoy's own local replies, envoy_config)."""
+    if api_family == "anthropic":
+        return {"type": "error", "error": {"type": err.code, "message": err.message, **err.extra}}
+    return {"error": {"message": err.message, "type": err.code, "code": err.code, "param": None, **err.extra}}
+
+
 def render_error(api_family: str, err: NexusError) -> bytes:
     """Body for an immediate response: OpenAI and Anthropic clients each parse their own shape."""
-    if api_family == "anthropic":
-        doc: dict[str, object] = {"type": "error", "error": {"type": err.code, "message": err.message, **err.extra}}
-    else:
-        doc = {"error": {"message": err.message, "type": err.code, "code": err.code, "param": None, **err.extra}}
-    return json.dumps(doc, separators=(",", ":")).encode()
+    return json.dumps(error_doc(api_family, err), separators=(",", ":")).encode()
 
 
 def bad_request(message: str, code: str = "invalid_request_error") -> NexusError:
