@@ -46,9 +46,10 @@ class E2E:
         self.wait_envoy_sees_extproc()
         return cfg
 
-    def wait_envoy_sees_extproc(self, timeout: float = 15) -> None:
-        """Envoy's health check must mark the restarted server healthy before traffic is meaningful."""
-        url = f"http://127.0.0.1:{self.stack.envoy_admin_port}/clusters"
+    def wait_envoy_sees_extproc(self, timeout: float = 15, admin_port: int | None = None) -> None:
+        """Envoy's health check must mark the restarted server healthy before traffic is meaningful (this stack's
+        Envoy, or another one's admin port)."""
+        url = f"http://127.0.0.1:{admin_port or self.stack.envoy_admin_port}/clusters"
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             text = httpx.get(url, timeout=2).text

@@ -264,13 +264,7 @@ def second_envoy(e2e: E2E, **fields: Any) -> Iterator[str]:
                          "--base-id", str(free_port())], f"envoy-{params.listen_port}")
     try:
         wait_http(f"http://127.0.0.1:{params.admin_port}/ready", timeout=30, proc=proc)
-        clusters = f"http://127.0.0.1:{params.admin_port}/clusters"
-        for _ in range(150):
-            if "nexus_extproc::" in (text := httpx.get(clusters, timeout=2).text) and all(
-                    ln.endswith("::healthy") for ln in text.splitlines() if "::health_flags::" in ln
-                    and ln.startswith("nexus_extproc::")):
-                break
-            time.sleep(0.1)
+        e2e.wait_envoy_sees_extproc(admin_port=params.admin_port)
         yield f"http://127.0.0.1:{params.listen_port}"
     finally:
         proc.terminate()
